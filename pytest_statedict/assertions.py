@@ -1,0 +1,105 @@
+"""The assertion helpers users call from their tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from .compare import Rename, compile_rename, diff_schemas, normalise
+from .errors import StateDictMismatch
+from .extract import schema_of
+from .report import render_diff
+from .schema import Schema
+
+
+def assert_state_dict_matches(
+    actual: Any,
+    expected: Any = None,
+    *,
+    name: str | None = None,
+    optimizer: Any = None,
+    values: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+    ignore: Iterable[str] = (),
+    rename: Rename = None,
+) -> None:
+    """Check a state_dict's schema against the current test's snapshot, or against ``expected``.
+
+    ``actual`` and ``expected`` may each be a module, a state_dict, a checkpoint path, a
+    snapshot path or a :class:`Schema`. ``ignore`` holds glob patterns of keys to leave
+    out; ``rename`` (a mapping, a callable or ``[(regex, replacement), ...]``) is applied to
+    actual's keys first. Raises :class:`StateDictMismatch` listing every difference.
+    """
+    __tracebackhide__ = True
+    if expected is None:
+        from .session import current_session
+
+        current_session().check_snapshot(
+            actual,
+            name=name,
+            optimizer=optimizer,
+            values=values,
+            rtol=rtol,
+            atol=atol,
+            ignore=ignore,
+            rename=rename,
+        )
+        return
+    if name is not None:
+        raise TypeError("assert_state_dict_matches(): name= applies to snapshots (expected=None)")
+    actual_schema = prepared_schema(
+        actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore
+    )
+    expected_schema = normalise(schema_of(expected, values=values), ignore=ignore)
+    diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol)
+    if diff:
+        raise StateDictMismatch(
+            render_diff(
+                diff,
+                title=f"state_dict differs from the expected {describe(expected)}",
+                verbose=_verbose(),
+            ),
+            diff,
+        )
+
+
+def prepared_schema(
+    obj: Any,
+    *,
+    optimizer: Any = None,
+    values: bool = False,
+    rename: Rename = None,
+    ignore: Iterable[str] = (),
+) -> Schema:
+    """The schema of ``obj`` with the user's ``rename`` and ``ignore`` applied."""
+    schema = schema_of(obj, optimizer=optimizer, values=values)
+    return normalise(schema, rename=compile_rename(rename), ignore=ignore)
+
+
+def describe(obj: Any) -> str:
+    if isinstance(obj, (str, os.PathLike)):
+        return f"file {os.fspath(obj)}"
+    if isinstance(obj, Schema):
+        return f"schema ({obj.source})" if obj.source else "schema"
+    return type(obj).__name__
+
+
+def _verbose() -> bool:
+    from .session import active_session
+
+    session = active_session()
+    return session is not None and session.verbose
+
+
+class SnapshotFixture:
+    """The ``statedict_snapshot`` fixture: ``statedict_snapshot.assert_match(obj, name=...)``."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def assert_match(self, obj: Any, name: str | None = None, **opts: Any) -> None:
+        """Same options as :func:`assert_state_dict_matches` (``optimizer``, ``values``, ...)."""
+        __tracebackhide__ = True
+        assert_state_dict_matches(obj, name=name, **opts)

@@ -1,0 +1,122 @@
+"""``statedict show PATH`` and ``statedict diff A B``: checkpoints and snapshots, headers only.
+
+Exit codes for ``diff``: 0 equal, 1 different, 2 bad input (a message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import StateDictError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="statedict",
+        description="Show and diff PyTorch checkpoints and statedict snapshots without "
+        "loading their tensor data.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", help="the layer table of a checkpoint or snapshot")
+    show.add_argument("path")
+    show.add_argument("--json", action="store_true", help="print the schema as snapshot JSON")
+    diff = commands.add_parser("diff", help="the schema diff of two checkpoints or snapshots")
+    diff.add_argument("expected")
+    diff.add_argument("actual")
+    diff.add_argument("-v", "--verbose", action="store_true", help="show every line")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show":
+            return _show(args.path, as_json=args.json)
+        return _diff(args.expected, args.actual, verbose=args.verbose)
+    except StateDictError as exc:
+        print(f"statedict: {exc}", file=sys.stderr)
+        return 2
+
+
+def _show(path: str, *, as_json: bool) -> int:
+    from .extract import schema_of
+
+    schema = schema_of(path)
+    if as_json:
+        sys.stdout.write(schema.to_json())
+        return 0
+    print(render_table(schema))
+    return 0
+
+
+def render_table(schema: object) -> str:
+    """Name, shape, dtype, kind and element count per key, aligned, then the totals."""
+    from .schema import Schema
+
+    assert isinstance(schema, Schema)
+    rows = [("name", "shape", "dtype", "kind", "elements")]
+    for t in schema.tensors:
+        if t.kind == "object":
+            rows.append((t.key, "", t.type or "", "object", ""))
+            continue
+        kind = t.kind + (" (frozen)" if t.kind == "parameter" and t.requires_grad is False else "")
+        if t.tied_to:
+            kind += f" = {t.tied_to}"
+        rows.append((t.key, "x".join(map(str, t.shape or ())) or "()", t.dtype or "", kind,
+                     f"{t.numel:,}"))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [
+        "  ".join(
+            (cell.rjust(widths[i]) if i == 4 else cell.ljust(widths[i]))
+            for i, cell in enumerate(row)
+        ).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    totals = schema.totals
+    lines.append("")
+    lines.append(
+        f"{len(schema.tensors)} keys, {totals['tensors']} tensors, "
+        f"{totals['parameters']:,} parameters ({totals['trainable']:,} trainable), "
+        f"{_human_bytes(totals['bytes'])}"
+    )
+    if schema.saved_on:
+        lines.append(f"saved on: {', '.join(schema.saved_on)}")
+    if schema.optimizer is not None:
+        opt = schema.optimizer
+        lines.append(
+            f"optimizer: {opt.cls}, {len(opt.param_groups)} param_group(s), state for "
+            f"{len(opt.state)} parameter(s)"
+        )
+        for i, group in enumerate(opt.param_groups):
+            hyper = json.dumps(dict(group.hyperparams), sort_keys=True)
+            lines.append(f"  group {i}: {len(group.params)} params {hyper}")
+    if schema.extras:
+        lines.append("other entries: " + ", ".join(f"{k} ({v})" for k, v in schema.extras.items()))
+    return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def _diff(expected: str, actual: str, *, verbose: bool) -> int:
+    from .compare import diff_schemas
+    from .extract import schema_of
+    from .report import render_diff
+
+    found = diff_schemas(schema_of(expected), schema_of(actual))
+    if not found:
+        print(f"no difference: {expected} and {actual} have the same schema")
+        return 0
+    print(render_diff(found, title=f"{actual} differs from {expected}:", verbose=verbose,
+                      rename_direction="expected->actual"))  # fmt: skip
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The refactor gate: does an old checkpoint (or a snapshot of one) still load today?
+
+The load goes through the model's own ``load_state_dict``, into a meta-device copy of the
+model with ``assign=True``: conversion hooks a refactor adds (``_load_from_state_dict``
+keyed on ``_version``) count as compatible, the user's model is not touched, and no memory
+is spent on tensors. From a snapshot, the state_dict is rebuilt as meta tensors of the
+recorded shapes and dtypes, with the recorded module versions, so a few kilobytes of JSON
+guard a release's layout as well as its gigabytes of weights would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_state_dict_file, read_snapshot
+from .compare import Rename, compile_rename, diff_schemas
+from .errors import StateDictMismatch
+from .extract import mapping_schema, module_schema
+from .report import SECTION_LIMIT, suggest_rename
+from .roundtrip import meta_copy
+from .schema import Schema
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape (.+?) from "
+    r"checkpoint, the shape in current model is (.+?)\.$",
+    re.M,
+)
+
+
+def assert_checkpoint_loads(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    rename: Rename = None,
+    map_location: Any = "cpu",
+) -> None:
+    """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
+
+    ``rename`` (a mapping, a callable or ``[(regex, replacement), ...]``) maps the
+    checkpoint's keys to today's names. On failure, the message lists the missing,
+    unexpected and shape-mismatched keys, likely renames as a ready ``rename=``, and the
+    keys a ``strict=False`` load would silently drop.
+    """
+    __tracebackhide__ = True
+    source = Path(path)
+    saved_on: set[str] = set()
+    if source.suffix == ".json":
+        state = state_from_snapshot(read_snapshot(source))
+    else:
+        state, saved_on = load_state_dict_file(source, map_location=map_location)
+    mapping = compile_rename(rename)
+    if mapping is not None:
+        renamed = OrderedDict((mapping(k), v) for k, v in state.items())
+        renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+        state = renamed
+    target = meta_copy(model)
+    missing, unexpected, shapes, error = _try_load(target, state)
+    failed = bool(shapes or error or (strict and (missing or unexpected)))
+    if not failed:
+        return
+    lines = [
+        f"checkpoint {source} does not load into {type(model).__name__} with "
+        f"load_state_dict(strict={strict}):"
+    ]
+    if error:
+        lines.append(f"  its load_state_dict raised: {error}")
+
+    def section(heading: str, items: list[str]) -> None:
+        if items:
+            lines.append(f"  {heading} ({len(items)}):")
+            lines.extend(f"    {i}" for i in items[:SECTION_LIMIT])
+            if len(items) > SECTION_LIMIT:
+                lines.append(f"    ... and {len(items) - SECTION_LIMIT} more")
+
+    section("missing (in the model, not in the checkpoint)", missing)
+    section("unexpected (in the checkpoint, not in the model)", unexpected)
+    section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+    diff = diff_schemas(mapping_schema(state), module_schema(model))
+    if diff.prefix:
+        how, prefix = diff.prefix
+        fix = (
+            f"rename=[(r'^', {prefix!r})]"
+            if how == "added"
+            else f"rename=[(r'^{re.escape(prefix)}', '')]"
+        )
+        lines.append(
+            f"  the model's keys have the prefix {prefix!r} {how} relative to the checkpoint "
+            f"(a wrapper such as DataParallel or torch.compile): {fix}"
+        )
+    elif diff.renames:
+        lines.append("  likely renamed (same shape and dtype):")
+        lines.extend(f"    {old} -> {new}" for old, new in diff.renames[:SECTION_LIMIT])
+        lines.append("  suggested: " + suggest_rename(diff.renames, "expected->actual"))
+    if unexpected and not shapes and not error:
+        lines.append(
+            "  with strict=False it would load, silently dropping "
+            f"{len(unexpected)} checkpoint key(s) ({', '.join(unexpected[:5])}"
+            + (", ..." if len(unexpected) > 5 else "")
+            + ")"
+            + (f" and leaving {len(missing)} model key(s) uninitialised" if missing else "")
+        )
+    if any(loc != "cpu" for loc in saved_on):
+        lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
+    raise StateDictMismatch("\n".join(lines), diff)
+
+
+def _try_load(
+    target: nn.Module, state: Any
+) -> tuple[list[str], list[str], list[tuple[str, str, str]], str | None]:
+    """missing, unexpected, shape mismatches (key, checkpoint, model) and any other error."""
+    shapes: list[tuple[str, str, str]] = []
+    try:
+        result = target.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        shapes = [(k, _shape(c), _shape(m)) for k, c, m in _SIZE_MISMATCH.findall(str(exc))]
+        if not shapes:
+            return [], [], [], str(exc).strip().splitlines()[-1]
+        kept = OrderedDict((k, v) for k, v in state.items() if k not in {s[0] for s in shapes})
+        kept._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+        try:
+            result = meta_copy(target).load_state_dict(kept, strict=False, assign=True)
+        except RuntimeError as again:
+            return [], [], shapes, str(again).strip().splitlines()[-1]
+    bad = {s[0] for s in shapes}
+    return (
+        [k for k in result.missing_keys if k not in bad],
+        list(result.unexpected_keys),
+        shapes,
+        None,
+    )
+
+
+def _shape(text: str) -> str:
+    return text.replace("torch.Size(", "").rstrip(")")
+
+
+def state_from_snapshot(schema: Schema) -> OrderedDict[str, Any]:
+    """A state_dict of meta tensors shaped as a snapshot records, with its module versions."""
+    state: OrderedDict[str, Any] = OrderedDict()
+    for entry in schema.tensors:
+        if entry.kind == "object" or entry.layout or entry.qscheme:
+            continue  # no value to rebuild; the model's own default is loaded instead
+        state[entry.key] = torch.empty(
+            entry.shape or (), dtype=getattr(torch, entry.dtype or "float32"), device="meta"
+        )
+    if schema.versions is not None:
+        prefixes = {""} | {
+            key.rsplit(".", i)[0] for key in state for i in range(1, key.count(".") + 1)
+        }
+        state._metadata = {  # type: ignore[attr-defined]
+            p: {"version": schema.versions.get(p, 1)} for p in sorted(prefixes)
+        }
+    return state

@@ -1,0 +1,175 @@
+"""The pytest entry point: options, markers, fixtures, and hooks that hand to the session.
+
+Loaded into every pytest run of an environment, so it imports neither torch nor deepdiff:
+those come with the first statedict feature a test uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .session import _SESSIONS, StateDictSession
+
+if TYPE_CHECKING:
+    from .roundtrip import RoundTripFixture
+
+SESSION_KEY = pytest.StashKey[StateDictSession]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("statedict", "state_dict snapshots and round-trips")
+    group.addoption(
+        "--statedict-update",
+        action="store_true",
+        default=False,
+        help="write missing statedict snapshots, rewrite changed ones, delete unused ones",
+    )
+    group.addoption(
+        "--statedict-warn-unused",
+        action="store_true",
+        default=False,
+        help="list unused statedict snapshots without failing the session",
+    )
+    group.addoption(
+        "--statedict-devices",
+        default=None,
+        metavar="DEVICES",
+        help="comma-separated devices for the statedict_roundtrip marker, e.g. cpu,cuda "
+        "(default: cpu plus the accelerator)",
+    )
+    parser.addini(
+        "statedict_snapshot_dir",
+        "folder (relative to the rootdir) for statedict snapshots instead of __statedict__/ "
+        "beside each test file",
+        default="",
+    )
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "statedict_roundtrip(devices=None, formats=('torch',)): rerun the test once per "
+        "(save device, load device, format), giving the statedict_roundtrip fixture that pair",
+    )
+    session = StateDictSession(config)
+    config.stash[SESSION_KEY] = session
+    _SESSIONS.append(session)
+    if config.pluginmanager.hasplugin("xdist"):
+        from .xdist import XdistSupport
+
+        config.pluginmanager.register(XdistSupport(session), "statedict-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session in _SESSIONS:
+        _SESSIONS.remove(session)
+
+
+def _session(config: pytest.Config) -> StateDictSession:
+    return config.stash[SESSION_KEY]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _session(config).collected(items)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        _session(items[0].config).deselected(items)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("statedict_roundtrip")
+    if marker is not None:
+        from .roundtrip import parametrize_roundtrip
+
+        parametrize_roundtrip(metafunc, marker)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    session = _session(item.config)
+    session.start_test(item)
+    try:
+        return (yield)
+    finally:
+        session.finish_test(item)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    session = _SESSIONS[-1] if _SESSIONS else None
+    if session is not None:
+        session.report(report.nodeid, report.when, report.outcome)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = _session(session.config)
+    if state.finish() and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = _session(config)
+    if state.deleted:
+        terminalreporter.section("statedict: deleted unused snapshots")
+        for path in state.deleted:
+            terminalreporter.line(f"  {state.relative(path)}")
+    elif state.unused:
+        terminalreporter.section("statedict: unused snapshots")
+        for path in state.unused:
+            terminalreporter.line(f"  {state.relative(path)}")
+        terminalreporter.line(
+            "No test that ran asked for these files. Delete them with `pytest "
+            "--statedict-update`"
+            + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
+        )
+    line = state.summary_line()
+    if line:
+        terminalreporter.write_line(line)
+
+
+def pytest_assertrepr_compare(config: pytest.Config, op: str, left: Any, right: Any) -> Any:
+    """``assert schema_a == schema_b`` shows the schema diff, not two long reprs."""
+    if op != "==" or not (_is_schema(left) and _is_schema(right)):
+        return None
+    from .compare import diff_schemas
+    from .report import render_diff
+
+    text = render_diff(
+        diff_schemas(left, right),
+        title="schemas differ (left: expected, right: actual)",
+        verbose=_session(config).verbose,
+    )
+    return text.splitlines()
+
+
+def _is_schema(obj: object) -> bool:
+    # Checked by name so that asserting on arbitrary objects never imports our modules.
+    return type(obj).__name__ == "Schema" and type(obj).__module__ == "pytest_statedict.schema"
+
+
+@pytest.fixture
+def statedict_snapshot(request: pytest.FixtureRequest) -> Any:
+    """Check objects against this test's snapshots: ``statedict_snapshot.assert_match(model)``."""
+    from .assertions import SnapshotFixture
+
+    return SnapshotFixture(_session(request.config))
+
+
+@pytest.fixture
+def statedict_roundtrip(request: pytest.FixtureRequest) -> RoundTripFixture:
+    """Run the save/load round-trip for this test's device pair (cpu -> cpu by default)."""
+    from .roundtrip import RoundTripFixture
+
+    return RoundTripFixture.for_request(request, _session(request.config))

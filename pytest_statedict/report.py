@@ -1,0 +1,143 @@
+"""Words for a :class:`SchemaDiff`: grouped, bounded, with the verdict and the way out."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from .compare import SchemaDiff
+
+# Lines shown per section before "... and N more" (all of them under ``-vv``).
+SECTION_LIMIT = 12
+
+
+def render_diff(
+    diff: SchemaDiff,
+    *,
+    title: str,
+    verbose: bool = False,
+    accept_hint: str | None = None,
+    rename_direction: str = "actual->expected",
+) -> str:
+    """The report of a mismatch: what was removed, added, changed, and what to do."""
+    limit = None if verbose else SECTION_LIMIT
+    out = [title]
+
+    def section(heading: str, lines: Sequence[str]) -> None:
+        if not lines:
+            return
+        out.append(f"  {heading} ({len(lines)}):")
+        shown = lines if limit is None else lines[:limit]
+        out.extend(f"    {line}" for line in shown)
+        if len(shown) < len(lines):
+            out.append(f"    ... and {len(lines) - len(shown)} more (-vv shows all)")
+
+    if diff.prefix:
+        how, prefix = diff.prefix
+        out.append(
+            f"  every key has the prefix {prefix!r} {how} (a wrapper: DataParallel/DDP "
+            "'module.', torch.compile '_orig_mod.'); "
+            + (
+                f"strip it with rename=[(r'^{re.escape(prefix)}', '')]"
+                if (how == "added") == (rename_direction == "actual->expected")
+                else f"add it with rename=[(r'^', {prefix!r})]"
+            )
+        )
+    renamed_old = {old for old, _ in diff.renames}
+    renamed_new = {new for _, new in diff.renames}
+    section(
+        "removed", [f"- {t.key}  {t.describe()}" for t in diff.removed if t.key not in renamed_old]
+    )
+    section("added", [f"+ {t.key}  {t.describe()}" for t in diff.added if t.key not in renamed_new])
+    by_key = {t.key: t for t in diff.removed}
+    section(
+        "likely renamed (same shape and dtype)",
+        [f"{old} -> {new}  {by_key[old].describe()}" for old, new in diff.renames],
+    )
+    section("changed", [_change_line(c) for c in diff.changed])
+    section(
+        "moved (state_dict order; optimizer state follows parameter order)",
+        [f"{key}: position {old} -> {new}" for key, old, new in diff.moved],
+    )
+    section(
+        "module versions (_metadata; a _load_from_state_dict may convert old checkpoints)",
+        [f"{prefix or '<root>'}: version {old} -> {new}" for prefix, old, new in diff.versions],
+    )
+    gone, new_npb = diff.non_persistent
+    section(
+        "non-persistent buffers (not in the state_dict)",
+        [f"- {k}" for k in gone] + [f"+ {k}" for k in new_npb],
+    )
+    section("checkpoint entries", diff.extras)
+    section("optimizer", diff.optimizer)
+    section("optimizer state problems", diff.problems)
+    if diff.renames:
+        out.append("  suggested: " + suggest_rename(diff.renames, rename_direction))
+    out.append("  " + load_verdict(diff))
+    for side, where in (("expected", diff.expected_saved_on), ("actual", diff.actual_saved_on)):
+        if any(loc != "cpu" for loc in where):
+            out.append(f"  the {side} checkpoint was saved on {', '.join(where)}")
+    if accept_hint:
+        out.append(f"  to accept this change: {accept_hint}")
+    return "\n".join(out)
+
+
+def _change_line(change: object) -> str:
+    key, attribute = change.key, change.attribute  # type: ignore[attr-defined]
+    old, new = change.expected, change.actual  # type: ignore[attr-defined]
+    if attribute == "values":
+        if new is None:
+            return f"~ {key}: values {old}"
+        return f"~ {key}: values {old} -> {new}"
+    if attribute == "shape":
+        old, new = list(old or ()), list(new or ())
+    if attribute == "tied_to":
+        attribute = "tying"
+        old = f"tied to {old}" if old else "untied"
+        new = f"tied to {new}" if new else "untied"
+    return f"~ {key}: {attribute} {old} -> {new}"
+
+
+def suggest_rename(renames: Sequence[tuple[str, str]], direction: str) -> str:
+    """A ``rename=`` for the renames found: one regex when they share a prefix change."""
+    pairs = [(new, old) if direction == "actual->expected" else (old, new) for old, new in renames]
+    prefixes = {_prefix_change(src, dst) for src, dst in pairs}
+    if len(prefixes) == 1 and None not in prefixes:
+        (src_prefix, dst_prefix) = next(iter(prefixes))  # type: ignore[misc]
+        return f"rename=[(r'^{re.escape(src_prefix)}', {dst_prefix!r})]"
+    mapping = ", ".join(f"{src!r}: {dst!r}" for src, dst in pairs)
+    return f"rename={{{mapping}}}"
+
+
+def _prefix_change(src: str, dst: str) -> tuple[str, str] | None:
+    """The (old prefix, new prefix) that turns src into dst, split at a '.' boundary."""
+    i = 0
+    while i < min(len(src), len(dst)) and src[-1 - i] == dst[-1 - i]:
+        i += 1
+    suffix = src[len(src) - i :]
+    if "." not in suffix:
+        return None
+    suffix = suffix[suffix.index(".") :]
+    return src[: len(src) - len(suffix)] + ".", dst[: len(dst) - len(suffix)] + "."
+
+
+def load_verdict(diff: SchemaDiff) -> str:
+    if diff.loads_strict:
+        note = ""
+        if diff.versions:
+            note = " (module versions changed: their _load_from_state_dict decides)"
+        elif any(c.attribute == "dtype" for c in diff.changed):
+            note = " (dtypes changed: values are converted on load)"
+        return f"an old checkpoint still loads with load_state_dict(strict=True): yes{note}"
+    reasons = []
+    if diff.prefix:
+        reasons.append(f"every key's prefix {diff.prefix[1]!r} {diff.prefix[0]}")
+    if diff.removed:
+        reasons.append(f"{len(diff.removed)} unexpected key{'s' * (len(diff.removed) > 1)}")
+    if diff.added:
+        reasons.append(f"{len(diff.added)} missing key{'s' * (len(diff.added) > 1)}")
+    if diff.shape_mismatches:
+        n = len(diff.shape_mismatches)
+        reasons.append(f"{n} shape mismatch{'es' * (n > 1)}")
+    verdict = "an old checkpoint still loads with load_state_dict(strict=True): NO"
+    return f"{verdict} ({', '.join(reasons)})"

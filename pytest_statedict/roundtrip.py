@@ -1,0 +1,489 @@
+"""Save, load onto another device, compare every tensor bit for bit.
+
+The loaded copy costs no anonymous memory on the CPU: the file is loaded with
+``mmap=True``, and the fresh model is a structural copy of the original built on the meta
+device (parameters and buffers are never copied) into which the loaded tensors are
+assigned (``load_state_dict(strict=True, assign=True)``), so the model's own
+``_load_from_state_dict`` hooks still run. The comparison streams tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from torch import nn
+
+from .bitwise import difference
+from .errors import StateDictError, StateDictMismatch
+
+if TYPE_CHECKING:
+    from .session import StateDictSession
+
+FORMATS = ("torch", "safetensors")
+
+
+@dataclass
+class RoundTripResult:
+    """What a round-trip compared and every mismatch it found (empty when exact)."""
+
+    save_device: str
+    load_device: str
+    format: str
+    mismatches: list[str] = field(default_factory=list)
+    tensors_compared: int = 0
+    bytes_compared: int = 0
+    file_bytes: int = 0
+    saved_on: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def label(self) -> str:
+        suffix = "" if self.format == "torch" else f" ({self.format})"
+        return f"{self.save_device}->{self.load_device}{suffix}"
+
+    def __str__(self) -> str:
+        head = (
+            f"round-trip {self.label}: {self.tensors_compared} tensors, "
+            f"{self.bytes_compared} bytes compared bit for bit"
+        )
+        if self.saved_on and set(self.saved_on) != {"cpu"}:
+            head += f" (the file was saved on {', '.join(self.saved_on)})"
+        if self.ok:
+            return head + ": exact"
+        lines = [f"{head}: {len(self.mismatches)} mismatch(es)"]
+        lines.extend(f"  {m}" for m in self.mismatches)
+        return "\n".join(lines)
+
+    def assert_ok(self) -> None:
+        __tracebackhide__ = True
+        if not self.ok:
+            raise StateDictMismatch(str(self), self)
+
+
+def roundtrip(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    save_device: str = "cpu",
+    load_device: str = "cpu",
+    format: str = "torch",
+    factory: Callable[[], nn.Module] | None = None,
+    scheduler: Any = None,
+    check_resume: bool = True,
+    directory: str | os.PathLike[str] | None = None,
+) -> RoundTripResult:
+    """Save ``model`` (and ``optimizer``) on ``save_device``, load onto ``load_device``, compare.
+
+    ``factory`` builds the fresh model to load into (default: a meta-device copy of
+    ``model``, filled only by the load). With an optimizer, its state and param_groups
+    must come back equal and, with ``check_resume``, one more step of the original and of
+    the reloaded optimizer from the same gradients must give bit-identical parameters and
+    state (this steps a deep copy, never your model). Never raises on a mismatch: the
+    result lists them (``result.assert_ok()`` raises).
+    """
+    if format not in FORMATS:
+        raise StateDictError(
+            f"roundtrip(): format must be one of {', '.join(FORMATS)}, not {format!r}"
+        )
+    result = RoundTripResult(str(save_device), str(load_device), format)
+    started = time.perf_counter()
+    with _temporary_dir(directory) as folder:
+        original = _on_device(model, save_device)
+        path = folder / ("model.safetensors" if format == "safetensors" else "checkpoint.pt")
+        extra = {}
+        if optimizer is not None:
+            extra["optimizer"] = optimizer.state_dict()
+        if scheduler is not None:
+            extra["scheduler"] = scheduler.state_dict()
+        _save(original, extra, path, format)
+        result.file_bytes = sum(p.stat().st_size for p in folder.iterdir())
+        fresh, loaded_extra = _load_and_compare(
+            original, path, format, load_device, factory, result
+        )
+        if optimizer is not None and fresh is not None:
+            _compare_optimizer(
+                original, optimizer, fresh, loaded_extra.get("optimizer"), result, check_resume
+            )
+        if scheduler is not None and fresh is not None:
+            _record(result, "scheduler state", difference(
+                scheduler.state_dict(), loaded_extra.get("scheduler")))  # fmt: skip
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@contextmanager
+def _temporary_dir(directory: str | os.PathLike[str] | None) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="statedict-roundtrip-", dir=directory) as name:
+        yield Path(name)
+
+
+def _on_device(model: nn.Module, device: str) -> nn.Module:
+    """The model on the save device: itself if already there, else a moved deep copy."""
+    devices = {t.device for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    if any(d.type == "meta" for d in devices):
+        raise StateDictError(
+            "roundtrip(): the model has tensors on the meta device: a round-trip needs real "
+            "values (use schema_of / assert_state_dict_matches for meta models)"
+        )
+    target = torch.device(device)
+    if all(_same_device(d, target) for d in devices):
+        return model
+    return copy.deepcopy(model).to(target)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _save(model: nn.Module, extra: Mapping[str, Any], path: Path, format: str) -> None:
+    if format == "torch":
+        torch.save({"model": model.state_dict(), **extra}, path)
+        return
+    try:
+        from safetensors.torch import save_model
+    except ImportError:
+        raise StateDictError(
+            "roundtrip(format='safetensors') needs the optional dependency: "
+            "pip install 'pytest-statedict[safetensors]'"
+        ) from None
+    save_model(model, str(path))
+    if extra:
+        torch.save(dict(extra), path.with_name("extra.pt"))
+
+
+def _load_and_compare(
+    original: nn.Module,
+    path: Path,
+    format: str,
+    load_device: str,
+    factory: Callable[[], nn.Module] | None,
+    result: RoundTripResult,
+) -> tuple[nn.Module | None, dict[str, Any]]:
+    """Load the file into a fresh model and compare its state_dict with the original's."""
+    from .checkpoint import load_checkpoint
+
+    if format == "torch":
+        saved, locations = load_checkpoint(path, map_location=load_device)
+        result.saved_on = tuple(sorted(locations))
+        state = saved.pop("model")
+        extra = saved
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=str(load_device))
+        extra_path = path.with_name("extra.pt")
+        extra = (
+            load_checkpoint(extra_path, map_location=load_device)[0] if extra_path.exists() else {}
+        )
+    fresh = factory() if factory is not None else meta_copy(original)
+    if factory is not None:
+        fresh = fresh.to(load_device)
+    try:
+        if format == "safetensors":
+            from safetensors.torch import load_model
+
+            load_model(fresh, str(path), strict=True, device=str(load_device))
+        else:
+            fresh.load_state_dict(state, strict=True, assign=factory is None)
+    except RuntimeError as exc:
+        result.mismatches.append(f"load_state_dict(strict=True) failed: {exc}")
+        return None, extra
+    if factory is None:
+        _retie(original, fresh)
+    _compare_state(original.state_dict(), fresh.state_dict(), result)
+    _compare_ties(original, fresh, result)
+    return fresh, extra
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the module structure whose parameters and buffers are on meta.
+
+    Costs no memory for tensors, and keeps ties: a tensor shared by two modules maps to
+    one meta tensor.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters(remove_duplicate=False)) + list(
+        model.buffers(remove_duplicate=False)
+    ):
+        if id(tensor) in memo:
+            continue
+        empty = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    return copy.deepcopy(model, memo)
+
+
+def _parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one Parameter object (tied weights), for groups of two or more."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _retie(original: nn.Module, fresh: nn.Module) -> None:
+    """``assign=True`` makes one Parameter per key; re-tie those the file stored as one.
+
+    Only keys whose loaded tensors share storage are re-tied, so a load that really broke
+    a tie (two copies) is still reported.
+    """
+    for names in _parameter_groups(original):
+        first = fresh.get_parameter(names[0])
+        for name in names[1:]:
+            other = fresh.get_parameter(name)
+            if other is not first and _storage(other) == _storage(first):
+                owner, _, attr = name.rpartition(".")
+                setattr(fresh.get_submodule(owner), attr, first)
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    return t.untyped_storage().data_ptr(), t.storage_offset()
+
+
+def _compare_state(
+    expected: Mapping[str, Any], actual: Mapping[str, Any], result: RoundTripResult
+) -> None:
+    for key in expected:
+        if key not in actual:
+            result.mismatches.append(f"{key}: missing after loading")
+    for key in actual:
+        if key not in expected:
+            result.mismatches.append(f"{key}: unexpected after loading")
+    for key, e in expected.items():
+        if key not in actual:
+            continue
+        _record(result, key, difference(e, actual[key]))
+        if isinstance(e, torch.Tensor):
+            result.tensors_compared += 1
+            result.bytes_compared += e.numel() * e.element_size()
+
+
+def _record(result: RoundTripResult, key: str, problem: str | None) -> None:
+    if problem:
+        result.mismatches.append(f"{key}: {problem}")
+
+
+def _compare_ties(original: nn.Module, fresh: nn.Module, result: RoundTripResult) -> None:
+    for names in _parameter_groups(original):
+        loaded = [fresh.get_parameter(n) for n in names]
+        if any(p is not loaded[0] for p in loaded[1:]):
+            result.mismatches.append(
+                f"{' and '.join(names)}: tied in the original, no longer tied after loading"
+            )
+
+
+def _compare_optimizer(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fresh_model: nn.Module,
+    loaded_state: Mapping[str, Any] | None,
+    result: RoundTripResult,
+    check_resume: bool,
+) -> None:
+    if loaded_state is None:
+        result.mismatches.append("optimizer: its state_dict did not come back from the file")
+        return
+    expected = optimizer.state_dict()
+    _record(result, "optimizer param_groups",
+            difference(expected["param_groups"], loaded_state["param_groups"]))  # fmt: skip
+    _compare_state(
+        {
+            f"optimizer state[{i}].{k}": v
+            for i, s in expected["state"].items()
+            for k, v in s.items()
+        },
+        {
+            f"optimizer state[{i}].{k}": v
+            for i, s in loaded_state["state"].items()
+            for k, v in s.items()
+        },
+        result,
+    )
+    fresh_opt = _rebuild_optimizer(model, optimizer, fresh_model)
+    try:
+        fresh_opt.load_state_dict(loaded_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        result.mismatches.append(f"optimizer.load_state_dict failed: {exc}")
+        return
+    _record(result, "optimizer after load_state_dict",
+            difference(_cpu(expected), _cpu(fresh_opt.state_dict())))  # fmt: skip
+    if check_resume:
+        _check_resume(model, optimizer, fresh_model, fresh_opt, result)
+
+
+def _rebuild_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, fresh: nn.Module
+) -> torch.optim.Optimizer:
+    """The same optimizer class and groups over the fresh model's parameters, matched by name."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append(
+            {**group, "params": [fresh.get_parameter(names[id(p)]) for p in group["params"]]}
+        )
+    return type(optimizer)(groups, **optimizer.defaults)
+
+
+def _check_resume(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fresh: nn.Module,
+    fresh_opt: torch.optim.Optimizer,
+    result: RoundTripResult,
+) -> None:
+    """One more step from the same gradients: the original (a deep copy) and the reloaded."""
+    twin_model, twin_opt = copy.deepcopy((model, optimizer))
+    generator = torch.Generator().manual_seed(0)
+    twin_params = dict(twin_model.named_parameters())
+    fresh_params = dict(fresh.named_parameters())
+    for name, p in twin_params.items():
+        if p.requires_grad:
+            grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            p.grad = grad.to(p.device)
+            fresh_params[name].grad = grad.to(fresh_params[name].device)
+    with torch.no_grad():
+        twin_opt.step()
+        fresh_opt.step()
+    before = len(result.mismatches)
+    _compare_state(
+        {f"after one more step: {k}": v for k, v in twin_model.state_dict().items()},
+        {f"after one more step: {k}": v for k, v in fresh.state_dict().items()},
+        result,
+    )
+    _record(result, "optimizer after one more step",
+            difference(_cpu(twin_opt.state_dict()), _cpu(fresh_opt.state_dict())))  # fmt: skip
+    if len(result.mismatches) > before:
+        result.mismatches.append("resuming from the checkpoint does not continue training exactly")
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+# ---- pytest: the marker and the fixture ---------------------------------------------------
+
+
+def default_devices() -> list[str]:
+    """cpu plus the accelerator; ``cuda`` when there is none, so CPU-only CI shows the skips."""
+    accelerator = None
+    if hasattr(torch, "accelerator"):
+        current = torch.accelerator.current_accelerator()
+        accelerator = current.type if current is not None else None
+    elif torch.cuda.is_available():
+        accelerator = "cuda"
+    return ["cpu", accelerator or "cuda"]
+
+
+def device_available(device: str) -> bool:
+    d = torch.device(device)
+    if d.type == "cpu":
+        return True
+    if d.type == "cuda":
+        return torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
+    if d.type == "mps":
+        return torch.backends.mps.is_available()
+    module = getattr(torch, d.type, None)
+    is_available = getattr(module, "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
+
+
+def parametrize_roundtrip(metafunc: pytest.Metafunc, marker: pytest.Mark) -> None:
+    name = metafunc.definition.name
+    if "statedict_roundtrip" not in metafunc.fixturenames:
+        raise pytest.UsageError(
+            f"{name}: the statedict_roundtrip marker parametrizes the statedict_roundtrip "
+            "fixture; add `statedict_roundtrip` to the test's arguments"
+        )
+    option = metafunc.config.getoption("statedict_devices")
+    devices = (
+        [d.strip() for d in option.split(",") if d.strip()]
+        if option
+        else list(marker.kwargs.get("devices") or (marker.args[0] if marker.args else None)
+                  or default_devices())
+    )  # fmt: skip
+    formats = list(marker.kwargs.get("formats", ("torch",)))
+    for device in devices:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise pytest.UsageError(
+                f"{name}: statedict_roundtrip: unknown device {device!r}"
+            ) from None
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise pytest.UsageError(
+                f"{name}: statedict_roundtrip: unknown format {fmt!r} (one of {', '.join(FORMATS)})"
+            )
+    combos = [(s, d, f) for f in formats for s in devices for d in devices]
+    ids = [f"{s}->{d}" + ("" if f == "torch" else f"-{f}") for s, d, f in combos]
+    metafunc.parametrize("statedict_roundtrip", combos, ids=ids, indirect=True)
+
+
+class RoundTripFixture:
+    """``statedict_roundtrip(model, optimizer=None, **opts)``: one round-trip, asserted exact.
+
+    ``save_device``, ``load_device`` and ``format`` tell the test its combination (build
+    the model on ``save_device``).
+    """
+
+    def __init__(
+        self, session: StateDictSession, save_device: str, load_device: str, format: str
+    ) -> None:
+        self._session = session
+        self.save_device = save_device
+        self.load_device = load_device
+        self.format = format
+
+    @classmethod
+    def for_request(
+        cls, request: pytest.FixtureRequest, session: StateDictSession
+    ) -> RoundTripFixture:
+        save, load, fmt = getattr(request, "param", ("cpu", "cpu", "torch"))
+        for device in (save, load):
+            if not device_available(device):
+                session.roundtrips["skipped"] += 1
+                pytest.skip(
+                    f"statedict round-trip {save}->{load}: device {device!r} is not available "
+                    "on this machine"
+                )
+        return cls(session, save, load, fmt)
+
+    def __call__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **opts: Any
+    ) -> RoundTripResult:
+        __tracebackhide__ = True
+        result = roundtrip(
+            model,
+            optimizer,
+            save_device=self.save_device,
+            load_device=self.load_device,
+            format=self.format,
+            **opts,
+        )
+        self._session.roundtrips["passed" if result.ok else "failed"] += 1
+        result.assert_ok()
+        return result

@@ -1,0 +1,484 @@
+"""The schema of a state_dict, and its snapshot file format.
+
+A schema is what a checkpoint's *layout* depends on: keys in order, shapes, dtypes, kinds,
+tying, module versions and the optimizer's groups and state. It never holds tensor data
+(at most a fingerprint of it), so it is small, device-agnostic and cheap to diff.
+
+This module imports no torch: snapshots are read and written as plain JSON, one line per
+tensor, with a format version at the top so that a file from another version is reported
+as "regenerate", not as a diff.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SnapshotError, StaleSnapshotError
+
+FORMAT_NAME = "pytest-statedict"
+FORMAT_VERSION = 1
+
+KINDS = ("parameter", "buffer", "tensor", "object")
+
+# Byte sizes of the dtypes torch has, so totals can be computed without importing torch.
+# Sub-byte types (uint1..uint7, int1..int7) are stored one element per byte by torch.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
+    "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a snapshot keeps of a tensor's values: an exact hash and a few statistics.
+
+    The hash (xxh3-128 of the raw bytes) decides an exact comparison; the statistics let a
+    tolerant (``rtol``/``atol``) comparison be made without storing the tensor.
+    """
+
+    xxh3: str
+    min: float
+    max: float
+    mean: float
+    std: float
+
+    def close_to(self, other: Fingerprint, rtol: float, atol: float) -> list[str]:
+        """Statistics of ``self`` (actual) not within tolerance of ``other`` (expected)."""
+        bad = []
+        for stat in ("min", "max", "mean", "std"):
+            a, e = getattr(self, stat), getattr(other, stat)
+            if math.isnan(a) and math.isnan(e):
+                continue
+            if a == e:  # equal infinities
+                continue
+            if not (abs(a - e) <= atol + rtol * abs(e)):
+                bad.append(f"{stat} {_fmt_float(e)} -> {_fmt_float(a)}")
+        return bad
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One key of a state_dict.
+
+    ``kind`` is ``parameter`` or ``buffer`` when the module is known, ``tensor`` for a bare
+    state_dict or checkpoint, and ``object`` for a non-tensor entry (``_extra_state``, a
+    quantized layer's dtype, ...), whose Python type is in ``type``. ``tied_to`` names the
+    first key sharing this entry's storage. ``layout`` and ``qscheme`` are set only for
+    sparse and quantized tensors.
+    """
+
+    key: str
+    kind: str
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    requires_grad: bool | None = None
+    tied_to: str | None = None
+    layout: str | None = None
+    qscheme: str | None = None
+    type: str | None = None
+    fingerprint: Fingerprint | None = field(default=None, compare=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        if self.dtype is None:
+            return 0
+        return self.numel * DTYPE_ITEMSIZE.get(self.dtype, 0)
+
+    def describe(self) -> str:
+        """Short words for a report: ``parameter float32[6, 3, 5, 5]``."""
+        if self.kind == "object":
+            return f"object {self.type}"
+        text = f"{self.kind} {self.dtype}{list(self.shape or ())}"
+        if self.layout:
+            text += f" {self.layout}"
+        if self.qscheme:
+            text += f" {self.qscheme}"
+        if self.requires_grad is False and self.kind == "parameter":
+            text += " frozen"
+        if self.tied_to:
+            text += f" tied to {self.tied_to}"
+        return text
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One optimizer param_group: its hyperparameters exactly, and its members."""
+
+    hyperparams: Mapping[str, Any]
+    params: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """Shape and dtype of one optimizer state tensor, or the type of a non-tensor one."""
+
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    type: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape or ())}" if self.type is None else self.type
+
+
+@dataclass(frozen=True)
+class ParamState:
+    """The optimizer state of one parameter (``exp_avg``, ``momentum_buffer``, ``step``...)."""
+
+    param: str | int
+    entries: Mapping[str, StateSpec]
+
+
+@dataclass(frozen=True)
+class OptimizerSchema:
+    """An optimizer's class, param_groups and the layout of its per-parameter state.
+
+    ``problems`` lists state entries whose shape differs from their parameter's: how a
+    reordered model silently corrupts Adam state on resume.
+    """
+
+    cls: str
+    param_groups: tuple[ParamGroup, ...]
+    state: tuple[ParamState, ...]
+    problems: tuple[str, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The schema of a state_dict (and optionally of its optimizer).
+
+    ``versions`` maps a module's prefix to its ``_metadata`` version when that is not the
+    default 1 (``None``: unknown, a bare state_dict without ``_metadata``).
+    ``saved_on`` (the storage locations a checkpoint file was saved from) and ``source``
+    are information for reports, not part of a snapshot.
+    """
+
+    tensors: tuple[TensorEntry, ...]
+    versions: Mapping[str, int] | None = None
+    non_persistent_buffers: tuple[str, ...] = ()
+    optimizer: OptimizerSchema | None = None
+    extras: Mapping[str, str] = field(default_factory=dict)
+    saved_on: tuple[str, ...] = field(default=(), compare=False)
+    source: str | None = field(default=None, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __iter__(self) -> Iterator[TensorEntry]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def by_key(self) -> dict[str, TensorEntry]:
+        return {t.key: t for t in self.tensors}
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Parameter count, trainable count and bytes; tied storages are counted once."""
+        params = trainable = nbytes = 0
+        for t in self.tensors:
+            if t.tied_to is not None:
+                continue
+            nbytes += t.nbytes
+            if t.kind == "parameter":
+                params += t.numel
+                if t.requires_grad:
+                    trainable += t.numel
+        return {
+            "tensors": sum(t.kind != "object" for t in self.tensors),
+            "parameters": params,
+            "trainable": trainable,
+            "bytes": nbytes,
+        }
+
+    @property
+    def has_values(self) -> bool:
+        return any(t.fingerprint is not None for t in self.tensors)
+
+    # ---- JSON --------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The snapshot text: stable byte for byte, one line per tensor and per group."""
+        dump = _dump
+        lines = [
+            "{",
+            f'"format": {dump(FORMAT_NAME)}, "version": {FORMAT_VERSION},',
+            f'"totals": {dump(self.totals)},',
+        ]
+        lines.append('"tensors": [')
+        lines.extend(_joined("  " + dump(_entry_to_json(t)) for t in self.tensors))
+        lines.append("],")
+        tail: list[str] = [f'"versions": {dump(self.versions)}']
+        if self.non_persistent_buffers:
+            tail.append(f'"non_persistent_buffers": {dump(list(self.non_persistent_buffers))}')
+        if self.extras:
+            tail.append(f'"extras": {dump(dict(self.extras))}')
+        if self.optimizer is not None:
+            tail.append(_optimizer_to_json(self.optimizer))
+        lines.append(",\n".join(tail))
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, path: str | os.PathLike[str] = "<snapshot>") -> Schema:
+        """Parse and validate a snapshot; every problem names the file and, if it can, the line."""
+        return _SnapshotParser(text, os.fspath(path)).parse()
+
+
+def _fmt_float(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+
+
+def _joined(items: Iterable[str]) -> list[str]:
+    items = list(items)
+    return [item + ("," if i < len(items) - 1 else "") for i, item in enumerate(items)]
+
+
+def _entry_to_json(t: TensorEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": t.key, "kind": t.kind}
+    if t.kind == "object":
+        out["type"] = t.type
+        return out
+    out["shape"] = list(t.shape or ())
+    out["dtype"] = t.dtype
+    for name in ("requires_grad", "tied_to", "layout", "qscheme"):
+        value = getattr(t, name)
+        if value is not None:
+            out[name] = value
+    if t.fingerprint is not None:
+        f = t.fingerprint
+        out["values"] = {
+            "xxh3": f.xxh3,
+            "min": _json_float(f.min),
+            "max": _json_float(f.max),
+            "mean": _json_float(f.mean),
+            "std": _json_float(f.std),
+        }
+    return out
+
+
+def _json_float(x: float) -> float | str:
+    """NaN and infinities as strings: strict JSON has no literal for them."""
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _optimizer_to_json(opt: OptimizerSchema) -> str:
+    dump = _dump
+    lines = ['"optimizer": {', f'"class": {dump(opt.cls)},', '"param_groups": [']
+    lines.extend(
+        _joined("  " + dump({**g.hyperparams, "params": list(g.params)}) for g in opt.param_groups)
+    )
+    lines.append("],")
+    lines.append('"state": [')
+    lines.extend(
+        _joined(
+            "  "
+            + dump(
+                {
+                    "param": s.param,
+                    **{
+                        name: (
+                            {"type": spec.type}
+                            if spec.type is not None
+                            else {"shape": list(spec.shape or ()), "dtype": spec.dtype}
+                        )
+                        for name, spec in s.entries.items()
+                    },
+                }
+            )
+            for s in opt.state
+        )
+    )
+    lines.append("]")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+class _SnapshotParser:
+    """Validates a snapshot field by field so a hand-edited file gets a precise error."""
+
+    def __init__(self, text: str, path: str) -> None:
+        self.text = text
+        self.path = path
+        self.lines = text.splitlines()
+
+    def fail(self, problem: str, needle: str | None = None) -> SnapshotError:
+        return SnapshotError(self.path, problem, self.line_of(needle) if needle else None)
+
+    def line_of(self, needle: str) -> int | None:
+        quoted = json.dumps(needle, ensure_ascii=True)
+        for number, line in enumerate(self.lines, 1):
+            if quoted in line:
+                return number
+        return None
+
+    def parse(self) -> Schema:
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            for key, value in pairs:
+                if key in seen:
+                    raise self.fail(f"duplicated field {key!r} in one object", key)
+                seen[key] = value
+            return seen
+
+        if not self.text.strip():
+            raise self.fail("the file is empty")
+        try:
+            data = json.loads(self.text, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError as exc:
+            raise SnapshotError(self.path, f"invalid JSON ({exc.msg})", exc.lineno) from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise self.fail(f'not a statedict snapshot (no "format": "{FORMAT_NAME}" header)')
+        version = data.get("version")
+        if version != FORMAT_VERSION:
+            raise StaleSnapshotError(
+                self.path,
+                f"written in snapshot format version {version!r}, this plugin reads version "
+                f"{FORMAT_VERSION}; regenerate it with `pytest --statedict-update`",
+                2,
+            )
+        tensors = self.list_of(data, "tensors", self.entry)
+        keys = [t.key for t in tensors]
+        duplicated = (
+            sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
+        )
+        if duplicated:
+            raise self.fail(f"key {duplicated[0]!r} appears more than once", duplicated[0])
+        versions = data.get("versions")
+        if versions is not None and not (
+            isinstance(versions, dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in versions.values())
+        ):
+            raise self.fail('"versions" must be null or an object of integers', "versions")
+        npb = data.get("non_persistent_buffers", [])
+        if not (isinstance(npb, list) and all(isinstance(x, str) for x in npb)):
+            raise self.fail('"non_persistent_buffers" must be a list of strings')
+        extras = data.get("extras", {})
+        if not (isinstance(extras, dict) and all(isinstance(x, str) for x in extras.values())):
+            raise self.fail('"extras" must be an object of type names', "extras")
+        optimizer = data.get("optimizer")
+        return Schema(
+            tensors=tuple(tensors),
+            versions=versions,
+            non_persistent_buffers=tuple(npb),
+            optimizer=None if optimizer is None else self.optimizer(optimizer),
+            extras=extras,
+            source=self.path,
+        )
+
+    def list_of(self, data: Mapping[str, Any], name: str, parse_item: Any) -> list[Any]:
+        items = data.get(name)
+        if not isinstance(items, list):
+            raise self.fail(f'"{name}" is missing or not a list', name)
+        return [parse_item(item, i) for i, item in enumerate(items)]
+
+    def entry(self, item: Any, index: int) -> TensorEntry:
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise self.fail(f'tensor #{index} has no string "key"')
+        key = item["key"]
+        kind = item.get("kind")
+        if kind not in KINDS:
+            raise self.fail(f"{key!r}: kind {kind!r} is not one of {', '.join(KINDS)}", key)
+        if kind == "object":
+            if not isinstance(item.get("type"), str):
+                raise self.fail(f'{key!r}: an object entry needs a string "type"', key)
+            return TensorEntry(key=key, kind=kind, type=item["type"])
+        shape = item.get("shape")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise self.fail(f'{key!r}: "shape" must be a list of non-negative integers', key)
+        dtype = item.get("dtype")
+        if dtype not in DTYPE_ITEMSIZE:
+            raise self.fail(f"{key!r}: unknown dtype {dtype!r}", key)
+        requires_grad = item.get("requires_grad")
+        if requires_grad is not None and not isinstance(requires_grad, bool):
+            raise self.fail(f'{key!r}: "requires_grad" must be true or false', key)
+        for name in ("tied_to", "layout", "qscheme"):
+            if item.get(name) is not None and not isinstance(item[name], str):
+                raise self.fail(f'{key!r}: "{name}" must be a string', key)
+        unknown = set(item) - {
+            "key", "kind", "shape", "dtype", "requires_grad", "tied_to", "layout", "qscheme",
+            "values",
+        }  # fmt: skip
+        if unknown:
+            raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
+        return TensorEntry(
+            key=key,
+            kind=kind,
+            shape=tuple(shape),
+            dtype=dtype,
+            requires_grad=requires_grad,
+            tied_to=item.get("tied_to"),
+            layout=item.get("layout"),
+            qscheme=item.get("qscheme"),
+            fingerprint=self.fingerprint(key, item["values"]) if "values" in item else None,
+        )
+
+    def fingerprint(self, key: str, values: Any) -> Fingerprint:
+        if not isinstance(values, dict) or not isinstance(values.get("xxh3"), str):
+            raise self.fail(f'{key!r}: "values" needs a string "xxh3"', key)
+        stats = {}
+        for stat in ("min", "max", "mean", "std"):
+            raw = values.get(stat)
+            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                raise self.fail(f'{key!r}: "values.{stat}" must be a number', key)
+            try:
+                stats[stat] = float(raw)
+            except ValueError:
+                raise self.fail(f'{key!r}: "values.{stat}" must be a number', key) from None
+        return Fingerprint(xxh3=values["xxh3"], **stats)
+
+    def optimizer(self, data: Any) -> OptimizerSchema:
+        if not isinstance(data, dict) or not isinstance(data.get("class"), str):
+            raise self.fail('"optimizer" needs a string "class"', "optimizer")
+        groups = []
+        for i, group in enumerate(self.list_of(data, "param_groups", lambda g, i: g)):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+                raise self.fail(f'optimizer param_group #{i} has no "params" list', "params")
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            groups.append(ParamGroup(hyperparams=hyper, params=tuple(group["params"])))
+        states = []
+        for i, state in enumerate(self.list_of(data, "state", lambda s, i: s)):
+            if not isinstance(state, dict) or not isinstance(state.get("param"), (str, int)):
+                raise self.fail(f'optimizer state #{i} has no "param"', "state")
+            entries = {}
+            for name, spec in state.items():
+                if name == "param":
+                    continue
+                if isinstance(spec, dict) and isinstance(spec.get("type"), str):
+                    entries[name] = StateSpec(type=spec["type"])
+                elif (
+                    isinstance(spec, dict)
+                    and isinstance(spec.get("shape"), list)
+                    and spec.get("dtype") in DTYPE_ITEMSIZE
+                ):
+                    entries[name] = StateSpec(shape=tuple(spec["shape"]), dtype=spec["dtype"])
+                else:
+                    raise self.fail(
+                        f"optimizer state of {state['param']!r}: entry {name!r} needs "
+                        '"shape" and "dtype", or "type"',
+                        name,
+                    )
+            states.append(ParamState(param=state["param"], entries=entries))
+        return OptimizerSchema(cls=data["class"], param_groups=tuple(groups), state=tuple(states))

@@ -1,0 +1,298 @@
+"""The plugin's state for one pytest run: which test is running, which snapshots it asked
+for, what was written, and which snapshot files nobody asked for.
+
+The pytest hooks in :mod:`.plugin` hand straight to this object. It imports no torch: that
+happens on the first snapshot check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import storage
+from .errors import SnapshotError, StateDictError, StateDictMismatch
+from .schema import Schema
+
+if TYPE_CHECKING:
+    import pytest
+
+_SESSIONS: list[StateDictSession] = []
+
+
+def active_session() -> StateDictSession | None:
+    return _SESSIONS[-1] if _SESSIONS else None
+
+
+def current_session() -> StateDictSession:
+    session = active_session()
+    if session is None or session.item is None:
+        raise StateDictError(
+            "assert_state_dict_matches(obj) without expected= checks the current test's "
+            "snapshot, so it must be called while a pytest test runs (with the plugin "
+            "enabled); outside a test, pass expected= (a module, state_dict, path or Schema)"
+        )
+    return session
+
+
+@dataclass
+class ModuleRecord:
+    """A test module's collected tests, to decide whether it ran whole."""
+
+    path: Path
+    snapshot_dir: Path
+    tests: dict[str, str] = field(default_factory=dict)  # test dirname -> nodeid
+    partial: bool = False
+
+
+class StateDictSession:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.update = bool(config.getoption("statedict_update"))
+        self.warn_unused = bool(config.getoption("statedict_warn_unused"))
+        self.verbose = _verbosity(config) >= 2
+        ini_dir = config.getini("statedict_snapshot_dir")
+        self.snapshot_root = (config.rootpath / ini_dir) if ini_dir else None
+        self.item: pytest.Item | None = None
+        self.counts: Counter[str] = Counter()
+        self.roundtrips: Counter[str] = Counter()
+        self.modules: dict[str, ModuleRecord] = {}
+        self.used: set[str] = set()
+        self.asked_by_test: dict[str, set[str]] = defaultdict(set)
+        self.unnamed_index: Counter[str] = Counter()
+        self.outcomes: dict[str, str] = {}
+        self.unused: list[Path] = []
+        self.deleted: list[Path] = []
+        self.problems: list[str] = []
+
+    # ---- collection ------------------------------------------------------------------
+
+    def module_dir(self, module_path: Path) -> Path:
+        if self.snapshot_root is None:
+            return storage.module_snapshot_dir(module_path)
+        try:
+            relative = module_path.relative_to(self.config.rootpath)
+        except ValueError:
+            relative = Path(module_path.name)
+        parts = [storage.sanitise(p) for p in relative.with_suffix("").parts]
+        return self.snapshot_root.joinpath(*parts)
+
+    def collected(self, items: Iterable[pytest.Item]) -> None:
+        narrowed = {
+            str(Path(self.config.invocation_params.dir, arg.split("::")[0]).resolve())
+            for arg in self.config.args
+            if "::" in arg
+        }
+        for item in items:
+            record = self._module_record(item)
+            if record is None:
+                continue
+            record.tests[storage.test_dirname(_test_parts(item))] = item.nodeid
+            if str(record.path.resolve()) in narrowed:
+                record.partial = True
+
+    def deselected(self, items: Iterable[pytest.Item]) -> None:
+        for item in items:
+            record = self._module_record(item)
+            if record is not None:
+                record.partial = True
+
+    def _module_record(self, item: pytest.Item) -> ModuleRecord | None:
+        path = getattr(item, "path", None)
+        if path is None or path.suffix != ".py":
+            return None
+        key = str(path)
+        if key not in self.modules:
+            self.modules[key] = ModuleRecord(path=path, snapshot_dir=self.module_dir(path))
+        return self.modules[key]
+
+    # ---- running tests ---------------------------------------------------------------
+
+    def start_test(self, item: pytest.Item) -> None:
+        self.item = item
+
+    def finish_test(self, item: pytest.Item) -> None:
+        self.item = None
+
+    def report(self, nodeid: str, when: str, outcome: str) -> None:
+        """Keep each test's worst outcome: it decides whether its unasked files are unused."""
+        if outcome != "passed":
+            self.outcomes[nodeid] = outcome
+        else:
+            self.outcomes.setdefault(nodeid, "passed")
+
+    def check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
+        """Check ``actual`` against the current test's snapshot (written under the update flag)."""
+        __tracebackhide__ = True
+        from .assertions import prepared_schema
+        from .compare import diff_schemas
+        from .report import render_diff
+
+        item = self.item
+        assert item is not None
+        path = self.snapshot_path_for(item, name)
+        key = str(path)
+        if key in self.asked_by_test[item.nodeid]:
+            raise StateDictError(
+                f"{item.nodeid} checks snapshot {path} twice: give each check in a test its own "
+                "name= (or leave all of them unnamed)"
+            )
+        self.asked_by_test[item.nodeid].add(key)
+        self.used.add(key)
+        rtol, atol = opts.pop("rtol"), opts.pop("atol")
+        actual_schema = prepared_schema(actual, **opts)
+        problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
+        text = actual_schema.to_json()
+        accept = f"pytest --statedict-update '{item.nodeid}'"
+
+        if not path.exists():
+            if self.update:
+                storage.atomic_write(path, text)
+                self.counts["written"] += 1
+                self._fail_on_problems(problems, path)
+                return
+            self.counts["failed"] += 1
+            raise StateDictMismatch(
+                f"no statedict snapshot {path} yet: nothing was written. Create it with\n"
+                f"  {accept}\nand commit it."
+            )
+        try:
+            current = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.counts["failed"] += 1
+            raise SnapshotError(path, f"cannot be read ({exc})") from None
+        if current == text and not problems:
+            self.counts["passed"] += 1
+            return
+        try:
+            expected = Schema.from_json(current, path)
+        except SnapshotError:
+            if self.update:
+                storage.atomic_write(path, text)
+                self.counts["updated"] += 1
+                return
+            self.counts["failed"] += 1
+            raise
+        diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol)
+        if not diff:
+            self.counts["passed"] += 1
+            return
+        if self.update and not diff.problems:
+            storage.atomic_write(path, text)
+            self.counts["updated"] += 1
+            return
+        self.counts["failed"] += 1
+        raise StateDictMismatch(
+            render_diff(
+                diff,
+                title=f"state_dict does not match snapshot {path}",
+                verbose=self.verbose,
+                accept_hint=None if diff.problems else accept,
+            ),
+            diff,
+        )
+
+    def _fail_on_problems(self, problems: Iterable[str], path: Path) -> None:
+        __tracebackhide__ = True
+        problems = list(problems)
+        if problems:
+            raise StateDictMismatch(
+                f"snapshot {path} was written, but the optimizer state is inconsistent:\n  "
+                + "\n  ".join(problems)
+            )
+
+    def snapshot_path_for(self, item: pytest.Item, name: str | None) -> Path:
+        index = 0
+        if name is None:
+            index = self.unnamed_index[item.nodeid]
+            self.unnamed_index[item.nodeid] += 1
+        return storage.snapshot_path(self.module_dir(item.path), _test_parts(item), name, index)
+
+    # ---- end of session --------------------------------------------------------------
+
+    def find_unused(self) -> list[Path]:
+        """Files in modules that ran whole that no test asked for.
+
+        A file belongs to a test (its folder); it is unused if that test no longer exists,
+        or if the test passed without asking for it. Deselected, skipped and failed tests
+        never make a file unused.
+        """
+        unused = []
+        for record in self.modules.values():
+            if record.partial:
+                continue
+            if any(nodeid not in self.outcomes for nodeid in record.tests.values()):
+                continue  # the run stopped early (-x, a crash): the module did not run whole
+            for path in storage.snapshot_files(record.snapshot_dir):
+                if str(path) in self.used:
+                    continue
+                owner = record.tests.get(path.parent.name)
+                if path.parent.parent != record.snapshot_dir:
+                    owner = None
+                if owner is None or self.outcomes.get(owner) == "passed":
+                    unused.append(path)
+        return unused
+
+    def finish(self) -> bool:
+        """Detect (and under --statedict-update delete) unused snapshots.
+
+        Returns True when the session should fail because of them. An xdist worker sees
+        only its share of the run and leaves this to the controller.
+        """
+        if hasattr(self.config, "workerinput"):
+            return False
+        self.unused = self.find_unused()
+        if self.update:
+            for path in self.unused:
+                storage.remove_snapshot(path)
+            self.deleted = self.unused
+            return False
+        return bool(self.unused) and not self.warn_unused
+
+    def summary_line(self) -> str | None:
+        parts = [
+            f"{self.counts[k]} {k}"
+            for k in ("passed", "failed", "written", "updated")
+            if self.counts[k]
+        ]
+        if self.deleted:
+            parts.append(f"{len(self.deleted)} deleted")
+        elif self.unused:
+            parts.append(f"{len(self.unused)} unused")
+        line = f"statedict: {', '.join(parts)}" if parts else ""
+        trips = [
+            f"{self.roundtrips[k]} {k}"
+            for k in ("passed", "failed", "skipped")
+            if self.roundtrips[k]
+        ]
+        if trips:
+            line = (line + "; " if line else "statedict: ") + "round-trips: " + ", ".join(trips)
+        return line or None
+
+    def relative(self, path: Path) -> str:
+        try:
+            return os.path.relpath(path, self.config.invocation_params.dir)
+        except ValueError:
+            return str(path)
+
+
+def _test_parts(item: pytest.Item) -> list[str]:
+    """The names from the module down to the test: ``["TestA", "test_x[id]"]``."""
+    import pytest
+
+    parts = []
+    for node in item.listchain():
+        if isinstance(node, pytest.Module):
+            parts = []
+        else:
+            parts.append(node.name)
+    return parts
+
+
+def _verbosity(config: pytest.Config) -> int:
+    get = getattr(config, "get_verbosity", None)
+    return int(get()) if get is not None else int(config.option.verbose)
