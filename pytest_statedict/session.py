@@ -157,19 +157,20 @@ class StateDictSession:
                 return
             self.counts["failed"] += 1
             raise StateDictMismatch(
-                f"no statedict snapshot {path} yet: nothing was written. Create it with\n"
+                f"no statedict snapshot {self.relative(path)} yet: nothing was written. "
+                "Create it with\n"
                 f"  {accept}\nand commit it."
             )
         try:
             current = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             self.counts["failed"] += 1
-            raise SnapshotError(path, f"cannot be read ({exc})") from None
+            raise SnapshotError(self.relative(path), f"cannot be read ({exc})") from None
         if current == text and not problems:
             self.counts["passed"] += 1
             return
         try:
-            expected = Schema.from_json(current, path)
+            expected = Schema.from_json(current, self.relative(path))
         except SnapshotError:
             if self.update:
                 storage.atomic_write(path, text)
@@ -189,7 +190,7 @@ class StateDictSession:
         raise StateDictMismatch(
             render_diff(
                 diff,
-                title=f"state_dict does not match snapshot {path}",
+                title=f"state_dict does not match snapshot {self.relative(path)}",
                 verbose=self.verbose,
                 accept_hint=None if diff.problems else accept,
             ),
