@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -10,20 +12,22 @@ from _pytest import pytester as _pytester
 
 # pytester's in-process runs restore sys.modules afterwards, dropping whatever a run
 # imported, but torch (and the libraries it loads lazily) cannot be imported twice in one
-# process. Keep those loaded across runs; the plugin's own modules too, so that its
-# exception classes stay the same objects.
-_KEEP = ("torch", "functorch", "sympy", "numpy", "pytest_statedict", "deepdiff", "safetensors")
+# process, and re-importing them costs seconds per run. Drop only the modules a run
+# imported from its own temporary project; keep every library loaded.
+_TEMP = tempfile.gettempdir()
 _snapshot_init = _pytester.SysModulesSnapshot.__init__
 
 
-def _keeping_torch(self, preserve=None):  # type: ignore[no-untyped-def]
+def _keeping_libraries(self, preserve=None):  # type: ignore[no-untyped-def]
     def keep(name: str) -> bool:
-        return name.split(".")[0] in _KEEP or (preserve is not None and preserve(name))
+        module = sys.modules.get(name)
+        location = getattr(module, "__file__", None) or ""
+        return not location.startswith(_TEMP) or (preserve is not None and preserve(name))
 
     _snapshot_init(self, keep)
 
 
-_pytester.SysModulesSnapshot.__init__ = _keeping_torch  # type: ignore[method-assign]
+_pytester.SysModulesSnapshot.__init__ = _keeping_libraries  # type: ignore[method-assign]
 
 # A user's model module, written into pytester projects: the classic CNN of the PyTorch
 # "What is a state_dict" recipe plus a BatchNorm, and an optimizer with two param groups.
