@@ -11,6 +11,7 @@ from .errors import StateDictMismatch
 from .extract import schema_of
 from .report import render_diff
 from .schema import Schema
+from .session import key_normaliser
 
 
 def assert_state_dict_matches(
@@ -52,7 +53,9 @@ def assert_state_dict_matches(
     actual_schema = prepared_schema(
         actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore
     )
-    expected_schema = normalise(schema_of(expected, values=values), ignore=ignore)
+    expected_schema = normalise(
+        schema_of(expected, values=values), rename=key_normaliser(), ignore=ignore
+    )
     diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol)
     if diff:
         raise StateDictMismatch(
@@ -73,9 +76,12 @@ def prepared_schema(
     rename: Rename = None,
     ignore: Iterable[str] = (),
 ) -> Schema:
-    """The schema of ``obj`` with the user's ``rename`` and ``ignore`` applied."""
+    """The schema of ``obj`` with ``rename``, then the normalising hooks, then ``ignore``."""
     schema = schema_of(obj, optimizer=optimizer, values=values)
-    return normalise(schema, rename=compile_rename(rename), ignore=ignore)
+    user, hooks = compile_rename(rename), key_normaliser()
+    if user is not None and hooks is not None:
+        return normalise(schema, rename=lambda key: hooks(user(key)), ignore=ignore)
+    return normalise(schema, rename=user or hooks, ignore=ignore)
 
 
 def describe(obj: Any) -> str:

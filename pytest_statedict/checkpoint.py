@@ -42,17 +42,23 @@ def schema_of_file(
     path: str | os.PathLike[str], *, values: bool = False, weights_only: bool = True
 ) -> Schema:
     """The schema of a checkpoint or snapshot file, reading no tensor data if it can."""
-    path = Path(path)
-    _check_readable(path)
-    if path.suffix == ".json":
-        if values:
-            raise CheckpointError(path, "a snapshot holds a schema, not tensors: values=True")
-        return read_snapshot(path)
-    if path.suffix == ".safetensors" and not values:
-        return safetensors_schema(path)
     from .extract import mapping_schema, module_schema
 
-    obj, locations = load_checkpoint(path, weights_only=weights_only)
+    path = Path(path)
+    obj = plugin_load(path)
+    locations: set[str] = set()
+    if obj is None:
+        _check_readable(path)
+        if path.suffix == ".json":
+            if values:
+                raise CheckpointError(path, "a snapshot holds a schema, not tensors: values=True")
+            return read_snapshot(path)
+        if path.suffix == ".safetensors":
+            if not values:
+                return safetensors_schema(path)
+            obj = load_safetensors(path)
+        else:
+            obj, locations = load_checkpoint(path, weights_only=weights_only)
     try:
         import torch
 
@@ -76,6 +82,16 @@ def read_snapshot(path: str | os.PathLike[str]) -> Schema:
     except UnicodeDecodeError:
         raise SnapshotError(path, "not UTF-8 text") from None
     return Schema.from_json(text, path)
+
+
+def plugin_load(path: Path) -> Any:
+    """What a ``pytest_statedict_load_checkpoint`` hook returns for ``path`` (None: no hook)."""
+    from .session import active_session
+
+    session = active_session()
+    if session is None or not path.exists():
+        return None
+    return session.config.hook.pytest_statedict_load_checkpoint(path=path)
 
 
 def _check_readable(path: Path) -> None:
@@ -111,6 +127,9 @@ def load_checkpoint(
     import torch
 
     path = Path(path)
+    custom = plugin_load(path)
+    if custom is not None:
+        return custom, set()
     _check_readable(path)
     with open(path, "rb") as f:
         head = f.read(8)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compare import UNKNOWN_CLASS
 from .errors import UnsupportedObjectError
 from .schema import (
     Fingerprint,
@@ -330,7 +331,7 @@ def optimizer_schema(
         ParamState(param=int(index), entries=_state_specs(entries))
         for index, entries in sorted(optimizer["state"].items(), key=lambda kv: int(kv[0]))
     )
-    return OptimizerSchema(cls=optimizer.get("class", "unknown"), param_groups=groups, state=state)
+    return OptimizerSchema(cls=UNKNOWN_CLASS, param_groups=groups, state=state)
 
 
 def _live_optimizer_schema(

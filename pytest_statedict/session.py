@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,17 @@ def current_session() -> StateDictSession:
             "enabled); outside a test, pass expected= (a module, state_dict, path or Schema)"
         )
     return session
+
+
+def key_normaliser() -> Callable[[str], str] | None:
+    """The ``pytest_statedict_normalize_key`` hooks of the running session, if any."""
+    session = active_session()
+    if session is None:
+        return None
+    hook = session.config.hook.pytest_statedict_normalize_key
+    if not hook.get_hookimpls():
+        return None
+    return lambda key: hook(key=key) or key
 
 
 @dataclass
@@ -129,7 +140,7 @@ class StateDictSession:
         """Check ``actual`` against the current test's snapshot (written under the update flag)."""
         __tracebackhide__ = True
         from .assertions import prepared_schema
-        from .compare import diff_schemas
+        from .compare import diff_schemas, normalise
         from .report import render_diff
 
         item = self.item
@@ -170,7 +181,9 @@ class StateDictSession:
             self.counts["passed"] += 1
             return
         try:
-            expected = Schema.from_json(current, self.relative(path))
+            expected = normalise(
+                Schema.from_json(current, self.relative(path)), rename=key_normaliser()
+            )
         except SnapshotError:
             if self.update:
                 storage.atomic_write(path, text)

@@ -7,7 +7,6 @@ import tempfile
 import textwrap
 
 import pytest
-
 from _pytest import pytester as _pytester
 
 # pytester's in-process runs restore sys.modules afterwards, dropping whatever a run

@@ -34,13 +34,14 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
     # 1. no snapshot yet: the test fails, names the file and the command, writes nothing
     result = net_project.runpytest()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    match_lines(result, 
+    match_lines(
+        result,
         [
             "*no statedict snapshot __statedict__/test_model/test_net/0.json yet: nothing was "
             "written*",
             "*pytest --statedict-update 'test_model.py::test_net'*",
             "statedict: 1 failed",
-        ]
+        ],
     )
     assert not snapshot(net_project).exists()
 
@@ -69,7 +70,8 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
     )
     result = net_project.runpytest()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    match_lines(result, 
+    match_lines(
+        result,
         [
             "*state_dict does not match snapshot __statedict__/test_model/test_net/0.json",
             "*changed (7):",
@@ -79,7 +81,7 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
             "*an old checkpoint still loads with load_state_dict(strict=True): NO "
             "(7 shape mismatches)",
             "*to accept this change: pytest --statedict-update 'test_model.py::test_net'",
-        ]
+        ],
     )
     assert snapshot(net_project).read_text() == text
 
@@ -96,8 +98,11 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
     [
         pytest.param(
             "model.fc1 = torch.nn.Linear(400, 120, dtype=torch.float64)",
-            ["*~ fc1.weight: dtype float32 -> float64", "*~ fc1.bias: dtype float32 -> float64",
-             "*still loads with load_state_dict(strict=True): yes (dtypes changed*"],
+            [
+                "*~ fc1.weight: dtype float32 -> float64",
+                "*~ fc1.bias: dtype float32 -> float64",
+                "*still loads with load_state_dict(strict=True): yes (dtypes changed*",
+            ],
             id="dtype",
         ),
         pytest.param(
@@ -107,9 +112,12 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
         ),
         pytest.param(
             "model.head = model.fc3; del model.fc3",
-            ["*likely renamed (same shape and dtype) (2):", "*fc3.weight -> head.weight*",
-             "*suggested: rename=[(r'^head\\.', 'fc3.')]",
-             "*NO (2 unexpected keys, 2 missing keys)"],
+            [
+                "*likely renamed (same shape and dtype) (2):",
+                "*fc3.weight -> head.weight*",
+                "*suggested: rename=[(r'^head\\.', 'fc3.')]",
+                "*NO (2 unexpected keys, 2 missing keys)",
+            ],
             id="rename",
         ),
         pytest.param(
@@ -181,12 +189,13 @@ def test_module_version_change_is_reported(net_project: pytest.Pytester) -> None
         mp.setenv("REFACTOR", "1")
         result = net_project.runpytest()
     result.assert_outcomes(failed=1)
-    match_lines(result, 
+    match_lines(
+        result,
         [
             "*module versions (_metadata*(1):",
             "*0: version 2 -> 3",
             "*yes (module versions changed: their _load_from_state_dict decides)",
-        ]
+        ],
     )
 
 
@@ -265,14 +274,15 @@ def test_unused_snapshots_fail_the_session_and_update_deletes_them(
     result = net_project.runpytest()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=2)
-    match_lines(result, 
+    match_lines(
+        result,
         [
             "*statedict: unused snapshots*",
             "*__statedict__/test_model/test_old/1.json",
             "*__statedict__/test_model/test_removed/0.json",
             "*No test that ran asked for these files*",
             "statedict: 2 passed, 2 unused",
-        ]
+        ],
     )
     assert removed.exists()
 
@@ -427,7 +437,7 @@ def test_corrupt_and_stale_snapshots(net_project: pytest.Pytester) -> None:
     path.write_text(good.replace('"dtype": "float32"', '"dtype": "float33"', 1))
     result = net_project.runpytest()
     result.assert_outcomes(failed=1)
-    match_lines(result, 
+    match_lines(result,
         ["*SnapshotError: statedict snapshot __statedict__/test_model/test_net/0.json:5: "
          "'conv1.weight': unknown dtype 'float33'. The file was left untouched*"]
     )  # fmt: skip
@@ -439,8 +449,9 @@ def test_corrupt_and_stale_snapshots(net_project: pytest.Pytester) -> None:
 
     path.write_text(good.replace('"version": 1', '"version": 0', 1))
     result = net_project.runpytest()
-    match_lines(result, 
-        ["*written in snapshot format version 0*regenerate it with `pytest --statedict-update`*"]
+    match_lines(
+        result,
+        ["*written in snapshot format version 0*regenerate it with `pytest --statedict-update`*"],
     )
 
     result = net_project.runpytest("--statedict-update")
@@ -465,12 +476,12 @@ def test_outside_a_test_and_bad_objects(net_project: pytest.Pytester) -> None:
     )
     result = net_project.runpytest()
     result.assert_outcomes(failed=2)
-    match_lines(result, 
+    match_lines(
+        result,
         [
-            "*got the bound method Net.state_dict, not a state_dict: call it, "
-            "`net.state_dict()`*",
+            "*got the bound method Net.state_dict, not a state_dict: call it, `net.state_dict()`*",
             "*cannot take the schema of a builtins.int*",
-        ]
+        ],
     )
 
 
@@ -485,8 +496,12 @@ def test_schema_equality_assertion_uses_the_diff(net_project: pytest.Pytester) -
     """,
     )
     result = net_project.runpytest()
-    match_lines(result, 
-        ["*schemas differ (left: expected, right: actual)", "*~ fc1.weight: shape [120, 400] -> [100, 400]"]
+    match_lines(
+        result,
+        [
+            "*schemas differ (left: expected, right: actual)",
+            "*~ fc1.weight: shape [120, 400] -> [100, 400]",
+        ],
     )
 
 
@@ -510,7 +525,7 @@ def test_snapshot_file_is_valid_json_and_stable(net_project: pytest.Pytester) ->
     first = snapshot(net_project).read_text()
     data = json.loads(first)
     assert data["totals"]["parameters"] == sum(
-        t["shape"] and __import__("math").prod(t["shape"]) or 1
+        (t["shape"] and __import__("math").prod(t["shape"])) or 1
         for t in data["tensors"]
         if t["kind"] == "parameter"
     )

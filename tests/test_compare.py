@@ -1,0 +1,182 @@
+"""Diffs of schemas, and their words."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_statedict import StateDictMismatch, assert_state_dict_matches, schema_of
+from pytest_statedict.compare import compile_rename, diff_schemas, normalise
+from pytest_statedict.report import render_diff, suggest_rename
+
+
+def net(width: int = 4, **extra: nn.Module) -> nn.Module:
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Linear(3, width))
+    model.add_module("norm", nn.LayerNorm(width))
+    model.add_module("decoder", nn.Linear(width, 2))
+    for name, module in extra.items():
+        model.add_module(name, module)
+    return model
+
+
+def test_identical_schemas_have_no_diff() -> None:
+    diff = diff_schemas(schema_of(net()), schema_of(net()))
+    assert not diff
+    assert diff.loads_strict
+
+
+def test_everything_is_reported_at_once() -> None:
+    old = net()
+    new = net(width=5)
+    new.decoder.weight.requires_grad_(False)
+    new.add_module("extra", nn.Linear(1, 1))
+    diff = diff_schemas(schema_of(old), schema_of(new))
+    changed = {(c.key, c.attribute) for c in diff.changed}
+    assert ("encoder.weight", "shape") in changed
+    assert ("norm.weight", "shape") in changed
+    assert ("decoder.weight", "shape") in changed
+    assert ("decoder.weight", "requires_grad") in changed
+    assert [t.key for t in diff.added] == ["extra.weight", "extra.bias"]
+    assert not diff.loads_strict
+    text = render_diff(diff, title="t")
+    assert "NO (2 missing keys, 5 shape mismatches)" in text
+
+
+def test_renames_are_paired_by_shape_and_suggested_as_one_rule() -> None:
+    old = net()
+    new = nn.Sequential()
+    new.add_module("backbone", nn.Linear(3, 4))
+    new.add_module("norm", nn.LayerNorm(4))
+    new.add_module("decoder", nn.Linear(4, 2))
+    diff = diff_schemas(schema_of(old), schema_of(new))
+    assert diff.renames == [
+        ("encoder.weight", "backbone.weight"),
+        ("encoder.bias", "backbone.bias"),
+    ]
+    assert suggest_rename(diff.renames, "actual->expected") == (
+        "rename=[(r'^backbone\\.', 'encoder.')]"
+    )
+    # applying the suggestion makes them match
+    assert_state_dict_matches(new, old, rename=[(r"^backbone\.", "encoder.")])
+
+
+def test_rename_forms_and_ignore() -> None:
+    schema = schema_of(net())
+    as_dict = normalise(schema, rename=compile_rename({"encoder.bias": "enc.b"}))
+    assert "enc.b" in as_dict.by_key()
+    as_call = normalise(schema, rename=compile_rename(str.upper))
+    assert "ENCODER.WEIGHT" in as_call.by_key()
+    as_rules = normalise(schema, rename=compile_rename([(r"^(\w+)\.", r"\1/")]))
+    assert "norm/bias" in as_rules.by_key()
+    ignored = normalise(schema, ignore=["norm.*", "*.bias"])
+    assert [t.key for t in ignored] == ["encoder.weight", "decoder.weight"]
+
+
+def test_wrapper_prefix_is_detected_not_listed_key_by_key() -> None:
+    old = schema_of(net())
+    wrapped = schema_of(nn.DataParallel(net()))
+    diff = diff_schemas(old, wrapped)
+    assert diff.prefix == ("added", "module.")
+    assert not diff.added and not diff.removed
+    text = render_diff(diff, title="t")
+    assert "strip it with rename=[(r'^module\\.', '')]" in text
+    assert not diff_schemas(wrapped, old).added
+    assert diff_schemas(wrapped, old).prefix == ("dropped", "module.")
+    assert_state_dict_matches(nn.DataParallel(net()), net(), rename=[(r"^module\.", "")])
+
+
+def test_order_change_is_reported() -> None:
+    a = {"x": torch.zeros(1), "y": torch.zeros(2), "z": torch.zeros(3)}
+    b = {"y": torch.zeros(2), "x": torch.zeros(1), "z": torch.zeros(3)}
+    diff = diff_schemas(schema_of(a), schema_of(b))
+    assert len(diff.moved) == 1 and diff.moved[0][0] in ("x", "y")
+    assert diff.loads_strict
+
+
+def test_dtype_change_loads_but_is_reported() -> None:
+    diff = diff_schemas(schema_of(net()), schema_of(net().to(torch.bfloat16)))
+    assert {c.attribute for c in diff.changed} == {"dtype"}
+    assert diff.loads_strict
+    assert "yes (dtypes changed: values are converted on load)" in render_diff(diff, title="t")
+
+
+def test_tying_change_is_reported() -> None:
+    tied = nn.ModuleDict({"a": nn.Linear(2, 2, bias=False), "b": nn.Linear(2, 2, bias=False)})
+    untied = nn.ModuleDict({"a": nn.Linear(2, 2, bias=False), "b": nn.Linear(2, 2, bias=False)})
+    tied.b.weight = tied.a.weight
+    diff = diff_schemas(schema_of(tied), schema_of(untied))
+    assert [(c.key, c.attribute) for c in diff.changed] == [("b.weight", "tied_to")]
+    assert "~ b.weight: tying tied to a.weight -> untied" in render_diff(diff, title="t")
+
+
+def test_optimizer_differences() -> None:
+    model = net()
+    old = torch.optim.AdamW(
+        [
+            {"params": [model.encoder.weight, model.decoder.weight]},
+            {"params": [model.encoder.bias, model.decoder.bias], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    new = torch.optim.AdamW(
+        [
+            {"params": [model.encoder.weight]},
+            {"params": [model.decoder.weight, model.encoder.bias, model.decoder.bias],
+             "weight_decay": 0.0},
+        ],
+        lr=3e-4,
+    )  # fmt: skip
+    diff = diff_schemas(schema_of(model, optimizer=old), schema_of(model, optimizer=new))
+    text = "\n".join(diff.optimizer)
+    assert (
+        "'decoder.weight': param_group 0 -> 1 (lr 0.001 -> 0.0003, weight_decay 0.01 -> 0.0)"
+        in text
+    )
+    assert "lr'] changed from 0.001 to 0.0003" in text
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    diff = diff_schemas(schema_of(model, optimizer=old), schema_of(model, optimizer=sgd))
+    assert diff.optimizer[0] == "class: torch.optim.adamw.AdamW -> torch.optim.sgd.SGD"
+    assert diff_schemas(schema_of(model, optimizer=old), schema_of(model)).optimizer == [
+        "an optimizer (torch.optim.adamw.AdamW) on the expected side only"
+    ]
+
+
+def test_optimizer_by_index_compares_with_optimizer_by_name() -> None:
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    named = schema_of(model, optimizer=optimizer)
+    indexed = schema_of(model.state_dict(), optimizer=optimizer.state_dict())
+    diff = diff_schemas(named, indexed)
+    assert diff.optimizer == []
+
+
+def test_assert_state_dict_matches_direct_and_bounded_message() -> None:
+    big_old = {f"w{i}": torch.zeros(2) for i in range(30)}
+    big_new = {f"v{i}": torch.zeros(3) for i in range(30)}
+    with pytest.raises(StateDictMismatch) as info:
+        assert_state_dict_matches(big_new, big_old)
+    message = str(info.value)
+    assert message.startswith("state_dict differs from the expected dict")
+    assert "removed (30):" in message and "... and 18 more (-vv shows all)" in message
+    assert info.value.diff is not None and len(info.value.diff.removed) == 30
+
+
+def test_values_exact_and_tolerant_direct() -> None:
+    a = {"w": torch.linspace(0, 1, 100)}
+    b = {"w": torch.linspace(0, 1, 100) + 1e-7}
+    assert_state_dict_matches(a, a, values=True)
+    with pytest.raises(StateDictMismatch, match="w: values xxh3"):
+        assert_state_dict_matches(b, a, values=True)
+    assert_state_dict_matches(b, a, values=True, atol=1e-5)
+    with pytest.raises(StateDictMismatch, match="rtol=0.001"):
+        assert_state_dict_matches({"w": a["w"] * 2}, a, values=True, rtol=1e-3)
+
+
+def test_values_recorded_on_one_side_only() -> None:
+    a = {"w": torch.zeros(2)}
+    diff = diff_schemas(schema_of(a, values=True), schema_of(a))
+    assert "values recorded on the expected side only" in render_diff(diff, title="t")
