@@ -43,15 +43,16 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 class Fingerprint:
     """What a snapshot keeps of a tensor's values: an exact hash and a few statistics.
 
-    The hash (xxh3-128 of the raw bytes) decides an exact comparison; the statistics let a
-    tolerant (``rtol``/``atol``) comparison be made without storing the tensor.
+    The hash (xxh3-128 of the raw bytes) alone decides equality: the statistics are derived
+    from the same bytes (and may carry NaN, which equals nothing); they let a tolerant
+    (``rtol``/``atol``) comparison be made without storing the tensor.
     """
 
     xxh3: str
-    min: float
-    max: float
-    mean: float
-    std: float
+    min: float = field(compare=False)
+    max: float = field(compare=False)
+    mean: float = field(compare=False)
+    std: float = field(compare=False)
 
     def close_to(self, other: Fingerprint, rtol: float, atol: float) -> list[str]:
         """Statistics of ``self`` (actual) not within tolerance of ``other`` (expected)."""
