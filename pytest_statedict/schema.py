@@ -88,7 +88,7 @@ class TensorEntry:
     layout: str | None = None
     qscheme: str | None = None
     type: str | None = None
-    fingerprint: Fingerprint | None = field(default=None, compare=False)
+    fingerprint: Fingerprint | None = None
 
     @property
     def numel(self) -> int:
