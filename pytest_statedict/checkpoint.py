@@ -155,7 +155,10 @@ def load_checkpoint(
 
     def record_location(storage: Any, location: str) -> Any:
         locations.add(location)
-        return storage if target is None else storage.to(target)
+        # the storage arrives on the CPU (memory-mapped): moving it to the CPU would copy it
+        if target is None or target.type == "cpu":
+            return storage
+        return storage.to(device=target)
 
     try:
         obj = torch.load(

@@ -10,6 +10,7 @@ assigned (``load_state_dict(strict=True, assign=True)``), so the model's own
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import tempfile
 import time
@@ -192,16 +193,17 @@ def _load_and_compare(
         extra = (
             load_checkpoint(extra_path, map_location=load_device)[0] if extra_path.exists() else {}
         )
-    fresh = factory() if factory is not None else meta_copy(original)
-    if factory is not None:
-        fresh = fresh.to(load_device)
+    assign = factory is None
+    fresh = meta_copy(original) if assign else factory().to(load_device)  # type: ignore[misc]
     try:
-        if format == "safetensors":
+        if format == "safetensors" and not assign:
             from safetensors.torch import load_model
 
             load_model(fresh, str(path), strict=True, device=str(load_device))
         else:
-            fresh.load_state_dict(state, strict=True, assign=factory is None)
+            if format == "safetensors":
+                _restore_tied_keys(original, state)
+            fresh.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         result.mismatches.append(f"load_state_dict(strict=True) failed: {exc}")
         return None, extra
@@ -219,9 +221,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
     one meta tensor.
     """
     memo: dict[int, Any] = {}
-    for tensor in list(model.parameters(remove_duplicate=False)) + list(
-        model.buffers(remove_duplicate=False)
-    ):
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
+    for tensor in tensors:
         if id(tensor) in memo:
             continue
         empty = torch.empty_like(tensor, device="meta")
@@ -237,6 +239,18 @@ def _parameter_groups(model: nn.Module) -> list[list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
+
+
+def _restore_tied_keys(original: nn.Module, state: dict[str, Any]) -> None:
+    """safetensors stores a tied tensor under one of its names; give it back its others.
+
+    This is what ``safetensors.torch.load_model`` relies on the model's own tying for.
+    """
+    for names in _parameter_groups(original):
+        present = [n for n in names if n in state]
+        if present:
+            for name in names:
+                state.setdefault(name, state[present[0]])
 
 
 def _retie(original: nn.Module, fresh: nn.Module) -> None:
@@ -339,7 +353,9 @@ def _rebuild_optimizer(
         groups.append(
             {**group, "params": [fresh.get_parameter(names[id(p)]) for p in group["params"]]}
         )
-    return type(optimizer)(groups, **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return type(optimizer)(groups, **defaults)
 
 
 def _check_resume(
