@@ -18,11 +18,7 @@ from pytest_statedict.roundtrip import meta_copy
 
 ALL_DTYPES = [
     getattr(torch, name)
-    for name in (
-        "float64 float32 float16 bfloat16 complex128 complex64 int64 int32 int16 int8 uint8 "
-        "uint16 uint32 uint64 bool float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz "
-        "float8_e8m0fnu"
-    ).split()
+    for name in ["float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"]
     if hasattr(torch, name)
 ]
 
