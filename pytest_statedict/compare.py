@@ -25,6 +25,8 @@ KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 # The class of an optimizer known only by its state_dict (a checkpoint file).
 UNKNOWN_CLASS = "unknown"
 
+TENSOR_KIND, OBJECT_KIND = "tensor", "object"
+
 ATTRIBUTES = ("kind", "type", "shape", "dtype", "layout", "qscheme", "requires_grad", "tied_to")
 
 
@@ -199,7 +201,8 @@ def _likely_renames(removed: list[TensorEntry], added: list[TensorEntry]) -> lis
             (-difflib.SequenceMatcher(None, r.key, a.key).ratio(), i, j)
             for i, r in enumerate(removed)
             for j, a in enumerate(added)
-            if (r.kind, r.shape, r.dtype, r.type) == (a.kind, a.shape, a.dtype, a.type)
+            if (r.shape, r.dtype, r.type) == (a.shape, a.dtype, a.type)
+            and _same_kind(r.kind, a.kind)
         ),
     )
     used_r: set[int] = set()
@@ -221,8 +224,9 @@ def _entry_changes(
         Change(e.key, name, getattr(e, name), getattr(a, name))
         for name in ATTRIBUTES
         if getattr(e, name) != getattr(a, name)
-        # requires_grad is unknown (None) for a bare state_dict: not a difference.
+        # a bare state_dict knows neither kinds nor requires_grad: not a difference
         and not (name == "requires_grad" and None in (e.requires_grad, a.requires_grad))
+        and not (name == "kind" and _same_kind(e.kind, a.kind))
     ]
     if e.fingerprint is None and a.fingerprint is None:
         return changes
@@ -247,6 +251,11 @@ def _entry_changes(
             )
         )
     return changes
+
+
+def _same_kind(a: str, b: str) -> bool:
+    """Kinds match if equal, or if one side is a bare ``tensor`` (its kind is unknown)."""
+    return a == b or (TENSOR_KIND in (a, b) and OBJECT_KIND not in (a, b))
 
 
 def _moved(exp: list[str], act: list[str]) -> list[tuple[str, int, int]]:
