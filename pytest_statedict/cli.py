@@ -74,10 +74,16 @@ def render_table(schema: object) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     totals = schema.totals
     lines.append("")
+    known = any(t.kind == "parameter" for t in schema.tensors)
     lines.append(
-        f"{len(schema.tensors)} keys, {totals['tensors']} tensors, "
-        f"{totals['parameters']:,} parameters ({totals['trainable']:,} trainable), "
-        f"{_human_bytes(totals['bytes'])}"
+        f"{len(schema.tensors)} keys, {totals['tensors']} tensors, {totals['elements']:,} "
+        "elements, "
+        + (
+            f"{totals['parameters']:,} parameters ({totals['trainable']:,} trainable), "
+            if known
+            else ""
+        )
+        + _human_bytes(totals["bytes"])
     )
     if schema.saved_on:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")

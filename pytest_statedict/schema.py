@@ -188,11 +188,12 @@ class Schema:
 
     @property
     def totals(self) -> dict[str, int]:
-        """Parameter count, trainable count and bytes; tied storages are counted once."""
-        params = trainable = nbytes = 0
+        """Elements, parameters, trainable parameters and bytes; tied storages count once."""
+        elements = params = trainable = nbytes = 0
         for t in self.tensors:
             if t.tied_to is not None:
                 continue
+            elements += t.numel
             nbytes += t.nbytes
             if t.kind == "parameter":
                 params += t.numel
@@ -200,6 +201,7 @@ class Schema:
                     trainable += t.numel
         return {
             "tensors": sum(t.kind != "object" for t in self.tensors),
+            "elements": elements,
             "parameters": params,
             "trainable": trainable,
             "bytes": nbytes,

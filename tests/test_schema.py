@@ -55,6 +55,7 @@ def test_module_schema_records_kinds_ties_versions_and_totals() -> None:
     # tied storage counted once; frozen embedding not trainable
     assert schema.totals == {
         "tensors": 8,
+        "elements": 1 + 40 + 4 * 4 + 1,
         "parameters": 40 + 4 + 4,
         "trainable": 8,
         "bytes": (1 + 40 + 4 * 4) * 4 + 8,

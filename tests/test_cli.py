@@ -1,0 +1,103 @@
+"""The ``statedict`` command: show and diff, exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_statedict import schema_of
+from pytest_statedict.cli import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_show_prints_an_aligned_table_with_totals(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", str(checkpoint)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["name", "shape", "dtype", "kind", "elements"]
+    assert set(out[1]) <= {"-", " "}
+    row = next(line for line in out if line.startswith("0.weight"))
+    assert row.split() == ["0.weight", "4x3", "float32", "tensor", "12"]
+    header_kind = out[0].index("kind")
+    assert all(line[header_kind - 2 : header_kind] == "  " for line in out[2:11])
+    assert out[-2] == "9 keys, 9 tensors, 43 elements, 176 B"
+    assert "saved on: cpu" in out[-1]
+
+
+def test_show_json_is_a_snapshot(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", "--json", str(checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert json.loads(text)["format"] == "pytest-statedict"
+    assert text == schema_of(checkpoint).to_json()
+
+
+def test_show_a_snapshot_with_optimizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = nn.Linear(2, 2)
+    snap = tmp_path / "0.json"
+    snap.write_text(schema_of(model, optimizer=torch.optim.SGD(model.parameters(), 0.1)).to_json())
+    assert main(["show", str(snap)]) == 0
+    out = capsys.readouterr().out
+    assert "parameter" in out
+    assert "optimizer: torch.optim.sgd.SGD, 1 param_group(s)" in out
+
+
+def test_diff_exit_codes(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    same = tmp_path / "same.pt"
+    same.write_bytes(checkpoint.read_bytes())
+    assert main(["diff", str(checkpoint), str(same)]) == 0
+    assert "no difference" in capsys.readouterr().out
+
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"0.weight": torch.zeros(4, 3), "head.weight": torch.zeros(2, 4)}, other)
+    assert main(["diff", str(checkpoint), str(other)]) == 1
+    out = capsys.readouterr().out
+    assert f"{other} differs from {checkpoint}:" in out
+    assert "removed (" in out and "likely renamed" in out
+
+    assert main(["diff", str(checkpoint), str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("statedict: checkpoint ") and "no such file" in err
+
+
+def test_bad_input_exit_2_without_traceback(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 64)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_statedict", "show", str(junk)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"checkpoint {junk}: not a checkpoint" in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("statedict")), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "show" in result.stdout and "diff" in result.stdout
