@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     )
     from .extract import schema_of
     from .gate import assert_checkpoint_loads
-    from .roundtrip import RoundTripResult, roundtrip
+    from .round_trip import RoundTripResult, roundtrip
     from .schema import Schema
 
 __all__ = [
@@ -41,8 +41,8 @@ _HOME = {
     "assert_state_dict_matches": "assertions",
     "assert_checkpoint_loads": "gate",
     "schema_of": "extract",
-    "roundtrip": "roundtrip",
-    "RoundTripResult": "roundtrip",
+    "roundtrip": "round_trip",
+    "RoundTripResult": "round_trip",
     "Schema": "schema",
     "CheckpointError": "errors",
     "SnapshotError": "errors",

@@ -24,7 +24,7 @@ from .compare import Rename, compile_rename, diff_schemas
 from .errors import StateDictMismatch
 from .extract import mapping_schema, module_schema
 from .report import SECTION_LIMIT, suggest_rename
-from .roundtrip import meta_copy
+from .round_trip import meta_copy
 from .schema import Schema
 
 _SIZE_MISMATCH = re.compile(

@@ -14,7 +14,7 @@ import pytest
 from .session import _SESSIONS, StateDictSession
 
 if TYPE_CHECKING:
-    from .roundtrip import RoundTripFixture
+    from .round_trip import RoundTripFixture
 
 SESSION_KEY = pytest.StashKey[StateDictSession]()
 
@@ -92,7 +92,7 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("statedict_roundtrip")
     if marker is not None:
-        from .roundtrip import parametrize_roundtrip
+        from .round_trip import parametrize_roundtrip
 
         parametrize_roundtrip(metafunc, marker)
 
@@ -170,6 +170,6 @@ def statedict_snapshot(request: pytest.FixtureRequest) -> Any:
 @pytest.fixture
 def statedict_roundtrip(request: pytest.FixtureRequest) -> RoundTripFixture:
     """Run the save/load round-trip for this test's device pair (cpu -> cpu by default)."""
-    from .roundtrip import RoundTripFixture
+    from .round_trip import RoundTripFixture
 
     return RoundTripFixture.for_request(request, _session(request.config))

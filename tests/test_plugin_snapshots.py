@@ -325,7 +325,7 @@ def test_deselected_tests_never_make_files_unused(
         assert_state_dict_matches(Net(width=4))
     """,
     )
-    net_project.runpytest("--statedict-update", "-p", "no:randomly").assert_outcomes(passed=2)
+    net_project.runpytest("--statedict-update").assert_outcomes(passed=2)
     with pytest.MonkeyPatch.context() as mp:
         if args == ["-x"]:
             mp.setenv("BREAK", "1")

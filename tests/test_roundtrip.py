@@ -14,7 +14,7 @@ from torch import nn
 
 from pytest_statedict import StateDictMismatch, roundtrip
 from pytest_statedict.bitwise import difference, tensor_difference
-from pytest_statedict.roundtrip import meta_copy
+from pytest_statedict.round_trip import meta_copy
 
 ALL_DTYPES = [
     getattr(torch, name)
@@ -234,7 +234,7 @@ def test_meta_copy_costs_nothing_and_keeps_ties() -> None:
 
 def test_cuda_tagged_file_loads_on_the_cpu(tmp_path: Path) -> None:
     """The load side of a cuda->cpu round-trip, on a machine without a GPU."""
-    from pytest_statedict.roundtrip import RoundTripResult, _load_and_compare
+    from pytest_statedict.round_trip import RoundTripResult, _load_and_compare
 
     model, _ = trained()
     path = tmp_path / "checkpoint.pt"
