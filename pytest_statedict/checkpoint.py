@@ -39,22 +39,34 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 def schema_of_file(
-    path: str | os.PathLike[str], *, values: bool = False, weights_only: bool = True
+    path: str | os.PathLike[str],
+    *,
+    values: bool = False,
+    weights_only: bool = True,
+    part: str | None = None,
 ) -> Schema:
-    """The schema of a checkpoint or snapshot file, reading no tensor data if it can."""
-    from .extract import mapping_schema, module_schema
+    """The schema of a checkpoint or snapshot file, reading no tensor data if it can.
+
+    ``part`` picks one entry of a general checkpoint (``"modelA_state_dict"``, or a path
+    into nested entries: ``"optimizer_states/0"``).
+    """
+    from .extract import mapping_schema, module_schema, select_part
 
     path = Path(path)
     obj = plugin_load(path)
     locations: set[str] = set()
     if obj is None:
+        if path.is_dir():
+            return directory_schema(path, values=values, part=part)
         _check_readable(path)
+        if path.name.endswith(".index.json"):
+            return sharded_schema(path, values=values, part=part)
         if path.suffix == ".json":
-            if values:
-                raise CheckpointError(path, "a snapshot holds a schema, not tensors: values=True")
+            if values or part:
+                raise CheckpointError(path, "a snapshot holds one schema, without values or parts")
             return read_snapshot(path)
         if path.suffix == ".safetensors":
-            if not values:
+            if not values and not part:
                 return safetensors_schema(path)
             obj = load_safetensors(path)
         else:
@@ -62,6 +74,8 @@ def schema_of_file(
     try:
         import torch
 
+        if part is not None:
+            obj = select_part(obj, part)
         if isinstance(obj, torch.nn.Module):
             schema = module_schema(obj, values=values)
         elif isinstance(obj, dict):
@@ -74,6 +88,112 @@ def schema_of_file(
     except UnsupportedObjectError as exc:
         raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
     return replace(schema, saved_on=tuple(sorted(locations)), source=str(path))
+
+
+def directory_schema(path: Path, *, values: bool, part: str | None) -> Schema:
+    """A torch.distributed.checkpoint folder, or a folder holding a sharded index."""
+    if (path / ".metadata").is_file():
+        if values:
+            raise CheckpointError(path, "values=True is not supported for DCP checkpoints")
+        return dcp_schema(path, part=part)
+    indexes = sorted(path.glob("*.index.json"))
+    if len(indexes) == 1:
+        return sharded_schema(indexes[0], values=values, part=part)
+    raise CheckpointError(
+        path,
+        "is a directory but neither a torch.distributed.checkpoint folder (no .metadata) "
+        "nor a sharded checkpoint with one *.index.json",
+    )
+
+
+def sharded_schema(index: Path, *, values: bool, part: str | None) -> Schema:
+    """A Hugging Face sharded checkpoint: its ``weight_map`` and each shard's own schema."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(index, 'not a sharded-checkpoint index (no "weight_map")') from None
+    if part is not None:
+        raise CheckpointError(index, "a sharded checkpoint has no parts to choose from")
+    shards = list(dict.fromkeys(weight_map.values()))
+    entries = []
+    locations: set[str] = set()
+    for shard in shards:
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(index, f"its shard {shard} is missing")
+        shard_schema = schema_of_file(shard_path, values=values)
+        locations.update(shard_schema.saved_on)
+        expected = {k for k, v in weight_map.items() if v == shard}
+        found = {t.key for t in shard_schema.tensors}
+        if expected - found:
+            missing = ", ".join(sorted(expected - found)[:5])
+            raise CheckpointError(
+                index, f"keys it maps to {shard} are not in that shard: {missing}"
+            )
+        entries.extend(t for t in shard_schema.tensors if t.key in expected)
+    return Schema(tensors=tuple(entries), saved_on=tuple(sorted(locations)), source=str(index))
+
+
+# DCP's .metadata is a pickle: it is read with an unpickler that only knows these names,
+# so that a malicious .metadata cannot run code.
+_DCP_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        allowed = (
+            (module, name) in _DCP_GLOBALS
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+        return super().find_class(module, name)
+
+
+def dcp_schema(path: Path, *, part: str | None) -> Schema:
+    """The schema of a torch.distributed.checkpoint folder, from its ``.metadata`` alone."""
+    from .extract import dtype_name
+
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        items = metadata.state_dict_metadata.items()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, OSError) as exc:
+        raise CheckpointError(path, f"its .metadata cannot be read safely ({exc})") from None
+    prefix = f"{part.replace('/', '.')}." if part else ""
+    entries = []
+    for key, meta in items:
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if hasattr(meta, "size") and hasattr(meta, "properties"):
+            entries.append(
+                TensorEntry(
+                    key=name,
+                    kind="tensor",
+                    shape=tuple(meta.size),
+                    dtype=dtype_name(meta.properties.dtype),
+                )
+            )
+        else:
+            entries.append(TensorEntry(key=name, kind="object", type="bytes"))
+    if part and not entries:
+        raise CheckpointError(path, f"no entries under {part!r}")
+    return Schema(tensors=tuple(entries), source=str(path))
 
 
 def read_snapshot(path: str | os.PathLike[str]) -> Schema:
@@ -100,8 +220,8 @@ def _check_readable(path: Path) -> None:
     if path.is_dir():
         raise CheckpointError(
             path,
-            "is a directory, not a checkpoint file (a torch.save file, .safetensors or a "
-            "statedict snapshot .json)",
+            "is a directory, not a checkpoint file (a torch.save file, .safetensors, a sharded "
+            "*.index.json, a torch.distributed.checkpoint folder or a statedict snapshot .json)",
         )
     if not os.access(path, os.R_OK):
         raise CheckpointError(path, "permission denied")
@@ -331,15 +451,24 @@ def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
 
 
 def load_state_dict_file(
-    path: str | os.PathLike[str], *, map_location: Any = "cpu", weights_only: bool = True
+    path: str | os.PathLike[str],
+    *,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+    part: str | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
-    """The model state_dict inside any checkpoint file (a general checkpoint's model part)."""
-    from .extract import MODEL_KEYS, is_state_dict
+    """The model state_dict inside a checkpoint file: ``part``, or the usual model entry."""
+    from .extract import MODEL_KEYS, is_state_dict, select_part
 
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_safetensors(path, str(map_location)), set()
     obj, locations = load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+    if part is not None:
+        try:
+            obj = select_part(obj, part)
+        except UnsupportedObjectError as exc:
+            raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
     if is_state_dict(obj):
         return obj, locations
     if isinstance(obj, dict):

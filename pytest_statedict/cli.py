@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show = commands.add_parser("show", help="the layer table of a checkpoint or snapshot")
     show.add_argument("path")
     show.add_argument("--json", action="store_true", help="print the schema as snapshot JSON")
+    show.add_argument("--part", help="one entry of a general checkpoint, e.g. modelB_state_dict")
     diff = commands.add_parser("diff", help="the schema diff of two checkpoints or snapshots")
     diff.add_argument("expected")
     diff.add_argument("actual")
@@ -30,17 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "show":
-            return _show(args.path, as_json=args.json)
+            return _show(args.path, as_json=args.json, part=args.part)
         return _diff(args.expected, args.actual, verbose=args.verbose)
     except StateDictError as exc:
         print(f"statedict: {exc}", file=sys.stderr)
         return 2
 
 
-def _show(path: str, *, as_json: bool) -> int:
+def _show(path: str, *, as_json: bool, part: str | None) -> int:
     from .extract import schema_of
 
-    schema = schema_of(path)
+    schema = schema_of(path, part=part)
     if as_json:
         sys.stdout.write(schema.to_json())
         return 0
@@ -98,6 +99,7 @@ def render_table(schema: object) -> str:
             lines.append(f"  group {i}: {len(group.params)} params {hyper}")
     if schema.extras:
         lines.append("other entries: " + ", ".join(f"{k} ({v})" for k, v in schema.extras.items()))
+    lines.extend(f"warning: {note}" for note in schema.notes)
     return "\n".join(lines)
 
 

@@ -50,13 +50,16 @@ def schema_of(
     optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
     values: bool = False,
     weights_only: bool = True,
+    part: str | None = None,
 ) -> Schema:
     """The schema of a module, state_dict, optimizer, general checkpoint or checkpoint file.
 
     ``optimizer`` adds an optimizer's param_groups and state layout (by parameter name when
     ``obj`` is the module it optimizes). ``values=True`` adds a fingerprint of every tensor.
     ``weights_only=False`` must be asked for by name to unpickle arbitrary objects from a
-    file: only do that for files you trust.
+    file: only do that for files you trust. ``part`` picks one entry of a general
+    checkpoint, e.g. ``"modelB_state_dict"`` (``"a/b"`` or ``"optimizer_states/0"`` for
+    nested ones).
     """
     if isinstance(obj, Schema):
         if optimizer is not None or values:
@@ -68,11 +71,13 @@ def schema_of(
     if isinstance(obj, (str, os.PathLike)):
         from .checkpoint import schema_of_file
 
-        schema = schema_of_file(obj, values=values, weights_only=weights_only)
+        schema = schema_of_file(obj, values=values, weights_only=weights_only, part=part)
         if optimizer is not None:
             schema = _with_optimizer(schema, optimizer_schema(optimizer))
         return schema
     _reject_bound_state_dict(obj)
+    if part is not None:
+        obj = select_part(obj, part)
     if isinstance(obj, nn.Module):
         return module_schema(obj, optimizer=optimizer, values=values)
     if isinstance(obj, torch.optim.Optimizer):
@@ -133,7 +138,7 @@ def module_schema(
             return "buffer"
         return "tensor"
 
-    entries = _entries(state, kind_of, values=values)
+    entries, notes = _entries(state, kind_of, values=values)
     names = {id(p): n for n, p in reversed(list(module.named_parameters(remove_duplicate=False)))}
     opt = None
     if optimizer is not None:
@@ -144,16 +149,15 @@ def module_schema(
         non_persistent_buffers=non_persistent,
         optimizer=opt,
         source=f"{type(module).__name__} module",
+        notes=notes,
     )
 
 
 def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
     """A bare state_dict, or a general checkpoint whose parts are found by their usual names."""
     if is_state_dict(obj):
-        return Schema(
-            tensors=_entries(obj, lambda key: "tensor", values=values),
-            versions=_versions(obj),
-        )
+        entries, notes = _entries(obj, lambda key: "tensor", values=values)
+        return Schema(tensors=entries, versions=_versions(obj), notes=notes)
     model_key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
     if model_key is None:
         nested = [k for k, v in obj.items() if isinstance(v, Mapping) and is_state_dict(v)]
@@ -168,6 +172,12 @@ def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
         None,
     )
     if model_key is None and opt_key is None:
+        parts = [str(k) for k, v in obj.items() if is_state_dict(v) or is_optimizer_state_dict(v)]
+        if len(parts) > 1:
+            raise UnsupportedObjectError(
+                f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
+                "choose one with part=, e.g. part=" + repr(parts[0])
+            )
         raise UnsupportedObjectError(
             "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "
             f"checkpoint with a model state_dict under one of {', '.join(MODEL_KEYS)}; its keys "
@@ -182,6 +192,26 @@ def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
     from dataclasses import replace
 
     return replace(model, optimizer=opt, extras=extras)
+
+
+def select_part(obj: Any, part: str) -> Any:
+    """The entry at ``part`` ("a/b/0") of a nested checkpoint, or a clear error."""
+    current = obj
+    for step in part.split("/"):
+        if isinstance(current, Mapping) and step in current:
+            current = current[step]
+        elif isinstance(current, (list, tuple)) and step.isdigit() and int(step) < len(current):
+            current = current[int(step)]
+        else:
+            where = (
+                f"its keys are {', '.join(map(repr, list(current)[:10]))}"
+                if isinstance(current, Mapping)
+                else f"it is a {_type_name(current)}"
+            )
+            raise UnsupportedObjectError(
+                f"schema_of(): no part {part!r} ({step!r} not found: {where})"
+            )
+    return current
 
 
 def is_state_dict(obj: Any) -> bool:
@@ -216,8 +246,12 @@ def _versions(state: Mapping[str, Any]) -> dict[str, int] | None:
     }
 
 
-def _entries(state: Mapping[str, Any], kind_of: Any, *, values: bool) -> tuple[TensorEntry, ...]:
+def _entries(
+    state: Mapping[str, Any], kind_of: Any, *, values: bool
+) -> tuple[tuple[TensorEntry, ...], tuple[str, ...]]:
+    """The entries of a state_dict, and notes on storage that a save would waste."""
     first_key_of_storage: dict[int, str] = {}
+    views = _StorageViews()
     entries = []
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -226,6 +260,7 @@ def _entries(state: Mapping[str, Any], kind_of: Any, *, values: bool) -> tuple[T
         storage = _storage_id(value)
         tied_to = None
         if storage is not None:
+            views.add(storage, key, value)
             tied_to = first_key_of_storage.setdefault(storage, key)
             if tied_to == key:
                 tied_to = None
@@ -245,7 +280,42 @@ def _entries(state: Mapping[str, Any], kind_of: Any, *, values: bool) -> tuple[T
                 fingerprint=fingerprint(value, key) if values else None,
             )
         )
-    return tuple(entries)
+    return tuple(entries), views.waste_notes()
+
+
+class _StorageViews:
+    """Which keys use which storage, to find small views of big storages.
+
+    ``torch.save`` writes a tensor's whole storage: a 10-element slice of a 1M-element
+    tensor makes a 4 MB file. Worth a warning, not a failure.
+    """
+
+    # Report when the storage holds this many times the bytes its keys use, and more than:
+    RATIO, MIN_BYTES = 2, 1 << 16
+
+    def __init__(self) -> None:
+        self.size: dict[int, int] = {}
+        self.keys: dict[int, list[str]] = {}
+        self.used: dict[int, int] = {}
+
+    def add(self, storage: int, key: str, tensor: torch.Tensor) -> None:
+        if storage not in self.size:
+            self.size[storage] = tensor.untyped_storage().nbytes()
+            self.keys[storage], self.used[storage] = [], 0
+        self.keys[storage].append(key)
+        self.used[storage] += tensor.numel() * tensor.element_size()
+
+    def waste_notes(self) -> tuple[str, ...]:
+        notes = []
+        for storage, size in self.size.items():
+            used = min(self.used[storage], size)
+            if size - used > self.MIN_BYTES and size > self.RATIO * used:
+                keys = ", ".join(self.keys[storage])
+                notes.append(
+                    f"{keys}: a view of a {size:,}-byte storage; torch.save writes all of it "
+                    f"({size - used:,} bytes more than the tensor holds): save a .clone()"
+                )
+        return tuple(notes)
 
 
 def _storage_id(tensor: torch.Tensor) -> int | None:

@@ -41,13 +41,15 @@ def assert_checkpoint_loads(
     strict: bool = True,
     rename: Rename = None,
     map_location: Any = "cpu",
+    part: str | None = None,
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
     ``rename`` (a mapping, a callable or ``[(regex, replacement), ...]``) maps the
     checkpoint's keys to today's names. On failure, the message lists the missing,
     unexpected and shape-mismatched keys, likely renames as a ready ``rename=``, and the
-    keys a ``strict=False`` load would silently drop.
+    keys a ``strict=False`` load would silently drop. ``part`` names the model's entry
+    in a checkpoint holding several (``"modelB_state_dict"``).
     """
     __tracebackhide__ = True
     source = Path(path)
@@ -55,7 +57,7 @@ def assert_checkpoint_loads(
     if source.suffix == ".json":
         state = state_from_snapshot(read_snapshot(source))
     else:
-        state, saved_on = load_state_dict_file(source, map_location=map_location)
+        state, saved_on = load_state_dict_file(source, map_location=map_location, part=part)
     mapping = compile_rename(rename)
     if mapping is not None:
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())

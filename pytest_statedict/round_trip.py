@@ -26,6 +26,7 @@ from torch import nn
 
 from .bitwise import difference
 from .errors import StateDictError, StateDictMismatch
+from .extract import schema_of
 
 if TYPE_CHECKING:
     from .session import StateDictSession
@@ -46,6 +47,7 @@ class RoundTripResult:
     file_bytes: int = 0
     saved_on: tuple[str, ...] = ()
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -66,10 +68,10 @@ class RoundTripResult:
         )
         if self.saved_on and set(self.saved_on) != {"cpu"}:
             head += f" (the file was saved on {', '.join(self.saved_on)})"
-        if self.ok:
-            return head + ": exact"
-        lines = [f"{head}: {len(self.mismatches)} mismatch(es)"]
+        verdict = "exact" if self.ok else f"{len(self.mismatches)} mismatch(es)"
+        lines = [f"{head}: {verdict}"]
         lines.extend(f"  {m}" for m in self.mismatches)
+        lines.extend(f"  warning: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -107,6 +109,7 @@ def roundtrip(
     started = time.perf_counter()
     with _temporary_dir(directory) as folder:
         original = _on_device(model, save_device)
+        result.notes = schema_of(original).notes
         path = folder / ("model.safetensors" if format == "safetensors" else "checkpoint.pt")
         extra = {}
         if optimizer is not None:
