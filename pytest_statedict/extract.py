@@ -83,8 +83,6 @@ def schema_of(
     if isinstance(obj, torch.optim.Optimizer):
         return Schema(tensors=(), optimizer=optimizer_schema(obj))
     if isinstance(obj, Mapping):
-        if optimizer is None and is_optimizer_state_dict(obj):
-            return Schema(tensors=(), optimizer=optimizer_schema(obj))
         schema = mapping_schema(obj, values=values)
         if optimizer is not None:
             schema = _with_optimizer(schema, optimizer_schema(optimizer))
@@ -154,7 +152,9 @@ def module_schema(
 
 
 def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
-    """A bare state_dict, or a general checkpoint whose parts are found by their usual names."""
+    """A bare state_dict, an optimizer's, or a general checkpoint with parts of usual names."""
+    if is_optimizer_state_dict(obj):
+        return Schema(tensors=(), optimizer=optimizer_schema(obj))
     if is_state_dict(obj):
         entries, notes = _entries(obj, lambda key: "tensor", values=values)
         return Schema(tensors=entries, versions=_versions(obj), notes=notes)

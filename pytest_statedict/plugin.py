@@ -146,8 +146,14 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: Any, right: 
     from .compare import diff_schemas
     from .report import render_diff
 
+    diff = diff_schemas(left, right)
+    if not diff:
+        return [
+            "schemas differ only in what one side cannot know (the kinds, requires_grad or "
+            "module versions of a bare state_dict or file): use assert_state_dict_matches"
+        ]
     text = render_diff(
-        diff_schemas(left, right),
+        diff,
         title="schemas differ (left: expected, right: actual)",
         verbose=_session(config).verbose,
     )

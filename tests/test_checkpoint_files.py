@@ -204,3 +204,118 @@ def test_a_file_holding_something_else(tmp_path: Path) -> None:
     legacy_pickle = write_bytes(tmp_path, "p.pkl", pickle.dumps({"a": 1}, protocol=2))
     with pytest.raises(CheckpointError, match=str(legacy_pickle)):
         schema_of(legacy_pickle)
+
+
+def test_several_models_in_one_file_are_addressed_by_part(tmp_path: Path) -> None:
+    """The layout of the PyTorch "saving and loading" tutorial: modelA, modelB, optimizers."""
+    a, b = nn.Linear(2, 3), nn.Linear(3, 4)
+    path = tmp_path / "gan.tar"
+    torch.save(
+        {
+            "modelA_state_dict": a.state_dict(),
+            "modelB_state_dict": b.state_dict(),
+            "optimizerA_state_dict": torch.optim.SGD(a.parameters(), lr=0.1).state_dict(),
+        },
+        path,
+    )
+    with pytest.raises(CheckpointError, match="several state_dicts .*part='modelA_state_dict'"):
+        schema_of(path)
+    assert schema_of(path, part="modelB_state_dict") == schema_of(b.state_dict())
+    opt = schema_of(path, part="optimizerA_state_dict").optimizer
+    assert opt is not None and opt.param_groups[0].hyperparams["lr"] == 0.1
+    with pytest.raises(CheckpointError, match="no part 'modelC'.*'modelA_state_dict'"):
+        schema_of(path, part="modelC")
+    from pytest_statedict import assert_checkpoint_loads
+
+    assert_checkpoint_loads(nn.Linear(3, 4), path, part="modelB_state_dict")
+
+
+def test_lightning_style_checkpoint(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    path = tmp_path / "epoch=3.ckpt"
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 120,
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "optimizer_states": [opt.state_dict()],
+            "lr_schedulers": [],
+        },
+        path,
+    )
+    schema = schema_of(path)
+    assert [t.key for t in schema] == ["model.weight", "model.bias"]
+    assert schema.optimizer is not None
+    assert schema.extras == {"epoch": "int", "global_step": "int", "lr_schedulers": "list"}
+    assert schema_of(path, part="optimizer_states/0").optimizer == schema.optimizer
+
+
+def test_sharded_huggingface_checkpoint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"embed.weight": torch.zeros(8, 4)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(
+        {"head.weight": torch.zeros(8, 4), "head.bias": torch.zeros(8)},
+        tmp_path / "model-00002-of-00002.safetensors",
+    )
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = {
+        "embed.weight": "model-00001-of-00002.safetensors",
+        "head.bias": "model-00002-of-00002.safetensors",
+        "head.weight": "model-00002-of-00002.safetensors",
+    }
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    schema = schema_of(index)
+    assert {t.key: t.shape for t in schema} == {
+        "embed.weight": (8, 4),
+        "head.weight": (8, 4),
+        "head.bias": (8,),
+    }
+    assert schema_of(tmp_path) == schema  # the folder holding the index
+    weight_map["tail.weight"] = "model-00003-of-00003.safetensors"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="its shard model-00003-of-00003.safetensors is"):
+        schema_of(index)
+
+
+def test_distributed_checkpoint_folder(tmp_path: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict(), "step": 7}, checkpoint_id=tmp_path)
+    schema = schema_of(tmp_path)
+    assert [t.key for t in schema] == [
+        "model.0.weight", "model.0.bias", "model.1.weight", "model.1.bias", "step",
+    ]  # fmt: skip
+    assert schema.by_key()["step"].kind == "object"
+    from_dcp = schema_of(tmp_path, part="model")
+    assert [(t.key, t.shape, t.dtype) for t in from_dcp] == [
+        (t.key, t.shape, t.dtype) for t in schema_of(model.state_dict())
+    ]
+
+
+def test_malicious_dcp_metadata_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))
+    with pytest.raises(
+        CheckpointError, match="cannot be read safely .*open is not allowed in DCP metadata"
+    ):
+        schema_of(tmp_path)
+    assert not marker.exists()
+
+
+def test_small_view_of_a_big_storage_is_warned(tmp_path: Path) -> None:
+    big = torch.zeros(1_000_000)
+    state = {"w": big[:10]}
+    note = "w: a view of a 4,000,000-byte storage; torch.save writes all of it (3,999,960 bytes"
+    assert schema_of(state).notes[0].startswith(note)
+    path = tmp_path / "wasteful.pt"
+    torch.save(state, path)
+    assert path.stat().st_size > 4_000_000
+    assert schema_of(path).notes[0].startswith(note)
+    assert not schema_of({"w": big[:10].clone()}).notes

@@ -101,3 +101,18 @@ def test_console_script_is_installed() -> None:
     )
     assert result.returncode == 0
     assert "show" in result.stdout and "diff" in result.stdout
+
+
+def test_show_a_part_and_storage_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "two.tar"
+    torch.save(
+        {"a_state_dict": {"w": torch.zeros(1_000_000)[:4]}, "b_state_dict": {"v": torch.ones(2)}},
+        path,
+    )
+    assert main(["show", str(path)]) == 2
+    assert "choose one with part=" in capsys.readouterr().err
+    assert main(["show", str(path), "--part", "a_state_dict"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: w: a view of a 4,000,000-byte storage" in out
