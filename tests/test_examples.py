@@ -35,8 +35,8 @@ def isolated_env() -> dict[str, str]:
     return env
 
 
-def copy_example(tmp_path: Path) -> Path:
-    project = tmp_path / "cnn"
+def copy_example(folder: Path) -> Path:
+    project = folder / "cnn"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__", ".*_cache"))
     return project
 
@@ -48,28 +48,44 @@ def snapshot_texts(project: Path) -> dict[str, str]:
     }
 
 
-def test_example_passes_with_its_committed_snapshots(tmp_path: Path) -> None:
-    project = copy_example(tmp_path)
-    committed = snapshot_texts(project)
-    assert len(committed) == 6, sorted(committed)
-
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"],
+def start_pytest(project: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *args],
         cwd=project,
         env=isolated_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         encoding="utf-8",
-        check=False,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output
+
+
+def test_example_passes_with_its_committed_snapshots(tmp_path: Path) -> None:
+    project = copy_example(tmp_path / "committed")
+    committed = snapshot_texts(project)
+    assert len(committed) == 6, sorted(committed)
+    # alongside, from scratch: what `pytest --statedict-update` writes today
+    fresh = copy_example(tmp_path / "fresh")
+    shutil.rmtree(fresh / SNAPSHOTS)
+    runs = [start_pytest(project), start_pytest(fresh, "--statedict-update")]
+    (code, output), (fresh_code, fresh_output) = (finish(p) for p in runs)
+
+    assert code == 0, output
     assert re.search(r"^statedict: 6 passed; round-trips: [1-9]\d* passed", output, re.M), output
     # the round-trip pairs with an absent accelerator are skipped, naming the device
     for line in re.findall(r"^SKIPPED .*$", output, re.M):
         assert "is not available on this machine" in line, output
     # nothing written, updated or deleted
     assert snapshot_texts(project) == committed
+    # the committed files are byte for byte what the plugin writes now (regenerate them
+    # with `pytest --statedict-update` in examples/cnn after deleting tests/__statedict__)
+    assert fresh_code == 0, fresh_output
+    assert snapshot_texts(fresh) == committed
 
 
 def test_demo_runs_end_to_end() -> None:
