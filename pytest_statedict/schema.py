@@ -36,6 +36,7 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
     "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
     "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+    **{f"{sign}int{bits}": 1 for sign in ("", "u") for bits in range(1, 8)},
 }  # fmt: skip
 
 

@@ -1,0 +1,345 @@
+"""pytest-statedict in a few minutes: the snapshot workflow on a small CNN project.
+
+Run it from anywhere, in an environment where pytest-statedict is installed:
+
+    python examples/demo.py          # add --keep to keep the working copy afterwards
+
+It copies examples/cnn to a temporary folder (the committed example is never touched),
+deletes the copy's snapshots, and runs pytest there step by step: the missing snapshots,
+writing them, a refactor caught with its diff, accepting it, and the refactor gate that
+``--statedict-update`` does not waive. Each step checks its exit code and output, and the
+demo exits non-zero if one doesn't behave as expected, so it doubles as an end-to-end test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parent / "cnn"
+PYTEST_FLAGS = ["-q", "--tb=short", "-p", "no:cacheprovider"]
+WIDTH = 88
+
+MAIN_SNAPSHOT = "tests/__statedict__/test_cnn/test_model_and_optimizer_layout/0.json"
+GATE_TEST = "tests/test_cnn.py::test_v1_checkpoints_still_load"
+
+# The refactor of step 5: the classifier `fc3` becomes `head`, conv1 gets 8 channels.
+REFACTOR = [
+    ("self.fc3 = nn.Linear(84, num_classes)", "self.head = nn.Linear(84, num_classes)"),
+    ("return self.fc3(x)", "return self.head(x)"),
+    ("width: int = 6,", "width: int = 8,"),
+]
+
+# The fix of step 7: checkpoints saved before the rename still load, into `head`.
+COMPAT_HOOK = """
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # v1 checkpoints call the classifier `fc3`: load those weights into `head`
+        for key in [k for k in state_dict if k.startswith(prefix + "fc3.")]:
+            state_dict[prefix + "head." + key[len(prefix) + 4 :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+"""
+
+
+class DemoFailure(Exception):
+    """A step did not behave as the demo expects."""
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+
+
+class Demo:
+    def __init__(self, project: Path) -> None:
+        self.project = project
+        self.step = 0
+
+    # ---- showing things ------------------------------------------------------------------
+
+    def heading(self, title: str) -> None:
+        self.step += 1
+        text = f"── {self.step}. {title} "
+        print(f"\n{text}{'─' * max(3, WIDTH - len(text))}", flush=True)
+
+    def say(self, text: str) -> None:
+        print(textwrap.fill(textwrap.dedent(text).strip(), WIDTH), flush=True)
+
+    def show(self, lines: list[str] | str, indent: str = "  ") -> None:
+        if isinstance(lines, str):
+            lines = lines.splitlines()
+        for line in lines:
+            print(f"{indent}{line}".rstrip())
+        sys.stdout.flush()
+
+    def ok(self, what: str) -> None:
+        print(f"✔ as expected: {what}", flush=True)
+
+    # ---- running things -----------------------------------------------------------------
+
+    def pytest(self, *args: str) -> Run:
+        print(f"\n$ pytest {' '.join(args)}".rstrip(), flush=True)
+        return self._run([sys.executable, "-m", "pytest", *PYTEST_FLAGS, *args])
+
+    def statedict(self, *args: str) -> Run:
+        print(f"\n$ statedict {' '.join(args)}", flush=True)
+        return self._run([sys.executable, "-m", "pytest_statedict", *args])
+
+    def _run(self, command: list[str]) -> Run:
+        started = time.perf_counter()
+        done = subprocess.run(
+            command,
+            cwd=self.project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            check=False,
+        )
+        run = Run(done.returncode, done.stdout.replace("\r\n", "\n"))
+        print(f"  (exit code {run.returncode}, {time.perf_counter() - started:.1f}s)")
+        return run
+
+    # ---- checking things ----------------------------------------------------------------
+
+    def expect(self, run: Run, returncode: int, *needles: str, pattern: str | None = None) -> None:
+        """Fail the demo unless ``run`` exited with ``returncode`` and printed every needle."""
+        problems = []
+        if run.returncode != returncode:
+            problems.append(f"exit code {run.returncode}, expected {returncode}")
+        text = _portable(run.output)
+        problems += [f"no {needle!r} in the output" for needle in needles if needle not in text]
+        if pattern is not None and not re.search(pattern, text, re.M):
+            problems.append(f"nothing matches {pattern!r} in the output")
+        if problems:
+            raise DemoFailure(
+                f"step {self.step}: " + "; ".join(problems) + "\n\nfull output:\n" + run.output
+            )
+
+    def snapshot_files(self) -> list[Path]:
+        return sorted((self.project / "tests" / "__statedict__").rglob("*.json"))
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.project).as_posix()
+
+
+def _portable(text: str) -> str:
+    """Output with Windows path separators turned to '/', so that one needle fits both."""
+    return re.sub(r"(?<=\w)\\(?=[\w_\[])", "/", text) if os.sep == "\\" else text
+
+
+def digest(output: str, max_lines: int = 18, names: list[str] | None = None) -> list[str]:
+    """The interesting part of pytest's output: the failure messages (the ``E`` lines, at
+    most ``max_lines`` each) of the tests in ``names`` (default: all), a line naming the
+    other failures, then the plugin's summary line and pytest's last line."""
+    lines = output.splitlines()
+    failures: list[tuple[str, list[str]]] = []
+    for line in lines:
+        header = re.fullmatch(r"_{3,} (.+?) _{3,}", line)
+        if header:
+            failures.append((header.group(1), []))
+        elif failures and line.startswith("E "):
+            message = line[2:].removeprefix("  ")
+            failures[-1][1].append(
+                re.sub(r"^[\w.]+\.(StateDictMismatch|SnapshotError): ", "", message)
+            )
+    shown: list[str] = []
+    others = []
+    for name, message in failures:
+        if names is not None and name not in names:
+            others.append(name)
+            continue
+        shown.append(f"{name}:")
+        shown.extend(f"  {m}" for m in message[:max_lines])
+        if len(message) > max_lines:
+            shown.append(f"  ... ({len(message) - max_lines} more lines)")
+    if others:
+        shown.append(f"(and {len(others)} more failing alike: {', '.join(others)})")
+    tail = [line for line in lines if line.startswith("statedict:")]
+    if lines:
+        tail.append(lines[-1])
+    if shown and tail:
+        shown.append("")
+    return shown + tail
+
+
+def edit(path: Path, replacements: list[tuple[str, str]]) -> list[str]:
+    """Apply text replacements to ``path``; return the unified diff."""
+    before = path.read_text(encoding="utf-8")
+    after = before
+    for old, new in replacements:
+        if after.count(old) != 1:
+            raise DemoFailure(f"cannot apply the demo's edit to {path}: {old!r} not found once")
+        after = after.replace(old, new)
+    path.write_text(after, encoding="utf-8")
+    return unified(before, after, path.name)
+
+
+def unified(before: str, after: str, name: str, context: int = 0) -> list[str]:
+    return [
+        line.rstrip("\n")
+        for line in difflib.unified_diff(
+            before.splitlines(True),
+            after.splitlines(True),
+            f"a/{name}",
+            f"b/{name}",
+            n=context,
+        )
+    ]
+
+
+def run_demo(project: Path) -> None:
+    demo = Demo(project)
+    shutil.rmtree(project / "tests" / "__statedict__")
+    print("pytest-statedict demo".center(WIDTH))
+    print("=" * WIDTH)
+    demo.say(
+        f"""
+        A copy of examples/cnn is in {project}: a small CNN (cnn_model.py), its optimizer
+        and its tests (tests/test_cnn.py). Its snapshots were deleted, as in a project that
+        has just started to use the plugin. Every `pytest` below runs `python -m pytest
+        {" ".join(PYTEST_FLAGS)}` in that folder; the output is trimmed to the failure
+        messages and the summary.
+        """
+    )
+
+    # 1 --------------------------------------------------------------------------------------
+    demo.heading("pytest with no snapshots yet: the snapshot tests fail")
+    run = demo.pytest()
+    demo.show(digest(run.output, names=["test_model_and_optimizer_layout"]))
+    demo.expect(
+        run,
+        1,
+        f"no statedict snapshot {MAIN_SNAPSHOT} yet: nothing was written",
+        "pytest --statedict-update 'tests/test_cnn.py::test_model_and_optimizer_layout'",
+    )
+    if demo.snapshot_files():
+        raise DemoFailure("step 1: a plain pytest run wrote snapshot files")
+    demo.ok("each failure names the missing file and the command that creates it; no file written")
+
+    # 2 --------------------------------------------------------------------------------------
+    demo.heading("pytest --statedict-update: write the snapshots")
+    run = demo.pytest("--statedict-update")
+    demo.show(digest(run.output))
+    demo.expect(run, 0, pattern=r"^statedict: .*\b6 written\b")
+    files = demo.snapshot_files()
+    if len(files) != 6:
+        raise DemoFailure(f"step 2: expected 6 snapshot files, found {len(files)}")
+    print("\nwritten (commit these with the code):")
+    demo.show([demo.rel(f) for f in files])
+    main = project / MAIN_SNAPSHOT
+    print(f"\nthe first lines of {MAIN_SNAPSHOT} (one line per tensor):")
+    demo.show([*main.read_text(encoding="utf-8").splitlines()[:9], "..."])
+    demo.ok("6 snapshots written, the tests pass")
+
+    # 3 --------------------------------------------------------------------------------------
+    demo.heading("statedict show: a snapshot (or any checkpoint) as a layer table")
+    run = demo.statedict("show", MAIN_SNAPSHOT)
+    demo.show(run.output)
+    demo.expect(run, 0, "conv1.weight", "6x3x5x5", "optimizer: torch.optim.sgd.SGD")
+    demo.ok("the table of keys, shapes, dtypes, kinds and totals")
+
+    # 4 --------------------------------------------------------------------------------------
+    demo.heading("pytest: the model matches its snapshots")
+    run = demo.pytest()
+    demo.show(digest(run.output))
+    demo.expect(run, 0, pattern=r"^statedict: 6 passed\b")
+    demo.ok("every snapshot matches")
+
+    # 5 --------------------------------------------------------------------------------------
+    demo.heading("A refactor: rename fc3 to head, widen conv1 from 6 to 8 channels")
+    demo.show(edit(project / "cnn_model.py", REFACTOR))
+    before = main.read_text(encoding="utf-8")
+    run = demo.pytest()
+    demo.show(
+        digest(
+            run.output,
+            max_lines=24,
+            names=["test_model_and_optimizer_layout", GATE_TEST.split("::")[1]],
+        )
+    )
+    demo.expect(
+        run,
+        1,
+        f"state_dict does not match snapshot {MAIN_SNAPSHOT}",
+        "fc3.weight -> head.weight",
+        "conv1.weight: shape [6, 3, 5, 5] -> [8, 3, 5, 5]",
+        "load_state_dict(strict=True): NO",
+        "to accept this change: pytest --statedict-update",
+        "does not load into Net with load_state_dict(strict=True)",
+        "suggested: rename=[(r'^fc3\\.', 'head.')]",
+        f"FAILED {GATE_TEST}",
+    )
+    if main.read_text(encoding="utf-8") != before:
+        raise DemoFailure("step 5: a plain pytest run changed a snapshot")
+    demo.ok(
+        "the diff shows the renames, the new shapes and that old checkpoints would no "
+        "longer load; the v1 gate fails too"
+    )
+
+    # 6 --------------------------------------------------------------------------------------
+    demo.heading("pytest --statedict-update: accept the new layout")
+    run = demo.pytest("--statedict-update")
+    demo.show(digest(run.output, max_lines=14))
+    demo.expect(run, 1, f"FAILED {GATE_TEST}", pattern=r"^statedict: .*\b4 updated\b")
+    if re.search(r"^FAILED (?!" + re.escape(GATE_TEST) + ")", _portable(run.output), re.M):
+        raise DemoFailure("step 6: a test other than the v1 gate failed\n\n" + run.output)
+    print(f"\nwhat a reviewer sees in the pull request ({MAIN_SNAPSHOT}):")
+    demo.show(unified(before, main.read_text(encoding="utf-8"), "0.json")[2:])
+    demo.say(
+        """
+        The snapshots now hold the new layout. The v1 gate still fails: --statedict-update
+        accepts snapshot changes, never a broken promise to load old checkpoints
+        (releases/cnn-v1.json is not a snapshot and is left alone).
+        """
+    )
+    demo.ok("4 snapshots updated; only the v1 gate still fails")
+
+    # 7 --------------------------------------------------------------------------------------
+    demo.heading("Keep v1 checkpoints loading: map fc3.* to head.* in _load_from_state_dict")
+    demo.show(
+        edit(project / "cnn_model.py", [("\n    def forward(", COMPAT_HOOK + "\n    def forward(")])
+    )
+    run = demo.pytest()
+    demo.show(digest(run.output))
+    demo.expect(run, 0, pattern=r"^statedict: .*\b6 passed\b")
+    demo.ok("the snapshots match and v1 checkpoints load into the refactored model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", action="store_true", help="keep the working copy afterwards")
+    args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
+    workdir = Path(tempfile.mkdtemp(prefix="statedict-demo-"))
+    project = workdir / "cnn"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
+    try:
+        run_demo(project)
+    except DemoFailure as exc:
+        print(f"\n✘ DEMO FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"\nthe working copy is kept in {project}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print("\n" + "=" * WIDTH)
+    print("demo complete: every step behaved as expected")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
