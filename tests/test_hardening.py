@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -32,8 +33,10 @@ TORCH_DTYPES = sorted(
 def creatable(dtype: torch.dtype) -> torch.Tensor | None:
     """A small tensor of ``dtype`` with arbitrary bits, or None if torch cannot make one."""
     try:
-        raw = torch.arange(8, dtype=torch.uint8) % 2 if dtype == torch.bool else (
-            torch.randint(0, 256, (8 * dtype.itemsize,), dtype=torch.uint8)
+        raw = (
+            torch.arange(8, dtype=torch.uint8) % 2
+            if dtype == torch.bool
+            else (torch.randint(0, 256, (8 * dtype.itemsize,), dtype=torch.uint8))
         )
         tensor = raw.view(dtype)
         tensor.clone()  # torch has no copy kernel for some dtypes (int1..int7)
@@ -167,9 +170,9 @@ def test_a_killed_update_leaves_each_snapshot_old_or_new(tmp_path: Path) -> None
     rng = random.Random(0)
     kills = 25
     for _ in range(kills):
+        sources = [str(tmp_path / "old"), str(tmp_path / "new")]
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(target), str(tmp_path / "old"), str(tmp_path / "new")],
-            stdout=subprocess.PIPE,
+            [sys.executable, "-c", WRITER, str(target), *sources], stdout=subprocess.PIPE
         )
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
         time.sleep(rng.uniform(0, 0.05))
@@ -190,9 +193,7 @@ shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
 @st.composite
 def state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     names = draw(st.lists(keys, min_size=0, max_size=8, unique=True))
-    return {
-        name: torch.zeros(draw(shapes), dtype=draw(st.sampled_from(DTYPES))) for name in names
-    }
+    return {name: torch.zeros(draw(shapes), dtype=draw(st.sampled_from(DTYPES))) for name in names}
 
 
 PROPERTY_SETTINGS = settings(
@@ -211,8 +212,9 @@ def test_schema_json_schema_is_the_identity(state: dict[str, torch.Tensor], valu
 @PROPERTY_SETTINGS
 @given(state_dicts(), state_dicts())
 def test_a_diff_is_symmetric(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    forward, backward = diff_schemas(schema_of(a), schema_of(b)), diff_schemas(
-        schema_of(b), schema_of(a)
+    forward, backward = (
+        diff_schemas(schema_of(a), schema_of(b)),
+        diff_schemas(schema_of(b), schema_of(a)),
     )
     assert bool(forward) == bool(backward)
     if forward.prefix is None:
@@ -254,10 +256,8 @@ def test_any_single_mutation_is_reported_and_named(
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
 def test_the_snapshot_parser_never_crashes(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(SnapshotError):
         Schema.from_json(raw.decode("utf-8", "replace"), "fuzz.json")
-    except SnapshotError:
-        pass
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -267,7 +267,5 @@ def test_the_parser_survives_edits_of_a_real_snapshot(data: st.DataObject) -> No
     start = data.draw(st.integers(0, len(text)))
     end = data.draw(st.integers(start, min(len(text), start + 20)))
     junk = data.draw(st.text(alphabet='{}[]",:0123456789truefalsnul- ', max_size=10))
-    try:
+    with contextlib.suppress(SnapshotError):
         Schema.from_json(text[:start] + junk + text[end:], "edited.json")
-    except SnapshotError:
-        pass
