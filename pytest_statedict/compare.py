@@ -172,10 +172,26 @@ def diff_schemas(
         old_t, new_t = expected.extras.get(name), actual.extras.get(name)
         if old_t != new_t:
             diff.extras.append(f"{name}: {old_t or 'absent'} -> {new_t or 'absent'}")
-    diff.optimizer = diff_optimizers(expected.optimizer, actual.optimizer)
+    diff.optimizer = diff_optimizers(
+        renamed_optimizer(expected.optimizer, _expected_to_actual(diff)), actual.optimizer
+    )
     if actual.optimizer is not None:
         diff.problems = list(actual.optimizer.problems)
     return diff
+
+
+def _expected_to_actual(diff: SchemaDiff) -> Callable[[str], str]:
+    """Expected key -> actual key, after the detected prefix change and likely renames."""
+    renames = dict(diff.renames)
+    how, prefix = diff.prefix or ("", "")
+
+    def rename(key: str) -> str:
+        if how == "dropped":
+            key = key.removeprefix(prefix)
+        key = renames.get(key, key)
+        return prefix + key if how == "added" else key
+
+    return rename
 
 
 def _detect_prefix(exp: list[str], act: list[str]) -> tuple[str, str] | None:
@@ -307,13 +323,43 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
     same_vocabulary = _uses_names(expected) == _uses_names(actual)
     state_old = {_member(s.param, expected, same_vocabulary): s for s in expected.state}
     state_new = {_member(s.param, actual, same_vocabulary): s for s in actual.state}
-    state_lines = _deepdiff(
-        {str(p): {n: v.describe() for n, v in s.entries.items()} for p, s in state_old.items()},
-        {str(p): {n: v.describe() for n, v in s.entries.items()} for p, s in state_new.items()},
-        "state",
-    )
-    lines.extend(state_lines)
+    for p in list(state_old) + [p for p in state_new if p not in state_old]:
+        old_state, new_state = state_old.get(p), state_new.get(p)
+        if old_state is None or new_state is None:
+            have = old_state or new_state
+            assert have is not None
+            what = ", ".join(f"{n} {v.describe()}" for n, v in have.entries.items())
+            lines.append(f"state of {p!r}: {'removed' if new_state is None else 'added'} ({what})")
+            continue
+        for name in list(old_state.entries) + [
+            n for n in new_state.entries if n not in old_state.entries
+        ]:
+            before, after = old_state.entries.get(name), new_state.entries.get(name)
+            if before != after:
+                lines.append(
+                    f"state of {p!r}: {name} {before.describe() if before else 'absent'} -> "
+                    f"{after.describe() if after else 'absent'}"
+                )
     return lines
+
+
+def renamed_optimizer(
+    opt: OptimizerSchema | None, rename: Callable[[str], str]
+) -> OptimizerSchema | None:
+    """The optimizer with its parameter names mapped, so renames are not reported twice."""
+    if opt is None:
+        return None
+
+    def member(p: str | int) -> str | int:
+        return rename(p) if isinstance(p, str) else p
+
+    return replace(
+        opt,
+        param_groups=tuple(
+            replace(g, params=tuple(member(p) for p in g.params)) for g in opt.param_groups
+        ),
+        state=tuple(replace(s, param=member(s.param)) for s in opt.state),
+    )
 
 
 def _group(index: int | None) -> str:

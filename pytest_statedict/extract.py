@@ -450,8 +450,17 @@ def _state_specs(entries: Mapping[str, Any]) -> dict[str, StateSpec]:
     }
 
 
+# Switches that choose an implementation, not the maths (torch adds them over releases):
+# recording them would fail every optimizer snapshot on a torch upgrade.
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
 def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {str(k): _jsonable(group[k]) for k in sorted(group, key=str) if k != "params"}
+    return {
+        str(k): _jsonable(group[k])
+        for k in sorted(group, key=str)
+        if k != "params" and k not in IMPLEMENTATION_FLAGS
+    }
 
 
 def _jsonable(value: Any) -> Any:

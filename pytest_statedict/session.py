@@ -193,6 +193,12 @@ class StateDictSession:
             raise
         diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol)
         if not diff:
+            if self.update and rtol is None and atol is None:
+                # same schema, other text (an older writer): refresh it, or it would show
+                # up in the next unrelated pull request
+                storage.atomic_write(path, text)
+                self.counts["updated"] += 1
+                return
             self.counts["passed"] += 1
             return
         if self.update and not diff.problems:

@@ -180,3 +180,35 @@ def test_values_recorded_on_one_side_only() -> None:
     a = {"w": torch.zeros(2)}
     diff = diff_schemas(schema_of(a, values=True), schema_of(a))
     assert "values recorded on the expected side only" in render_diff(diff, title="t")
+
+
+def test_optimizer_diff_follows_renames_and_names_state() -> None:
+    old_model = net()
+    new_model = nn.Sequential()
+    new_model.add_module("backbone", nn.Linear(3, 4))
+    new_model.add_module("norm", nn.LayerNorm(4))
+    new_model.add_module("decoder", nn.Linear(4, 2))
+    schemas = []
+    for model, momentum in ((old_model, 0.9), (new_model, 0.0)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+        model(torch.randn(2, 3)).sum().backward()
+        optimizer.step()
+        schemas.append(schema_of(model, optimizer=optimizer))
+    diff = diff_schemas(*schemas)
+    assert diff.renames == [
+        ("encoder.weight", "backbone.weight"),
+        ("encoder.bias", "backbone.bias"),
+    ]
+    text = "\n".join(diff.optimizer)
+    assert "param_group" not in text.replace("param_groups[0]", ""), "renames are not moves"
+    assert "state of 'backbone.weight': removed (momentum_buffer float32[4, 3])" in text
+    assert "changed from 0.9 to 0.0" in text
+
+
+def test_implementation_flags_are_not_recorded() -> None:
+    model = nn.Linear(2, 2)
+    hyper = schema_of(model, optimizer=torch.optim.AdamW(model.parameters(), foreach=False))
+    assert hyper.optimizer is not None
+    recorded = set(hyper.optimizer.param_groups[0].hyperparams)
+    assert not recorded & {"foreach", "fused", "capturable", "differentiable"}
+    assert {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"} <= recorded

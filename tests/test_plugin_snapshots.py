@@ -536,3 +536,18 @@ def test_snapshot_file_is_valid_json_and_stable(net_project: pytest.Pytester) ->
     snapshot(net_project).unlink()
     net_project.runpytest("--statedict-update").assert_outcomes(passed=1)
     assert snapshot(net_project).read_text() == first
+
+
+def test_update_refreshes_a_snapshot_whose_text_is_outdated(net_project: pytest.Pytester) -> None:
+    write_test(net_project, "\n    def test_net():\n        assert_state_dict_matches(Net())\n")
+    net_project.runpytest("--statedict-update").assert_outcomes(passed=1)
+    path = snapshot(net_project)
+    current = path.read_text()
+    older = current.replace('"elements": 62031, ', "")  # as an older writer left it
+    path.write_text(older)
+    result = net_project.runpytest()
+    match_lines(result, ["statedict: 1 passed"])
+    assert path.read_text() == older, "nothing is written without --statedict-update"
+    result = net_project.runpytest("--statedict-update")
+    match_lines(result, ["statedict: 1 updated"])
+    assert path.read_text() == current
