@@ -69,7 +69,7 @@ def assert_checkpoint_loads(
     if not failed:
         return
     lines = [
-        f"checkpoint {source} does not load into {type(model).__name__} with "
+        f"checkpoint {_shown(source)} does not load into {type(model).__name__} with "
         f"load_state_dict(strict={strict}):"
     ]
     if error:
@@ -100,7 +100,10 @@ def assert_checkpoint_loads(
     elif diff.renames:
         lines.append("  likely renamed (same shape and dtype):")
         lines.extend(f"    {old} -> {new}" for old, new in diff.renames[:SECTION_LIMIT])
-        lines.append("  suggested: " + suggest_rename(diff.renames, "expected->actual"))
+        lines.append(
+            "  to load it as it is, pass the checkpoint's keys through "
+            + suggest_rename(diff.renames, "expected->actual")
+        )
     if unexpected and not shapes and not error:
         lines.append(
             "  with strict=False it would load, silently dropping "
@@ -112,6 +115,14 @@ def assert_checkpoint_loads(
     if any(loc != "cpu" for loc in saved_on):
         lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
     raise StateDictMismatch("\n".join(lines), diff)
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _try_load(

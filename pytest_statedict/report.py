@@ -72,7 +72,12 @@ def render_diff(
     section("optimizer", diff.optimizer)
     section("optimizer state problems", diff.problems)
     if diff.renames:
-        out.append("  suggested: " + suggest_rename(diff.renames, rename_direction))
+        purpose = (
+            "to compare under the old names"
+            if rename_direction == "actual->expected"
+            else "to map the old keys to the new"
+        )
+        out.append(f"  suggested, {purpose}: " + suggest_rename(diff.renames, rename_direction))
     out.append("  " + load_verdict(diff))
     for side, where in (("expected", diff.expected_saved_on), ("actual", diff.actual_saved_on)):
         if any(loc != "cpu" for loc in where):

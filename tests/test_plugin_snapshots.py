@@ -115,7 +115,7 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
             [
                 "*likely renamed (same shape and dtype) (2):",
                 "*fc3.weight -> head.weight*",
-                "*suggested: rename=[(r'^head\\.', 'fc3.')]",
+                "*suggested, to compare under the old names: rename=[(r'^head\\.', 'fc3.')]",
                 "*NO (2 unexpected keys, 2 missing keys)",
             ],
             id="rename",
