@@ -45,6 +45,7 @@ def creatable(dtype: torch.dtype) -> torch.Tensor | None:
         return None
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
 def test_every_dtype_is_handled_or_refused_clearly(dtype: torch.dtype) -> None:
     name = str(dtype).removeprefix("torch.")
