@@ -31,7 +31,7 @@ from .extract import schema_of
 if TYPE_CHECKING:
     from .session import StateDictSession
 
-FORMATS = ("torch", "safetensors")
+FORMATS = ("torch", "safetensors", "dcp")
 
 
 @dataclass
@@ -110,17 +110,22 @@ def roundtrip(
     with _temporary_dir(directory) as folder:
         original = _on_device(model, save_device)
         result.notes = schema_of(original).notes
-        path = folder / ("model.safetensors" if format == "safetensors" else "checkpoint.pt")
         extra = {}
-        if optimizer is not None:
-            extra["optimizer"] = optimizer.state_dict()
         if scheduler is not None:
             extra["scheduler"] = scheduler.state_dict()
-        _save(original, extra, path, format)
-        result.file_bytes = sum(p.stat().st_size for p in folder.iterdir())
-        fresh, loaded_extra = _load_and_compare(
-            original, path, format, load_device, factory, result
-        )
+        if format == "dcp":
+            fresh, loaded_extra = _dcp_roundtrip(
+                original, optimizer, extra, folder, load_device, factory, result
+            )
+        else:
+            if optimizer is not None:
+                extra["optimizer"] = optimizer.state_dict()
+            path = folder / ("model.safetensors" if format == "safetensors" else "checkpoint.pt")
+            _save(original, extra, path, format)
+            fresh, loaded_extra = _load_and_compare(
+                original, path, format, load_device, factory, result
+            )
+        result.file_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         if optimizer is not None and fresh is not None:
             _compare_optimizer(
                 original, optimizer, fresh, loaded_extra.get("optimizer"), result, check_resume
@@ -217,6 +222,78 @@ def _load_and_compare(
     return fresh, extra
 
 
+def _dcp_roundtrip(
+    original: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict[str, Any],
+    folder: Path,
+    load_device: str,
+    factory: Callable[[], nn.Module] | None,
+    result: RoundTripResult,
+) -> tuple[nn.Module | None, dict[str, Any]]:
+    """Save and load through torch.distributed.checkpoint, its planners and state_dict API.
+
+    DCP loads in place, so the fresh model is materialised (uninitialised memory) first.
+    DCP signals failure with ``CheckpointException``, a ``BaseException``: it is caught
+    and reported like any other mismatch.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is not None and not optimizer.state:
+        raise StateDictError(
+            "roundtrip(format='dcp'): the optimizer has no state yet, and DCP's get_state_dict "
+            "would step it to create some; step it once before the round-trip"
+        )
+    optimizers = [optimizer] if optimizer is not None else []
+    model_state, optim_state = get_state_dict(original, optimizers)
+    saved = {"model": model_state, **({"optim": optim_state} if optimizer is not None else {})}
+    checkpoint = folder / "dcp"
+    if extra:
+        torch.save(extra, folder / "extra.pt")
+    fresh = (
+        factory().to(load_device)  # type: ignore[misc]
+        if factory is not None
+        else _materialised_copy(original, load_device)
+    )
+    fresh_opt = _rebuild_optimizer(original, optimizer, fresh) if optimizer is not None else None
+    try:
+        dcp.save(saved, checkpoint_id=checkpoint, no_dist=True)
+        template_model, template_optim = get_state_dict(fresh, [fresh_opt] if fresh_opt else [])
+        template = {"model": template_model}
+        if fresh_opt is not None:
+            template["optim"] = template_optim
+        dcp.load(template, checkpoint_id=checkpoint, no_dist=True)
+        set_state_dict(
+            fresh,
+            [fresh_opt] if fresh_opt is not None else [],
+            model_state_dict=template["model"],
+            optim_state_dict=template.get("optim", {}),
+        )
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as exc:
+        result.mismatches.append(f"torch.distributed.checkpoint failed: {_first_line(exc)}")
+        return None, {}
+    _compare_state(original.state_dict(), fresh.state_dict(), result)
+    _compare_ties(original, fresh, result)
+    loaded = torch.load(folder / "extra.pt", weights_only=True) if extra else {}
+    if fresh_opt is not None:
+        loaded["optimizer"] = fresh_opt.state_dict()
+    return fresh, loaded
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _materialised_copy(model: nn.Module, device: str) -> nn.Module:
+    """A copy with uninitialised tensors on ``device``, tied as the original is."""
+    fresh = meta_copy(model).to_empty(device=device)
+    _retie(model, fresh, only_shared_storage=False)
+    return fresh
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the module structure whose parameters and buffers are on meta.
 
@@ -256,19 +333,21 @@ def _restore_tied_keys(original: nn.Module, state: dict[str, Any]) -> None:
                 state.setdefault(name, state[present[0]])
 
 
-def _retie(original: nn.Module, fresh: nn.Module) -> None:
-    """``assign=True`` makes one Parameter per key; re-tie those the file stored as one.
+def _retie(original: nn.Module, fresh: nn.Module, *, only_shared_storage: bool = True) -> None:
+    """Make the fresh copy's parameters tied where the original's are.
 
-    Only keys whose loaded tensors share storage are re-tied, so a load that really broke
-    a tie (two copies) is still reported.
+    ``assign=True`` and ``to_empty`` make one Parameter per key. After a load, only keys
+    whose loaded tensors share storage (the file stored them as one) are re-tied, so a load
+    that really broke a tie (two copies) is still reported.
     """
     for names in _parameter_groups(original):
         first = fresh.get_parameter(names[0])
         for name in names[1:]:
             other = fresh.get_parameter(name)
-            if other is not first and _storage(other) == _storage(first):
-                owner, _, attr = name.rpartition(".")
-                setattr(fresh.get_submodule(owner), attr, first)
+            if other is first or (only_shared_storage and _storage(other) != _storage(first)):
+                continue
+            owner, _, attr = name.rpartition(".")
+            setattr(fresh.get_submodule(owner), attr, first)
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
