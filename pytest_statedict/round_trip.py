@@ -283,7 +283,11 @@ def _dcp_roundtrip(
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose own formatting fails must not hide the failure
+        text = repr(exc.args)
+    lines = text.strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 

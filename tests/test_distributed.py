@@ -1,0 +1,137 @@
+"""torch.distributed.checkpoint: the round-trip format, and a real two-process save."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from test_roundtrip import LossyLoad, trained
+from torch import nn
+
+from pytest_statedict import StateDictError, roundtrip, schema_of
+
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed"),
+    pytest.mark.filterwarnings("ignore::UserWarning:torch.distributed"),
+]
+
+
+def test_dcp_roundtrip_is_exact_with_optimizer_and_resume() -> None:
+    model, optimizer = trained(torch.optim.AdamW, lr=1e-2)
+    result = roundtrip(model, optimizer, format="dcp")
+    assert result.ok, str(result)
+    assert result.label == "cpu->cpu (dcp)"
+
+
+def test_dcp_roundtrip_catches_a_lossy_load() -> None:
+    result = roundtrip(nn.Sequential(nn.Linear(4, 4), LossyLoad()), format="dcp")
+    assert [m.split(":")[0] for m in result.mismatches] == ["1.calibration"]
+
+
+def test_dcp_failure_is_a_mismatch_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP raises CheckpointException, a BaseException: it must be reported, not escape."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def failing_load(*args: object, **kwargs: object) -> None:
+        failure = (RuntimeError("disk on fire"), traceback.extract_stack())
+        raise CheckpointException("load failed", {0: failure})
+
+    monkeypatch.setattr(dcp, "load", failing_load)
+    result = roundtrip(nn.Linear(2, 2), format="dcp")
+    assert not result.ok
+    assert result.mismatches[0].startswith("torch.distributed.checkpoint failed: Checkpoint")
+
+
+def test_dcp_refuses_an_optimizer_without_state() -> None:
+    model = nn.Linear(2, 2)
+    with pytest.raises(StateDictError, match="step it once"):
+        roundtrip(model, torch.optim.Adam(model.parameters()), format="dcp")
+
+
+SHARDED_SAVE = textwrap.dedent(
+    """
+    import os, sys, warnings
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    import torch.multiprocessing as mp
+    from torch import nn
+
+    warnings.simplefilter("ignore")
+
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+    def save_shard(rank, world, folder, init):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        try:
+            mesh = init_device_mesh("cpu", (world,))
+            sharded = {
+                key: distribute_tensor(value, mesh, [Shard(0)])
+                for key, value in model().state_dict().items()
+            }
+            local = sharded["0.weight"].to_local().shape
+            print(f"rank {rank} holds 0.weight rows {tuple(local)}", flush=True)
+            dcp.save({"model": sharded}, checkpoint_id=folder)
+        finally:
+            dist.destroy_process_group()
+
+
+    if __name__ == "__main__":
+        folder = sys.argv[1]
+        init = "file://" + os.path.join(folder, "rendezvous")
+        mp.spawn(save_shard, args=(2, os.path.join(folder, "ckpt"), init), nprocs=2, join=True)
+
+        # one process, no process group: load the whole and compare with the unsharded model
+        from pytest_statedict.bitwise import difference
+        expected = model().state_dict()
+        whole = {"model": {k: torch.empty_like(v) for k, v in expected.items()}}
+        dcp.load(whole, checkpoint_id=os.path.join(folder, "ckpt"), no_dist=True)
+        problems = [f"{k}: {difference(v, whole['model'][k])}" for k, v in expected.items()
+                    if difference(v, whole["model"][k])]
+        print("\\n".join(problems) or "exact")
+    """
+)
+
+
+def test_two_process_sharded_save_loads_whole_bit_for_bit(tmp_path: Path) -> None:
+    script = tmp_path / "sharded_save.py"
+    script.write_text(SHARDED_SAVE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a timeout kills every worker
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the two-process DCP save did not finish in 240 s; its processes were killed")
+    assert proc.returncode == 0, output
+    lines = output.strip().splitlines()
+    for rank in (0, 1):
+        assert f"rank {rank} holds 0.weight rows (8, 8)" in output  # half the rows each
+    assert lines[-1] == "exact", output
+    # the DCP folder's schema, from its .metadata alone, is the unsharded model's
+    from_dcp = schema_of(tmp_path / "ckpt", part="model")
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    assert [(t.key, t.shape, t.dtype) for t in from_dcp] == [
+        (t.key, t.shape, t.dtype) for t in schema_of(model.state_dict())
+    ]
