@@ -7,6 +7,7 @@ without touching a byte of data. Only ``values=True`` reads data, one tensor at 
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 from collections.abc import Mapping
@@ -358,11 +359,7 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    digest = (
-        xxhash.xxh3_128(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-        if t.numel()
-        else (xxhash.xxh3_128(b"").hexdigest())
-    )
+    digest = xxhash.xxh3_128(_bytes_of(t)).hexdigest()
     if t.is_complex():
         t = torch.view_as_real(t)
     if t.numel() == 0:
@@ -372,6 +369,17 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     lo, hi = torch.aminmax(x)
     std, mean = torch.std_mean(x, correction=0)
     return Fingerprint(xxh3=digest, min=float(lo), max=float(hi), mean=float(mean), std=float(std))
+
+
+def _bytes_of(t: torch.Tensor) -> Any:
+    """A zero-copy buffer over a contiguous CPU tensor's bytes (no numpy needed).
+
+    The caller keeps ``t`` alive while the buffer is used.
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return b""
+    return (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
 
 
 # ---- optimizers --------------------------------------------------------------------------

@@ -262,3 +262,18 @@ def test_unsupported_objects() -> None:
         schema_of({"config": {"lr": 1}})
     with pytest.raises(UnsupportedObjectError, match="optimizer="):
         schema_of(nn.Linear(1, 1), optimizer=42)
+
+
+def test_fingerprints_need_no_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import torch\n"
+        "from pytest_statedict.extract import fingerprint\n"
+        "print(fingerprint(torch.arange(10.0)).xxh3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == fingerprint(torch.arange(10.0)).xxh3
