@@ -277,3 +277,16 @@ def test_fingerprints_need_no_numpy() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == fingerprint(torch.arange(10.0)).xxh3
+
+
+def test_big_tensor_fingerprint_hashes_everything_and_samples_statistics() -> None:
+    from pytest_statedict.extract import STAT_SAMPLE
+
+    t = torch.linspace(-1, 1, 3 * STAT_SAMPLE)
+    f = fingerprint(t)
+    assert (f.min, f.max) == (-1.0, 1.0), "the sample includes both ends"
+    assert abs(f.mean) < 1e-3
+    nudged = t.clone()
+    nudged[STAT_SAMPLE + 7] += 1e-3  # between two sampled blocks
+    assert fingerprint(nudged).xxh3 != f.xxh3
+    assert fingerprint(t + 1e-6).close_to(f, rtol=0, atol=1e-5) == []
