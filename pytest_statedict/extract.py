@@ -121,7 +121,8 @@ def module_schema(
     values: bool = False,
 ) -> Schema:
     state = module.state_dict(keep_vars=True)
-    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    named_params = list(module.named_parameters(remove_duplicate=False))
+    params = {name for name, _ in named_params}
     buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
     non_persistent = tuple(
         f"{prefix}.{name}" if prefix else name
@@ -138,9 +139,9 @@ def module_schema(
         return "tensor"
 
     entries, notes = _entries(state, kind_of, values=values)
-    names = {id(p): n for n, p in reversed(list(module.named_parameters(remove_duplicate=False)))}
     opt = None
     if optimizer is not None:
+        names = {id(p): n for n, p in reversed(named_params)}  # a tied tensor: its first name
         opt = optimizer_schema(optimizer, names=names)
     return Schema(
         tensors=entries,

@@ -149,8 +149,8 @@ class StateDictSession:
         key = str(path)
         if key in self.asked_by_test[item.nodeid]:
             raise StateDictError(
-                f"{item.nodeid} checks snapshot {path} twice: give each check in a test its own "
-                "name= (or leave all of them unnamed)"
+                f"{item.nodeid} checks snapshot {self.relative(path)} twice: give each check in "
+                "a test its own name= (or leave all of them unnamed)"
             )
         self.asked_by_test[item.nodeid].add(key)
         self.used.add(key)
@@ -251,8 +251,6 @@ class StateDictSession:
                 if str(path) in self.used:
                     continue
                 owner = record.tests.get(path.parent.name)
-                if path.parent.parent != record.snapshot_dir:
-                    owner = None
                 if owner is None or self.outcomes.get(owner) == "passed":
                     unused.append(path)
         return unused

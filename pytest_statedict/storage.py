@@ -88,11 +88,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def snapshot_files(module_dir: Path) -> list[Path]:
-    """Every snapshot file under a module's folder (temp files of a killed write excluded)."""
+    """The snapshot files of a module: ``<module>/<test>/<leaf>.json``, nothing deeper.
+
+    Temp files of a killed write (dot-files) are not snapshots; deeper files belong to
+    someone else (another module's folder nested here by ``statedict_snapshot_dir``).
+    """
     if not module_dir.is_dir():
         return []
     return sorted(
-        p for p in module_dir.rglob(f"*{SUFFIX}") if p.is_file() and not p.name.startswith(".")
+        p for p in module_dir.glob(f"*/*{SUFFIX}") if p.is_file() and not p.name.startswith(".")
     )
 
 
