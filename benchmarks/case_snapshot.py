@@ -1,0 +1,220 @@
+"""Case 2: per-test cost of checking a 300-tensor schema against its snapshot.
+
+A generated project with three modules of N parametrized tests each, sharing one header
+(150 ``nn.Linear(64, 64)`` on the meta device: 300 tensors, and the same schema as a plain
+dict of key -> shape, dtype, kind, requires_grad):
+
+* ``test_empty.py``: the test body does nothing (the baseline for both tools);
+* ``test_statedict.py``: ``statedict_snapshot.assert_match(MODEL)``;
+* ``test_syrupy.py``: ``assert snapshot == SCHEMA`` (syrupy's default amber serializer).
+
+Snapshots are written first (``--statedict-update`` / ``--snapshot-update``); then each
+module runs on its own, in interleaved order, several times. The per-test overhead of a tool
+is (median wall time of its run - median wall time of the empty run) / N; the time of the
+assertion statement itself, measured inside each test, is reported as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from harness import PYTHON, median, run_cmd
+
+HEADER = textwrap.dedent(
+    """
+    import json
+    import os
+    import time
+
+    import pytest
+    import torch
+    from torch import nn
+
+    N = int(os.environ.get("BENCH_N", "100"))
+    with torch.device("meta"):
+        MODEL = nn.Sequential(*[nn.Linear(64, 64) for _ in range(150)])  # 300 tensors
+    SCHEMA = {
+        key: {
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "kind": "parameter",
+            "requires_grad": t.requires_grad,
+        }
+        for key, t in MODEL.state_dict(keep_vars=True).items()
+    }
+    TIMES = []
+
+
+    def teardown_module():
+        out = os.environ.get("BENCH_TIMES")
+        if out:
+            with open(out, "w") as f:
+                json.dump(TIMES, f)
+    """
+)
+
+BODIES = {
+    "empty": """
+        @pytest.mark.parametrize("i", range(N))
+        def test_check(i):
+            t0 = time.perf_counter()
+            TIMES.append(time.perf_counter() - t0)
+        """,
+    "statedict": """
+        @pytest.mark.parametrize("i", range(N))
+        def test_check(i, statedict_snapshot):
+            t0 = time.perf_counter()
+            statedict_snapshot.assert_match(MODEL)
+            TIMES.append(time.perf_counter() - t0)
+        """,
+    "syrupy": """
+        @pytest.mark.parametrize("i", range(N))
+        def test_check(i, snapshot):
+            t0 = time.perf_counter()
+            assert snapshot == SCHEMA
+            TIMES.append(time.perf_counter() - t0)
+        """,
+}
+
+# Times the run loop and the session's end (where both plugins finish their bookkeeping,
+# and syrupy writes its report) from inside pytest: interpreter start-up, imports and
+# collection (seconds here, and noisy) stay out of the figure.
+CONFTEST = textwrap.dedent(
+    """
+    import json
+    import os
+    import time
+
+    import pytest
+
+    _T = {}
+
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtestloop(session):
+        _T["start"] = time.perf_counter()
+        return (yield)
+
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(session, exitstatus):
+        try:
+            return (yield)
+        finally:
+            out = os.environ.get("BENCH_LOOP")
+            if out and "start" in _T:
+                with open(out, "w") as f:
+                    json.dump({"loop": time.perf_counter() - _T["start"]}, f)
+    """
+)
+
+UPDATE = {"statedict": "--statedict-update", "syrupy": "--snapshot-update"}
+
+
+def make_project(root: Path) -> Path:
+    project = root / "snapshot_project"
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "conftest.py").write_text(CONFTEST)
+    for name, body in BODIES.items():
+        (project / f"test_{name}.py").write_text(HEADER + textwrap.dedent(body))
+    return project
+
+
+def run(ctx: dict[str, Any]) -> dict[str, Any]:
+    quick = ctx["quick"]
+    n = 50 if quick else 100
+    rounds = 4 if quick else 5
+    project = make_project(Path(ctx["tmp"]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env["BENCH_N"] = str(n)
+
+    def pytest_run(name: str, *extra: str, times_to: Path | None = None) -> dict[str, Any]:
+        run_env = dict(env)
+        if times_to is not None:
+            run_env["BENCH_TIMES"] = str(times_to)
+            run_env["BENCH_LOOP"] = str(times_to) + ".loop"
+        cmd = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"test_{name}.py", *extra]
+        r = run_cmd(cmd, cwd=project, env=run_env)
+        if r["rc"] != 0 or f"{n} passed" not in r["out"]:
+            raise RuntimeError(f"pytest {name} {extra} failed:\n{r['out'][-3000:]}")
+        return r
+
+    for name, flag in UPDATE.items():
+        pytest_run(name, flag)
+    files = list((project / "__statedict__").rglob("*.json"))
+    if len(files) != n:
+        raise RuntimeError(f"expected {n} statedict snapshot files, found {len(files)}")
+    snapshot_bytes = sum(f.stat().st_size for f in files) // len(files)
+    ambr = next((project / "__snapshots__").glob("*.ambr"))
+    for name in BODIES:  # warm-up: byte-compile, page cache
+        pytest_run(name)
+
+    names = list(BODIES)
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    loop: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    inner: dict[str, list[float]] = {k: [] for k in names}
+    first: dict[str, list[float]] = {k: [] for k in names}
+    times_file = Path(ctx["tmp"]) / "snapshot_times.json"
+    for i in range(rounds):
+        order = names[i % 3 :] + names[: i % 3]
+        for name in order:
+            r = pytest_run(name, times_to=times_file)
+            wall[name].append(r["wall"])
+            loop[name].append(json.loads(Path(str(times_file) + ".loop").read_text())["loop"])
+            cpu[name].append(r["cpu"])
+            got = json.loads(times_file.read_text())
+            first[name].append(got[0])
+            inner[name].extend(got)
+
+    def overhead(name: str, series: dict[str, list[float]]) -> float:
+        return (median(series[name]) - median(series["empty"])) / n
+
+    ours, theirs = overhead("statedict", loop), overhead("syrupy", loop)
+    ours_cpu, theirs_cpu = overhead("statedict", cpu), overhead("syrupy", cpu)
+    ratio = ours / theirs
+    rows = [
+        {
+            "case": "2. snapshot check",
+            "what": f"per-test overhead, {n} parametrized tests each checking a 300-tensor schema "
+            "(run loop + session finish, minus the empty module's, / N): "
+            "statedict_snapshot.assert_match vs syrupy `snapshot == dict`",
+            "ours": f"{ours * 1000:.2f} ms",
+            "baseline": f"{theirs * 1000:.2f} ms",
+            "ratio": ratio,
+            "target": "<= 0.5x",
+            "met": ratio <= 0.5,
+            "note": f"median of {rounds} runs per module; empty module's loop "
+            f"{median(loop['empty']) * 1000:.0f} ms; whole-process CPU time says "
+            f"{ours_cpu * 1000:.2f} vs {theirs_cpu * 1000:.2f} ms",
+        },
+        {
+            "case": "2. snapshot check",
+            "what": "the assertion statement alone, timed inside each test (median of all checks)",
+            "ours": f"{median(inner['statedict']) * 1000:.2f} ms",
+            "baseline": f"{median(inner['syrupy']) * 1000:.2f} ms",
+            "ratio": median(inner["statedict"]) / median(inner["syrupy"]),
+            "target": "",
+            "met": None,
+            "note": f"first check of a run: {median(first['statedict']) * 1000:.1f} vs "
+            f"{median(first['syrupy']) * 1000:.1f} ms (syrupy parses its .ambr once, "
+            f"{ambr.stat().st_size // 1024} KiB); one statedict snapshot file is "
+            f"{snapshot_bytes // 1024} KiB",
+        },
+    ]
+    return {
+        "rows": rows,
+        "raw": {
+            "n": n,
+            "loop": loop,
+            "wall": wall,
+            "cpu": cpu,
+            "first": first,
+            "inner_median": {k: median(v) for k, v in inner.items()},
+        },
+    }
