@@ -341,7 +341,7 @@ def _type_name(value: Any) -> str:
 
 
 # Statistics read at most this many elements of a tensor: 64 evenly spaced contiguous blocks.
-STAT_SAMPLE, STAT_BLOCKS = 1 << 20, 64
+STAT_SAMPLE, STAT_BLOCKS = 1 << 16, 64
 
 
 def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
@@ -350,8 +350,9 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     xxh3 is a non-cryptographic hash: a snapshot guards against accidents, not attackers,
     and xxh3 runs at memory bandwidth (sha256 is ~15x slower here). The hash decides exact
     comparisons. The statistics, for ``rtol``/``atol`` comparisons, are taken over the
-    whole tensor up to 2**20 elements and over the same 64 evenly spaced blocks of it
-    beyond, so their cost does not grow with the tensor and the hash sets the speed.
+    whole tensor up to 2**16 elements and over 64 evenly spaced blocks of it beyond, so
+    their cost does not grow with the tensor and the hash sets the speed. They use a sum
+    and a dot product rather than ``torch.std_mean``, whose Welford pass runs ~30x slower.
     """
     import xxhash
 
@@ -374,13 +375,17 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
         nan = float("nan")
         return Fingerprint(xxh3=digest, min=nan, max=nan, mean=nan, std=nan)
     x = _stat_sample(t.reshape(-1))
-    x = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
     lo, hi = torch.aminmax(x)
-    std, mean = torch.std_mean(x, correction=0)
+    mean = x.sum() / x.numel()
+    centred = x - mean  # two passes: no cancellation when std << |mean|
+    std = torch.sqrt(torch.dot(centred, centred) / x.numel())
     return Fingerprint(xxh3=digest, min=float(lo), max=float(hi), mean=float(mean), std=float(std))
 
 
 def _stat_sample(flat: torch.Tensor) -> torch.Tensor:
+    """The whole tensor if small, else blocks from its first to its last element."""
     n = flat.numel()
     if n <= STAT_SAMPLE:
         return flat
