@@ -78,7 +78,12 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
     quick = ctx["quick"]
     suite = make_suite(Path(ctx["tmp"]))
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    bare = dict(env, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    # An empty plugin module, to tell pytest's own cost of loading any `-p` plugin (import
+    # hooks, assertion-rewrite marking) from what this plugin adds on top of it.
+    empty = Path(ctx["tmp"], "empty-plugin")
+    empty.mkdir(exist_ok=True)
+    (empty / "statedict_bench_empty_plugin.py").write_text('"""Does nothing."""\n')
+    bare = dict(env, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", PYTHONPATH=str(empty))
     base = [PYTHON, "-m", "pytest", "--collect-only", "-q"]
     # (environment label, arm) -> (command, env)
     arms = {
@@ -86,6 +91,7 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
         ("venv", "off"): ([*base, "-p", "no:statedict"], env),
         ("bare", "on"): ([*base, "-p", "pytest_statedict.plugin"], bare),
         ("bare", "off"): (base, bare),
+        ("bare", "empty"): ([*base, "-p", "statedict_bench_empty_plugin"], bare),
     }
 
     def once(arm: tuple[str, str]) -> tuple[float, float]:
@@ -132,6 +138,13 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
         t_on, t_off = median(wall[(envname, "on")]), median(wall[(envname, "off")])
         c_on, c_off = median(cpu[(envname, "on")]), median(cpu[(envname, "off")])
         ratio = t_on / t_off
+        vs_empty = ""
+        if (envname, "empty") in wall:
+            t_empty = median(wall[(envname, "empty")])
+            vs_empty = (
+                f"; an empty `-p` plugin costs {t_empty * 1000:.0f} ms "
+                f"({t_empty / t_off:.3f}x), this plugin {t_on / t_empty:.3f}x of that"
+            )
         rows.append(
             {
                 "case": "1. start-up",
@@ -143,7 +156,7 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
                 "target": "<= 1.03x",
                 "met": ratio <= 1.03,
                 "note": f"wall, median of {rounds} interleaved runs each; CPU time (user+sys) "
-                f"{c_on * 1000:.0f} vs {c_off * 1000:.0f} ms = {c_on / c_off:.3f}x",
+                f"{c_on * 1000:.0f} vs {c_off * 1000:.0f} ms = {c_on / c_off:.3f}x{vs_empty}",
             }
         )
     rows.append(

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import SnapshotError, StateDictError, StateDictMismatch
-from .schema import Schema
 
 if TYPE_CHECKING:
     import pytest
@@ -50,14 +49,25 @@ def key_normaliser() -> Callable[[str], str] | None:
     return lambda key: hook(key=key) or key
 
 
-@dataclass
 class ModuleRecord:
-    """A test module's collected tests, to decide whether it ran whole."""
+    """A test module's collected tests, to decide whether it ran whole.
 
-    path: Path
-    snapshot_dir: Path
-    tests: dict[str, str] = field(default_factory=dict)  # test dirname -> nodeid
-    partial: bool = False
+    Collection only files each item under its module (the plugin is loaded into every run,
+    most of which never use it); names are worked out at the end, and only for modules
+    that have snapshot files.
+    """
+
+    def __init__(self, path: Path, snapshot_dir: Path) -> None:
+        self.path = path
+        self.snapshot_dir = snapshot_dir
+        self.items: list[pytest.Item] = []
+        self.merged_tests: dict[str, str] = {}  # from xdist workers
+        self.partial = False
+
+    def tests(self) -> dict[str, str]:
+        """Test folder name -> node id, for every collected test of the module."""
+        names = {storage.test_dirname(_test_parts(item)): item.nodeid for item in self.items}
+        return {**self.merged_tests, **names}
 
 
 class StateDictSession:
@@ -93,18 +103,10 @@ class StateDictSession:
         return self.snapshot_root.joinpath(*parts)
 
     def collected(self, items: Iterable[pytest.Item]) -> None:
-        narrowed = {
-            str(Path(self.config.invocation_params.dir, arg.split("::")[0]).resolve())
-            for arg in self.config.args
-            if "::" in arg
-        }
         for item in items:
             record = self._module_record(item)
-            if record is None:
-                continue
-            record.tests[storage.test_dirname(_test_parts(item))] = item.nodeid
-            if str(record.path.resolve()) in narrowed:
-                record.partial = True
+            if record is not None:
+                record.items.append(item)
 
     def deselected(self, items: Iterable[pytest.Item]) -> None:
         for item in items:
@@ -117,9 +119,24 @@ class StateDictSession:
         if path is None or path.suffix != ".py":
             return None
         key = str(path)
-        if key not in self.modules:
-            self.modules[key] = ModuleRecord(path=path, snapshot_dir=self.module_dir(path))
-        return self.modules[key]
+        record = self.modules.get(key)
+        if record is None:
+            record = self.modules[key] = ModuleRecord(path, self.module_dir(path))
+        return record
+
+    @cached_property
+    def narrowed_modules(self) -> set[str]:
+        """Modules named with ``::`` on the command line: only some of their tests ran."""
+        return {
+            str(Path(self.config.invocation_params.dir, arg.split("::")[0]).resolve())
+            for arg in self.config.args
+            if "::" in arg
+        }
+
+    def ran_whole(self, record: ModuleRecord) -> bool:
+        if record.partial:
+            return False
+        return not record.items or str(record.path.resolve()) not in self.narrowed_modules
 
     # ---- running tests ---------------------------------------------------------------
 
@@ -142,6 +159,7 @@ class StateDictSession:
         from .assertions import prepared_schema
         from .compare import diff_schemas, normalise
         from .report import render_diff
+        from .schema import Schema
 
         item = self.item
         assert item is not None
@@ -243,14 +261,16 @@ class StateDictSession:
         """
         unused = []
         for record in self.modules.values():
-            if record.partial:
+            files = storage.snapshot_files(record.snapshot_dir)
+            if not files or not self.ran_whole(record):
                 continue
-            if any(nodeid not in self.outcomes for nodeid in record.tests.values()):
+            tests = record.tests()
+            if any(nodeid not in self.outcomes for nodeid in tests.values()):
                 continue  # the run stopped early (-x, a crash): the module did not run whole
-            for path in storage.snapshot_files(record.snapshot_dir):
+            for path in files:
                 if str(path) in self.used:
                     continue
-                owner = record.tests.get(path.parent.name)
+                owner = tests.get(path.parent.name)
                 if owner is None or self.outcomes.get(owner) == "passed":
                     unused.append(path)
         return unused

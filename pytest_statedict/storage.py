@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 SNAPSHOT_DIRNAME = "__statedict__"
@@ -60,6 +59,8 @@ def snapshot_path(module_dir: Path, test_parts: list[str], name: str | None, ind
 
 def atomic_write(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename: old or new, never partial."""
+    import tempfile  # not at import: the plugin is loaded into runs that never write
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from . import storage
 from .session import ModuleRecord, StateDictSession
 
 OUTPUT_KEY = "statedict"
@@ -34,14 +35,17 @@ class XdistSupport:
                 "counts": dict(state.counts),
                 "roundtrips": dict(state.roundtrips),
                 "used": sorted(state.used),
+                # Only modules with snapshot files can have unused ones (files written in
+                # this run are in "used").
                 "modules": [
                     {
                         "path": str(m.path),
                         "snapshot_dir": str(m.snapshot_dir),
-                        "tests": m.tests,
-                        "partial": m.partial,
+                        "tests": m.tests(),
+                        "partial": not state.ran_whole(m),
                     }
                     for m in state.modules.values()
+                    if storage.snapshot_files(m.snapshot_dir)
                 ],
             }
 
@@ -55,8 +59,7 @@ class XdistSupport:
         state.used.update(output["used"])
         for module in output["modules"]:
             record = state.modules.setdefault(
-                module["path"],
-                ModuleRecord(path=Path(module["path"]), snapshot_dir=Path(module["snapshot_dir"])),
+                module["path"], ModuleRecord(Path(module["path"]), Path(module["snapshot_dir"]))
             )
-            record.tests.update(module["tests"])
+            record.merged_tests.update(module["tests"])
             record.partial = record.partial or module["partial"]
