@@ -176,7 +176,7 @@ class StateDictSession:
         actual_schema = prepared_schema(actual, **opts)
         problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
         text = actual_schema.to_json()
-        accept = f"pytest --statedict-update '{item.nodeid}'"
+        accept = f"pytest --statedict-update {_shell_quoted(item.nodeid)}"
 
         if not path.exists():
             if self.update:
@@ -329,6 +329,11 @@ def _test_parts(item: pytest.Item) -> list[str]:
         else:
             parts.append(node.name)
     return parts
+
+
+def _shell_quoted(nodeid: str) -> str:
+    """Quoted for a POSIX shell always (``[id]`` is a glob in zsh), quotes in ids included."""
+    return "'" + nodeid.replace("'", "'\"'\"'") + "'"
 
 
 def _verbosity(config: pytest.Config) -> int:

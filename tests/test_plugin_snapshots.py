@@ -228,6 +228,34 @@ def test_fixture_named_snapshots_and_parametrize_ids(net_project: pytest.Pyteste
     net_project.runpytest().assert_outcomes(passed=2)
 
 
+def test_accept_command_survives_a_shell(net_project: pytest.Pytester) -> None:
+    """The printed command, pasted into a POSIX shell, names exactly the failing test."""
+    import shlex
+
+    write_test(
+        net_project,
+        """
+    import pytest
+
+    @pytest.mark.parametrize("width", [4], ids=["it's [odd]"])
+    def test_net(width):
+        assert_state_dict_matches(Net(width=width))
+    """,
+    )
+    result = net_project.runpytest()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    commands = [line.strip().removeprefix("E").strip() for line in result.outlines]
+    command = next(c for c in commands if c.startswith("pytest --statedict-update "))
+    assert shlex.split(command) == [
+        "pytest",
+        "--statedict-update",
+        "test_model.py::test_net[it's [odd]]",
+    ]
+    result = net_project.runpytest(*shlex.split(command)[1:])
+    assert result.ret == pytest.ExitCode.OK
+    match_lines(result, ["statedict: 1 written"])
+
+
 def test_same_snapshot_asked_twice_in_one_test(net_project: pytest.Pytester) -> None:
     write_test(
         net_project,
