@@ -2,7 +2,8 @@
 
 ``pytest --collect-only -q`` on a generated suite of 200 trivial tests, with the plugin
 (loaded through its entry point, as in every pytest run of the environment) and with
-``-p no:statedict``, in alternating order; plus two probes in fresh processes: importing
+``-p no:statedict``, in alternating order, timed and (under valgrind's callgrind, once per
+arm) counted in instructions executed; plus two probes in fresh processes: importing
 ``pytest_statedict.plugin`` imports no torch, and neither does a whole in-process
 collection with the plugin active.
 """
@@ -10,6 +11,8 @@ collection with the plugin active.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,6 +74,25 @@ def collect_probe(suite: str, disable: bool) -> dict[str, Any]:
     return seen
 
 
+def count_instructions(cmd: list[str], env: dict[str, str], *, cwd: Path) -> int | None:
+    """Instructions one run of ``cmd`` executes, by valgrind's callgrind (None without it).
+
+    Wall time on a shared 2-core VM spreads by +-10 % from run to run; an instruction count
+    does not, so it can tell a 1 % difference apart.
+    """
+    if shutil.which("valgrind") is None:
+        return None
+    r = run_cmd(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+        cwd=cwd,
+        env=dict(env, PYTHONHASHSEED="0"),
+    )
+    found = re.search(r"I\s+refs:\s+([\d,]+)", r["out"])
+    if r["rc"] != 0 or found is None:
+        raise RuntimeError(f"callgrind run failed:\n{r['out'][-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
 # ---- the case --------------------------------------------------------------------------------
 
 
@@ -117,6 +139,8 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
             wall[arm].append(w)
             cpu[arm].append(c)
 
+    instructions = {arm: count_instructions(*arms[arm], cwd=suite) for arm in arms}
+
     imports = [
         run_worker("case_startup", "import_probe")["result"] for _ in range(3 if quick else 5)
     ]
@@ -144,6 +168,28 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
             vs_empty = (
                 f"; an empty `-p` plugin costs {t_empty * 1000:.0f} ms "
                 f"({t_empty / t_off:.3f}x), this plugin {t_on / t_empty:.3f}x of that"
+            )
+        on_ir, off_ir = instructions[(envname, "on")], instructions[(envname, "off")]
+        if on_ir and off_ir:
+            empty_ir = instructions.get((envname, "empty"))
+            rows.append(
+                {
+                    "case": "1. start-up",
+                    "what": f"the same, {envname}: instructions executed (valgrind callgrind, "
+                    "deterministic)",
+                    "ours": f"{on_ir / 1e6:.1f} M",
+                    "baseline": f"{off_ir / 1e6:.1f} M",
+                    "ratio": on_ir / off_ir,
+                    "target": "<= 1.03x",
+                    "met": on_ir / off_ir <= 1.03,
+                    "note": "one run per arm, PYTHONHASHSEED=0"
+                    + (
+                        f"; an empty `-p` plugin: {empty_ir / off_ir:.4f}x, this plugin "
+                        f"{on_ir / empty_ir:.4f}x of that"
+                        if empty_ir
+                        else ""
+                    ),
+                }
             )
         rows.append(
             {
@@ -178,6 +224,7 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "raw": {
             "wall": {"/".join(a): v for a, v in wall.items()},
+            "instructions": {"/".join(a): v for a, v in instructions.items()},
             "cpu": {"/".join(a): v for a, v in cpu.items()},
             "import_probe": imports,
             "collect_probe": {"with": on["result"], "without": off["result"]},

@@ -388,26 +388,30 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
 
 
 def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:
-    """min, max, mean and std of a contiguous CPU tensor's sample.
+    """min, max, mean and std of a contiguous CPU tensor's sample, stable across machines.
 
-    A sum and a dot product with Python floats between them, not ``torch.std_mean``
-    (whose Welford pass runs ~30x slower): on a small sample, torch's per-call overhead
-    is what costs, not the arithmetic.
+    The sample is summed in float64 and mean and std are rounded to 12 significant digits,
+    so that CPUs whose vector units add in other orders write the same snapshot text. No
+    ``torch.std_mean`` (its Welford pass runs ~30x slower on a small sample) and no
+    ``torch.dot`` (BLAS runs it on all cores: on a loaded machine one call stalls for
+    milliseconds); on a sample this small torch's per-call overhead is what costs.
     """
     if t.is_complex():
         t = torch.view_as_real(t)
     if t.numel() == 0:
         nan = float("nan")
         return nan, nan, nan, nan
-    x = _stat_sample(t.reshape(-1))
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32)
+    x = _stat_sample(t.reshape(-1)).to(torch.float64)
     lo, hi = torch.aminmax(x)
     n = x.numel()
     mean = x.sum().item() / n
     centred = x - mean  # two passes: no cancellation when std << |mean|
-    std = math.sqrt(torch.dot(centred, centred).item() / n)
-    return lo.item(), hi.item(), mean, std
+    std = math.sqrt((centred * centred).sum().item() / n)
+    return lo.item(), hi.item(), _rounded(mean), _rounded(std)
+
+
+def _rounded(x: float) -> float:
+    return float(f"{x:.12g}")
 
 
 def _stat_sample(flat: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,10 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Called for every test function of every run: the keyword lookup (marks of the
+    # function, its class and module) is much cheaper than walking the markers.
+    if "statedict_roundtrip" not in metafunc.definition.keywords:
+        return
     marker = metafunc.definition.get_closest_marker("statedict_roundtrip")
     if marker is not None:
         from .round_trip import parametrize_roundtrip

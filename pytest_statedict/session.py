@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,20 +103,32 @@ class StateDictSession:
         return self.snapshot_root.joinpath(*parts)
 
     def collected(self, items: Iterable[pytest.Item]) -> None:
-        for item in items:
-            record = self._module_record(item)
-            if record is not None:
-                record.items.append(item)
+        for record, item in self._by_module(items):
+            record.items.append(item)
 
     def deselected(self, items: Iterable[pytest.Item]) -> None:
-        for item in items:
-            record = self._module_record(item)
-            if record is not None:
-                record.partial = True
+        for record, _ in self._by_module(items):
+            record.partial = True
 
-    def _module_record(self, item: pytest.Item) -> ModuleRecord | None:
-        path = getattr(item, "path", None)
-        if path is None or path.suffix != ".py":
+    def _by_module(
+        self, items: Iterable[pytest.Item]
+    ) -> Iterator[tuple[ModuleRecord, pytest.Item]]:
+        """Each item of a ``.py`` test module with its module's record.
+
+        Items of one module come together and share one ``path`` object, so the record is
+        looked up once per module: this runs over every collected item of every pytest run.
+        """
+        path: Path | None = None
+        record: ModuleRecord | None = None
+        for item in items:
+            if getattr(item, "path", None) is not path:
+                path = getattr(item, "path", None)
+                record = self._module_record(path) if path is not None else None
+            if record is not None:
+                yield record, item
+
+    def _module_record(self, path: Path) -> ModuleRecord | None:
+        if path.suffix != ".py":
             return None
         key = str(path)
         record = self.modules.get(key)
