@@ -8,7 +8,7 @@ from typing import Any
 
 from .compare import Rename, compile_rename, diff_schemas, normalise
 from .errors import StateDictMismatch
-from .extract import schema_of
+from .extract import nothing_to_check, schema_of
 from .report import render_diff
 from .schema import Schema
 from .session import key_normaliser
@@ -78,6 +78,8 @@ def prepared_schema(
 ) -> Schema:
     """The schema of ``obj`` with ``rename``, then the normalising hooks, then ``ignore``."""
     schema = schema_of(obj, optimizer=optimizer, values=values)
+    if not schema.tensors and schema.optimizer is None:
+        raise nothing_to_check(obj)
     user, hooks = compile_rename(rename), key_normaliser()
     if user is not None and hooks is not None:
         return normalise(schema, rename=lambda key: hooks(user(key)), ignore=ignore)

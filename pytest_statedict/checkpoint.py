@@ -87,7 +87,12 @@ def schema_of_file(
             )
     except UnsupportedObjectError as exc:
         raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
-    return replace(schema, saved_on=tuple(sorted(locations)), source=str(path))
+    return replace(
+        schema,
+        ordered=path.suffix != ".safetensors",
+        saved_on=tuple(sorted(locations)),
+        source=str(path),
+    )
 
 
 def directory_schema(path: Path, *, values: bool, part: str | None) -> Schema:
@@ -119,12 +124,14 @@ def sharded_schema(index: Path, *, values: bool, part: str | None) -> Schema:
     shards = list(dict.fromkeys(weight_map.values()))
     entries = []
     locations: set[str] = set()
+    ordered = True
     for shard in shards:
         shard_path = index.parent / shard
         if not shard_path.is_file():
             raise CheckpointError(index, f"its shard {shard} is missing")
         shard_schema = schema_of_file(shard_path, values=values)
         locations.update(shard_schema.saved_on)
+        ordered = ordered and shard_schema.ordered
         expected = {k for k, v in weight_map.items() if v == shard}
         found = {t.key for t in shard_schema.tensors}
         if expected - found:
@@ -133,7 +140,12 @@ def sharded_schema(index: Path, *, values: bool, part: str | None) -> Schema:
                 index, f"keys it maps to {shard} are not in that shard: {missing}"
             )
         entries.extend(t for t in shard_schema.tensors if t.key in expected)
-    return Schema(tensors=tuple(entries), saved_on=tuple(sorted(locations)), source=str(index))
+    return Schema(
+        tensors=tuple(entries),
+        ordered=ordered,
+        saved_on=tuple(sorted(locations)),
+        source=str(index),
+    )
 
 
 # DCP's .metadata is a pickle: it is read with an unpickler that only knows these names,
@@ -433,7 +445,8 @@ def safetensors_schema(path: Path) -> Schema:
             key=lambda item: item[1]["data_offsets"][0],
         )
     )
-    return Schema(tensors=entries, source=str(path))
+    # the writer sorts the header (by dtype and name): state_dict order is lost
+    return Schema(tensors=entries, ordered=False, source=str(path))
 
 
 def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:

@@ -113,21 +113,79 @@ def normalise(
     rename: Callable[[str], str] | None = None,
     ignore: Iterable[str] = (),
 ) -> Schema:
-    """Apply ``rename`` to keys (and tied_to), then drop keys matching ``ignore`` globs."""
+    """Apply ``rename`` to keys, then drop keys matching ``ignore`` globs.
+
+    Everything named after a key follows it: ``tied_to``, the non-persistent buffers, the
+    optimizer's members and state, and the module versions (a module is renamed as its
+    keys are, and its version dropped when all its keys are ignored), so that a ``rename=``
+    that maps one layout onto another leaves nothing behind to report.
+    """
     patterns = tuple(ignore)
-    tensors = schema.tensors
-    if rename is not None:
-        tensors = tuple(
-            replace(t, key=rename(t.key), tied_to=rename(t.tied_to) if t.tied_to else None)
-            for t in tensors
-        )
-    if patterns:
-        tensors = tuple(
-            t for t in tensors if not any(fnmatch.fnmatchcase(t.key, p) for p in patterns)
-        )
-    if tensors is schema.tensors:
+    if rename is None and not patterns:
         return schema
-    return replace(schema, tensors=tensors)
+
+    def new_name(key: str) -> str | None:
+        """The key's name after rename, or None when ignored."""
+        if rename is not None:
+            key = rename(key)
+        return None if any(fnmatch.fnmatchcase(key, p) for p in patterns) else key
+
+    names = {t.key: new_name(t.key) for t in schema.tensors}
+    tensors = tuple(
+        replace(t, key=names[t.key], tied_to=new_name(t.tied_to) if t.tied_to else None)
+        for t in schema.tensors
+        if names[t.key] is not None
+    )
+    npb = tuple(n for n in map(new_name, schema.non_persistent_buffers) if n is not None)
+    versions = None if schema.versions is None else _renamed_versions(schema.versions, names)
+    optimizer = schema.optimizer
+    if optimizer is not None:
+        optimizer = _optimizer_without(renamed_optimizer(optimizer, lambda p: new_name(p) or ""))
+    return replace(
+        schema,
+        tensors=tensors,
+        non_persistent_buffers=npb,
+        versions=versions,
+        optimizer=optimizer,
+    )
+
+
+def _renamed_versions(
+    versions: Mapping[str, int], names: Mapping[str, str | None]
+) -> dict[str, int]:
+    """Module versions under the new key names.
+
+    A module ``P`` becomes ``Q`` when every key below it, ``P.<rest>``, became ``Q.<rest>``;
+    it is dropped when all of them were ignored, and kept as it is when its keys went
+    different ways (or it has none).
+    """
+    out: dict[str, int] = {}
+    for module, version in versions.items():
+        below = [
+            (key, new) for key, new in names.items() if not module or key.startswith(module + ".")
+        ]
+        kept = [(key[len(module) + 1 :] if module else key, new) for key, new in below if new]
+        if below and not kept:
+            continue
+        heads = {new[: len(new) - len(rest)] for rest, new in kept if new.endswith(rest)}
+        moved = len(heads) == 1 and all(new.endswith(rest) for rest, new in kept)
+        head = heads.pop() if moved else None
+        if head is not None and (head == "" or head.endswith(".")):
+            out[head.removesuffix(".")] = version
+        else:
+            out[module] = version
+    return out
+
+
+def _optimizer_without(opt: OptimizerSchema) -> OptimizerSchema:
+    """Drop the members and state that ``normalise`` named ``""`` (ignored keys)."""
+    return replace(
+        opt,
+        param_groups=tuple(
+            replace(g, params=tuple(p for p in g.params if p != "")) for g in opt.param_groups
+        ),
+        state=tuple(s for s in opt.state if s.param != ""),
+    )
 
 
 def diff_schemas(
@@ -159,13 +217,21 @@ def diff_schemas(
         a = act.get(key)
         if a is not None:
             diff.changed.extend(_entry_changes(e, a, tolerant, rtol or 0.0, atol or 0.0))
-    diff.moved = _moved(list(exp), list(act))
+    if expected.ordered and actual.ordered:
+        diff.moved = _moved(list(exp), list(act))
 
     if expected.versions is not None and actual.versions is not None:
-        for prefix in sorted(set(expected.versions) | set(actual.versions)):
-            old, new = expected.versions.get(prefix, 1), actual.versions.get(prefix, 1)
+        old_versions, new_versions = expected.versions, actual.versions
+        if diff.prefix is not None:  # compare the wrapped model's modules, not the wrapper's
+            how, prefix = diff.prefix
+            if how == "added":
+                new_versions = _unwrapped_versions(new_versions, prefix)
+            else:
+                old_versions = _unwrapped_versions(old_versions, prefix)
+        for module in sorted(set(old_versions) | set(new_versions)):
+            old, new = old_versions.get(module, 1), new_versions.get(module, 1)
             if old != new:
-                diff.versions.append((prefix, old, new))
+                diff.versions.append((module, old, new))
     npb_old, npb_new = set(expected.non_persistent_buffers), set(actual.non_persistent_buffers)
     diff.non_persistent = (sorted(npb_old - npb_new), sorted(npb_new - npb_old))
     for name in sorted(set(expected.extras) | set(actual.extras)):
@@ -195,19 +261,32 @@ def _expected_to_actual(diff: SchemaDiff) -> Callable[[str], str]:
 
 
 def _detect_prefix(exp: list[str], act: list[str]) -> tuple[str, str] | None:
-    """A prefix added to (or dropped from) every key: DataParallel, torch.compile, ..."""
+    """A prefix added to (or dropped from) every key: DataParallel, torch.compile, ...
+
+    Compared in sorted order (a common prefix keeps it), so a side whose order means
+    nothing (a ``.safetensors`` header) is recognised too.
+    """
     if not exp or not act or len(exp) != len(act):
         return None
+    exp, act = sorted(exp), sorted(act)
     for how, longer, shorter in (("added", act, exp), ("dropped", exp, act)):
         first_long, first_short = longer[0], shorter[0]
         if not first_long.endswith(first_short) or first_long == first_short:
             continue
         prefix = first_long[: len(first_long) - len(first_short)]
-        if all(a == prefix + b for a, b in zip(longer, shorter, strict=True)) or {
-            prefix + k for k in shorter
-        } == set(longer):
+        if all(a == prefix + b for a, b in zip(longer, shorter, strict=True)):
             return how, prefix
     return None
+
+
+def _unwrapped_versions(versions: Mapping[str, int], prefix: str) -> dict[str, int]:
+    """Versions of the modules below a wrapper's ``prefix`` (``module.``), as if unwrapped."""
+    inner = prefix.removesuffix(".")
+    return {
+        ("" if module == inner else module.removeprefix(prefix)): version
+        for module, version in versions.items()
+        if module == inner or module.startswith(prefix)
+    }
 
 
 def _likely_renames(removed: list[TensorEntry], added: list[TensorEntry]) -> list[tuple[str, str]]:
@@ -285,7 +364,8 @@ def _moved(exp: list[str], act: list[str]) -> list[tuple[str, int, int]]:
     stayed = {
         k for block in matcher.get_matching_blocks() for k in old[block.a : block.a + block.size]
     }
-    return [(k, old.index(k), new.index(k)) for k in old if k not in stayed]
+    position = {k: i for i, k in enumerate(new)}
+    return [(k, i, position[k]) for i, k in enumerate(old) if k not in stayed and i != position[k]]
 
 
 # ---- optimizer ---------------------------------------------------------------------------

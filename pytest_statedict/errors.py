@@ -30,19 +30,27 @@ class StateDictError(Exception):
 class SnapshotError(StateDictError):
     """A snapshot file that cannot be read: invalid JSON, a wrong field, a stale format."""
 
-    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
+    REMEDY = "fix it by hand or regenerate it with `pytest --statedict-update`"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        problem: str,
+        line: int | None = None,
+        remedy: str | None = None,
+    ) -> None:
         self.path = os.fspath(path)
         self.line = line
         self.problem = problem
         where = f"{self.path}:{line}" if line else self.path
         super().__init__(
-            f"statedict snapshot {where}: {problem}. The file was left untouched; fix it by hand "
-            "or regenerate it with `pytest --statedict-update`."
+            f"statedict snapshot {where}: {problem}. The file was left untouched; "
+            f"{remedy or self.REMEDY}."
         )
 
 
 class StaleSnapshotError(SnapshotError):
-    """A snapshot written by another format version: regenerate, do not diff."""
+    """A snapshot written by another format version: regenerate (or upgrade), do not diff."""
 
 
 class CheckpointError(StateDictError):

@@ -345,6 +345,60 @@ def _storage_of(tensor: torch.Tensor) -> Any:
         return None
 
 
+def require_module(obj: Any, caller: str) -> nn.Module:
+    """``obj`` if it is a model; else an error that says what was passed and what to pass."""
+    if isinstance(obj, nn.Module):
+        return obj
+    hint = ""
+    if isinstance(obj, Mapping):
+        hint = (
+            ": that looks like a state_dict; pass the model it came from (the check loads "
+            "into a fresh copy of the model with its own load_state_dict)"
+        )
+    elif callable(obj) and getattr(obj, "__name__", "") == "state_dict":
+        hint = ": that is the bound method model.state_dict; pass the model itself"
+    raise UnsupportedObjectError(
+        f"{caller} needs the model (a torch.nn.Module), not a {_type_name(obj)}{hint}"
+    )
+
+
+def nothing_to_check(obj: Any) -> UnsupportedObjectError:
+    """The error for a check of an object with no tensors (and no optimizer) at all.
+
+    An empty schema matches only another empty one, so such a check would guard nothing;
+    it is nearly always a mistake, often layers kept in a plain list or dict, which
+    ``nn.Module`` does not register (``nn.ModuleList`` / ``nn.ModuleDict`` do).
+    """
+    what = "an empty state_dict" if isinstance(obj, Mapping) else f"a {_type_name(obj)}"
+    hint = ""
+    if isinstance(obj, nn.Module):
+        hidden = _unregistered_modules(obj)
+        what = f"{_type_name(obj)} has no parameters or buffers"
+        if hidden:
+            hint = (
+                f"; {', '.join(hidden[:5])} hold(s) modules in a plain list, tuple or dict, "
+                "which nn.Module does not register: use nn.ModuleList / nn.ModuleDict"
+            )
+    return UnsupportedObjectError(
+        f"nothing to check: {what}, so the check would guard nothing{hint}"
+    )
+
+
+def _unregistered_modules(model: nn.Module) -> list[str]:
+    internals = set(vars(nn.Module()))  # _modules, _parameters, hooks...
+    found = []
+    for prefix, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name in internals:
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            if isinstance(value, (list, tuple, dict)) and any(
+                isinstance(v, nn.Module) for v in items
+            ):
+                found.append(f"{prefix}.{name}" if prefix else name)
+    return found
+
+
 def _type_name(value: Any) -> str:
     cls = type(value)
     return (

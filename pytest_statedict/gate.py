@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import load_state_dict_file, read_snapshot
 from .compare import Rename, compile_rename, diff_schemas
 from .errors import StateDictMismatch
-from .extract import mapping_schema, module_schema
+from .extract import mapping_schema, module_schema, require_module
 from .report import SECTION_LIMIT, suggest_rename
 from .round_trip import meta_copy
 from .schema import Schema
@@ -52,6 +52,7 @@ def assert_checkpoint_loads(
     in a checkpoint holding several (``"modelB_state_dict"``).
     """
     __tracebackhide__ = True
+    require_module(model, "assert_checkpoint_loads()")
     source = Path(path)
     saved_on: set[str] = set()
     if source.suffix == ".json":

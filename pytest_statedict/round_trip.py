@@ -26,7 +26,7 @@ from torch import nn
 
 from .bitwise import difference
 from .errors import StateDictError, StateDictMismatch
-from .extract import schema_of
+from .extract import require_module, schema_of
 
 if TYPE_CHECKING:
     from .session import StateDictSession
@@ -101,6 +101,7 @@ def roundtrip(
     state (this steps a deep copy, never your model). Never raises on a mismatch: the
     result lists them (``result.assert_ok()`` raises).
     """
+    require_module(model, "roundtrip()")
     if format not in FORMATS:
         raise StateDictError(
             f"roundtrip(): format must be one of {', '.join(FORMATS)}, not {format!r}"

@@ -24,6 +24,10 @@ FORMAT_NAME = "pytest-statedict"
 FORMAT_VERSION = 1
 
 KINDS = ("parameter", "buffer", "tensor", "object")
+TOP_LEVEL_FIELDS = {
+    "format", "version", "totals", "ordered", "tensors", "versions", "non_persistent_buffers",
+    "extras", "optimizer",
+}  # fmt: skip
 
 # Byte sizes of the dtypes torch has, so totals can be computed without importing torch.
 # Sub-byte types (uint1..uint7, int1..int7) are stored one element per byte by torch.
@@ -193,11 +197,14 @@ class Schema:
 
     ``versions`` maps a module's prefix to its ``_metadata`` version when that is not the
     default 1 (``None``: unknown, a bare state_dict without ``_metadata``).
+    ``ordered`` is False when the key order carries no meaning (a ``.safetensors`` header
+    is sorted by the writer, not in ``state_dict`` order): moved keys are then not reported.
     ``saved_on`` (the storage locations a checkpoint file was saved from) and ``source``
     are information for reports, not part of a snapshot.
     """
 
     tensors: tuple[TensorEntry, ...]
+    ordered: bool = True
     versions: Mapping[str, int] | None = None
     non_persistent_buffers: tuple[str, ...] = ()
     optimizer: OptimizerSchema | None = None
@@ -250,6 +257,8 @@ class Schema:
             f'"format": {dump(FORMAT_NAME)}, "version": {FORMAT_VERSION},',
             f'"totals": {dump(self.totals)},',
         ]
+        if not self.ordered:
+            lines.append('"ordered": false,')
         lines.append('"tensors": [')
         lines.extend(_joined("  " + dump(_entry_to_json(t)) for t in self.tensors))
         lines.append("],")
@@ -382,13 +391,23 @@ class _SnapshotParser:
             raise self.fail(f'not a statedict snapshot (no "format": "{FORMAT_NAME}" header)')
         version = data.get("version")
         if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise StaleSnapshotError(
                 self.path,
                 f"written in snapshot format version {version!r}, this plugin reads version "
-                f"{FORMAT_VERSION}; regenerate it with `pytest --statedict-update`",
+                f"{FORMAT_VERSION}",
                 2,
+                remedy=(
+                    "it comes from a newer pytest-statedict: upgrade the plugin (regenerating "
+                    "would downgrade the file)"
+                    if newer
+                    else "regenerate it with `pytest --statedict-update`"
+                ),
             )
         tensors = self.list_of(data, "tensors", self.entry)
+        unknown = set(data) - TOP_LEVEL_FIELDS
+        if unknown:
+            raise self.fail(f"unknown field {sorted(unknown)[0]!r}", sorted(unknown)[0])
         keys = [t.key for t in tensors]
         duplicated = (
             sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
@@ -408,8 +427,12 @@ class _SnapshotParser:
         if not (isinstance(extras, dict) and all(isinstance(x, str) for x in extras.values())):
             raise self.fail('"extras" must be an object of type names', "extras")
         optimizer = data.get("optimizer")
+        ordered = data.get("ordered", True)
+        if not isinstance(ordered, bool):
+            raise self.fail('"ordered" must be true or false', "ordered")
         return Schema(
             tensors=tuple(tensors),
+            ordered=ordered,
             versions=versions,
             non_persistent_buffers=tuple(npb),
             optimizer=None if optimizer is None else self.optimizer(optimizer),
@@ -434,6 +457,15 @@ class _SnapshotParser:
             if not isinstance(item.get("type"), str):
                 raise self.fail(f'{key!r}: an object entry needs a string "type"', key)
             return TensorEntry(key=key, kind=kind, type=item["type"])
+        unknown = set(item) - {
+            "key", "kind", "shape", "dtype", "requires_grad", "tied_to", "layout", "qscheme",
+            "values",
+        }  # fmt: skip
+        if unknown:
+            raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
+        for name in ("shape", "dtype"):
+            if name not in item:
+                raise self.fail(f'{key!r}: no "{name}" field', key)
         shape = item.get("shape")
         if not (
             isinstance(shape, list)
@@ -449,12 +481,6 @@ class _SnapshotParser:
         for name in ("tied_to", "layout", "qscheme"):
             if item.get(name) is not None and not isinstance(item[name], str):
                 raise self.fail(f'{key!r}: "{name}" must be a string', key)
-        unknown = set(item) - {
-            "key", "kind", "shape", "dtype", "requires_grad", "tied_to", "layout", "qscheme",
-            "values",
-        }  # fmt: skip
-        if unknown:
-            raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
         return TensorEntry(
             key=key,
             kind=kind,

@@ -84,6 +84,28 @@ def test_general_checkpoint_file(tmp_path: Path) -> None:
     assert schema.extras == {"epoch": "int"}
 
 
+@pytest.mark.parametrize("values", [False, True])
+def test_safetensors_order_is_not_a_difference(tmp_path: Path, values: bool) -> None:
+    """safetensors sorts its header: the same model as .pt and .safetensors is no diff."""
+    from safetensors.torch import save_file
+
+    from pytest_statedict.compare import diff_schemas
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    net.add_module("aa", nn.Linear(2, 2))  # sorts first, saved last
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    save_file(net.state_dict(), tmp_path / "model.safetensors")
+    from_st = schema_of(tmp_path / "model.safetensors", values=values)
+    assert not from_st.ordered
+    assert [t.key for t in from_st] != list(net.state_dict())
+    assert not diff_schemas(schema_of(tmp_path / "model.pt", values=values), from_st)
+    assert not diff_schemas(from_st, schema_of(net, values=values))
+    reordered = nn.Sequential()
+    for name in ("aa", "0", "1", "2"):
+        reordered.add_module(name, getattr(net, name))
+    assert diff_schemas(schema_of(net), schema_of(reordered)).moved  # between ordered sides
+
+
 def test_safetensors_header_only(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -212,3 +212,123 @@ def test_implementation_flags_are_not_recorded() -> None:
     recorded = set(hyper.optimizer.param_groups[0].hyperparams)
     assert not recorded & {"foreach", "fused", "capturable", "differentiable"}
     assert {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"} <= recorded
+
+
+class Wrapped(nn.Module):
+    """What DataParallel / DDP do to keys: the model under ``module.``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+
+def bn_net(head: str = "fc") -> nn.Module:
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3))
+    model.add_module("bn", nn.BatchNorm2d(4))  # module version 2
+    model.add_module(head, nn.Linear(4, 2))
+    return model
+
+
+def two_groups(model: nn.Module) -> torch.optim.Optimizer:
+    named = list(model.named_parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": 0.01},
+            {"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0},
+        ]
+    )
+
+
+def test_a_wrapper_prefix_is_reported_once_not_as_changed_module_versions() -> None:
+    model = bn_net()
+    diff = diff_schemas(schema_of(model), schema_of(Wrapped(model)))
+    assert diff.prefix == ("added", "module.")
+    assert diff.versions == []
+    assert diff_schemas(schema_of(Wrapped(model)), schema_of(model)).versions == []
+
+
+@pytest.mark.parametrize(
+    "rename",
+    [[(r"^module\.", "")], lambda k: k.removeprefix("module.")],
+    ids=["regex", "callable"],
+)
+def test_rename_carries_module_versions_and_optimizer_members(rename: object) -> None:
+    model = bn_net()
+    wrapped = Wrapped(model)
+    expected = schema_of(model, optimizer=two_groups(model))
+    assert_state_dict_matches(wrapped, expected, optimizer=two_groups(wrapped), rename=rename)
+
+
+def test_rename_of_a_submodule_carries_its_optimizer_members() -> None:
+    old, new = bn_net("fc"), bn_net("head")
+    expected = schema_of(old, optimizer=two_groups(old))
+    assert_state_dict_matches(
+        new, expected, optimizer=two_groups(new), rename=[(r"^head\.", "fc.")]
+    )
+    with pytest.raises(StateDictMismatch, match="likely renamed") as info:
+        assert_state_dict_matches(new, expected, optimizer=two_groups(new))
+    assert info.value.diff.optimizer == []  # the renames explain the optimizer too
+
+
+def test_ignore_leaves_out_optimizer_members_and_versions_of_ignored_keys() -> None:
+    old, new = bn_net("fc"), bn_net("head")
+    expected = schema_of(old, optimizer=two_groups(old))
+    assert_state_dict_matches(new, expected, optimizer=two_groups(new), ignore=["fc.*", "head.*"])
+    dropped = normalise(schema_of(old), ignore=["bn.*"])
+    assert dropped.versions == {}
+    assert normalise(schema_of(old), ignore=["fc.*"]).versions == {"bn": 2}
+
+
+def test_renamed_versions_follow_their_keys_or_stay_put() -> None:
+    schema = schema_of(Wrapped(bn_net()))
+    assert schema.versions == {"module.bn": 2}
+    assert normalise(schema, rename=lambda k: k.removeprefix("module.")).versions == {"bn": 2}
+    assert normalise(schema, rename=lambda k: k.replace("bn.", "norm.")).versions == {
+        "module.norm": 2
+    }
+    # keys of one module sent different ways: the module keeps its name
+    split = normalise(schema, rename=lambda k: k.replace("bn.running", "stats.running"))
+    assert split.versions == {"module.bn": 2}
+
+
+def test_moved_keys_never_list_a_key_at_its_old_position() -> None:
+    old = net()
+    new = nn.Sequential()
+    new.add_module("decoder", nn.Linear(4, 2))
+    new.add_module("norm", nn.LayerNorm(4))
+    new.add_module("encoder", nn.Linear(3, 4))
+    diff = diff_schemas(schema_of(old), schema_of(new))
+    assert diff.moved
+    assert all(before != after for _, before, after in diff.moved)
+
+
+class Unregistered(nn.Module):
+    """The classic mistake: layers in a plain list are not part of the state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [nn.Linear(2, 2), nn.Linear(2, 2)]
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ({}, "nothing to check: an empty state_dict"),
+        (nn.ReLU(), r"torch.nn.modules.activation.ReLU has no parameters or buffers"),
+        (Unregistered(), r"layers hold\(s\) modules in a plain list.*nn.ModuleList"),
+    ],
+    ids=["empty-dict", "stateless-module", "plain-list"],
+)
+def test_an_empty_state_dict_is_not_silently_matched(obj: object, expected: str) -> None:
+    from pytest_statedict import UnsupportedObjectError
+
+    with pytest.raises(UnsupportedObjectError, match=expected):
+        assert_state_dict_matches(obj, {})
+
+
+def test_registered_layers_are_not_reported_as_unregistered() -> None:
+    from pytest_statedict.extract import nothing_to_check
+
+    model = nn.Sequential(nn.ReLU(), nn.Identity())
+    assert "plain list" not in str(nothing_to_check(model))

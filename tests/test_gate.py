@@ -11,7 +11,13 @@ from conftest import match_lines
 from test_checkpoint_files import saved_as
 from torch import nn
 
-from pytest_statedict import StateDictMismatch, assert_checkpoint_loads, schema_of
+from pytest_statedict import (
+    StateDictMismatch,
+    UnsupportedObjectError,
+    assert_checkpoint_loads,
+    roundtrip,
+    schema_of,
+)
 
 
 class V1(nn.Module):
@@ -125,6 +131,16 @@ def test_wrapper_prefix_is_named(tmp_path: Path) -> None:
     assert_checkpoint_loads(V1(), path, rename=[(r"^module\.", "")])
 
 
+def test_wrapper_prefix_is_named_for_a_safetensors_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ddp.safetensors"
+    save_file(nn.DataParallel(V1()).state_dict(), path)  # header sorted: not model order
+    with pytest.raises(StateDictMismatch, match=r"prefix 'module\.' dropped"):
+        assert_checkpoint_loads(V1(), path)
+    assert_checkpoint_loads(V1(), path, rename=[(r"^module\.", "")])
+
+
 def test_model_is_not_touched(v1_checkpoint: Path) -> None:
     model = V1()
     before = model.encoder.weight.clone()
@@ -164,3 +180,22 @@ def test_through_pytest(pytester: pytest.Pytester) -> None:
             "*weight: checkpoint [3, 2], model [4, 2]",
         ],
     )
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda path: assert_checkpoint_loads(5, path), r"not a int$"),
+        (
+            lambda path: assert_checkpoint_loads(V1().state_dict(), path),
+            "looks like a state_dict; pass the model",
+        ),
+        (lambda path: roundtrip(5), r"roundtrip\(\) needs the model .*not a int"),
+        (lambda path: roundtrip(V1().state_dict()), "looks like a state_dict"),
+        (lambda path: roundtrip(V1().state_dict), "the bound method model.state_dict"),
+    ],
+    ids=["gate-int", "gate-state_dict", "roundtrip-int", "roundtrip-state_dict", "bound-method"],
+)
+def test_a_model_is_asked_for_by_name(v1_checkpoint: Path, call: Any, expected: str) -> None:
+    with pytest.raises(UnsupportedObjectError, match=expected):
+        call(v1_checkpoint)

@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -211,7 +212,6 @@ BASE = Schema(
         (lambda t: "", "the file is empty"),
         (lambda t: t[:-5], "invalid JSON"),
         (lambda t: "[]", "not a statedict snapshot"),
-        (lambda t: t.replace('"version": 1', '"version": 99'), "format version 99"),
         (lambda t: t.replace('"kind": "buffer"', '"kind": "weights"'), "kind 'weights'"),
         (lambda t: t.replace('"shape": [3]', '"shape": [-3]'), "non-negative integers"),
         (lambda t: t.replace('"shape": [3]', '"shape": "3"'), "non-negative integers"),
@@ -224,6 +224,10 @@ BASE = Schema(
         (lambda t: t.replace('"dtype": "int64"', '"dtype": "int65"'), "unknown dtype 'int65'"),
         (lambda t: t.replace('"tensors": [', '"tensorz": ['), '"tensors" is missing'),
         (lambda t: t.replace('"versions": {}', '"versions": {"x": "2"}'), '"versions" must be'),
+        (lambda t: t.replace('"versions": {}', '"versionz": {}'), "unknown field 'versionz'"),
+        (lambda t: t.replace('"shape": [2]', '"shap": [2]'), "'b': unknown field 'shap'"),
+        (lambda t: t.replace(', "shape": [2]', ''), """'b': no "shape" field"""),
+        (lambda t: t.replace('"tensors": [', '"ordered": 0, "tensors": ['), '"ordered" must be'),
     ],
 )  # fmt: skip
 def test_hand_edited_snapshots_are_named_errors(edit: Any, message: str) -> None:
@@ -233,6 +237,21 @@ def test_hand_edited_snapshots_are_named_errors(edit: Any, message: str) -> None
         Schema.from_json(edit(text), "snap/0.json")
     assert "snap/0.json" in str(info.value)
     assert "regenerate it with `pytest --statedict-update`" in str(info.value)
+
+
+def test_snapshot_from_a_newer_plugin_asks_for_an_upgrade_not_a_downgrade() -> None:
+    text = BASE.to_json().replace('"version": 1', '"version": 99')
+    with pytest.raises(StaleSnapshotError, match="format version 99") as info:
+        Schema.from_json(text, "snap/0.json")
+    assert "from a newer pytest-statedict: upgrade the plugin" in str(info.value)
+    assert "pytest --statedict-update" not in str(info.value)
+
+
+def test_unordered_schemas_round_trip_through_json() -> None:
+    unordered = replace(BASE, ordered=False)
+    text = unordered.to_json()
+    assert '"ordered": false' in text and '"ordered"' not in BASE.to_json()
+    assert Schema.from_json(text).ordered is False
 
 
 def test_stale_format_is_its_own_error() -> None:
