@@ -7,13 +7,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from .compare import Rename, compile_rename, diff_schemas, normalise
-from .errors import StateDictMismatch
+from .errors import StateDictMismatch, raised_at_call_site
 from .extract import nothing_to_check, schema_of
 from .report import render_diff
 from .schema import Schema
 from .session import key_normaliser
 
 
+@raised_at_call_site
 def assert_state_dict_matches(
     actual: Any,
     expected: Any = None,

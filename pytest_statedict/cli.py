@@ -21,12 +21,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="the layer table of a checkpoint or snapshot")
-    show.add_argument("path")
+    show.add_argument("path", help="a checkpoint file or folder, or a snapshot .json")
     show.add_argument("--json", action="store_true", help="print the schema as snapshot JSON")
     show.add_argument("--part", help="one entry of a general checkpoint, e.g. modelB_state_dict")
     diff = commands.add_parser("diff", help="the schema diff of two checkpoints or snapshots")
-    diff.add_argument("expected")
-    diff.add_argument("actual")
+    diff.add_argument("expected", help="the old checkpoint or snapshot (the reference)")
+    diff.add_argument("actual", help="the new one, compared against the reference")
     diff.add_argument("-v", "--verbose", action="store_true", help="show every line")
     args = parser.parse_args(argv)
     try:
@@ -51,6 +51,7 @@ def _show(path: str, *, as_json: bool, part: str | None) -> int:
 
 def render_table(schema: object) -> str:
     """Name, shape, dtype, kind and element count per key, aligned, then the totals."""
+    from .compare import UNKNOWN_CLASS
     from .schema import Schema
 
     assert isinstance(schema, Schema)
@@ -90,8 +91,9 @@ def render_table(schema: object) -> str:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")
     if schema.optimizer is not None:
         opt = schema.optimizer
+        cls = "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else opt.cls
         lines.append(
-            f"optimizer: {opt.cls}, {len(opt.param_groups)} param_group(s), state for "
+            f"optimizer: {cls}, {len(opt.param_groups)} param_group(s), state for "
             f"{len(opt.state)} parameter(s)"
         )
         for i, group in enumerate(opt.param_groups):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .compare import UNKNOWN_CLASS
-from .errors import UnsupportedObjectError
+from .errors import UnsupportedObjectError, raised_at_call_site
 from .schema import (
     Fingerprint,
     OptimizerSchema,
@@ -52,6 +52,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+@raised_at_call_site
 def schema_of(
     obj: Any,
     *,
@@ -193,7 +194,7 @@ def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
         if len(parts) > 1:
             raise UnsupportedObjectError(
                 f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
-                "choose one with part=, e.g. part=" + repr(parts[0])
+                f"choose one with part={parts[0]!r} (on the command line: --part {parts[0]})"
             )
         raise UnsupportedObjectError(
             "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "

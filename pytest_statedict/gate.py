@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import load_state_dict_file, read_snapshot
 from .compare import Rename, compile_rename, diff_schemas
-from .errors import StateDictMismatch
+from .errors import StateDictMismatch, raised_at_call_site
 from .extract import mapping_schema, module_schema, require_module
 from .report import SECTION_LIMIT, suggest_rename
 from .round_trip import meta_copy
@@ -34,6 +34,7 @@ _SIZE_MISMATCH = re.compile(
 )
 
 
+@raised_at_call_site
 def assert_checkpoint_loads(
     model: nn.Module,
     path: str | os.PathLike[str],

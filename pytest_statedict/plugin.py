@@ -140,7 +140,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         )
     line = state.summary_line()
     if line:
-        terminalreporter.write_line(line)
+        failed = state.counts["failed"] or state.roundtrips["failed"] or state.fails_session
+        terminalreporter.write_line(line, red=bool(failed), green=not failed)
 
 
 def pytest_assertrepr_compare(config: pytest.Config, op: str, left: Any, right: Any) -> Any:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .bitwise import difference
-from .errors import StateDictError, StateDictMismatch
+from .errors import StateDictError, StateDictMismatch, raised_at_call_site
 from .extract import require_module, schema_of
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class RoundTripResult:
             raise StateDictMismatch(str(self), self)
 
 
+@raised_at_call_site
 def roundtrip(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,

@@ -301,7 +301,12 @@ class StateDictSession:
                 storage.remove_snapshot(path)
             self.deleted = self.unused
             return False
-        return bool(self.unused) and not self.warn_unused
+        return self.fails_session
+
+    @property
+    def fails_session(self) -> bool:
+        """Unused snapshots fail the run, unless --statedict-warn-unused (or updating)."""
+        return bool(self.unused) and not self.warn_unused and not self.update
 
     def summary_line(self) -> str | None:
         parts = [

@@ -313,10 +313,15 @@ def test_unused_snapshots_fail_the_session_and_update_deletes_them(
         ],
     )
     assert removed.exists()
+    red, green = "\x1b[31m", "\x1b[32m"
+    colored = net_project.runpytest("--color=yes").stdout.str()
+    assert f"{red}statedict: 2 passed, 2 unused" in colored  # the run failed: say so in red
 
     result = net_project.runpytest("--statedict-warn-unused")
     assert result.ret == pytest.ExitCode.OK
     match_lines(result, ["statedict: 2 passed, 2 unused"])
+    colored = net_project.runpytest("--color=yes", "--statedict-warn-unused").stdout.str()
+    assert f"{green}statedict: 2 passed, 2 unused" in colored
 
     result = net_project.runpytest("--statedict-update")
     assert result.ret == pytest.ExitCode.OK
@@ -470,6 +475,9 @@ def test_corrupt_and_stale_snapshots(net_project: pytest.Pytester) -> None:
          "'conv1.weight': unknown dtype 'float33'. The file was left untouched*"]
     )  # fmt: skip
     assert "float33" in path.read_text()
+    # the error points at the user's line, not at the plugin's internals
+    assert "pytest_statedict/" not in result.stdout.str()
+    match_lines(result, [">       assert_state_dict_matches(Net())"])
 
     path.write_text(good[: len(good) // 2])
     result = net_project.runpytest()
