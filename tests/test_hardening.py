@@ -254,6 +254,32 @@ def test_any_single_mutation_is_reported_and_named(
     assert key in named or (diff.prefix is not None)
 
 
+@PROPERTY_SETTINGS
+@given(state_dicts().filter(lambda s: any(t.is_floating_point() for t in s.values())), st.data())
+def test_a_frozen_parameter_is_reported_and_named(
+    state: dict[str, torch.Tensor], data: st.DataObject
+) -> None:
+    """The one mutation a bare state_dict cannot carry: requires_grad, on a module."""
+
+    def module(frozen: str | None) -> nn.Module:
+        m = nn.Module()
+        for i, (name, tensor) in enumerate(state.items()):
+            attr = f"t{i}"  # keys hold dots; the attribute names need not
+            if tensor.is_floating_point():
+                m.register_parameter(attr, nn.Parameter(tensor, requires_grad=name != frozen))
+            else:
+                m.register_buffer(attr, tensor)
+        return m
+
+    floats = sorted(i for i, t in enumerate(state.values()) if t.is_floating_point())
+    index = data.draw(st.sampled_from(floats))
+    frozen = list(state)[index]
+    diff = diff_schemas(schema_of(module(None)), schema_of(module(frozen)))
+    assert [(c.key, c.attribute, c.expected, c.actual) for c in diff.changed] == [
+        (f"t{index}", "requires_grad", True, False)
+    ]
+
+
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
 def test_the_snapshot_parser_never_crashes(raw: bytes) -> None:
