@@ -88,7 +88,7 @@ def count_instructions(cmd: list[str], env: dict[str, str], *, cwd: Path) -> int
         env=dict(env, PYTHONHASHSEED="0"),
     )
     found = re.search(r"I\s+refs:\s+([\d,]+)", r["out"])
-    if r["rc"] != 0 or found is None:
+    if r["rc"] != 0 or found is None or f"{FILES * PER_FILE} tests collected" not in r["out"]:
         raise RuntimeError(f"callgrind run failed:\n{r['out'][-2000:]}")
     return int(found.group(1).replace(",", ""))
 

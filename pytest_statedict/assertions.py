@@ -7,14 +7,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from .compare import Rename, compile_rename, diff_schemas, normalise
-from .errors import StateDictMismatch, raised_at_call_site
+from .errors import StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .report import render_diff
 from .schema import Schema
 from .session import key_normaliser
 
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
-@raised_at_call_site
+
 def assert_state_dict_matches(
     actual: Any,
     expected: Any = None,
@@ -35,6 +37,7 @@ def assert_state_dict_matches(
     actual's keys first. Raises :class:`StateDictMismatch` listing every difference.
     """
     __tracebackhide__ = True
+    ignore = tuple(ignore)  # used on both sides and by the diff: a generator would run dry
     if expected is None:
         from .session import current_session
 
@@ -57,7 +60,7 @@ def assert_state_dict_matches(
     expected_schema = normalise(
         schema_of(expected, values=values), rename=key_normaliser(), ignore=ignore
     )
-    diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol)
+    diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
     if diff:
         raise StateDictMismatch(
             render_diff(

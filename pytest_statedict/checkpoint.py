@@ -24,8 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, SnapshotError, UnsupportedObjectError
+from .errors import CheckpointError, SnapshotError, UnsupportedObjectError, hide_from_bad_input
 from .schema import Schema, TensorEntry
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

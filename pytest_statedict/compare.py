@@ -15,7 +15,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .errors import StateDictError, hide_from_bad_input
 from .schema import OptimizerSchema, Schema, TensorEntry
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 Rename = Mapping[str, str] | Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -115,32 +119,34 @@ def normalise(
 ) -> Schema:
     """Apply ``rename`` to keys, then drop keys matching ``ignore`` globs.
 
-    Everything named after a key follows it: ``tied_to``, the non-persistent buffers, the
-    optimizer's members and state, and the module versions (a module is renamed as its
+    What is named after a key follows its rename: ``tied_to``, the non-persistent buffers,
+    the optimizer's members and state, and the module versions (a module is renamed as its
     keys are, and its version dropped when all its keys are ignored), so that a ``rename=``
-    that maps one layout onto another leaves nothing behind to report.
+    that maps one layout onto another leaves nothing behind to report. A tie keeps naming
+    its target even when that key is ignored (an untied weight is still news), and ignored
+    optimizer members are left to :func:`diff_schemas`, which can drop them only where
+    both sides name them.
     """
     patterns = tuple(ignore)
     if rename is None and not patterns:
         return schema
+    renamed = rename or str
 
-    def new_name(key: str) -> str | None:
-        """The key's name after rename, or None when ignored."""
-        if rename is not None:
-            key = rename(key)
-        return None if any(fnmatch.fnmatchcase(key, p) for p in patterns) else key
-
-    names = {t.key: new_name(t.key) for t in schema.tensors}
+    names = {t.key: renamed(t.key) for t in schema.tensors}
+    _refuse_collisions(names)
+    kept = {key: new for key, new in names.items() if not _matches(new, patterns)}
     tensors = tuple(
-        replace(t, key=names[t.key], tied_to=new_name(t.tied_to) if t.tied_to else None)
+        replace(t, key=kept[t.key], tied_to=renamed(t.tied_to) if t.tied_to else None)
         for t in schema.tensors
-        if names[t.key] is not None
+        if t.key in kept
     )
-    npb = tuple(n for n in map(new_name, schema.non_persistent_buffers) if n is not None)
-    versions = None if schema.versions is None else _renamed_versions(schema.versions, names)
-    optimizer = schema.optimizer
-    if optimizer is not None:
-        optimizer = _optimizer_without(renamed_optimizer(optimizer, lambda p: new_name(p) or ""))
+    npb = tuple(n for n in map(renamed, schema.non_persistent_buffers) if not _matches(n, patterns))
+    versions = (
+        None
+        if schema.versions is None
+        else _renamed_versions(schema.versions, names, kept, renamed)
+    )
+    optimizer = None if schema.optimizer is None else renamed_optimizer(schema.optimizer, renamed)
     return replace(
         schema,
         tensors=tensors,
@@ -150,41 +156,78 @@ def normalise(
     )
 
 
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _refuse_collisions(names: Mapping[str, str]) -> None:
+    seen: dict[str, str] = {}
+    for key, new in names.items():
+        if new in seen:
+            raise StateDictError(
+                f"rename= (or a pytest_statedict_normalize_key hook) maps both {seen[new]!r} "
+                f"and {key!r} to {new!r}: one of them would silently go unchecked"
+            )
+        seen[new] = key
+
+
 def _renamed_versions(
-    versions: Mapping[str, int], names: Mapping[str, str | None]
+    versions: Mapping[str, int],
+    names: Mapping[str, str],
+    kept: Mapping[str, str],
+    rename: Callable[[str], str],
 ) -> dict[str, int]:
     """Module versions under the new key names.
 
-    A module ``P`` becomes ``Q`` when every key below it, ``P.<rest>``, became ``Q.<rest>``;
-    it is dropped when all of them were ignored, and kept as it is when its keys went
-    different ways (or it has none).
+    A module ``P`` becomes ``Q`` when every kept key below it, ``P.<rest>``, became
+    ``Q.<rest>``; it is dropped when all its keys were ignored, and kept as it is when its
+    keys went different ways. A module without keys is renamed as a key below it would be.
     """
+    below: dict[str, list[str]] = {"": list(names)}  # module -> the keys below it
+    for key in names:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            below.setdefault(".".join(parts[:i]), []).append(key)
     out: dict[str, int] = {}
     for module, version in versions.items():
-        below = [
-            (key, new) for key, new in names.items() if not module or key.startswith(module + ".")
-        ]
-        kept = [(key[len(module) + 1 :] if module else key, new) for key, new in below if new]
-        if below and not kept:
+        keys = below.get(module, [])
+        survivors = [key for key in keys if key in kept]
+        if keys and not survivors:
             continue
-        heads = {new[: len(new) - len(rest)] for rest, new in kept if new.endswith(rest)}
-        moved = len(heads) == 1 and all(new.endswith(rest) for rest, new in kept)
-        head = heads.pop() if moved else None
-        if head is not None and (head == "" or head.endswith(".")):
-            out[head.removesuffix(".")] = version
-        else:
-            out[module] = version
+        out[_renamed_module(module, survivors, kept, rename)] = version
     return out
 
 
-def _optimizer_without(opt: OptimizerSchema) -> OptimizerSchema:
-    """Drop the members and state that ``normalise`` named ``""`` (ignored keys)."""
+_PROBE = "\x00probe"  # a key no model has: asks a rename where a keyless module goes
+
+
+def _renamed_module(
+    module: str, keys: list[str], kept: Mapping[str, str], rename: Callable[[str], str]
+) -> str:
+    pairs = [(key[len(module) + 1 :] if module else key, kept[key]) for key in keys]
+    if not pairs:
+        probe = rename(f"{module}.{_PROBE}" if module else _PROBE)
+        pairs = [(_PROBE, probe)]
+    heads = {new[: len(new) - len(rest)] for rest, new in pairs if new.endswith(rest)}
+    if len(heads) == 1 and all(new.endswith(rest) for rest, new in pairs):
+        head = heads.pop()
+        if head == "" or head.endswith("."):
+            return head.removesuffix(".")
+    return module
+
+
+def _without_members(opt: OptimizerSchema, patterns: tuple[str, ...]) -> OptimizerSchema:
+    """The optimizer without the named members (and their state) that match ``patterns``."""
+
+    def keep(p: str | int) -> bool:
+        return not (isinstance(p, str) and _matches(p, patterns))
+
     return replace(
         opt,
         param_groups=tuple(
-            replace(g, params=tuple(p for p in g.params if p != "")) for g in opt.param_groups
+            replace(g, params=tuple(p for p in g.params if keep(p))) for g in opt.param_groups
         ),
-        state=tuple(s for s in opt.state if s.param != ""),
+        state=tuple(s for s in opt.state if keep(s.param)),
     )
 
 
@@ -194,20 +237,28 @@ def diff_schemas(
     *,
     rtol: float | None = None,
     atol: float | None = None,
+    ignore: Iterable[str] = (),
 ) -> SchemaDiff:
+    """Everything that differs; ``ignore`` (globs) drops optimizer members both sides name.
+
+    The keys themselves are expected to have gone through :func:`normalise` already.
+    """
     diff = SchemaDiff(
         expected_saved_on=expected.saved_on,
         actual_saved_on=actual.saved_on,
     )
-    exp, act = expected.by_key(), actual.by_key()
-    diff.prefix = _detect_prefix(list(exp), list(act))
-    if diff.prefix is not None:
+    diff.prefix = _detect_prefix([t.key for t in expected], [t.key for t in actual])
+    if diff.prefix is not None:  # compare the wrapped model, not the wrapper's names
         how, prefix = diff.prefix
-        strip = len(prefix)
+
+        def unwrap(key: str) -> str:
+            return key.removeprefix(prefix)
+
         if how == "added":
-            act = {k[strip:]: replace(t, key=k[strip:]) for k, t in act.items()}
+            actual = normalise(actual, rename=unwrap)
         else:
-            exp = {k[strip:]: replace(t, key=k[strip:]) for k, t in exp.items()}
+            expected = normalise(expected, rename=unwrap)
+    exp, act = expected.by_key(), actual.by_key()
 
     diff.removed = [t for k, t in exp.items() if k not in act]
     diff.added = [t for k, t in act.items() if k not in exp]
@@ -221,15 +272,8 @@ def diff_schemas(
         diff.moved = _moved(list(exp), list(act))
 
     if expected.versions is not None and actual.versions is not None:
-        old_versions, new_versions = expected.versions, actual.versions
-        if diff.prefix is not None:  # compare the wrapped model's modules, not the wrapper's
-            how, prefix = diff.prefix
-            if how == "added":
-                new_versions = _unwrapped_versions(new_versions, prefix)
-            else:
-                old_versions = _unwrapped_versions(old_versions, prefix)
-        for module in sorted(set(old_versions) | set(new_versions)):
-            old, new = old_versions.get(module, 1), new_versions.get(module, 1)
+        for module in sorted(set(expected.versions) | set(actual.versions)):
+            old, new = expected.versions.get(module, 1), actual.versions.get(module, 1)
             if old != new:
                 diff.versions.append((module, old, new))
     npb_old, npb_new = set(expected.non_persistent_buffers), set(actual.non_persistent_buffers)
@@ -238,26 +282,17 @@ def diff_schemas(
         old_t, new_t = expected.extras.get(name), actual.extras.get(name)
         if old_t != new_t:
             diff.extras.append(f"{name}: {old_t or 'absent'} -> {new_t or 'absent'}")
+    old_opt, new_opt = expected.optimizer, actual.optimizer
+    patterns = tuple(ignore)
+    if patterns and old_opt and new_opt and _uses_names(old_opt) and _uses_names(new_opt):
+        old_opt, new_opt = _without_members(old_opt, patterns), _without_members(new_opt, patterns)
+    renames = dict(diff.renames)
     diff.optimizer = diff_optimizers(
-        renamed_optimizer(expected.optimizer, _expected_to_actual(diff)), actual.optimizer
+        renamed_optimizer(old_opt, lambda key: renames.get(key, key)), new_opt
     )
     if actual.optimizer is not None:
         diff.problems = list(actual.optimizer.problems)
     return diff
-
-
-def _expected_to_actual(diff: SchemaDiff) -> Callable[[str], str]:
-    """Expected key -> actual key, after the detected prefix change and likely renames."""
-    renames = dict(diff.renames)
-    how, prefix = diff.prefix or ("", "")
-
-    def rename(key: str) -> str:
-        if how == "dropped":
-            key = key.removeprefix(prefix)
-        key = renames.get(key, key)
-        return prefix + key if how == "added" else key
-
-    return rename
 
 
 def _detect_prefix(exp: list[str], act: list[str]) -> tuple[str, str] | None:
@@ -277,16 +312,6 @@ def _detect_prefix(exp: list[str], act: list[str]) -> tuple[str, str] | None:
         if all(a == prefix + b for a, b in zip(longer, shorter, strict=True)):
             return how, prefix
     return None
-
-
-def _unwrapped_versions(versions: Mapping[str, int], prefix: str) -> dict[str, int]:
-    """Versions of the modules below a wrapper's ``prefix`` (``module.``), as if unwrapped."""
-    inner = prefix.removesuffix(".")
-    return {
-        ("" if module == inner else module.removeprefix(prefix)): version
-        for module, version in versions.items()
-        if module == inner or module.startswith(prefix)
-    }
 
 
 def _likely_renames(removed: list[TensorEntry], added: list[TensorEntry]) -> list[tuple[str, str]]:

@@ -8,12 +8,8 @@ name the file or object and say what to do, never surface as a traceback from in
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-F = TypeVar("F", bound=Callable[..., Any])
+from typing import Any
 
 
 class StateDictMismatch(AssertionError):
@@ -71,20 +67,11 @@ class UnsupportedObjectError(StateDictError, TypeError):
     """An object the plugin cannot take a schema of."""
 
 
-def raised_at_call_site(func: F) -> F:
-    """Bad-input errors of a public function point at the caller's line, not our internals.
+def hide_from_bad_input(excinfo: Any) -> bool:
+    """A module-level ``__tracebackhide__`` for the package's modules (pytest reads it).
 
-    Their message already names the file or object and what to do; the plugin's frames
-    below the call would only bury it in pytest's output (this wrapper's own frame is
-    hidden with ``__tracebackhide__``).
+    A bad-input error's message names the file or object and what to do, so pytest shows
+    it at the caller's line, without the plugin's frames below; any other exception (a
+    bug) keeps them, and ``--full-trace`` shows everything.
     """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        __tracebackhide__ = True
-        try:
-            return func(*args, **kwargs)
-        except StateDictError as exc:
-            raise exc.with_traceback(None)  # noqa: B904 (the same exception, shorter)
-
-    return wrapper  # type: ignore[return-value]
+    return excinfo is not None and excinfo.errisinstance(StateDictError)

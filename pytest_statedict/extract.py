@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .compare import UNKNOWN_CLASS
-from .errors import UnsupportedObjectError, raised_at_call_site
+from .errors import UnsupportedObjectError, hide_from_bad_input
 from .schema import (
     Fingerprint,
     OptimizerSchema,
@@ -28,6 +28,9 @@ from .schema import (
     StateSpec,
     TensorEntry,
 )
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 # Names under which the usual general checkpoints keep their parts (the PyTorch
 # "saving and loading a general checkpoint" recipe, Lightning, Hugging Face Trainer...).
@@ -52,7 +55,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-@raised_at_call_site
 def schema_of(
     obj: Any,
     *,
@@ -370,16 +372,24 @@ def nothing_to_check(obj: Any) -> UnsupportedObjectError:
     it is nearly always a mistake, often layers kept in a plain list or dict, which
     ``nn.Module`` does not register (``nn.ModuleList`` / ``nn.ModuleDict`` do).
     """
-    what = "an empty state_dict" if isinstance(obj, Mapping) else f"a {_type_name(obj)}"
     hint = ""
     if isinstance(obj, nn.Module):
+        what = f"{_type_name(obj)} has nothing in its state_dict"
+        non_persistent = [name for name, _ in obj.named_buffers() if name not in obj.state_dict()]
+        if non_persistent:
+            what += f" (its buffers {', '.join(non_persistent[:5])} are non-persistent)"
         hidden = _unregistered_modules(obj)
-        what = f"{_type_name(obj)} has no parameters or buffers"
         if hidden:
             hint = (
                 f"; {', '.join(hidden[:5])} hold(s) modules in a plain list, tuple or dict, "
                 "which nn.Module does not register: use nn.ModuleList / nn.ModuleDict"
             )
+    elif isinstance(obj, (str, os.PathLike)):
+        what = f"{os.fspath(obj)} holds no tensors"
+    elif isinstance(obj, Schema):
+        what = f"the schema {obj.source or ''} has no keys".replace("  ", " ")
+    else:
+        what = "an empty state_dict"
     return UnsupportedObjectError(
         f"nothing to check: {what}, so the check would guard nothing{hint}"
     )

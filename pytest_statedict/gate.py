@@ -21,11 +21,14 @@ from torch import nn
 
 from .checkpoint import load_state_dict_file, read_snapshot
 from .compare import Rename, compile_rename, diff_schemas
-from .errors import StateDictMismatch, raised_at_call_site
+from .errors import StateDictMismatch, hide_from_bad_input
 from .extract import mapping_schema, module_schema, require_module
 from .report import SECTION_LIMIT, suggest_rename
 from .round_trip import meta_copy
 from .schema import Schema
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 _SIZE_MISMATCH = re.compile(
     r"size mismatch for (\S+): copying a param with shape (.+?) from "
@@ -34,7 +37,6 @@ _SIZE_MISMATCH = re.compile(
 )
 
 
-@raised_at_call_site
 def assert_checkpoint_loads(
     model: nn.Module,
     path: str | os.PathLike[str],

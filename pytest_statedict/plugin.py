@@ -140,8 +140,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         )
     line = state.summary_line()
     if line:
-        failed = state.counts["failed"] or state.roundtrips["failed"] or state.fails_session
-        terminalreporter.write_line(line, red=bool(failed), green=not failed)
+        failed = bool(state.counts["failed"] or state.roundtrips["failed"] or state.fails_session)
+        warned = not failed and bool(state.unused) and not state.deleted
+        terminalreporter.write_line(line, red=failed, yellow=warned, green=not (failed or warned))
 
 
 def pytest_assertrepr_compare(config: pytest.Config, op: str, left: Any, right: Any) -> Any:

@@ -25,11 +25,14 @@ import torch
 from torch import nn
 
 from .bitwise import difference
-from .errors import StateDictError, StateDictMismatch, raised_at_call_site
+from .errors import StateDictError, StateDictMismatch, hide_from_bad_input
 from .extract import require_module, schema_of
 
 if TYPE_CHECKING:
     from .session import StateDictSession
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 FORMATS = ("torch", "safetensors", "dcp")
 
@@ -80,7 +83,6 @@ class RoundTripResult:
             raise StateDictMismatch(str(self), self)
 
 
-@raised_at_call_site
 def roundtrip(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SnapshotError, StaleSnapshotError
+from .errors import SnapshotError, StaleSnapshotError, hide_from_bad_input
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 FORMAT_NAME = "pytest-statedict"
 FORMAT_VERSION = 1

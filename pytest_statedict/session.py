@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .errors import SnapshotError, StateDictError, StateDictMismatch
+from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
 
 if TYPE_CHECKING:
     import pytest
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
 
 _SESSIONS: list[StateDictSession] = []
 
@@ -221,7 +224,7 @@ class StateDictSession:
                 return
             self.counts["failed"] += 1
             raise
-        diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol)
+        diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=opts["ignore"])
         if not diff:
             if self.update and rtol is None and atol is None:
                 # same schema, other text (an older writer): refresh it, or it would show

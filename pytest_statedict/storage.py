@@ -19,6 +19,11 @@ import os
 import re
 from pathlib import Path
 
+from .errors import hide_from_bad_input
+
+# pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
+__tracebackhide__ = hide_from_bad_input
+
 SNAPSHOT_DIRNAME = "__statedict__"
 SUFFIX = ".json"
 MAX_COMPONENT = 120  # bytes; file systems allow 255, leave room for the hash and suffix

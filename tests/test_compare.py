@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -315,7 +317,7 @@ class Unregistered(nn.Module):
     ("obj", "expected"),
     [
         ({}, "nothing to check: an empty state_dict"),
-        (nn.ReLU(), r"torch.nn.modules.activation.ReLU has no parameters or buffers"),
+        (nn.ReLU(), r"torch.nn.modules.activation.ReLU has nothing in its state_dict"),
         (Unregistered(), r"layers hold\(s\) modules in a plain list.*nn.ModuleList"),
     ],
     ids=["empty-dict", "stateless-module", "plain-list"],
@@ -332,3 +334,83 @@ def test_registered_layers_are_not_reported_as_unregistered() -> None:
 
     model = nn.Sequential(nn.ReLU(), nn.Identity())
     assert "plain list" not in str(nothing_to_check(model))
+
+
+def test_ignore_against_a_checkpoint_whose_optimizer_counts_by_position() -> None:
+    """A bare optimizer state_dict names members by index: nothing to drop by name there."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    optimizer = two_groups(model)
+    checkpoint = {
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+    }
+    for pattern in ("2.*", "0.*"):
+        assert_state_dict_matches(model, checkpoint, optimizer=optimizer, ignore=[pattern])
+
+
+def test_ignoring_a_tie_target_still_reports_an_untied_weight() -> None:
+    def lm(tied: bool) -> nn.Module:
+        model = nn.Module()
+        model.embed = nn.Embedding(5, 4)
+        model.lm_head = nn.Linear(4, 5, bias=False)
+        if tied:
+            model.lm_head.weight = model.embed.weight
+        return model
+
+    diff = diff_schemas(
+        normalise(schema_of(lm(True)), ignore=["embed.*"]),
+        normalise(schema_of(lm(False)), ignore=["embed.*"]),
+    )
+    assert [(c.key, c.attribute, c.expected, c.actual) for c in diff.changed] == [
+        ("lm_head.weight", "tied_to", "embed.weight", None)
+    ]
+
+
+def test_a_wrapper_prefix_carries_non_persistent_buffers() -> None:
+    model = bn_net()
+    model[0].register_buffer("inv_freq", torch.ones(2), persistent=False)
+    diff = diff_schemas(schema_of(model), schema_of(Wrapped(model)))
+    assert diff.prefix == ("added", "module.")
+    assert diff.non_persistent == ([], [])
+    assert not diff.removed and not diff.added and not diff.changed
+
+
+def test_a_rename_that_merges_two_keys_is_refused() -> None:
+    from pytest_statedict import StateDictError
+
+    two = nn.Sequential(nn.Linear(5, 5), nn.Linear(2, 3))
+    with pytest.raises(StateDictError, match="maps both '0.weight' and '1.weight' to 'weight'"):
+        assert_state_dict_matches(two, nn.Linear(2, 3), rename=lambda k: k.split(".")[-1])
+
+
+class Versioned(nn.Module):
+    """A module with a version and no tensors of its own."""
+
+    _version = 3
+
+
+def test_a_versioned_module_without_keys_follows_a_rename() -> None:
+    inner = nn.Sequential()
+    inner.add_module("act", Versioned())
+    inner.add_module("fc", nn.Linear(2, 2))
+    assert schema_of(Wrapped(inner)).versions == {"module.act": 3}
+    assert_state_dict_matches(Wrapped(inner), schema_of(inner), rename=[(r"^module\.", "")])
+    # a mapping of exact keys says nothing about modules: the version stays where it was
+    mapping = compile_rename({"module.fc.weight": "fc.weight"})
+    mapped = normalise(schema_of(Wrapped(inner)), rename=mapping)
+    assert mapped.versions == {"module.act": 3}
+
+
+def test_nothing_to_check_says_what_was_empty(tmp_path: Path) -> None:
+    from pytest_statedict import Schema
+    from pytest_statedict.extract import nothing_to_check
+
+    only_non_persistent = nn.Module()
+    only_non_persistent.register_buffer("cache", torch.zeros(2), persistent=False)
+    assert "its buffers cache are non-persistent" in str(nothing_to_check(only_non_persistent))
+    assert f"{tmp_path / 'empty.pt'} holds no tensors" in str(
+        nothing_to_check(tmp_path / "empty.pt")
+    )
+    assert "the schema snap.json has no keys" in str(
+        nothing_to_check(Schema(tensors=(), source="snap.json"))
+    )
