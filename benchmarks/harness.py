@@ -95,14 +95,16 @@ def phase(name: str) -> Iterator[dict[str, Any]]:
     _emit("phase", {"name": name, "before": before})
     time.sleep(0.02)  # let the sampler see the marker before the work starts
     rec: dict[str, Any] = {}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         yield rec
     finally:
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started  # all threads of the process
         after = proc_status()
         rec.update(
             seconds=seconds,
+            cpu_seconds=cpu_seconds,
             rss_before=before.get("VmRSS", 0),
             anon_before=before.get("RssAnon", 0),
             file_before=before.get("RssFile", 0),

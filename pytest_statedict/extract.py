@@ -276,6 +276,7 @@ def _entries(
     views = _StorageViews()
     entries = []
     strided = torch.strided
+    fingerprints = _fingerprints(state) if values else {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             entries.append(TensorEntry(key=key, kind="object", type=_type_name(value)))
@@ -295,7 +296,7 @@ def _entries(
                 None if layout == strided else str(layout).removeprefix("torch."),
                 str(value.qscheme()).removeprefix("torch.") if value.is_quantized else None,
                 None,
-                fingerprint(value, key) if values else None,
+                fingerprints.get(key),
             )
         )
     return tuple(entries), views.waste_notes()
@@ -435,10 +436,7 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     """
     import xxhash
 
-    if tensor.is_meta:
-        raise UnsupportedObjectError(
-            f"{key!r} is on the meta device and has no values: values=True needs real tensors"
-        )
+    _require_values(tensor, key)
     t = tensor.detach()
     if t.layout != torch.strided:
         t = t.to_dense()
@@ -450,6 +448,78 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     digest = xxhash.xxh3_128(_bytes_of(t)).hexdigest()
     lo, hi, mean, std = _statistics(t)
     return Fingerprint(xxh3=digest, min=lo, max=hi, mean=mean, std=std)
+
+
+# Below this many bytes, hashing on a second thread saves less than starting it costs.
+OVERLAP_MIN_BYTES = 16 << 20
+
+
+def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
+    """The fingerprint of every tensor of a state_dict, hashed on a second thread.
+
+    xxhash releases the GIL while it hashes, so a worker thread hashes the tensors while
+    this one takes their statistics (torch calls): where a core is free, the statistics
+    cost no time beside the hash. Only tensors hashed where they lie (contiguous, dense,
+    on the CPU) go to the worker; the others are copied, fingerprinted and freed here one
+    at a time, so memory stays at one tensor's temporaries.
+    """
+    import threading
+
+    import xxhash
+
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for key, tensor in tensors.items():
+        _require_values(tensor, key)  # before any work starts
+    in_place = {k: v.detach() for k, v in tensors.items() if _hashable_in_place(v)}
+    if sum(t.nbytes for t in in_place.values()) < OVERLAP_MIN_BYTES:
+        in_place = {}
+    digests: dict[str, str] = {}
+    failure: list[BaseException] = []
+
+    def hash_all() -> None:
+        try:
+            for key, t in in_place.items():
+                digests[key] = xxhash.xxh3_128(_bytes_of(t)).hexdigest()
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=hash_all, name="statedict-xxh3", daemon=True)
+    if in_place:
+        worker.start()
+    out: dict[str, Fingerprint] = {}
+    statistics: dict[str, tuple[float, float, float, float]] = {}
+    try:
+        for key, tensor in tensors.items():
+            if key in in_place:
+                statistics[key] = _statistics(in_place[key])
+            else:
+                out[key] = fingerprint(tensor, key)
+    finally:
+        if in_place:
+            worker.join()
+    if failure:
+        raise failure[0]
+    for key, (lo, hi, mean, std) in statistics.items():
+        out[key] = Fingerprint(xxh3=digests[key], min=lo, max=hi, mean=mean, std=std)
+    return out
+
+
+def _require_values(tensor: torch.Tensor, key: str) -> None:
+    if tensor.is_meta:
+        raise UnsupportedObjectError(
+            f"{key!r} is on the meta device and has no values: values=True needs real tensors"
+        )
+
+
+def _hashable_in_place(t: torch.Tensor) -> bool:
+    """A plain dense contiguous CPU tensor: its bytes can be hashed without a copy."""
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and t.is_contiguous()
+    )
 
 
 def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:

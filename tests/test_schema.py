@@ -309,3 +309,45 @@ def test_big_tensor_fingerprint_hashes_everything_and_samples_statistics() -> No
     nudged[STAT_SAMPLE + 7] += 1e-3  # between two sampled blocks
     assert fingerprint(nudged).xxh3 != f.xxh3
     assert fingerprint(t + 1e-6).close_to(f, rtol=0, atol=1e-5) == []
+
+
+def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one() -> None:
+    """Over OVERLAP_MIN_BYTES the hashing runs on a worker thread: same results."""
+    from pytest_statedict.extract import OVERLAP_MIN_BYTES
+
+    big = torch.randn(OVERLAP_MIN_BYTES // 4 + 7)
+    state = {
+        "big": big,
+        "param": nn.Parameter(torch.randn(300, 300)),
+        "strided": torch.randn(64, 64).t(),  # copied, so fingerprinted on the caller's thread
+        "ints": torch.arange(1000, dtype=torch.int64),
+        "sparse": torch.eye(5).to_sparse(),
+        "view": big[10:20],
+    }
+
+    def whole(f: Any) -> tuple[Any, ...]:  # Fingerprint equality looks at the hash alone
+        return (f.xxh3, f.min, f.max, f.mean, f.std)
+
+    schema = schema_of(state, values=True)
+    assert {t.key: whole(t.fingerprint) for t in schema.tensors} == {
+        key: whole(fingerprint(value, key)) for key, value in state.items()
+    }
+
+
+def test_a_failure_on_the_hashing_thread_reaches_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pytest_statedict.extract as extract
+
+    def broken(t: torch.Tensor) -> bytes:
+        raise MemoryError("cannot map")
+
+    monkeypatch.setattr(extract, "_bytes_of", broken)
+    with pytest.raises(MemoryError, match="cannot map"):
+        schema_of({"big": torch.zeros(extract.OVERLAP_MIN_BYTES // 4)}, values=True)
+
+
+def test_a_meta_tensor_is_refused_before_any_hashing() -> None:
+    state = {"big": torch.zeros(1 << 23), "meta": torch.empty(3, device="meta")}
+    with pytest.raises(UnsupportedObjectError, match="'meta' is on the meta device"):
+        schema_of(state, values=True)
