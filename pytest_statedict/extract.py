@@ -533,10 +533,13 @@ def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:
     """
     if t.is_complex():
         t = torch.view_as_real(t)
+    nan = float("nan")
     if t.numel() == 0:
-        nan = float("nan")
         return nan, nan, nan, nan
-    x = _stat_sample(t.reshape(-1)).to(torch.float64)
+    try:
+        x = _stat_sample(t.reshape(-1)).to(torch.float64)
+    except NotImplementedError:  # bits and packed float4 types have no arithmetic in torch
+        return nan, nan, nan, nan  # the hash alone fingerprints them
     lo, hi = torch.aminmax(x)
     n = x.numel()
     mean = x.sum().item() / n

@@ -22,6 +22,7 @@ from torch import nn
 from pytest_statedict import Schema, SnapshotError, roundtrip, schema_of
 from pytest_statedict.bitwise import tensor_difference
 from pytest_statedict.compare import diff_schemas
+from pytest_statedict.extract import fingerprint
 from pytest_statedict.schema import DTYPE_ITEMSIZE, TensorEntry
 from pytest_statedict.storage import atomic_write, sanitise
 
@@ -56,6 +57,11 @@ def test_every_dtype_is_handled_or_refused_clearly(dtype: torch.dtype) -> None:
     if tensor is None:
         pytest.skip(f"torch {torch.__version__} cannot create and copy a {name} tensor")
     assert schema_of({"w": tensor}).tensors[0].dtype == name
+    values = schema_of({"w": tensor}, values=True).tensors[0].fingerprint
+    assert values is not None and values == fingerprint(tensor.clone())
+    flipped = tensor.clone()
+    flipped.view(torch.uint8).reshape(-1)[0] ^= 1
+    assert fingerprint(flipped) != values, "a flipped bit changes the fingerprint"
     assert tensor_difference(tensor, tensor.clone()) is None
     module = nn.Module()
     module.register_buffer("w", tensor)
