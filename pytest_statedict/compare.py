@@ -161,8 +161,14 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _refuse_collisions(names: Mapping[str, str]) -> None:
+    """A rename must give every key a name of its own, and a name at all."""
     seen: dict[str, str] = {}
     for key, new in names.items():
+        if not isinstance(new, str):
+            raise StateDictError(
+                f"rename= (or a pytest_statedict_normalize_key hook) gave {new!r} for key "
+                f"{key!r}: it must return the key's new name, a str"
+            )
         if new in seen:
             raise StateDictError(
                 f"rename= (or a pytest_statedict_normalize_key hook) maps both {seen[new]!r} "
@@ -206,7 +212,12 @@ def _renamed_module(
 ) -> str:
     pairs = [(key[len(module) + 1 :] if module else key, kept[key]) for key in keys]
     if not pairs:
-        probe = rename(f"{module}.{_PROBE}" if module else _PROBE)
+        try:
+            probe = rename(f"{module}.{_PROBE}" if module else _PROBE)
+        except Exception:  # a rename made for real keys only (a lookup table): no answer
+            return module
+        if not isinstance(probe, str):
+            return module
         pairs = [(_PROBE, probe)]
     heads = {new[: len(new) - len(rest)] for rest, new in pairs if new.endswith(rest)}
     if len(heads) == 1 and all(new.endswith(rest) for rest, new in pairs):

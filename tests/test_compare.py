@@ -414,3 +414,20 @@ def test_nothing_to_check_says_what_was_empty(tmp_path: Path) -> None:
     assert "the schema snap.json has no keys" in str(
         nothing_to_check(Schema(tensors=(), source="snap.json"))
     )
+
+
+def test_a_rename_must_return_a_name() -> None:
+    from pytest_statedict import StateDictError
+
+    table = {"0.weight": "a.weight"}
+    with pytest.raises(StateDictError, match="gave None for key '0.bias'"):
+        assert_state_dict_matches(nn.Sequential(nn.Linear(2, 2)), {}, rename=table.get)
+
+
+def test_a_lookup_table_rename_leaves_keyless_modules_alone() -> None:
+    inner = nn.Sequential()
+    inner.add_module("act", Versioned())
+    inner.add_module("fc", nn.Linear(2, 2))
+    table = {"module.fc.weight": "fc.weight", "module.fc.bias": "fc.bias"}
+    schema = normalise(schema_of(Wrapped(inner)), rename=table.__getitem__)  # KeyError on others
+    assert schema.versions == {"module.act": 3}
