@@ -123,18 +123,19 @@ def normalise(
     the optimizer's members and state, and the module versions (a module is renamed as its
     keys are, and its version dropped when all its keys are ignored), so that a ``rename=``
     that maps one layout onto another leaves nothing behind to report. A tie keeps naming
-    its target even when that key is ignored (an untied weight is still news), and ignored
-    optimizer members are left to :func:`diff_schemas`, which can drop them only where
-    both sides name them.
+    its target even when that key is ignored (an untied weight is still news). Ignored
+    optimizer members stay: a side that counts members by position cannot drop them, so
+    :func:`diff_schemas` drops them where both sides name them (and
+    :func:`without_ignored_members` before a snapshot is written).
     """
     patterns = tuple(ignore)
     if rename is None and not patterns:
         return schema
     renamed = rename or str
 
-    names = {t.key: renamed(t.key) for t in schema.tensors}
-    _refuse_collisions(names)
+    names = {t.key: _checked_name(renamed(t.key), t.key) for t in schema.tensors}
     kept = {key: new for key, new in names.items() if not _matches(new, patterns)}
+    _refuse_collisions(kept)
     tensors = tuple(
         replace(t, key=kept[t.key], tied_to=renamed(t.tied_to) if t.tied_to else None)
         for t in schema.tensors
@@ -142,9 +143,7 @@ def normalise(
     )
     npb = tuple(n for n in map(renamed, schema.non_persistent_buffers) if not _matches(n, patterns))
     versions = (
-        None
-        if schema.versions is None
-        else _renamed_versions(schema.versions, names, kept, renamed)
+        None if schema.versions is None else _renamed_versions(schema.versions, kept, patterns)
     )
     optimizer = None if schema.optimizer is None else renamed_optimizer(schema.optimizer, renamed)
     return replace(
@@ -160,15 +159,19 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _refuse_collisions(names: Mapping[str, str]) -> None:
-    """A rename must give every key a name of its own, and a name at all."""
+def _checked_name(new: object, key: str) -> str:
+    if not isinstance(new, str):
+        raise StateDictError(
+            f"rename= (or a pytest_statedict_normalize_key hook) gave {new!r} for key "
+            f"{key!r}: it must return the key's new name, a str"
+        )
+    return new
+
+
+def _refuse_collisions(kept: Mapping[str, str]) -> None:
+    """Two kept keys under one name: one of them would silently go unchecked."""
     seen: dict[str, str] = {}
-    for key, new in names.items():
-        if not isinstance(new, str):
-            raise StateDictError(
-                f"rename= (or a pytest_statedict_normalize_key hook) gave {new!r} for key "
-                f"{key!r}: it must return the key's new name, a str"
-            )
+    for key, new in kept.items():
         if new in seen:
             raise StateDictError(
                 f"rename= (or a pytest_statedict_normalize_key hook) maps both {seen[new]!r} "
@@ -178,53 +181,70 @@ def _refuse_collisions(names: Mapping[str, str]) -> None:
 
 
 def _renamed_versions(
-    versions: Mapping[str, int],
-    names: Mapping[str, str],
-    kept: Mapping[str, str],
-    rename: Callable[[str], str],
+    versions: Mapping[str, int], kept: Mapping[str, str], patterns: tuple[str, ...]
 ) -> dict[str, int]:
     """Module versions under the new key names.
 
     A module ``P`` becomes ``Q`` when every kept key below it, ``P.<rest>``, became
-    ``Q.<rest>``; it is dropped when all its keys were ignored, and kept as it is when its
-    keys went different ways. A module without keys is renamed as a key below it would be.
+    ``Q.<rest>``, and keeps its name when they went different ways. A module whose keys
+    were all ignored is dropped; one without keys (a versioned activation, say) moves with
+    its nearest ancestor that has kept keys, and is dropped when ``ignore`` covers it.
     """
-    below: dict[str, list[str]] = {"": list(names)}  # module -> the keys below it
-    for key in names:
+    below: dict[str, list[str]] = {"": list(kept)}  # module -> the kept keys below it
+    for key in kept:
         parts = key.split(".")
         for i in range(1, len(parts)):
             below.setdefault(".".join(parts[:i]), []).append(key)
     out: dict[str, int] = {}
     for module, version in versions.items():
-        keys = below.get(module, [])
-        survivors = [key for key in keys if key in kept]
-        if keys and not survivors:
+        if module and module not in below:  # no kept keys below it
+            parent = _nearest_with_keys(module, below)
+            moved = _moved_module(parent, below[parent], kept) if parent is not None else None
+            new = module if moved is None else _below(moved, _relative(module, parent))
+            if _matches(f"{new}.", patterns) or _matches(f"{module}.", patterns):
+                continue
+            out[new] = version
             continue
-        out[_renamed_module(module, survivors, kept, rename)] = version
+        moved = _moved_module(module, below[module], kept)
+        out[module if moved is None else moved] = version
     return out
 
 
-_PROBE = "\x00probe"  # a key no model has: asks a rename where a keyless module goes
+def _nearest_with_keys(module: str, below: Mapping[str, list[str]]) -> str | None:
+    """The closest enclosing module (the root ``""`` last) that has kept keys."""
+    parts = module.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if below.get(".".join(parts[:i])):
+            return ".".join(parts[:i])
+    return None
 
 
-def _renamed_module(
-    module: str, keys: list[str], kept: Mapping[str, str], rename: Callable[[str], str]
-) -> str:
-    pairs = [(key[len(module) + 1 :] if module else key, kept[key]) for key in keys]
-    if not pairs:
-        try:
-            probe = rename(f"{module}.{_PROBE}" if module else _PROBE)
-        except Exception:  # a rename made for real keys only (a lookup table): no answer
-            return module
-        if not isinstance(probe, str):
-            return module
-        pairs = [(_PROBE, probe)]
+def _relative(module: str, parent: str) -> str:
+    """``module``'s name within ``parent`` (``""`` being the root)."""
+    return module[len(parent) + 1 :] if parent else module
+
+
+def _below(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def _moved_module(module: str, keys: list[str], kept: Mapping[str, str]) -> str | None:
+    """The module's new name if all its keys moved together, else None."""
+    pairs = [(_relative(key, module), kept[key]) for key in keys]
     heads = {new[: len(new) - len(rest)] for rest, new in pairs if new.endswith(rest)}
     if len(heads) == 1 and all(new.endswith(rest) for rest, new in pairs):
         head = heads.pop()
         if head == "" or head.endswith("."):
             return head.removesuffix(".")
-    return module
+    return None
+
+
+def without_ignored_members(schema: Schema, ignore: Iterable[str]) -> Schema:
+    """The schema with its optimizer's ignored named members left out: what a snapshot keeps."""
+    patterns = tuple(ignore)
+    if not patterns or schema.optimizer is None:
+        return schema
+    return replace(schema, optimizer=_without_members(schema.optimizer, patterns))
 
 
 def _without_members(opt: OptimizerSchema, patterns: tuple[str, ...]) -> OptimizerSchema:
@@ -266,9 +286,9 @@ def diff_schemas(
             return key.removeprefix(prefix)
 
         if how == "added":
-            actual = normalise(actual, rename=unwrap)
+            actual = normalise(_inner_versions(actual, prefix), rename=unwrap)
         else:
-            expected = normalise(expected, rename=unwrap)
+            expected = normalise(_inner_versions(expected, prefix), rename=unwrap)
     exp, act = expected.by_key(), actual.by_key()
 
     diff.removed = [t for k, t in exp.items() if k not in act]
@@ -304,6 +324,17 @@ def diff_schemas(
     if actual.optimizer is not None:
         diff.problems = list(actual.optimizer.problems)
     return diff
+
+
+def _inner_versions(schema: Schema, prefix: str) -> Schema:
+    """The versions of the wrapped model alone: the wrapper's own modules are not compared."""
+    if schema.versions is None:
+        return schema
+    inner = prefix.removesuffix(".")
+    return replace(
+        schema,
+        versions={m: v for m, v in schema.versions.items() if m == inner or m.startswith(prefix)},
+    )
 
 
 def _detect_prefix(exp: list[str], act: list[str]) -> tuple[str, str] | None:

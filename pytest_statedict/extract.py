@@ -438,6 +438,8 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
 
     _require_values(tensor, key)
     t = tensor.detach()
+    if t.is_conj() or t.is_neg():  # lazy views: the bytes are those of the unresolved tensor
+        t = t.resolve_conj().resolve_neg()
     if t.layout != torch.strided:
         t = t.to_dense()
     if t.is_quantized:
@@ -518,6 +520,7 @@ def _hashable_in_place(t: torch.Tensor) -> bool:
         and t.device.type == "cpu"
         and t.layout == torch.strided
         and not t.is_quantized
+        and not (t.is_conj() or t.is_neg())
         and t.is_contiguous()
     )
 

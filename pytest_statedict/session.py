@@ -172,7 +172,7 @@ class StateDictSession:
         """Check ``actual`` against the current test's snapshot (written under the update flag)."""
         __tracebackhide__ = True
         from .assertions import prepared_schema
-        from .compare import diff_schemas, normalise
+        from .compare import diff_schemas, normalise, without_ignored_members
         from .report import render_diff
         from .schema import Schema
 
@@ -190,7 +190,8 @@ class StateDictSession:
         rtol, atol = opts.pop("rtol"), opts.pop("atol")
         actual_schema = prepared_schema(actual, **opts)
         problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
-        text = actual_schema.to_json()
+        # ignored keys' optimizer members stay out of the file (the diff drops them too)
+        text = without_ignored_members(actual_schema, opts["ignore"]).to_json()
         accept = f"pytest --statedict-update {_shell_quoted(item.nodeid)}"
 
         if not path.exists():

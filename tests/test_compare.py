@@ -424,10 +424,39 @@ def test_a_rename_must_return_a_name() -> None:
         assert_state_dict_matches(nn.Sequential(nn.Linear(2, 2)), {}, rename=table.get)
 
 
-def test_a_lookup_table_rename_leaves_keyless_modules_alone() -> None:
+def test_a_rename_is_only_asked_about_real_keys_and_keyless_modules_follow_their_parent() -> None:
     inner = nn.Sequential()
     inner.add_module("act", Versioned())
     inner.add_module("fc", nn.Linear(2, 2))
     table = {"module.fc.weight": "fc.weight", "module.fc.bias": "fc.bias"}
     schema = normalise(schema_of(Wrapped(inner)), rename=table.__getitem__)  # KeyError on others
-    assert schema.versions == {"module.act": 3}
+    assert schema.versions == {"act": 3}
+    assert normalise(schema_of(Wrapped(inner)), ignore=["module.*"]).versions == {}
+    # the other way round: wrapping adds the prefix to a top-level keyless module too
+    wrap = normalise(schema_of(inner), rename=compile_rename([(r"^", "module.")]))
+    assert wrap.versions == {"module.act": 3}
+
+
+def test_the_wrappers_own_module_versions_are_not_compared() -> None:
+    class VersionedWrapper(Wrapped):
+        _version = 2
+
+    inner = nn.Sequential(nn.Linear(2, 2))
+    diff = diff_schemas(schema_of(inner), schema_of(VersionedWrapper(inner)))
+    assert diff.prefix == ("added", "module.")
+    assert diff.versions == []
+
+
+def test_keys_merged_by_a_rename_may_all_be_ignored() -> None:
+    class Rope(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("rope", torch.ones(2))
+
+    two = nn.Sequential()
+    two.add_module("l0", Rope())
+    two.add_module("l1", Rope())
+    merged = normalise(
+        schema_of(two), rename=compile_rename([(r"^l\d\.rope$", "rope")]), ignore=["*rope"]
+    )
+    assert merged.tensors == ()

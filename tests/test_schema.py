@@ -311,11 +311,15 @@ def test_big_tensor_fingerprint_hashes_everything_and_samples_statistics() -> No
     assert fingerprint(t + 1e-6).close_to(f, rtol=0, atol=1e-5) == []
 
 
-def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one() -> None:
+def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Over OVERLAP_MIN_BYTES the hashing runs on a worker thread: same results."""
-    from pytest_statedict.extract import OVERLAP_MIN_BYTES
+    import threading
 
-    big = torch.randn(OVERLAP_MIN_BYTES // 4 + 7)
+    import pytest_statedict.extract as extract
+
+    big = torch.randn(extract.OVERLAP_MIN_BYTES // 4 + 7)
     state = {
         "big": big,
         "param": nn.Parameter(torch.randn(300, 300)),
@@ -323,12 +327,22 @@ def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one() -> None:
         "ints": torch.arange(1000, dtype=torch.int64),
         "sparse": torch.eye(5).to_sparse(),
         "view": big[10:20],
+        "conj": torch.randn(4, dtype=torch.complex64).conj(),  # a lazy view
     }
 
     def whole(f: Any) -> tuple[Any, ...]:  # Fingerprint equality looks at the hash alone
         return (f.xxh3, f.min, f.max, f.mean, f.std)
 
+    hashed_on: set[str] = set()
+    bytes_of = extract._bytes_of
+
+    def recording(t: torch.Tensor) -> Any:
+        hashed_on.add(threading.current_thread().name)
+        return bytes_of(t)
+
+    monkeypatch.setattr(extract, "_bytes_of", recording)
     schema = schema_of(state, values=True)
+    assert hashed_on == {"statedict-xxh3", threading.main_thread().name}  # both paths ran
     assert {t.key: whole(t.fingerprint) for t in schema.tensors} == {
         key: whole(fingerprint(value, key)) for key, value in state.items()
     }
@@ -337,9 +351,12 @@ def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one() -> None:
 def test_a_failure_on_the_hashing_thread_reaches_the_caller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import threading
+
     import pytest_statedict.extract as extract
 
     def broken(t: torch.Tensor) -> bytes:
+        assert threading.current_thread().name == "statedict-xxh3"
         raise MemoryError("cannot map")
 
     monkeypatch.setattr(extract, "_bytes_of", broken)
@@ -347,7 +364,13 @@ def test_a_failure_on_the_hashing_thread_reaches_the_caller(
         schema_of({"big": torch.zeros(extract.OVERLAP_MIN_BYTES // 4)}, values=True)
 
 
-def test_a_meta_tensor_is_refused_before_any_hashing() -> None:
+def test_a_meta_tensor_is_refused_before_any_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pytest_statedict.extract as extract
+
+    def never(t: torch.Tensor) -> bytes:
+        raise AssertionError("hashed before the meta tensor was refused")
+
+    monkeypatch.setattr(extract, "_bytes_of", never)
     state = {"big": torch.zeros(1 << 23), "meta": torch.empty(3, device="meta")}
     with pytest.raises(UnsupportedObjectError, match="'meta' is on the meta device"):
         schema_of(state, values=True)
