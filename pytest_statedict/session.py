@@ -124,8 +124,9 @@ class StateDictSession:
         path: Path | None = None
         record: ModuleRecord | None = None
         for item in items:
-            if getattr(item, "path", None) is not path:
-                path = getattr(item, "path", None)
+            item_path = getattr(item, "path", None)
+            if item_path is not path:
+                path = item_path
                 record = self._module_record(path) if path is not None else None
             if record is not None:
                 yield record, item
