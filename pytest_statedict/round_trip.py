@@ -421,6 +421,15 @@ def _compare_optimizer(
         },
         result,
     )
+    never_loaded = [n for n, p in fresh_model.named_parameters() if p.is_meta]
+    if never_loaded:  # reported with the tensors: there is nothing to resume from
+        result.mismatches.append(
+            "optimizer: not reloaded or resumed, the load left parameters without values ("
+            + ", ".join(never_loaded[:5])
+            + (", ..." if len(never_loaded) > 5 else "")
+            + ")"
+        )
+        return
     fresh_opt = _rebuild_optimizer(model, optimizer, fresh_model)
     try:
         fresh_opt.load_state_dict(loaded_state)

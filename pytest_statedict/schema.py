@@ -63,7 +63,15 @@ class Fingerprint:
     std: float = field(compare=False)
 
     def close_to(self, other: Fingerprint, rtol: float, atol: float) -> list[str]:
-        """Statistics of ``self`` (actual) not within tolerance of ``other`` (expected)."""
+        """Statistics of ``self`` (actual) not within tolerance of ``other`` (expected).
+
+        Each may move by ``atol + rtol * max(|min|, |max|)`` of the expected values: if
+        every element moved by at most ``atol + rtol * |element|`` (``torch.allclose``),
+        none of min, max, mean and std can have moved by more, so a change within the
+        tolerance always passes; a mean near zero does not make the bound vanish.
+        """
+        scale = max((abs(x) for x in (other.min, other.max) if math.isfinite(x)), default=0.0)
+        bound = atol + rtol * scale
         bad = []
         for stat in ("min", "max", "mean", "std"):
             a, e = getattr(self, stat), getattr(other, stat)
@@ -71,7 +79,7 @@ class Fingerprint:
                 continue
             if a == e:  # equal infinities
                 continue
-            if not (abs(a - e) <= atol + rtol * abs(e)):
+            if not (abs(a - e) <= bound):
                 bad.append(f"{stat} {_fmt_float(e)} -> {_fmt_float(a)}")
         return bad
 

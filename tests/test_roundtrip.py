@@ -358,3 +358,29 @@ def test_marker_misuse_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest()
     assert result.ret != pytest.ExitCode.OK
     match_lines(result, ["*test_no_fixture: the statedict_roundtrip marker parametrizes*"])
+
+
+class SilentlySkipped(nn.Linear):
+    """Drops its bias on load and hides it from missing_keys: strict=True cannot see it."""
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, metadata: Any, strict: bool, missing: Any, *args: Any
+    ) -> None:
+        state_dict.pop(prefix + "bias", None)
+        before = len(missing)
+        super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, *args)
+        del missing[before:]
+
+
+def test_a_silently_skipped_key_with_an_optimizer_is_reported_not_a_crash() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), SilentlySkipped(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    result = roundtrip(model, optimizer)
+    assert not result.ok
+    assert any(m.startswith("1.bias: ") for m in result.mismatches), result.mismatches
+    assert (
+        "optimizer: not reloaded or resumed, the load left parameters without values (1.bias)"
+        in (result.mismatches)
+    )

@@ -374,3 +374,20 @@ def test_a_meta_tensor_is_refused_before_any_hashing(monkeypatch: pytest.MonkeyP
     state = {"big": torch.zeros(1 << 23), "meta": torch.empty(3, device="meta")}
     with pytest.raises(UnsupportedObjectError, match="'meta' is on the meta device"):
         schema_of(state, values=True)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_change_within_allclose_tolerance_always_passes_the_statistics(seed: int) -> None:
+    """Mean near zero included: the bound scales with the values, not with the mean."""
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(50_000, generator=g) * 0.02  # a weight-like tensor, mean ~ 0
+    rtol, atol = 1e-4, 1e-6
+    tolerance = atol + rtol * old.abs()
+    wiggle = (torch.rand(old.shape, generator=g) * 2 - 1) * 0.9  # inside, float32 rounding aside
+    upward = torch.full_like(old, 0.9)  # every element up by 90 % of its tolerance
+    for change in (wiggle, upward):
+        new = old + change * tolerance
+        assert torch.allclose(new, old, rtol=rtol, atol=atol)
+        assert fingerprint(new).close_to(fingerprint(old), rtol, atol) == []
+    shifted = old + 20 * (atol + rtol * old.abs().max())  # every element beyond tolerance
+    assert fingerprint(shifted).close_to(fingerprint(old), rtol, atol) != []
