@@ -302,3 +302,19 @@ def test_the_parser_survives_edits_of_a_real_snapshot(data: st.DataObject) -> No
     junk = data.draw(st.text(alphabet='{}[]",:0123456789truefalsnul- ', max_size=10))
     with contextlib.suppress(SnapshotError):
         Schema.from_json(text[:start] + junk + text[end:], "edited.json")
+
+
+def test_snapshot_files_get_the_mode_of_any_project_file(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: new files follow the umask, rewritten ones keep their mode."""
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "snap" / "0.json"
+        atomic_write(fresh, "{}\n")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "snap" / "1.json"
+        kept.write_text("old\n")
+        kept.chmod(0o640)
+        atomic_write(kept, "new\n")
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new\n"
+    finally:
+        os.umask(umask)
