@@ -533,21 +533,22 @@ def parametrize_roundtrip(metafunc: pytest.Metafunc, marker: pytest.Mark) -> Non
             f"{name}: the statedict_roundtrip marker parametrizes the statedict_roundtrip "
             "fixture; add `statedict_roundtrip` to the test's arguments"
         )
+    # devices named on the marker win; --statedict-devices replaces the default
+    explicit = marker.kwargs.get("devices") or (marker.args[0] if marker.args else None)
     option = metafunc.config.getoption("statedict_devices")
-    devices = (
-        [d.strip() for d in option.split(",") if d.strip()]
-        if option
-        else list(marker.kwargs.get("devices") or (marker.args[0] if marker.args else None)
-                  or default_devices())
-    )  # fmt: skip
+    if explicit:
+        devices, source = list(explicit), f"{name}: statedict_roundtrip(devices=...)"
+    elif option:
+        devices = [d.strip() for d in option.split(",") if d.strip()]
+        source = "--statedict-devices"
+    else:
+        devices, source = default_devices(), "statedict_roundtrip"
     formats = list(marker.kwargs.get("formats", ("torch",)))
     for device in devices:
         try:
             torch.device(device)
         except RuntimeError:
-            raise pytest.UsageError(
-                f"{name}: statedict_roundtrip: unknown device {device!r}"
-            ) from None
+            raise pytest.UsageError(f"{source}: unknown device {device!r}") from None
     for fmt in formats:
         if fmt not in FORMATS:
             raise pytest.UsageError(

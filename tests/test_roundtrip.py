@@ -324,13 +324,20 @@ def test_devices_option_and_failures_are_counted(pytester: pytest.Pytester) -> N
                 with torch.no_grad():
                     self.bias.zero_()
 
-        @pytest.mark.statedict_roundtrip(devices=["cpu", "cuda"])
+        @pytest.mark.statedict_roundtrip
         def test_lossy(statedict_roundtrip):
             statedict_roundtrip(Lossy(2, 2))
+
+        @pytest.mark.statedict_roundtrip(devices=["cpu"])  # named devices win over the option
+        def test_pinned(statedict_roundtrip):
+            statedict_roundtrip(torch.nn.Linear(2, 2))
         """
     )
-    result = pytester.runpytest("--statedict-devices=cpu")
-    result.assert_outcomes(failed=1)
+    result = pytester.runpytest("--statedict-devices=cuda", "-v")
+    match_lines(result, ["*test_lossy?cuda->cuda? *", "*test_pinned?cpu->cpu? PASSED*"])
+    assert "test_lossy[cpu" not in result.stdout.str()
+    assert "test_pinned[cuda" not in result.stdout.str()
+    result = pytester.runpytest("--statedict-devices=cpu", "-k", "lossy")
     match_lines(
         result,
         [
@@ -358,6 +365,18 @@ def test_marker_misuse_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest()
     assert result.ret != pytest.ExitCode.OK
     match_lines(result, ["*test_no_fixture: the statedict_roundtrip marker parametrizes*"])
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.statedict_roundtrip
+        def test_default(statedict_roundtrip):
+            pass
+        """
+    )
+    result = pytester.runpytest("--statedict-devices=cpu,bogus")
+    assert result.ret != pytest.ExitCode.OK
+    match_lines(result, ["*--statedict-devices: unknown device 'bogus'*"])
 
 
 class SilentlySkipped(nn.Linear):
