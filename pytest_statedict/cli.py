@@ -27,12 +27,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff = commands.add_parser("diff", help="the schema diff of two checkpoints or snapshots")
     diff.add_argument("expected", help="the old checkpoint or snapshot (the reference)")
     diff.add_argument("actual", help="the new one, compared against the reference")
+    diff.add_argument("--expected-part", metavar="PART", help="one entry of EXPECTED (see show)")
+    diff.add_argument("--actual-part", metavar="PART", help="one entry of ACTUAL (see show)")
     diff.add_argument("-v", "--verbose", action="store_true", help="show every line")
     args = parser.parse_args(argv)
     try:
         if args.command == "show":
             return _show(args.path, as_json=args.json, part=args.part)
-        return _diff(args.expected, args.actual, verbose=args.verbose)
+        return _diff(
+            args.expected,
+            args.actual,
+            verbose=args.verbose,
+            parts=(args.expected_part, args.actual_part),
+        )
     except StateDictError as exc:
         print(f"statedict: {exc}", file=sys.stderr)
         return 2
@@ -114,12 +121,14 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _diff(expected: str, actual: str, *, verbose: bool) -> int:
+def _diff(
+    expected: str, actual: str, *, verbose: bool, parts: tuple[str | None, str | None]
+) -> int:
     from .compare import diff_schemas
     from .extract import schema_of
     from .report import render_diff
 
-    found = diff_schemas(schema_of(expected), schema_of(actual))
+    found = diff_schemas(schema_of(expected, part=parts[0]), schema_of(actual, part=parts[1]))
     if not found:
         print(f"no difference: {expected} and {actual} have the same schema")
         return 0

@@ -196,7 +196,8 @@ def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
         if len(parts) > 1:
             raise UnsupportedObjectError(
                 f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
-                f"choose one with part={parts[0]!r} (on the command line: --part {parts[0]})"
+                f"choose one with part={parts[0]!r} (on the command line: statedict show "
+                f"--part {parts[0]}, statedict diff --expected-part/--actual-part {parts[0]})"
             )
         raise UnsupportedObjectError(
             "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "

@@ -116,3 +116,20 @@ def test_show_a_part_and_storage_warnings(
     assert main(["show", str(path), "--part", "a_state_dict"]) == 0
     out = capsys.readouterr().out
     assert "warning: w: a view of a 4,000,000-byte storage" in out
+
+
+def test_diff_parts_of_a_checkpoint_holding_several_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The PyTorch tutorial's modelA/modelB file: each side may name its part."""
+    a, b = nn.Linear(2, 3), nn.Linear(3, 1)
+    multi = tmp_path / "multi.tar"
+    torch.save({"modelA_state_dict": a.state_dict(), "modelB_state_dict": b.state_dict()}, multi)
+    plain = tmp_path / "a.pt"
+    torch.save(a.state_dict(), plain)
+    assert main(["diff", str(multi), str(plain)]) == 2
+    assert "statedict diff --expected-part/--actual-part modelA_state_dict" in (
+        capsys.readouterr().err
+    )
+    assert main(["diff", str(multi), str(plain), "--expected-part", "modelA_state_dict"]) == 0
+    assert main(["diff", str(plain), str(multi), "--actual-part", "modelB_state_dict"]) == 1
