@@ -61,6 +61,8 @@ def schema_of_file(
     if obj is None:
         if path.is_dir():
             return directory_schema(path, values=values, part=part)
+        if path.name == ".metadata" and path.is_file():  # a DCP folder's index: read the folder
+            return directory_schema(path.parent, values=values, part=part)
         _check_readable(path)
         if path.name.endswith(".index.json"):
             return sharded_schema(path, values=values, part=part)

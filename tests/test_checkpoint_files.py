@@ -320,6 +320,7 @@ def test_distributed_checkpoint_folder(tmp_path: Path) -> None:
     assert [(t.key, t.shape, t.dtype) for t in from_dcp] == [
         (t.key, t.shape, t.dtype) for t in schema_of(model.state_dict())
     ]
+    assert schema_of(tmp_path / ".metadata") == schema  # its index file names the folder too
 
 
 def test_malicious_dcp_metadata_never_runs(tmp_path: Path) -> None:
