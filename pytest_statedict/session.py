@@ -85,6 +85,7 @@ class StateDictSession:
         self.counts: Counter[str] = Counter()
         self.roundtrips: Counter[str] = Counter()
         self.modules: dict[str, ModuleRecord] = {}
+        self.directories: set[str] = set()  # folders that hold collected test modules
         self.used: set[str] = set()
         self.asked_by_test: dict[str, set[str]] = defaultdict(set)
         self.unnamed_index: Counter[str] = Counter()
@@ -138,6 +139,7 @@ class StateDictSession:
         record = self.modules.get(key)
         if record is None:
             record = self.modules[key] = ModuleRecord(path, self.module_dir(path))
+            self.directories.add(str(path.parent))
         return record
 
     @cached_property
@@ -290,7 +292,39 @@ class StateDictSession:
                 owner = tests.get(path.parent.name)
                 if owner is None or self.outcomes.get(owner) == "passed":
                     unused.append(path)
-        return unused
+        return unused + self.find_orphans()
+
+    def find_orphans(self) -> list[Path]:
+        """Snapshots of test modules that no longer exist, in folders collected whole.
+
+        ``__statedict__/<module>/`` whose ``<module>.py`` is gone (deleted or renamed) can
+        never be asked for again. Only folders that the run collected as a whole (a folder
+        named on the command line, or below one) are looked at, and only in the default
+        layout (beside the test files).
+        """
+        if self.snapshot_root is not None:
+            return []
+        orphans = []
+        for directory in sorted(map(Path, self.directories)):
+            snapshots = directory / storage.SNAPSHOT_DIRNAME
+            if not snapshots.is_dir() or not self.collected_whole(directory):
+                continue
+            modules = {storage.sanitise(p.stem) for p in directory.glob("*.py")}
+            for folder in sorted(snapshots.iterdir()):
+                if folder.is_dir() and folder.name not in modules:
+                    orphans.extend(storage.snapshot_files(folder))
+        return orphans
+
+    def collected_whole(self, directory: Path) -> bool:
+        """Whether a folder named on the command line (no ``::``, no file) holds ``directory``."""
+        base = self.config.invocation_params.dir
+        for arg in self.config.args:
+            if "::" in arg:
+                continue
+            named = Path(base, arg).resolve()
+            if named.is_dir() and directory.resolve().is_relative_to(named):
+                return True
+        return False
 
     def finish(self) -> bool:
         """Detect (and under --statedict-update delete) unused snapshots.

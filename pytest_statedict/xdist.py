@@ -35,6 +35,7 @@ class XdistSupport:
                 "counts": dict(state.counts),
                 "roundtrips": dict(state.roundtrips),
                 "used": sorted(state.used),
+                "directories": sorted(state.directories),
                 # Only modules with snapshot files can have unused ones (files written in
                 # this run are in "used").
                 "modules": [
@@ -57,6 +58,7 @@ class XdistSupport:
         state.counts.update(output["counts"])
         state.roundtrips.update(output["roundtrips"])
         state.used.update(output["used"])
+        state.directories.update(output["directories"])
         for module in output["modules"]:
             record = state.modules.setdefault(
                 module["path"], ModuleRecord(Path(module["path"]), Path(module["snapshot_dir"]))

@@ -150,3 +150,16 @@ def test_public_names_resolve_after_any_submodule_import() -> None:
     for name in pytest_statedict.__all__:
         value = getattr(pytest_statedict, name)
         assert callable(value), f"pytest_statedict.{name} is {value!r}"
+
+
+def test_xdist_reports_snapshots_of_a_deleted_test_file(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_wide=XDIST_SUITE.replace("range(6)", "range(2)"))
+    pytester.makepyfile(test_gone=XDIST_SUITE.replace("range(6)", "range(1)"))
+    pytester.runpytest_subprocess("-n", "2", "--statedict-update").assert_outcomes(passed=3)
+    (pytester.path / "test_gone.py").unlink()
+    result = pytester.runpytest_subprocess("-n", "2")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    match_lines(
+        result, ["*__statedict__/test_gone/test_widths?0?/0.json", "statedict: 2 passed, 1 unused"]
+    )

@@ -622,3 +622,33 @@ def test_ignored_keys_stay_out_of_the_snapshot_optimizer_included(
     result.assert_outcomes(passed=1)
     match_lines(result, ["statedict: 1 passed"])
     assert snapshot(net_project).read_text() == text
+
+
+def test_snapshots_of_a_deleted_test_file_are_unused_when_its_folder_ran_whole(
+    net_project: pytest.Pytester,
+) -> None:
+    body = "\n    def test_net():\n        assert_state_dict_matches(Net())\n"
+    write_test(net_project, body, name="test_model")
+    write_test(net_project, body, name="test_gone")
+    net_project.runpytest("--statedict-update").assert_outcomes(passed=2)
+    orphan = net_project.path / "__statedict__" / "test_gone" / "test_net" / "0.json"
+    assert orphan.exists()
+    (net_project.path / "test_gone.py").unlink()
+
+    result = net_project.runpytest("test_model.py")  # one file named: its folder did not run
+    assert result.ret == pytest.ExitCode.OK
+    result = net_project.runpytest()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    match_lines(
+        result,
+        [
+            "*unused snapshots*",
+            "*__statedict__/test_gone/test_net/0.json",
+            "statedict: 1 passed, 1 unused",
+        ],
+    )
+    result = net_project.runpytest("--statedict-update")
+    assert result.ret == pytest.ExitCode.OK
+    match_lines(result, ["statedict: 1 passed, 1 deleted"])
+    assert not orphan.parent.parent.exists()
+    assert snapshot(net_project).exists(), "the live module's snapshot stays"
