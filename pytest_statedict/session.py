@@ -151,6 +151,16 @@ class StateDictSession:
             if "::" in arg
         }
 
+    @cached_property
+    def named_folders(self) -> list[Path]:
+        """Folders named on the command line: every test module in them was collected."""
+        paths = (
+            Path(self.config.invocation_params.dir, arg).resolve()
+            for arg in self.config.args
+            if "::" not in arg
+        )
+        return [path for path in paths if path.is_dir()]
+
     def ran_whole(self, record: ModuleRecord) -> bool:
         if record.partial:
             return False
@@ -317,14 +327,8 @@ class StateDictSession:
 
     def collected_whole(self, directory: Path) -> bool:
         """Whether a folder named on the command line (no ``::``, no file) holds ``directory``."""
-        base = self.config.invocation_params.dir
-        for arg in self.config.args:
-            if "::" in arg:
-                continue
-            named = Path(base, arg).resolve()
-            if named.is_dir() and directory.resolve().is_relative_to(named):
-                return True
-        return False
+        resolved = directory.resolve()
+        return any(resolved.is_relative_to(folder) for folder in self.named_folders)
 
     def finish(self) -> bool:
         """Detect (and under --statedict-update delete) unused snapshots.
