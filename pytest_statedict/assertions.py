@@ -10,8 +10,8 @@ from .compare import Rename, compile_rename, diff_schemas, normalise
 from .errors import StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .report import render_diff
+from .runtime import current_session, key_normaliser, verbose
 from .schema import Schema
-from .session import key_normaliser
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -39,8 +39,6 @@ def assert_state_dict_matches(
     __tracebackhide__ = True
     ignore = tuple(ignore)  # used on both sides and by the diff: a generator would run dry
     if expected is None:
-        from .session import current_session
-
         current_session().check_snapshot(
             actual,
             name=name,
@@ -66,7 +64,7 @@ def assert_state_dict_matches(
             render_diff(
                 diff,
                 title=f"state_dict differs from the expected {describe(expected)}",
-                verbose=_verbose(),
+                verbose=verbose(),
             ),
             diff,
         )
@@ -96,13 +94,6 @@ def describe(obj: Any) -> str:
     if isinstance(obj, Schema):
         return f"schema ({obj.source})" if obj.source else "schema"
     return type(obj).__name__
-
-
-def _verbose() -> bool:
-    from .session import active_session
-
-    session = active_session()
-    return session is not None and session.verbose
 
 
 class SnapshotFixture:

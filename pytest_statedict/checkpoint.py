@@ -223,12 +223,12 @@ def read_snapshot(path: str | os.PathLike[str]) -> Schema:
 
 def plugin_load(path: Path) -> Any:
     """What a ``pytest_statedict_load_checkpoint`` hook returns for ``path`` (None: no hook)."""
-    from .session import active_session
+    from .runtime import checkpoint_loader
 
-    session = active_session()
-    if session is None or not path.exists():
+    loader = checkpoint_loader()
+    if loader is None or not path.exists():
         return None
-    return session.config.hook.pytest_statedict_load_checkpoint(path=path)
+    return loader(path)
 
 
 def _check_readable(path: Path) -> None:

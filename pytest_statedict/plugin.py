@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .session import _SESSIONS, StateDictSession
+from .runtime import SESSIONS, active_session
+from .session import StateDictSession
 
 if TYPE_CHECKING:
     from .round_trip import RoundTripFixture
@@ -62,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     session = StateDictSession(config)
     config.stash[SESSION_KEY] = session
-    _SESSIONS.append(session)
+    SESSIONS.append(session)
     if config.pluginmanager.hasplugin("xdist"):
         from .xdist import XdistSupport
 
@@ -71,8 +72,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
-    if session in _SESSIONS:
-        _SESSIONS.remove(session)
+    if session in SESSIONS:
+        SESSIONS.remove(session)
 
 
 def _session(config: pytest.Config) -> StateDictSession:
@@ -112,7 +113,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    session = _SESSIONS[-1] if _SESSIONS else None
+    session = active_session()
     if session is not None:
         session.report(report.nodeid, report.when, report.outcome)
 

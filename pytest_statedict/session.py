@@ -9,47 +9,20 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
+from .runtime import key_normaliser
 
 if TYPE_CHECKING:
     import pytest
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
-
-_SESSIONS: list[StateDictSession] = []
-
-
-def active_session() -> StateDictSession | None:
-    return _SESSIONS[-1] if _SESSIONS else None
-
-
-def current_session() -> StateDictSession:
-    session = active_session()
-    if session is None or session.item is None:
-        raise StateDictError(
-            "assert_state_dict_matches(obj) without expected= checks the current test's "
-            "snapshot, so it must be called while a pytest test runs (with the plugin "
-            "enabled); outside a test, pass expected= (a module, state_dict, path or Schema)"
-        )
-    return session
-
-
-def key_normaliser() -> Callable[[str], str] | None:
-    """The ``pytest_statedict_normalize_key`` hooks of the running session, if any."""
-    session = active_session()
-    if session is None:
-        return None
-    hook = session.config.hook.pytest_statedict_normalize_key
-    if not hook.get_hookimpls():
-        return None
-    return lambda key: hook(key=key) or key
 
 
 class ModuleRecord:
