@@ -42,6 +42,22 @@ class Change:
     actual: Any
 
 
+@dataclass(frozen=True)
+class OptimizerVerdict:
+    """Would yesterday's optimizer state load into today's optimizer, and resume exactly?
+
+    ``optimizer.load_state_dict`` checks only the number of param_groups and each group's
+    size; it then hands the saved state to today's parameters by position, whatever they
+    are called. ``loads`` says whether it raises; ``exact`` whether every state lands on the
+    parameter it was saved for (None: one side has no parameter names, so only positions
+    are known); ``reasons`` say why not.
+    """
+
+    loads: bool
+    exact: bool | None
+    reasons: tuple[str, ...] = ()
+
+
 @dataclass
 class SchemaDiff:
     """Everything that differs between an expected and an actual schema."""
@@ -56,6 +72,7 @@ class SchemaDiff:
     non_persistent: tuple[list[str], list[str]] = ([], [])  # removed, added
     extras: list[str] = field(default_factory=list)
     optimizer: list[str] = field(default_factory=list)
+    optimizer_verdict: OptimizerVerdict | None = None
     problems: list[str] = field(default_factory=list)
     expected_saved_on: tuple[str, ...] = ()
     actual_saved_on: tuple[str, ...] = ()
@@ -318,9 +335,11 @@ def diff_schemas(
     if patterns and old_opt and new_opt and _uses_names(old_opt) and _uses_names(new_opt):
         old_opt, new_opt = _without_members(old_opt, patterns), _without_members(new_opt, patterns)
     renames = dict(diff.renames)
-    diff.optimizer = diff_optimizers(
-        renamed_optimizer(old_opt, lambda key: renames.get(key, key)), new_opt
-    )
+    old_opt = renamed_optimizer(old_opt, lambda key: renames.get(key, key))
+    diff.optimizer = diff_optimizers(old_opt, new_opt)
+    if old_opt is not None and new_opt is not None:
+        reshaped = {c.key for c in diff.changed if c.attribute == "shape"}
+        diff.optimizer_verdict = optimizer_verdict(old_opt, new_opt, reshaped)
     if actual.optimizer is not None:
         diff.problems = list(actual.optimizer.problems)
     return diff
@@ -452,21 +471,18 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
     exp_groups, act_groups = _comparable_members(expected, actual)
     if len(exp_groups) != len(act_groups):
         lines.append(f"param_groups: {len(exp_groups)} -> {len(act_groups)}")
-    where_old = {p: i for i, g in enumerate(exp_groups) for p in g}
-    where_new = {p: i for i, g in enumerate(act_groups) for p in g}
-    for p in list(where_old) + [p for p in where_new if p not in where_old]:
-        old, new = where_old.get(p), where_new.get(p)
-        if old != new:
-            lines.append(
-                f"{p!r}: param_group {_group(old)} -> {_group(new)}"
-                + _hyper_note(expected, actual, old, new)
-            )
-    hyper = _deepdiff(
-        [dict(g.hyperparams) for g in expected.param_groups],
-        [dict(g.hyperparams) for g in actual.param_groups],
-        "param_groups",
-    )
-    lines.extend(hyper)
+    order = _group_permutation(exp_groups, act_groups)
+    if order is not None:
+        moves = ", ".join(f"{i} -> {j}" for i, j in enumerate(order) if i != j)
+        lines.append(
+            f"param_groups reordered ({moves}): each group kept its parameters and "
+            "hyperparameters, but a checkpoint's groups load by position"
+        )
+        act_groups = [act_groups[j] for j in order]
+        actual = replace(actual, param_groups=tuple(actual.param_groups[j] for j in order))
+    lines.extend(_membership_lines(expected, actual, exp_groups, act_groups))
+    exp_hyper, act_hyper = comparable_hyperparams(expected, actual)
+    lines.extend(_deepdiff(exp_hyper, act_hyper, "param_groups"))
     same_vocabulary = _uses_names(expected) == _uses_names(actual)
     state_old = {_member(s.param, expected, same_vocabulary): s for s in expected.state}
     state_new = {_member(s.param, actual, same_vocabulary): s for s in actual.state}
@@ -488,6 +504,129 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
                     f"{after.describe() if after else 'absent'}"
                 )
     return lines
+
+
+def _group_permutation(
+    exp_groups: list[list[str | int]], act_groups: list[list[str | int]]
+) -> list[int] | None:
+    """``order[i]``: today's index of the saved group ``i``, when the groups were only reordered.
+
+    None unless every group is found again, whole, at another index.
+    """
+    if len(exp_groups) != len(act_groups) or len(exp_groups) < 2:
+        return None
+    where = {frozenset(g): j for j, g in enumerate(act_groups)}
+    if len(where) != len(act_groups):
+        return None  # two groups with the same members: which went where is unknowable
+    order = [where.get(frozenset(g), -1) for g in exp_groups]
+    if -1 in order or order == list(range(len(order))):
+        return None
+    return order
+
+
+def _membership_lines(
+    expected: OptimizerSchema,
+    actual: OptimizerSchema,
+    exp_groups: list[list[str | int]],
+    act_groups: list[list[str | int]],
+) -> list[str]:
+    """Parameters that changed group, and groups whose parameters were reordered."""
+    lines = []
+    where_old = {p: i for i, g in enumerate(exp_groups) for p in g}
+    where_new = {p: i for i, g in enumerate(act_groups) for p in g}
+    for p in list(where_old) + [p for p in where_new if p not in where_old]:
+        old, new = where_old.get(p), where_new.get(p)
+        if old != new:
+            lines.append(
+                f"{p!r}: param_group {_group(old)} -> {_group(new)}"
+                + _hyper_note(expected, actual, old, new)
+            )
+    for i, (old_members, new_members) in enumerate(zip(exp_groups, act_groups, strict=False)):
+        if old_members != new_members and sorted(map(str, old_members)) == sorted(
+            map(str, new_members)
+        ):
+            lines.append(
+                f"param_group {i}: the order of its parameters changed (state loads by "
+                f"position: {_landings(old_members, new_members)})"
+            )
+    return lines
+
+
+def _landings(old: Sequence[str | int], new: Sequence[str | int], limit: int = 3) -> str:
+    """``'a' <- state of 'b'`` for the first positions where another parameter now sits."""
+    moved = [(o, n) for o, n in zip(old, new, strict=False) if o != n]
+    text = ", ".join(f"{n!r} <- state of {o!r}" for o, n in moved[:limit])
+    return text + (f" and {len(moved) - limit} more" if len(moved) > limit else "")
+
+
+def optimizer_verdict(
+    expected: OptimizerSchema, actual: OptimizerSchema, reshaped: Iterable[str] = ()
+) -> OptimizerVerdict:
+    """What ``optimizer.load_state_dict(yesterday's state)`` would do today (see the class)."""
+    old_sizes = [len(g.params) for g in expected.param_groups]
+    new_sizes = [len(g.params) for g in actual.param_groups]
+    if len(old_sizes) != len(new_sizes):
+        return OptimizerVerdict(
+            False,
+            False,
+            (f"{len(old_sizes)} param_groups saved, {len(new_sizes)} now",),
+        )
+    sizes = [
+        f"param_group {i} has {o} parameters saved and {n} now"
+        for i, (o, n) in enumerate(zip(old_sizes, new_sizes, strict=True))
+        if o != n
+    ]
+    if sizes:
+        return OptimizerVerdict(False, False, tuple(sizes))
+    if _uses_names(expected) != _uses_names(actual):
+        return OptimizerVerdict(True, None)
+    old = [p for g in expected.param_groups for p in g.params]
+    new = [p for g in actual.param_groups for p in g.params]
+    reasons = []
+    if old != new:
+        moved = sum(o != n for o, n in zip(old, new, strict=True))
+        reasons.append(
+            f"{moved} parameter{'s' * (moved > 1)} would get another one's state "
+            f"({_landings(old, new)})"
+        )
+    with_state = {s.param for s in expected.state}
+    stale = sorted(str(p) for o, p in zip(old, new, strict=True) if o == p and p in reshaped)
+    stale = [p for p in stale if p in with_state or not with_state]
+    if stale:
+        reasons.append(f"the saved state of {', '.join(stale[:3])} has the old shape")
+    return OptimizerVerdict(True, not reasons, tuple(reasons))
+
+
+# Hyperparameters a torch release added to a param_group with a default that keeps the old
+# behaviour: a group without the key means the default, so a snapshot written under an
+# older torch compares equal under a newer one (and back). A real change of value is still
+# reported. Keyed by the optimizer's class name; "*" applies to every optimizer.
+ADDED_HYPERPARAMS: dict[str, dict[str, Any]] = {
+    "Adam": {"decoupled_weight_decay": False},  # torch 2.7 (AdamW became Adam with True)
+    "AdamW": {"decoupled_weight_decay": True},
+}
+
+
+def comparable_hyperparams(
+    expected: OptimizerSchema, actual: OptimizerSchema
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Both sides' hyperparameters, without keys one torch release has and another lacks.
+
+    A key present on one side only is dropped when its value is the default the release
+    that added it gave it (``ADDED_HYPERPARAMS``) for that optimizer class; the class is
+    taken from whichever side knows it (a checkpoint file does not).
+    """
+    cls = expected.cls if expected.cls != UNKNOWN_CLASS else actual.cls
+    defaults = ADDED_HYPERPARAMS.get(cls.rsplit(".", 1)[-1], {})
+    old = [dict(g.hyperparams) for g in expected.param_groups]
+    new = [dict(g.hyperparams) for g in actual.param_groups]
+    for before, after in zip(old, new, strict=False):
+        for key, default in defaults.items():
+            if (key in before) != (key in after):
+                side = before if key in before else after
+                if side[key] == default and type(side[key]) is type(default):
+                    del side[key]
+    return old, new
 
 
 def renamed_optimizer(

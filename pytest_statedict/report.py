@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .compare import SchemaDiff
+from .compare import OptimizerVerdict, SchemaDiff
 
 # Lines shown per section before "... and N more" (all of them under ``-vv``).
 SECTION_LIMIT = 12
@@ -79,6 +79,8 @@ def render_diff(
         )
         out.append(f"  suggested, {purpose}: " + suggest_rename(diff.renames, rename_direction))
     out.append("  " + load_verdict(diff))
+    if diff.optimizer_verdict is not None:
+        out.append("  " + optimizer_load_verdict(diff.optimizer_verdict))
     for side, where in (("expected", diff.expected_saved_on), ("actual", diff.actual_saved_on)):
         if any(loc != "cpu" for loc in where):
             out.append(f"  the {side} checkpoint was saved on {', '.join(where)}")
@@ -146,3 +148,15 @@ def load_verdict(diff: SchemaDiff) -> str:
         reasons.append(f"{n} shape mismatch{'es' * (n > 1)}")
     verdict = "an old checkpoint still loads with load_state_dict(strict=True): NO"
     return f"{verdict} ({', '.join(reasons)})"
+
+
+def optimizer_load_verdict(verdict: OptimizerVerdict) -> str:
+    """Would ``optimizer.load_state_dict(old)`` work, and put every state where it was?"""
+    head = "an old optimizer state still loads with optimizer.load_state_dict:"
+    if not verdict.loads:
+        return f"{head} NO, it raises ValueError ({'; '.join(verdict.reasons)})"
+    if verdict.exact is None:
+        return f"{head} yes, by position (one side has no parameter names to check them by)"
+    if verdict.exact:
+        return f"{head} yes, every state on its own parameter"
+    return f"{head} yes, but it would not resume exactly: {'; '.join(verdict.reasons)}"
