@@ -506,7 +506,10 @@ def default_devices() -> list[str]:
     """cpu plus the accelerator; ``cuda`` when there is none, so CPU-only CI shows the skips."""
     accelerator = None
     if hasattr(torch, "accelerator"):
-        current = torch.accelerator.current_accelerator()
+        try:
+            current = torch.accelerator.current_accelerator()
+        except RuntimeError:  # torch 2.6 raises where there is none, later ones return None
+            current = None
         accelerator = current.type if current is not None else None
     elif torch.cuda.is_available():
         accelerator = "cuda"

@@ -403,3 +403,29 @@ def test_a_silently_skipped_key_with_an_optimizer_is_reported_not_a_crash() -> N
         "optimizer: not reloaded or resumed, the load left parameters without values (1.bias)"
         in (result.mismatches)
     )
+
+
+def test_default_devices_where_torch_accelerator_raises_without_one(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch 2.6's ``current_accelerator()`` raises on a CPU-only machine (later ones return
+    None): a module using the marker with default devices must still collect and run."""
+    if torch.cuda.is_available() or not hasattr(torch, "accelerator"):
+        pytest.skip("needs a CPU-only machine with torch.accelerator")
+
+    def raising() -> None:
+        raise RuntimeError("Cannot access accelerator device when none is available.")
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", raising)
+    pytester.makepyfile(
+        """
+        import pytest, torch
+
+        @pytest.mark.statedict_roundtrip
+        def test_default(statedict_roundtrip):
+            statedict_roundtrip(torch.nn.Linear(3, 3))
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=1, skipped=3)
+    match_lines(result, ["*test_default[cpu->cuda] SKIPPED*"])
