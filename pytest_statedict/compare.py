@@ -589,11 +589,18 @@ def optimizer_verdict(
             f"{moved} parameter{'s' * (moved > 1)} would get another one's state "
             f"({_landings(old, new)})"
         )
-    with_state = {s.param for s in expected.state}
-    stale = sorted(str(p) for o, p in zip(old, new, strict=True) if o == p and p in reshaped)
-    stale = [p for p in stale if p in with_state or not with_state]
+    # an empty saved state (a fresh optimizer) stands for the state a trained one would have
+    with_state = {s.param for s in expected.state} or set(new)
+    stale = [
+        p for o, p in zip(old, new, strict=True) if o == p and p in reshaped and p in with_state
+    ]
     if stale:
-        reasons.append(f"the saved state of {', '.join(stale[:3])} has the old shape")
+        names = ", ".join(map(str, stale[:3])) + (
+            f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        )
+        reasons.append(
+            f"the state saved for {names} would keep the old shape (the next step fails)"
+        )
     return OptimizerVerdict(True, not reasons, tuple(reasons))
 
 
