@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,12 @@ def torch_load(
         return storage.to(device=target)
 
     try:
-        obj = torch.load(path, map_location=record_location, weights_only=weights_only, mmap=mmap)
+        with warnings.catch_warnings():
+            # noise on a file that is refused anyway, or that the error explains
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(
+                path, map_location=record_location, weights_only=weights_only, mmap=mmap
+            )
     except StateDictError:
         raise
     except pickle.UnpicklingError as exc:
