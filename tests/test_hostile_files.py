@@ -10,11 +10,13 @@ payload is first shown to be live: plain ``pickle.loads`` does create its marker
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import textwrap
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +27,13 @@ from torch import nn
 
 from pytest_statedict import (
     CheckpointError,
+    SnapshotError,
     assert_checkpoint_loads,
     assert_state_dict_matches,
     schema_of,
 )
 from pytest_statedict.cli import main
+from pytest_statedict.readers import limits
 
 # ---- payloads ------------------------------------------------------------------------------
 
@@ -307,3 +311,345 @@ def test_cli_in_a_subprocess_exits_2_on_every_payload(tmp_path: Path) -> None:
             assert result.stderr.startswith(f"statedict: checkpoint {path}")
             assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+# ---- foreign files named by a sharded index ------------------------------------------------
+
+
+def write_index(folder: Path, weight_map: dict[str, object], name: str = "model") -> Path:
+    index = folder / f"{name}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+SECRET = b"SECRET-CONTENT-never-echoed"
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked folder"])
+def test_a_shard_outside_its_folder_is_refused_and_never_echoed(tmp_path: Path, how: str) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = outside / "shadow"
+    secret.write_bytes(SECRET)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if how == "dotdot":
+        shard = "../elsewhere/shadow"
+    elif how == "absolute":
+        shard = str(secret)
+    elif how == "symlink":
+        (folder / "model-1.safetensors").symlink_to(secret)
+        shard = "model-1.safetensors"
+    else:
+        (folder / "sub").symlink_to(outside)
+        shard = "sub/shadow"
+    index = write_index(folder, {"w": shard})
+    for path in (index, folder):
+        with pytest.raises(CheckpointError, match="lies outside the index's folder") as info:
+            schema_of(path)
+        assert str(index) in str(info.value)
+        assert SECRET.decode() not in str(info.value) and SECRET[:8].hex() not in str(info.value)
+
+
+def test_a_shard_inside_its_folder_may_be_a_symlink(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "real.safetensors")
+    (tmp_path / "model-1.safetensors").symlink_to(tmp_path / "real.safetensors")
+    assert [t.key for t in schema_of(write_index(tmp_path, {"w": "model-1.safetensors"}))] == ["w"]
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ({"w": "model.safetensors.index.json"}, "not a checkpoint file"),  # itself
+        ({"w": "other.safetensors.index.json"}, "not a checkpoint file"),  # another index
+        ({"w": "snapshot.json"}, "not a checkpoint file"),
+        ({"w": 3}, "maps 'w' to a int, not a file name"),
+        ({"w": ["a", "b"]}, "maps 'w' to a list"),
+        ({"w": None}, "maps 'w' to a NoneType"),
+        ({"w": ""}, "not a file name"),
+        ([1, 2], 'no "weight_map" object'),
+    ],
+)
+def test_bad_index_entries_are_named_errors(
+    tmp_path: Path, weight_map: object, message: str
+) -> None:
+    write_index(tmp_path, {"w": "x.safetensors"}, name="other")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message) as info:
+        schema_of(index)
+    assert str(index) in str(info.value)
+
+
+def test_a_foreign_file_in_a_shard_is_not_echoed(tmp_path: Path) -> None:
+    (tmp_path / "model-1.bin").write_bytes(SECRET)
+    with pytest.raises(CheckpointError, match="starts with the bytes 53 45 43 52") as info:
+        schema_of(write_index(tmp_path, {"w": "model-1.bin"}))
+    assert "SECRET" not in str(info.value)
+
+
+# ---- bad input: the plugin's own error, every time ------------------------------------------
+
+
+def snapshot_text(**changes: object) -> str:
+    data = json.loads(schema_of(nn.Linear(2, 3)).to_json())
+    data.update(changes)
+    return json.dumps(data)
+
+
+def with_optimizer(**group: object) -> str:
+    opt = {"class": "torch.optim.SGD", "param_groups": [{"lr": 0.1, **group}], "state": []}
+    return snapshot_text(optimizer=opt)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (with_optimizer(params=[[1, 2]]), '"params" must hold names or indices'),
+        (with_optimizer(params=[True]), '"params" must hold names or indices'),
+        (snapshot_text()[:-1] + ', "x": ' + "9" * 5000 + "}", "invalid JSON"),
+        ('{"format": "pytest-statedict", "version": 1, "tensors": ' + "[" * 100_000, "nests"),
+        (snapshot_text(extras={"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]}),
+         '"extras" must be an object'),
+        (snapshot_text(version=True), "format version True"),
+        (snapshot_text(version=1.0), "format version 1.0"),
+        (snapshot_text(tensors=[{"key": "w", "kind": "tensor", "shape": [True], "dtype": "int8"}]),
+         "non-negative integers"),
+        (snapshot_text(tensors=[{"key": "w", "kind": "tensor", "shape": [2**64], "dtype": "int8"}]),
+         "non-negative integers"),
+        (snapshot_text(tensors=[{"key": "w", "kind": "tensor", "shape": [1] * 65, "dtype": "u8"}]),
+         "at most 64"),
+        (snapshot_text(tensors=[{"key": "w", "kind": ["tensor"], "shape": [], "dtype": "int8"}]),
+         "kind"),
+        (snapshot_text(tensors=[{"key": "w", "kind": "tensor", "shape": [], "dtype": ["int8"]}]),
+         "unknown dtype"),
+        (snapshot_text(optimizer={"class": "SGD", "param_groups": [], "state": [
+            {"param": True, "m": {"type": "int"}}]}), 'has no "param"'),
+        (snapshot_text(optimizer={"class": "SGD", "param_groups": [], "state": [
+            {"param": 0, "m": {"shape": [[1]], "dtype": "float32"}}]}), "needs"),
+    ],
+)  # fmt: skip
+def test_a_bad_snapshot_is_a_snapshot_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    for read in (schema_of, lambda p: assert_checkpoint_loads(nn.Linear(2, 3), p)):
+        with pytest.raises(SnapshotError, match=message) as info:
+            read(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "missing", "folder"])
+def test_only_regular_files_are_read(tmp_path: Path, target: str) -> None:
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    elif target == "folder":
+        (tmp_path / "folder").mkdir()
+    link = tmp_path / "snapshot.json"
+    link.symlink_to(target if target.startswith("/") else tmp_path / target)
+    reads = {
+        "schema_of": schema_of,
+        "assert_checkpoint_loads": lambda p: assert_checkpoint_loads(nn.Linear(2, 3), p),
+        "show": lambda p: main(["show", str(p)]) == 2 or pytest.fail("exit code"),
+    }
+    for path in (link, link.with_name("model.pt"), link.with_name("m.safetensors")):
+        if path != link:
+            path.symlink_to(link.resolve() if target != "missing" else tmp_path / target)
+        for name, read in reads.items():
+            if name == "show":
+                assert read(path)
+                continue
+            with pytest.raises(CheckpointError) as info:
+                read(path)
+            assert str(path) in str(info.value), name
+
+
+def test_a_missing_or_folder_release_snapshot_is_a_named_error(tmp_path: Path) -> None:
+    (tmp_path / "v1.json").mkdir()
+    for path in (tmp_path / "v0.json", tmp_path / "v1.json"):
+        with pytest.raises(CheckpointError, match="no such file|is a directory") as info:
+            assert_checkpoint_loads(nn.Linear(2, 3), path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "message"),
+    [
+        ("qint8", [3, 2], "quantized dtype without a qscheme"),
+        ("quint4x2", [3, 2], "quantized dtype without a qscheme"),
+        ("float32", [2**62, 2**62], "RuntimeError"),
+    ],
+)
+def test_a_snapshot_the_gate_cannot_build_is_a_named_error(
+    tmp_path: Path, dtype: str, shape: list[int], message: str
+) -> None:
+    data = json.loads(schema_of(nn.Linear(2, 3)).to_json())
+    data["tensors"][0].update(dtype=dtype, shape=shape)
+    path = tmp_path / "release.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SnapshotError, match=message) as info:
+        assert_checkpoint_loads(nn.Linear(2, 3), path)
+    assert str(path) in str(info.value) and "'weight'" in str(info.value)
+
+
+def safetensors_bytes(header: object, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (safetensors_bytes(b"[" * 100_000 + b"]" * 100_000), "nests deeper"),
+        (safetensors_bytes({"w": {"dtype": "F32", "shape": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]],
+                                  "data_offsets": [0, 4]}}, b"\0" * 4), "shape"),
+        (safetensors_bytes({"w": {"dtype": "F32", "shape": [2**64, 0],
+                                  "data_offsets": [0, 0]}}), "shape is not"),
+        (safetensors_bytes({"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}},
+                           b"\0" * 4), "65 dimensions"),
+        (safetensors_bytes({"w": {"dtype": "F32", "shape": [2**40, 2**40],
+                                  "data_offsets": [0, 4]}}, b"\0" * 4), "its shape needs"),
+        (safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b"]}}"),
+         "not valid JSON"),
+        (safetensors_bytes({"w": {"dtype": ["F32"], "shape": [], "data_offsets": [0, 4]}}),
+         "unknown dtype"),
+        (safetensors_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [True, 4]}},
+                           b"\0" * 4), "data_offsets"),
+    ],
+)  # fmt: skip
+def test_hostile_safetensors_headers(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        schema_of(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_sparse_file_claiming_a_36_gb_header(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 36 << 30) + b"{")
+        f.truncate((36 << 30) + 16)  # sparse: no disk used
+    with pytest.raises(CheckpointError, match="claims 38654705664 bytes, more than") as info:
+        schema_of(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_legacy_files(tmp_path: Path) -> None:
+    good = tmp_path / "legacy.pt"
+    torch.save(nn.Linear(2, 3).state_dict(), good, _use_new_zipfile_serialization=False)
+    raw = good.read_bytes()
+    path = tmp_path / "cut.pt"
+    for length in range(1, len(raw), 7):
+        path.write_bytes(raw[:length])
+        with pytest.raises(CheckpointError) as info:
+            schema_of(path)
+        assert str(path) in str(info.value)
+
+
+def test_a_torchscript_archive_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 3)), path)
+    with pytest.raises(CheckpointError, match="a TorchScript archive .*torch.jit.load"):
+        schema_of(path)
+    code, err = _run_cli_subprocess(["show", str(path)])
+    assert code == 2 and "TorchScript" in err
+
+
+def _run_cli_subprocess(args: list[str]) -> tuple[int, str]:
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        from pytest_statedict.cli import main
+        code = main(sys.argv[1:])
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+        sys.exit(code)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
+    return result.returncode, result.stderr
+
+
+def zip_bomb(tmp_path: Path, expanded: int) -> Path:
+    """A torch.save archive whose data.pkl is deflated: ~1000x smaller than what it holds."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(2)}, good)
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            if info.filename.endswith("data.pkl"):
+                data = b"\x80\x02" + b"B" + struct.pack("<I", expanded) + bytes(expanded) + b"."
+                out.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(info.filename, src.read(info))
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_torch_reads_it(tmp_path: Path) -> None:
+    path = zip_bomb(tmp_path, 512 << 20)
+    assert path.stat().st_size < 1 << 20
+    good = tmp_path / "good.pt"
+    code, err = _run_cli_subprocess(["show", str(good)])
+    assert code == 0
+    baseline_kib = int(err.split()[-1])
+    code, err = _run_cli_subprocess(["show", str(path)])
+    assert code == 2
+    assert "is compressed (torch.save stores records uncompressed)" in err
+    peak_kib = int(err.split()[-1])
+    assert peak_kib < baseline_kib + 64 * 1024  # the 512 MiB were never inflated
+
+
+@pytest.mark.parametrize("problem", ["declared size", "past the end", "huge data.pkl"])
+def test_zip_records_that_lie_about_their_size(tmp_path: Path, problem: str) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(2)}, good)
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    name = info.filename.encode()
+    directory = raw.find(b"PK\x01\x02")  # the central directory entry of data.pkl
+    while raw[directory + 46 : directory + 46 + len(name)] != name:
+        directory = raw.find(b"PK\x01\x02", directory + 4)
+    if problem == "declared size":  # uncompressed size field of the central directory entry
+        struct.pack_into("<L", raw, directory + 24, 3 << 30)
+    elif problem == "past the end":
+        struct.pack_into("<L", raw, directory + 20, 1 << 30)
+        struct.pack_into("<L", raw, directory + 24, 1 << 30)
+    else:
+        limit = limits.MAX_PICKLE_BYTES + 1
+        struct.pack_into("<L", raw, directory + 20, limit)
+        struct.pack_into("<L", raw, directory + 24, limit)
+    path = tmp_path / "lying.pt"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="data.pkl") as info:
+        schema_of(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RecursionError("deep"), MemoryError(), ValueError("odd"), KeyError("k")],
+)
+def test_the_cli_exits_2_on_any_error_without_a_traceback(
+    tmp_path: Path,
+    error: Exception,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A crash is never "different" (exit 1): bad input or a bug, it exits 2."""
+    import pytest_statedict.extract
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(pytest_statedict.extract, "schema_of", crash)
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(2)}, good)
+    for args in (["diff", str(good), str(good)], ["show", str(good)]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("statedict: ") and "Traceback" not in err
+        assert type(error).__name__ in err
