@@ -234,6 +234,13 @@ def load_state_dict_file(
 ) -> tuple[dict[str, Any], set[str]]:
     """The model state_dict inside a checkpoint file: ``part``, or the usual model entry."""
     path = Path(path)
+    if path.is_dir() and dispatch.from_hook(path, loader) is None:
+        raise CheckpointError(
+            path,
+            "a folder: loading a DCP or sharded checkpoint needs every tensor of it; pass one "
+            "checkpoint file or a snapshot, or compare the folder's schema with "
+            "assert_state_dict_matches(model, expected=folder)",
+        )
     obj, locations = dispatch.load_file(
         path, loader=loader, map_location=map_location, weights_only=weights_only
     )

@@ -548,7 +548,7 @@ def test_truncated_legacy_files(tmp_path: Path) -> None:
         assert str(path) in str(info.value)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_torchscript_archive_is_named(tmp_path: Path) -> None:
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(nn.Linear(2, 3)), path)
