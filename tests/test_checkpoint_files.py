@@ -343,3 +343,15 @@ def test_small_view_of_a_big_storage_is_warned(tmp_path: Path) -> None:
     assert path.stat().st_size > 4_000_000
     assert schema_of(path).notes[0].startswith(note)
     assert not schema_of({"w": big[:10].clone()}).notes
+
+
+def test_safetensors_roundtrip_reads_its_optimizer_file_through_the_readers() -> None:
+    """The optimizer goes to an extra torch.save file beside the .safetensors one."""
+    from pytest_statedict import roundtrip
+
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    result = roundtrip(net, optimizer, format="safetensors")
+    assert result.ok, result.mismatches
