@@ -166,14 +166,22 @@ def _single_file_schema(
     custom = dispatch.from_hook(path, loader)
     if custom is not None:
         return _object_schema(path, custom, set(), values=values, part=part)
-    if dispatch.file_format(path) == dispatch.SAFETENSORS and not values and not part:
+    safetensors = dispatch.file_format(path) == dispatch.SAFETENSORS
+    if safetensors and not values and not part:
         return safetensors_file.read_schema(path)
     obj, locations = dispatch.load_file(path, weights_only=weights_only)
-    return _object_schema(path, obj, locations, values=values, part=part)
+    # the safetensors writer sorts the keys: state_dict order is lost
+    return _object_schema(path, obj, locations, values=values, part=part, ordered=not safetensors)
 
 
 def _object_schema(
-    path: Path, obj: Any, locations: set[str], *, values: bool, part: str | None
+    path: Path,
+    obj: Any,
+    locations: set[str],
+    *,
+    values: bool,
+    part: str | None,
+    ordered: bool = True,
 ) -> Schema:
     try:
         if part is not None:
@@ -191,7 +199,7 @@ def _object_schema(
         raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
     return replace(
         schema,
-        ordered=path.suffix != ".safetensors",
+        ordered=ordered,
         saved_on=tuple(sorted(locations)),
         source=str(path),
     )
