@@ -32,8 +32,6 @@ CheckpointLoader = Callable[[Path], Any]
 
 DCP, INDEX, SNAPSHOT = "dcp", "index", "snapshot"
 SAFETENSORS, TORCH_ZIP, TORCH_LEGACY = "safetensors", "torch zip", "torch legacy"
-# The formats that hold one file's tensors (a shard is one of these).
-SINGLE_FILE = (SAFETENSORS, TORCH_ZIP, TORCH_LEGACY)
 
 
 def from_hook(path: Path, loader: CheckpointLoader | None) -> Any:
