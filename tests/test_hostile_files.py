@@ -658,3 +658,20 @@ def test_the_cli_exits_2_on_any_error_without_a_traceback(
         err = capsys.readouterr().err
         assert err.startswith("statedict: ") and "Traceback" not in err
         assert type(error).__name__ in err
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_hang(tmp_path: Path) -> None:
+    """The readers open without blocking and check the type of what they opened."""
+    from pytest_statedict.readers.files import open_regular
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        open_regular(fifo)
+
+
+def test_a_fifo_shard_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "model-1.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file") as info:
+        schema_of(write_index(tmp_path, {"w": "model-1.safetensors"}))
+    assert "model-1.safetensors" in str(info.value)

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import CheckpointError, hide_from_bad_input
 from . import safetensors_file, torch_legacy, torch_zip
 from .dcp_folder import METADATA
-from .files import FORMATS_READ, magic_hex, require_regular_file
+from .files import FORMATS_READ, magic_hex, open_regular, require_regular_file
 from .hf_index import INDEX_SUFFIX
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -71,7 +71,7 @@ def detect(path: Path) -> tuple[str, Path]:
 def file_format(path: Path) -> str:
     """The format of one checkpoint file, from its first bytes (and its name for safetensors)."""
     size = require_regular_file(path).st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(16)
     if head.startswith(torch_zip.ZIP_MAGIC):
         return TORCH_ZIP

@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, StateDictError, hide_from_bad_input
 from ..schema import json_depth
@@ -50,6 +50,19 @@ def require_regular_file(path: Path) -> os.stat_result:
     return info
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, only if it is still a regular file once open.
+
+    Opened without blocking, so a FIFO swapped in after :func:`require_regular_file`
+    looked cannot hang the open; its type is then checked on the open descriptor.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(path, "not a regular file (a device, FIFO or socket)")
+    return os.fdopen(fd, "rb")
+
+
 def read_bounded(
     path: Path, limit: int, what: str, fail: Callable[[str], StateDictError] | None = None
 ) -> bytes:
@@ -59,7 +72,7 @@ def read_bounded(
     if size > limit:
         raise fail(f"{size:,} bytes, more than a {what} may have ({limit:,})")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read(limit + 1)
     except OSError as exc:
         raise fail(f"cannot be read ({exc.strerror or exc})") from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, hide_from_bad_input
-from .files import parse_json, read_bounded
+from .files import parse_json, read_bounded, require_regular_file
 from .limits import MAX_INDEX_BYTES
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -66,7 +66,8 @@ def read_index(index: Path) -> list[Shard]:
                 f"its shard {shown!r} lies outside the index's folder {folder} (symlinks "
                 "resolved): refused, shards must be files beside their index"
             )
-        if not path.is_file():
+        if not path.exists():
             raise fail(f"its shard {shown} is missing")
+        require_regular_file(path)  # not a folder, a FIFO or a device
         shards.append(Shard(name=name, path=path, keys=frozenset(shard_keys)))
     return shards

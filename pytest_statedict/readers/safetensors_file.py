@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
 from ..schema import DTYPE_ITEMSIZE, Schema, TensorEntry
-from .files import parse_json, require_regular_file
+from .files import open_regular, parse_json, require_regular_file
 from .limits import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -44,7 +44,7 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
 def read_header(path: Path) -> dict[str, Any]:
     """The validated JSON header of a .safetensors file (8-byte length, then JSON)."""
     size = require_regular_file(path).st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(path, "too short for a .safetensors file")

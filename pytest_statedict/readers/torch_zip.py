@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
+from .files import open_regular
 from .limits import MAX_CENTRAL_DIRECTORY_BYTES, MAX_PICKLE_BYTES, MAX_RECORDS
 from .unpickling import torch_load
 
@@ -86,7 +87,7 @@ def _record_problem(record: zipfile.ZipInfo, size: int) -> str | None:
 
 def _check_central_directory_size(path: Path, size: int) -> None:
     """Refuse a central directory larger than the limit before zipfile reads it whole."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         tail_start = max(0, size - (1 << 16) - 22)
         f.seek(tail_start)
         tail = f.read()
