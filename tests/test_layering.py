@@ -97,3 +97,14 @@ def test_the_old_checkpoint_module_is_gone() -> None:
     assert not (PACKAGE / "checkpoint.py").exists()
     for path in PACKAGE.rglob("*.py"):
         assert f"{NAME}.checkpoint" not in imports_of(path), path
+
+
+def test_the_readers_import_no_torch_until_they_read() -> None:
+    """Importing the layer is free: torch loads inside the functions that need it."""
+    import subprocess
+    import sys
+
+    readers = sorted(m for m in graph() if m.startswith(f"{NAME}.readers"))
+    code = "import sys\n" + "".join(f"import {m}\n" for m in readers)
+    code += "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
