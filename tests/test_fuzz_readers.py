@@ -11,6 +11,7 @@ by less than :data:`MAX_GROWTH` over its examples (no claimed size is ever alloc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pickle
 import resource
@@ -58,52 +59,51 @@ def bounded_memory() -> Iterator[None]:
     assert peak_rss() - before < MAX_GROWTH
 
 
-FOLDER = Path(tempfile.mkdtemp(prefix="statedict-fuzz-"))
-
-
 def model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
 
 
-def real(name: str, write: Callable[[Path], object]) -> bytes:
-    path = FOLDER / f"real-{name}"
-    write(path)
+@functools.cache
+def folder() -> Path:
+    """Scratch space for the fuzzed files, made when the first fuzz test runs."""
+    return Path(tempfile.mkdtemp(prefix="statedict-fuzz-"))
+
+
+@functools.cache
+def real(name: str) -> bytes:
+    """A real file of each format, the seed its mutations start from."""
+    path = folder() / f"real-{name}"
+    net = model()
+    if name == "zip.pt":
+        torch.save(net.state_dict(), path)
+    elif name == "legacy.pt":
+        torch.save(net.state_dict(), path, _use_new_zipfile_serialization=False)
+    elif name == "snapshot.json":
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        path.write_text(schema_of(net, optimizer=optimizer).to_json())
+    elif name == "model.safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    elif name == "data.pkl":
+        real("zip.pt")  # the archive it comes from
+        with zipfile.ZipFile(folder() / "real-zip.pt") as z:
+            return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        state = {"w": torch.zeros(3, 4), "n": {"b": torch.ones(2), "raw": b"x", "i": 3}}
+        dcp.save(state, checkpoint_id=folder() / "dcp")
+        path = folder() / "dcp" / ".metadata"
     return path.read_bytes()
 
 
-REAL_ZIP = real("zip.pt", lambda p: torch.save(model().state_dict(), p))
-REAL_LEGACY = real(
-    "legacy.pt",
-    lambda p: torch.save(model().state_dict(), p, _use_new_zipfile_serialization=False),
-)
-REAL_SNAPSHOT = real(
-    "snapshot.json",
-    lambda p: p.write_text(
-        schema_of(model(), optimizer=torch.optim.AdamW(model().parameters(), lr=1e-3)).to_json()
-    ),
-)
+SEEDS = ("zip.pt", "legacy.pt", "snapshot.json", "model.safetensors", "data.pkl", ".metadata")
 
 
-def _real_safetensors(path: Path) -> None:
-    from safetensors.torch import save_file
+def seed(name: str) -> st.SearchStrategy[bytes]:
+    return st.deferred(lambda: st.just(real(name)))
 
-    save_file({k: v.contiguous() for k, v in model().state_dict().items()}, path)
-
-
-REAL_SAFETENSORS = real("model.safetensors", _real_safetensors)
-with zipfile.ZipFile(FOLDER / "real-zip.pt") as _z:
-    REAL_DATA_PKL = _z.read(next(n for n in _z.namelist() if n.endswith("data.pkl")))
-
-
-def _real_dcp() -> bytes:
-    import torch.distributed.checkpoint as dcp
-
-    state = {"w": torch.zeros(3, 4), "n": {"b": torch.ones(2), "raw": b"x", "i": 3}}
-    dcp.save(state, checkpoint_id=FOLDER / "dcp")
-    return (FOLDER / "dcp" / ".metadata").read_bytes()
-
-
-REAL_METADATA = _real_dcp()
 
 # ---- mutations -----------------------------------------------------------------------------
 
@@ -142,14 +142,15 @@ def read_only_ours(read: Callable[[], object]) -> None:
 
 
 def write(name: str, data: bytes) -> Path:
-    path = FOLDER / name
+    path = folder() / name
     path.write_bytes(data)
     return path
 
 
 def zip_with_data_pkl(data_pkl: bytes) -> bytes:
-    path = FOLDER / "rebuilt.pt"
-    with zipfile.ZipFile(FOLDER / "real-zip.pt") as src, zipfile.ZipFile(path, "w") as out:
+    real("zip.pt")  # the archive whose data.pkl is replaced
+    path = folder() / "rebuilt.pt"
+    with zipfile.ZipFile(folder() / "real-zip.pt") as src, zipfile.ZipFile(path, "w") as out:
         for info in src.infolist():
             is_pickle = info.filename.endswith("data.pkl")
             out.writestr(info.filename, data_pkl if is_pickle else src.read(info))
@@ -162,7 +163,7 @@ def zip_with_data_pkl(data_pkl: bytes) -> bytes:
 @fuzz(500)
 @given(EDITS)
 def test_mutated_torch_archives(edits: list[tuple[str, float, bytes]]) -> None:
-    path = write("mutated.pt", mutate(REAL_ZIP, edits))
+    path = write("mutated.pt", mutate(real("zip.pt"), edits))
     read_only_ours(lambda: schema_of(path))
 
 
@@ -183,7 +184,7 @@ PICKLE_OPCODES = st.lists(
 
 
 @fuzz(300)
-@given(PICKLE_OPCODES | st.builds(mutate, st.just(REAL_DATA_PKL), EDITS))
+@given(PICKLE_OPCODES | st.builds(mutate, seed("data.pkl"), EDITS))
 def test_data_pkl_streams(data_pkl: bytes) -> None:
     path = write("pickled.pt", zip_with_data_pkl(data_pkl))
     read_only_ours(lambda: schema_of(path))
@@ -192,7 +193,7 @@ def test_data_pkl_streams(data_pkl: bytes) -> None:
 @fuzz(300)
 @given(EDITS)
 def test_mutated_legacy_files(edits: list[tuple[str, float, bytes]]) -> None:
-    path = write("legacy.pt", mutate(REAL_LEGACY, edits))
+    path = write("legacy.pt", mutate(real("legacy.pt"), edits))
     read_only_ours(lambda: schema_of(path))
 
 
@@ -200,18 +201,18 @@ def test_mutated_legacy_files(edits: list[tuple[str, float, bytes]]) -> None:
 
 
 @fuzz(600)
-@given(PICKLE_OPCODES | st.builds(mutate, st.just(REAL_METADATA), EDITS) | st.binary())
+@given(PICKLE_OPCODES | st.builds(mutate, seed(".metadata"), EDITS) | st.binary())
 def test_dcp_metadata_unpickler(data: bytes) -> None:
-    read_only_ours(lambda: unpickle_dcp_metadata(data, FOLDER / "dcp"))
+    read_only_ours(lambda: unpickle_dcp_metadata(data, folder() / "dcp"))
 
 
 @fuzz(200)
-@given(st.builds(mutate, st.just(REAL_METADATA), EDITS))
+@given(st.builds(mutate, seed(".metadata"), EDITS))
 def test_dcp_folders(metadata: bytes) -> None:
-    folder = FOLDER / "dcp-fuzz"
-    folder.mkdir(exist_ok=True)
-    (folder / ".metadata").write_bytes(metadata)
-    read_only_ours(lambda: dcp_folder.read_schema(folder, part=None))
+    checkpoint = folder() / "dcp-fuzz"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / ".metadata").write_bytes(metadata)
+    read_only_ours(lambda: dcp_folder.read_schema(checkpoint, part=None))
 
 
 # ---- JSON formats --------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_safetensors_headers(header: bytes, data: bytes) -> None:
 @fuzz(200)
 @given(EDITS)
 def test_mutated_safetensors_files(edits: list[tuple[str, float, bytes]]) -> None:
-    path = write("mutated.safetensors", mutate(REAL_SAFETENSORS, edits))
+    path = write("mutated.safetensors", mutate(real("model.safetensors"), edits))
     read_only_ours(lambda: schema_of(path))
 
 
@@ -288,6 +289,8 @@ SHARD_NAMES = st.sampled_from(
     | JSON
 )
 def test_sharded_indexes(index: Any) -> None:
+    for name in SEEDS:  # the shards it may name
+        real(name)
     path = write("fuzz.index.json", json.dumps(index).encode())
     read_only_ours(lambda: schema_of(path))
     read_only_ours(lambda: hf_index.read_index(path))
@@ -312,7 +315,7 @@ def json_mutations(data: Any, draw: Any) -> Any:
 @fuzz(400)
 @given(st.data())
 def test_snapshot_json_mutations(data: st.DataObject) -> None:
-    mutated = json_mutations(json.loads(REAL_SNAPSHOT), data.draw)
+    mutated = json_mutations(json.loads(real("snapshot.json")), data.draw)
     path = write("fuzz.json", json.dumps(mutated).encode())
     read_only_ours(lambda: snapshot_file.read_snapshot(path))
 
@@ -320,14 +323,16 @@ def test_snapshot_json_mutations(data: st.DataObject) -> None:
 @fuzz(200)
 @given(EDITS)
 def test_snapshot_text_mutations(edits: list[tuple[str, float, bytes]]) -> None:
-    path = write("fuzz-text.json", mutate(REAL_SNAPSHOT, edits))
+    path = write("fuzz-text.json", mutate(real("snapshot.json"), edits))
     read_only_ours(lambda: schema_of(path))
 
 
 def test_the_fuzz_corpus_is_real() -> None:
     """The seeds are valid files of their formats (mutations start from the real thing)."""
-    assert len(schema_of(FOLDER / "real-zip.pt")) == 7
-    assert len(schema_of(FOLDER / "real-legacy.pt")) == 7
-    assert len(schema_of(FOLDER / "real-model.safetensors")) == 7
-    assert len(schema_of(FOLDER / "real-snapshot.json")) == 7
-    assert type(pickle.loads(REAL_METADATA)).__name__ == "Metadata"
+    for name in SEEDS:
+        real(name)
+    assert len(schema_of(folder() / "real-zip.pt")) == 7
+    assert len(schema_of(folder() / "real-legacy.pt")) == 7
+    assert len(schema_of(folder() / "real-model.safetensors")) == 7
+    assert len(schema_of(folder() / "real-snapshot.json")) == 7
+    assert type(pickle.loads(real(".metadata"))).__name__ == "Metadata"
