@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import pytest_statedict
 
 PACKAGE = Path(pytest_statedict.__file__).parent
@@ -108,3 +110,11 @@ def test_the_readers_import_no_torch_until_they_read() -> None:
     code = "import sys\n" + "".join(f"import {m}\n" for m in readers)
     code += "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_subpackage_is_shipped() -> None:
+    """setuptools lists packages one by one: a subpackage missing there is missing in wheels."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = set(pyproject["tool"]["setuptools"]["packages"])
+    assert {module_name(p.parent) for p in PACKAGE.rglob("__init__.py")} <= shipped
