@@ -607,31 +607,39 @@ def test_a_zip_bomb_is_refused_before_torch_reads_it(tmp_path: Path) -> None:
     assert growth < 32 << 20  # the 256 MiB were never inflated
 
 
-@pytest.mark.parametrize("problem", ["declared size", "past the end", "huge data.pkl"])
-def test_zip_records_that_lie_about_their_size(tmp_path: Path, problem: str) -> None:
+@pytest.mark.parametrize(
+    ("problem", "record"),
+    [
+        ("declared size", "data.pkl"),
+        ("past the end", "data.pkl"),
+        ("huge data.pkl", "data.pkl"),
+        ("data past the end", "data/0"),  # its local header fits, its last bytes do not
+    ],
+)
+def test_zip_records_that_lie_about_their_size(tmp_path: Path, problem: str, record: str) -> None:
     good = tmp_path / "good.pt"
     torch.save({"w": torch.zeros(2)}, good)
     raw = bytearray(good.read_bytes())
     with zipfile.ZipFile(good) as z:
-        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+        info = next(i for i in z.infolist() if i.filename.endswith(record))
     name = info.filename.encode()
-    directory = raw.find(b"PK\x01\x02")  # the central directory entry of data.pkl
+    directory = raw.find(b"PK\x01\x02")  # the record's central directory entry
     while raw[directory + 46 : directory + 46 + len(name)] != name:
         directory = raw.find(b"PK\x01\x02", directory + 4)
     if problem == "declared size":  # uncompressed size field of the central directory entry
-        struct.pack_into("<L", raw, directory + 24, 3 << 30)
+        sizes = (info.compress_size, 3 << 30)
     elif problem == "past the end":
-        struct.pack_into("<L", raw, directory + 20, 1 << 30)
-        struct.pack_into("<L", raw, directory + 24, 1 << 30)
-    else:
-        limit = limits.MAX_PICKLE_BYTES + 1
-        struct.pack_into("<L", raw, directory + 20, limit)
-        struct.pack_into("<L", raw, directory + 24, limit)
+        sizes = (1 << 30, 1 << 30)
+    elif problem == "huge data.pkl":
+        sizes = (limits.MAX_PICKLE_BYTES + 1,) * 2
+    else:  # up to the end of the file from the record's local header: the data overruns
+        sizes = (len(raw) - info.header_offset,) * 2
+    struct.pack_into("<2L", raw, directory + 20, *sizes)
     path = tmp_path / "lying.pt"
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="data.pkl") as info:
-        schema_of(path)
-    assert str(path) in str(info.value)
+    with pytest.raises(CheckpointError, match=record) as error:
+        schema_of(path, values=True)  # values: the tensor bytes would be read
+    assert str(path) in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, hide_from_bad_input
 from .files import open_regular
@@ -30,6 +30,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 _END = b"PK\x05\x06"  # end of central directory record
 _END64_LOCATOR = b"PK\x06\x07"
 _END64 = b"PK\x06\x06"
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # ends with the name and extra field lengths
 
 
 def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
@@ -60,12 +61,13 @@ def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
         raise CheckpointError(
             path, "a zip archive but not a torch.save checkpoint (it has no data.pkl record)"
         )
-    for record in records:
-        problem = _record_problem(record, size)
-        if problem:
-            raise CheckpointError(
-                path, f"record {record.filename[:100]!r} {problem}: not written by torch.save"
-            )
+    with open_regular(path) as f:
+        for record in records:
+            problem = _record_problem(f, record, size)
+            if problem:
+                raise CheckpointError(
+                    path, f"record {record.filename[:100]!r} {problem}: not written by torch.save"
+                )
     if data_pkl.file_size > MAX_PICKLE_BYTES:
         raise CheckpointError(
             path,
@@ -75,12 +77,20 @@ def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
     return data_pkl
 
 
-def _record_problem(record: zipfile.ZipInfo, size: int) -> str | None:
+def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | None:
+    """What is wrong with a record's sizes: its data must lie whole inside the file (a
+    memory-mapped tensor read past the end of the file would crash the process)."""
     if record.compress_type != zipfile.ZIP_STORED:
         return "is compressed (torch.save stores records uncompressed)"
     if record.file_size != record.compress_size:
         return f"declares {record.file_size:,} bytes but stores {record.compress_size:,}"
-    if record.header_offset + record.compress_size > size:
+    f.seek(record.header_offset)
+    local = f.read(_LOCAL_HEADER.size)
+    if len(local) < _LOCAL_HEADER.size or not local.startswith(ZIP_MAGIC):
+        return "has no local header where the directory says"
+    name_length, extra_length = _LOCAL_HEADER.unpack(local)[-2:]
+    data_start = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    if data_start + record.compress_size > size:
         return "runs past the end of the file"
     return None
 
