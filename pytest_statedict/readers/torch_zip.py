@@ -84,6 +84,8 @@ def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | No
         return "is compressed (torch.save stores records uncompressed)"
     if record.file_size != record.compress_size:
         return f"declares {record.file_size:,} bytes but stores {record.compress_size:,}"
+    if not 0 <= record.header_offset < size:
+        return "has no local header where the directory says"
     f.seek(record.header_offset)
     local = f.read(_LOCAL_HEADER.size)
     if len(local) < _LOCAL_HEADER.size or not local.startswith(ZIP_MAGIC):
