@@ -43,6 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StateDictError as exc:
         print(f"statedict: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # never exit 1 ("different") nor with a traceback on a crash
+        print(
+            f"statedict: {args.command} failed unexpectedly ({type(exc).__name__}: "
+            f"{str(exc).strip()[:300]}); this is a bug in pytest-statedict or in what it "
+            "calls, please report it with the file that caused it",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _show(path: str, *, as_json: bool, part: str | None) -> int:

@@ -12,13 +12,18 @@ import inspect
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .compare import UNKNOWN_CLASS
-from .errors import UnsupportedObjectError, hide_from_bad_input
+from .errors import CheckpointError, UnsupportedObjectError, hide_from_bad_input
+from .readers import dcp_folder, dispatch, hf_index, safetensors_file, snapshot_file
+from .readers.dispatch import CheckpointLoader
+from .runtime import checkpoint_loader
 from .schema import (
     Fingerprint,
     OptimizerSchema,
@@ -27,6 +32,7 @@ from .schema import (
     Schema,
     StateSpec,
     TensorEntry,
+    dtype_name,
 )
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -43,16 +49,6 @@ ELEMENTWISE_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
      "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}
 )  # fmt: skip
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
 
 
 def schema_of(
@@ -80,9 +76,9 @@ def schema_of(
             )
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        from .checkpoint import schema_of_file
-
-        schema = schema_of_file(obj, values=values, weights_only=weights_only, part=part)
+        schema = schema_of_file(
+            obj, values=values, weights_only=weights_only, part=part, loader=checkpoint_loader()
+        )
         if optimizer is not None:
             schema = _with_optimizer(schema, optimizer_schema(optimizer))
         return schema
@@ -116,9 +112,162 @@ def _reject_bound_state_dict(obj: Any) -> None:
 
 
 def _with_optimizer(schema: Schema, opt: OptimizerSchema) -> Schema:
-    from dataclasses import replace
-
     return replace(schema, optimizer=opt)
+
+
+# ---- checkpoint files --------------------------------------------------------------------
+
+
+def schema_of_file(
+    path: str | os.PathLike[str],
+    *,
+    values: bool = False,
+    weights_only: bool = True,
+    part: str | None = None,
+    loader: CheckpointLoader | None = None,
+) -> Schema:
+    """The schema of a checkpoint or snapshot file or folder, reading no tensor data if it can.
+
+    ``readers`` recognise the format and read the file; this builds the schema of what a
+    torch file or a ``loader`` hook (``pytest_statedict_load_checkpoint``) returns. ``part``
+    picks one entry of a general checkpoint (``"modelA_state_dict"``, or a path into nested
+    entries: ``"optimizer_states/0"``).
+    """
+    path = Path(path)
+    custom = dispatch.from_hook(path, loader)
+    if custom is not None:
+        return _object_schema(path, custom, set(), values=values, part=part)
+    fmt, where = dispatch.detect(path)
+    if fmt == dispatch.DCP:
+        if values:
+            raise CheckpointError(where, "values=True is not supported for DCP checkpoints")
+        return dcp_folder.read_schema(where, part=part)
+    if fmt == dispatch.INDEX:
+        if part is not None:
+            raise CheckpointError(where, "a sharded checkpoint has no parts to choose from")
+        return _sharded_schema(where, values=values, loader=loader)
+    if fmt == dispatch.SNAPSHOT:
+        if values or part:
+            raise CheckpointError(where, "a snapshot holds one schema, without values or parts")
+        return snapshot_file.read_snapshot(where)
+    return _single_file_schema(where, values=values, weights_only=weights_only, part=part,
+                               loader=None)  # fmt: skip
+
+
+def _single_file_schema(
+    path: Path,
+    *,
+    values: bool,
+    weights_only: bool,
+    part: str | None,
+    loader: CheckpointLoader | None,
+) -> Schema:
+    """One torch.save or .safetensors file (a shard too): from its header where it can."""
+    custom = dispatch.from_hook(path, loader)
+    if custom is not None:
+        return _object_schema(path, custom, set(), values=values, part=part)
+    safetensors = dispatch.file_format(path) == dispatch.SAFETENSORS
+    if safetensors and not values and not part:
+        return safetensors_file.read_schema(path)
+    obj, locations = dispatch.load_file(path, weights_only=weights_only)
+    # the safetensors writer sorts the keys: state_dict order is lost
+    return _object_schema(path, obj, locations, values=values, part=part, ordered=not safetensors)
+
+
+def _object_schema(
+    path: Path,
+    obj: Any,
+    locations: set[str],
+    *,
+    values: bool,
+    part: str | None,
+    ordered: bool = True,
+) -> Schema:
+    try:
+        if part is not None:
+            obj = select_part(obj, part)
+        if isinstance(obj, nn.Module):
+            schema = module_schema(obj, values=values)
+        elif isinstance(obj, dict):
+            schema = mapping_schema(obj, values=values)
+        else:
+            raise UnsupportedObjectError(
+                f"it holds a {type(obj).__module__}.{type(obj).__qualname__}, not a state_dict "
+                "or a checkpoint dict"
+            )
+    except UnsupportedObjectError as exc:
+        raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
+    return replace(
+        schema,
+        ordered=ordered,
+        saved_on=tuple(sorted(locations)),
+        source=str(path),
+    )
+
+
+def _sharded_schema(index: Path, *, values: bool, loader: CheckpointLoader | None) -> Schema:
+    """A Hugging Face sharded checkpoint: each shard's own schema, of the keys mapped to it."""
+    entries = []
+    locations: set[str] = set()
+    ordered = True
+    for shard in hf_index.read_index(index):
+        schema = _single_file_schema(
+            shard.path, values=values, weights_only=True, part=None, loader=loader
+        )
+        locations.update(schema.saved_on)
+        ordered = ordered and schema.ordered
+        missing = shard.keys - {t.key for t in schema.tensors}
+        if missing:
+            raise CheckpointError(
+                index,
+                f"keys it maps to {shard.name} are not in that shard: "
+                + ", ".join(sorted(missing)[:5]),
+            )
+        entries.extend(t for t in schema.tensors if t.key in shard.keys)
+    return Schema(
+        tensors=tuple(entries),
+        ordered=ordered,
+        saved_on=tuple(sorted(locations)),
+        source=str(index),
+    )
+
+
+def load_state_dict_file(
+    path: str | os.PathLike[str],
+    *,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+    part: str | None = None,
+    loader: CheckpointLoader | None = None,
+) -> tuple[dict[str, Any], set[str]]:
+    """The model state_dict inside a checkpoint file: ``part``, or the usual model entry."""
+    path = Path(path)
+    if path.is_dir() and dispatch.from_hook(path, loader) is None:
+        raise CheckpointError(
+            path,
+            "a folder: loading a DCP or sharded checkpoint needs every tensor of it; pass one "
+            "checkpoint file or a snapshot, or compare the folder's schema with "
+            "assert_state_dict_matches(model, expected=folder)",
+        )
+    obj, locations = dispatch.load_file(
+        path, loader=loader, map_location=map_location, weights_only=weights_only
+    )
+    if part is not None:
+        try:
+            obj = select_part(obj, part)
+        except UnsupportedObjectError as exc:
+            raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
+    if is_state_dict(obj):
+        return obj, locations
+    if isinstance(obj, dict):
+        for key in MODEL_KEYS:
+            if is_state_dict(obj.get(key)):
+                return obj[key], locations
+    raise CheckpointError(
+        path,
+        f"no model state_dict in it (looked for a mapping of names to tensors, at the top "
+        f"or under {', '.join(MODEL_KEYS)})",
+    )
 
 
 # ---- modules and state_dicts -------------------------------------------------------------
@@ -210,8 +359,6 @@ def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
         raw = obj[opt_key]
         opt = optimizer_schema(raw[0] if isinstance(raw, list) else raw)
     extras = {str(k): _type_name(v) for k, v in obj.items() if k not in (model_key, opt_key)}
-    from dataclasses import replace
-
     return replace(model, optimizer=opt, extras=extras)
 
 

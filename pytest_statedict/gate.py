@@ -19,13 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_state_dict_file, read_snapshot
 from .compare import Rename, compile_rename, diff_schemas
-from .errors import StateDictMismatch, hide_from_bad_input
-from .extract import mapping_schema, module_schema, require_module
+from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
+from .extract import load_state_dict_file, mapping_schema, module_schema, require_module
+from .readers.dispatch import from_hook, is_snapshot_name
+from .readers.snapshot_file import read_snapshot
 from .report import SECTION_LIMIT, suggest_rename
 from .round_trip import meta_copy
-from .schema import Schema
+from .runtime import checkpoint_loader
+from .schema import Schema, TensorEntry
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -58,10 +60,13 @@ def assert_checkpoint_loads(
     require_module(model, "assert_checkpoint_loads()")
     source = Path(path)
     saved_on: set[str] = set()
-    if source.suffix == ".json":
+    loader = checkpoint_loader()
+    if is_snapshot_name(source) and from_hook(source, loader) is None:
         state = state_from_snapshot(read_snapshot(source))
     else:
-        state, saved_on = load_state_dict_file(source, map_location=map_location, part=part)
+        state, saved_on = load_state_dict_file(
+            source, map_location=map_location, part=part, loader=loader
+        )
     mapping = compile_rename(rename)
     if mapping is not None:
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())
@@ -159,15 +164,38 @@ def _shape(text: str) -> str:
     return text.replace("torch.Size(", "").rstrip(")")
 
 
+QUANTIZED_DTYPES = frozenset(
+    {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+)
+
+
+def _meta_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
+    """The meta tensor a snapshot entry describes, or an error naming the snapshot and key."""
+    problem = None
+    try:
+        dtype = getattr(torch, entry.dtype or "float32")
+        if dtype in QUANTIZED_DTYPES:  # a quantized tensor is recorded with its qscheme
+            problem = "a quantized dtype without a qscheme"
+        else:
+            tensor = torch.empty(entry.shape or (), dtype=dtype, device="meta")
+    except (RuntimeError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    if problem:
+        raise SnapshotError(
+            schema.source or "<snapshot>",
+            f"{entry.key!r}: no {entry.dtype}{list(entry.shape or ())} tensor can be built to "
+            f"load ({problem})",
+        )
+    return tensor
+
+
 def state_from_snapshot(schema: Schema) -> OrderedDict[str, Any]:
     """A state_dict of meta tensors shaped as a snapshot records, with its module versions."""
     state: OrderedDict[str, Any] = OrderedDict()
     for entry in schema.tensors:
         if entry.kind == "object" or entry.layout or entry.qscheme:
             continue  # no value to rebuild; the model's own default is loaded instead
-        state[entry.key] = torch.empty(
-            entry.shape or (), dtype=getattr(torch, entry.dtype or "float32"), device="meta"
-        )
+        state[entry.key] = _meta_tensor(schema, entry)
     if schema.versions is not None:
         prefixes = {""} | {
             key.rsplit(".", i)[0] for key in state for i in range(1, key.count(".") + 1)

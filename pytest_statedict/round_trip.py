@@ -190,10 +190,12 @@ def _load_and_compare(
     result: RoundTripResult,
 ) -> tuple[nn.Module | None, dict[str, Any]]:
     """Load the file into a fresh model and compare its state_dict with the original's."""
-    from .checkpoint import load_checkpoint
+    from .readers import dispatch
+    from .runtime import checkpoint_loader
 
+    loader = checkpoint_loader()
     if format == "torch":
-        saved, locations = load_checkpoint(path, map_location=load_device)
+        saved, locations = dispatch.load_file(path, loader=loader, map_location=load_device)
         result.saved_on = tuple(sorted(locations))
         state = saved.pop("model")
         extra = saved
@@ -203,7 +205,9 @@ def _load_and_compare(
         state = load_file(str(path), device=str(load_device))
         extra_path = path.with_name("extra.pt")
         extra = (
-            load_checkpoint(extra_path, map_location=load_device)[0] if extra_path.exists() else {}
+            dispatch.load_file(extra_path, loader=loader, map_location=load_device)[0]
+            if extra_path.exists()
+            else {}
         )
     assign = factory is None
     fresh = meta_copy(original) if assign else factory().to(load_device)  # type: ignore[misc]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SnapshotError, StaleSnapshotError, hide_from_bad_input
+from .readers.limits import MAX_DIM, MAX_DIMS, MAX_JSON_DEPTH
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -45,6 +46,47 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
     **{f"{sign}int{bits}": 1 for sign in ("", "u") for bits in range(1, 8)},
 }  # fmt: skip
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for ``torch.float32`` (from its text: no torch import needed)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def json_depth(data: Any) -> int:
+    """How deep lists and dicts nest in parsed JSON (counted without recursion, and only
+    to just past :data:`MAX_JSON_DEPTH`, beyond which nothing is accepted anyway)."""
+    deepest = 0
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _is_int(x: Any) -> bool:
+    """An integer, not a bool (``True`` is an ``int`` in Python, never in a snapshot)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_shape(shape: Any) -> bool:
+    return (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
+    )
 
 
 @dataclass(frozen=True)
@@ -398,11 +440,17 @@ class _SnapshotParser:
             data = json.loads(self.text, object_pairs_hook=no_duplicates)
         except json.JSONDecodeError as exc:
             raise SnapshotError(self.path, f"invalid JSON ({exc.msg})", exc.lineno) from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise self.fail(f"invalid JSON ({str(exc)[:200]})") from None
+        except RecursionError:
+            raise self.fail(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise self.fail(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise self.fail(f'not a statedict snapshot (no "format": "{FORMAT_NAME}" header)')
         version = data.get("version")
-        if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
+        if not _is_int(version) or version != FORMAT_VERSION:
+            newer = _is_int(version) and version > FORMAT_VERSION
             raise StaleSnapshotError(
                 self.path,
                 f"written in snapshot format version {version!r}, this plugin reads version "
@@ -462,8 +510,10 @@ class _SnapshotParser:
             raise self.fail(f'tensor #{index} has no string "key"')
         key = item["key"]
         kind = item.get("kind")
-        if kind not in KINDS:
-            raise self.fail(f"{key!r}: kind {kind!r} is not one of {', '.join(KINDS)}", key)
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise self.fail(
+                f"{key!r}: kind {str(kind)[:40]!r} is not one of {', '.join(KINDS)}", key
+            )
         if kind == "object":
             if not isinstance(item.get("type"), str):
                 raise self.fail(f'{key!r}: an object entry needs a string "type"', key)
@@ -478,14 +528,15 @@ class _SnapshotParser:
             if name not in item:
                 raise self.fail(f'{key!r}: no "{name}" field', key)
         shape = item.get("shape")
-        if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise self.fail(f'{key!r}: "shape" must be a list of non-negative integers', key)
+        if not _is_shape(shape):
+            raise self.fail(
+                f'{key!r}: "shape" must be a list of at most {MAX_DIMS} non-negative integers '
+                "below 2**63",
+                key,
+            )
         dtype = item.get("dtype")
-        if dtype not in DTYPE_ITEMSIZE:
-            raise self.fail(f"{key!r}: unknown dtype {dtype!r}", key)
+        if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
+            raise self.fail(f"{key!r}: unknown dtype {str(dtype)[:40]!r}", key)
         requires_grad = item.get("requires_grad")
         if requires_grad is not None and not isinstance(requires_grad, bool):
             raise self.fail(f'{key!r}: "requires_grad" must be true or false', key)
@@ -525,11 +576,16 @@ class _SnapshotParser:
         for i, group in enumerate(self.list_of(data, "param_groups", lambda g, i: g)):
             if not isinstance(group, dict) or not isinstance(group.get("params"), list):
                 raise self.fail(f'optimizer param_group #{i} has no "params" list', "params")
+            if not all(isinstance(p, str) or _is_int(p) for p in group["params"]):
+                raise self.fail(
+                    f'optimizer param_group #{i}: "params" must hold names or indices', "params"
+                )
             hyper = {k: v for k, v in group.items() if k != "params"}
             groups.append(ParamGroup(hyperparams=hyper, params=tuple(group["params"])))
         states = []
         for i, state in enumerate(self.list_of(data, "state", lambda s, i: s)):
-            if not isinstance(state, dict) or not isinstance(state.get("param"), (str, int)):
+            param = state.get("param") if isinstance(state, dict) else None
+            if not (isinstance(param, str) or _is_int(param)):
                 raise self.fail(f'optimizer state #{i} has no "param"', "state")
             entries = {}
             for name, spec in state.items():
@@ -539,8 +595,9 @@ class _SnapshotParser:
                     entries[name] = StateSpec(type=spec["type"])
                 elif (
                     isinstance(spec, dict)
-                    and isinstance(spec.get("shape"), list)
-                    and spec.get("dtype") in DTYPE_ITEMSIZE
+                    and _is_shape(spec.get("shape"))
+                    and isinstance(spec.get("dtype"), str)
+                    and spec["dtype"] in DTYPE_ITEMSIZE
                 ):
                     entries[name] = StateSpec(shape=tuple(spec["shape"]), dtype=spec["dtype"])
                 else:

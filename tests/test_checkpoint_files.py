@@ -17,7 +17,7 @@ import torch.serialization
 from torch import nn
 
 from pytest_statedict import CheckpointError, schema_of
-from pytest_statedict.checkpoint import load_checkpoint
+from pytest_statedict.readers.dispatch import load_file
 
 
 @contextmanager
@@ -50,7 +50,7 @@ def test_torch_save_file_matches_the_module(tmp_path: Path) -> None:
 def test_file_is_memory_mapped_not_read(tmp_path: Path) -> None:
     path = tmp_path / "big.pt"
     torch.save({"w": torch.zeros(64, 1024, 1024, dtype=torch.uint8)}, path)  # 64 MiB
-    obj, _ = load_checkpoint(path)
+    obj, _ = load_file(path)
     # the tensor's bytes are the file's pages, mapped, not copied into anonymous memory
     assert str(path) in Path("/proc/self/maps").read_text()
     assert obj["w"].shape == (64, 1024, 1024)
@@ -152,7 +152,7 @@ def safetensors_with(tmp_path: Path, header: dict[str, object], data: bytes = b"
         (lambda p: p, "is a directory"),
         (lambda p: write_bytes(p, "empty.pt", b""), "the file is empty"),
         (lambda p: write_bytes(p, "text.pt", b"hello world, not a checkpoint"),
-         "not a checkpoint: it starts with b'hello wo'"),
+         "not a checkpoint: it starts with the bytes 68 65 6c 6c"),
         (truncated_zip, "the file is truncated"),
         (foreign_zip, "a zip archive but not a torch.save checkpoint"),
         (lambda p: write_bytes(p, "short.safetensors", b"\x01"), "too short"),
@@ -343,3 +343,15 @@ def test_small_view_of_a_big_storage_is_warned(tmp_path: Path) -> None:
     assert path.stat().st_size > 4_000_000
     assert schema_of(path).notes[0].startswith(note)
     assert not schema_of({"w": big[:10].clone()}).notes
+
+
+def test_safetensors_roundtrip_reads_its_optimizer_file_through_the_readers() -> None:
+    """The optimizer goes to an extra torch.save file beside the .safetensors one."""
+    from pytest_statedict import roundtrip
+
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    result = roundtrip(net, optimizer, format="safetensors")
+    assert result.ok, result.mismatches

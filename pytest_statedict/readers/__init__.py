@@ -1,0 +1,21 @@
+"""The file readers: one module per checkpoint format, below everything else in the package.
+
+Where a format is read (each module's docstring says what it may unpickle and its limits):
+
+* ``dispatch``: which reader reads a path (by name and by content), and the raw load of a
+  single checkpoint file; the ``pytest_statedict_load_checkpoint`` hook is handed in by the
+  caller, never looked up here;
+* ``torch_zip``: ``torch.save`` zip archives (and TorchScript archives, recognised and refused);
+* ``torch_legacy``: legacy (pre-1.6) ``torch.save`` pickles;
+* ``safetensors_file``: ``.safetensors`` files, from their JSON header;
+* ``hf_index``: Hugging Face sharded checkpoints (``*.index.json``);
+* ``dcp_folder``: ``torch.distributed.checkpoint`` folders, from their ``.metadata``;
+* ``snapshot_file``: statedict snapshot ``.json`` files;
+* ``unpickling``: the one policy for every pickle (what may be unpickled, and how);
+* ``limits``: every size, depth and count a hostile file could blow up;
+* ``files``: what every reader checks first (a regular file, read within a bound).
+
+Readers import only ``errors``, ``schema``, each other, the standard library and (lazily,
+inside functions) torch: they return raw objects or schema entries, and ``extract`` builds
+schemas from them. This package imports nothing at start-up.
+"""

@@ -1,0 +1,120 @@
+"""The package's import graph: readers at the bottom, and no circle anywhere.
+
+Every import counts, function-level ones included: a lazy import is still a dependency,
+and a circle through one breaks the day someone moves it to the top of the module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import pytest_statedict
+
+PACKAGE = Path(pytest_statedict.__file__).parent
+NAME = "pytest_statedict"
+# What a reader may import from the package, besides the other readers.
+BELOW_READERS = {f"{NAME}.errors", f"{NAME}.schema"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package's modules that the file imports, anywhere in it."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    for node in runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from . import x` imports the module x; `from .m import f` imports m
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & modules
+            found.update(submodules or {base})
+    return {m for m in found if m in modules and m != name}
+
+
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under ``if TYPE_CHECKING:`` (imports for type checkers only)."""
+    nodes: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            stack.extend(node.orelse)
+            continue
+        nodes.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_graph_sees_every_import() -> None:
+    edges = graph()
+    assert f"{NAME}.readers.dispatch" in edges[f"{NAME}.extract"]
+    assert f"{NAME}.readers.unpickling" in edges[f"{NAME}.readers.torch_zip"]
+    assert f"{NAME}.runtime" in edges[f"{NAME}.round_trip"]  # a function-level import
+
+
+def test_readers_import_nothing_above_them() -> None:
+    for module, imported in graph().items():
+        if module.startswith(f"{NAME}.readers"):
+            above = {m for m in imported if not m.startswith(f"{NAME}.readers")} - BELOW_READERS
+            assert not above, f"{module} imports {sorted(above)}"
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    edges = graph()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = [*path[path.index(module) :], module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        for imported in sorted(edges.get(module, ())):
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(edges):
+        visit(module, [])
+
+
+def test_the_old_checkpoint_module_is_gone() -> None:
+    assert not (PACKAGE / "checkpoint.py").exists()
+    for path in PACKAGE.rglob("*.py"):
+        assert f"{NAME}.checkpoint" not in imports_of(path), path
+
+
+def test_the_readers_import_no_torch_until_they_read() -> None:
+    """Importing the layer is free: torch loads inside the functions that need it."""
+    import subprocess
+    import sys
+
+    readers = sorted(m for m in graph() if m.startswith(f"{NAME}.readers"))
+    code = "import sys\n" + "".join(f"import {m}\n" for m in readers)
+    code += "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_subpackage_is_shipped() -> None:
+    """setuptools lists packages one by one: a subpackage missing there is missing in wheels."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = set(pyproject["tool"]["setuptools"]["packages"])
+    assert {module_name(p.parent) for p in PACKAGE.rglob("__init__.py")} <= shipped
