@@ -83,11 +83,22 @@ class Owner(NamedTuple):
 class Attempt:
     """One attempt of a test as its reports tell it (a rerun starts a new one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, written: dict[str, str] | None = None) -> None:
         self.failed = False
         self.discarded = False  # a rerun follows: its checks do not count
-        self.checks: Counter[str] = Counter()
+        self.checks: dict[str, str] = {}  # snapshot -> outcome
         self.roundtrips: Counter[str] = Counter()
+        # files an earlier, discarded attempt wrote: still written, though now they pass
+        self.written = written or {}
+
+    def counts(self) -> Counter[str]:
+        outcomes = Counter(
+            self.written.get(path, outcome) if outcome == "passed" else outcome
+            for path, outcome in self.checks.items()
+        )
+        if not self.failed:
+            outcomes["passed"] += outcomes.pop("failed", 0)
+        return outcomes
 
 
 class StateDictSession:
@@ -105,7 +116,7 @@ class StateDictSession:
         # what the running phase did, until its report carries it away; round_trip.py
         # counts its device pairs into ``roundtrips``
         self.roundtrips: Counter[str] = Counter()
-        self._checks: list[str] = []
+        self._checks: list[tuple[str, str]] = []  # (snapshot, outcome)
         self._used: list[str] = []
         self._fixtures_ran: list[str] = []
         # the running attempt's files per owner folder, and its next unnamed index
@@ -260,7 +271,12 @@ class StateDictSession:
         """
         nodeid, outcome = report.nodeid, report.outcome
         if report.when == "setup" or nodeid not in self.attempts:
-            self.attempts[nodeid] = Attempt()
+            earlier = self.attempts.get(nodeid)
+            written = None
+            if earlier is not None and earlier.discarded:
+                written = {p: o for p, o in earlier.checks.items() if o in ("written", "updated")}
+                written.update(earlier.written)
+            self.attempts[nodeid] = Attempt(written)
             self.outcomes.pop(nodeid, None)
         attempt = self.attempts[nodeid]
         if outcome != "passed":
@@ -279,16 +295,15 @@ class StateDictSession:
             self._settle(nodeid)
 
     def _settle(self, nodeid: str) -> None:
-        attempt = self.attempts.pop(nodeid, None)
+        attempt = self.attempts.get(nodeid)
         if attempt is None or attempt.discarded:
-            return
-        for counts, settled in (
-            (attempt.checks, self.counts),
-            (attempt.roundtrips, self.roundtrip_counts),
-        ):
-            if not attempt.failed:
-                counts["passed"] += counts.pop("failed", 0)
-            settled.update(counts)
+            return  # a discarded attempt stays until the next one takes its writes over
+        del self.attempts[nodeid]
+        self.counts.update(attempt.counts())
+        roundtrips = attempt.roundtrips
+        if not attempt.failed:
+            roundtrips["passed"] += roundtrips.pop("failed", 0)
+        self.roundtrip_counts.update(roundtrips)
 
     def nodes_down(self, reason: str) -> None:
         """A worker crashed or was lost: its share of the run is unknown."""
@@ -329,10 +344,10 @@ class StateDictSession:
         if not _exists(source):
             if self.update:
                 self._write(owner, path, text)
-                self._checked("written")
+                self._checked(path, "written")
                 self._fail_on_problems(problems, path)
                 return
-            self._checked("failed")
+            self._checked(path, "failed")
             raise StateDictMismatch(
                 f"no statedict snapshot {self.relative(path)} yet: nothing was written. "
                 "Create it with\n"
@@ -342,10 +357,10 @@ class StateDictSession:
             current = storage.read_snapshot_text(source, display=self.relative(source))
             if current == text and not problems:
                 if source is path:
-                    self._checked("passed")
+                    self._checked(path, "passed")
                     return
                 if not self.update:
-                    self._checked("passed")
+                    self._checked(path, "passed")
                     return
             expected = normalise(
                 Schema.from_json(current, self.relative(source)), rename=key_normaliser()
@@ -354,7 +369,7 @@ class StateDictSession:
             if self.update:
                 self._rewrite(owner, path, source, text)
                 return
-            self._checked("failed")
+            self._checked(path, "failed")
             raise
         diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=opts["ignore"])
         if not diff:
@@ -363,12 +378,12 @@ class StateDictSession:
                 # it would show up in the next unrelated pull request
                 self._rewrite(owner, path, source, text)
                 return
-            self._checked("passed")
+            self._checked(path, "passed")
             return
         if self.update and not diff.problems:
             self._rewrite(owner, path, source, text)
             return
-        self._checked("failed")
+        self._checked(path, "failed")
         raise StateDictMismatch(
             render_diff(
                 diff,
@@ -383,15 +398,15 @@ class StateDictSession:
         self.used.add(key)
         self._used.append(key)
 
-    def _checked(self, outcome: str) -> None:
-        self._checks.append(outcome)
+    def _checked(self, path: Path, outcome: str) -> None:
+        self._checks.append((str(path), outcome))
 
     def _write(self, owner: Owner, path: Path, text: str) -> None:
         __tracebackhide__ = True
         try:
             storage.write_snapshot(path, text, owner.root, display=self.relative(path))
         except SnapshotError:
-            self._checked("failed")
+            self._checked(path, "failed")
             raise
 
     def _rewrite(self, owner: Owner, path: Path, source: Path, text: str) -> None:
@@ -400,7 +415,7 @@ class StateDictSession:
         self._write(owner, path, text)
         if source is not path:
             storage.remove_snapshot(source, owner.root, display=self.relative(source))
-        self._checked("updated")
+        self._checked(path, "updated")
 
     def _fail_on_problems(self, problems: Iterable[str], path: Path) -> None:
         __tracebackhide__ = True

@@ -54,13 +54,9 @@ def sanitise(name: str, *, fold_case: bool = True) -> str:
     safe = _legacy_safe(name)
     if safe.endswith("."):  # Windows drops trailing dots: ``x.`` would be ``x``
         safe = safe.rstrip(".") + "_"
-    if (
-        safe != name
-        or len(safe) > MAX_COMPONENT
-        or not safe
-        or (fold_case and safe != safe.lower())
-        or _WINDOWS_RESERVED.fullmatch(safe)
-    ):
+    if _WINDOWS_RESERVED.fullmatch(safe):  # ``con.json`` is ``CON`` on Windows
+        safe = "_" + safe
+    if safe != name or len(safe) > MAX_COMPONENT or not safe or (fold_case and not safe.islower()):
         safe = f"{safe[:MAX_COMPONENT]}-{_digest(name)}"
     return safe
 
@@ -146,10 +142,10 @@ def inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def _refuse_outside(path: Path, root: Path, doing: str) -> None:
+def _refuse_outside(path: Path, root: Path, doing: str, shown: str | Path) -> None:
     if not inside(path, root):
         raise SnapshotError(
-            path,
+            shown,
             f"resolves to {path.resolve()}, outside the snapshot folder {root}, through a "
             f"symlink: refusing to {doing} it",
             remedy="replace the symlink with a real folder or file inside the snapshot folder",
@@ -190,7 +186,7 @@ def read_snapshot_text(path: Path, *, display: str | None = None) -> str:
 def write_snapshot(path: Path, text: str, root: Path, *, display: str | None = None) -> None:
     """:func:`atomic_write` inside ``root`` only, failures as a :class:`SnapshotError`."""
     shown = display or path
-    _refuse_outside(path, root, "write")
+    _refuse_outside(path, root, "write", shown)
     try:
         atomic_write(path, text)
     except OSError as exc:
@@ -270,7 +266,7 @@ def snapshot_files(module_dir: Path, root: Path) -> list[Path]:
 
 def remove_snapshot(path: Path, root: Path, *, display: str | None = None) -> None:
     """Delete a snapshot, and its test's and module's folders once empty (never ``root``)."""
-    _refuse_outside(path, root, "delete")
+    _refuse_outside(path, root, "delete", display or path)
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
