@@ -68,9 +68,9 @@ def test_a_crashed_worker_deletes_no_snapshot(
     result = pytester.runpytest_subprocess("-n", "2", "--statedict-update")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=7, failed=1)
-    match_lines(result, ["statedict: 7 passed; unused snapshots not checked: worker gw* crashed*"])
-    assert " deleted" not in result.stdout.str()
     assert json_files(pytester.path / "__statedict__") == before
+    assert " deleted" not in result.stdout.str()
+    match_lines(result, ["statedict: 7 passed; unused snapshots not checked: worker gw* crashed*"])
 
     monkeypatch.delenv("STATEDICT_BREAK")
     result = pytester.runpytest_subprocess("-n", "2")
@@ -94,8 +94,8 @@ def test_ctrl_c_deletes_no_snapshot(
     monkeypatch.setenv("STATEDICT_BREAK", "3")
     result = pytester.runpytest_subprocess(*args, "--statedict-update")
     assert result.ret == pytest.ExitCode.INTERRUPTED
-    match_lines(result, ["statedict: * passed; unused snapshots not checked: *interrupt*"])
     assert json_files(pytester.path / "__statedict__") == before
+    match_lines(result, ["statedict: * passed; unused snapshots not checked: *interrupt*"])
 
 
 # ---- a rerun is the same test; so is a duplicate and a repetition ------------------------
@@ -175,9 +175,9 @@ def test_doctest_files_own_their_snapshots(pytester: pytest.Pytester, suffix: st
     glob = f"--doctest-glob=*{suffix}"
     result = pytester.runpytest(glob, "--statedict-update")
     result.assert_outcomes(passed=2)
-    match_lines(result, ["statedict: 2 written"])
     snapshot = pytester.path / f"__statedict__/test_doc/test_doc{suffix}/0.json"
     assert snapshot.is_file()
+    match_lines(result, ["statedict: 2 written"])
 
     result = pytester.runpytest(glob)
     result.assert_outcomes(passed=2)
