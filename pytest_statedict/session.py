@@ -503,14 +503,18 @@ class StateDictSession:
                     owners[dirname].append(nodeid)
             if any(n not in self.outcomes for nodeids in owners.values() for n in nodeids):
                 continue  # not every test reported: the module did not run whole
+            doctests = tuple(f".{record.path.stem}." for record in records)
             for path in files:
+                name = path.parent.name
                 if str(path) in self.used:
                     continue
-                if storage.is_fixture_dirname(path.parent.name):
+                if storage.is_fixture_dirname(name):
                     if str(path.parent) in self.fixtures_ran:
                         unused.append(path)
                     continue
-                nodeids = owners.get(path.parent.name, ())
+                nodeids = owners.get(name, ())
+                if not nodeids and any(prefix in f".{name}" for prefix in doctests):
+                    continue  # a --doctest-modules doctest (``<module>.<function>``) not collected
                 if all(self.outcomes.get(n) == "passed" for n in nodeids):
                     unused.append(path)
         return unused + self.find_orphans()

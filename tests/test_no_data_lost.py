@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,20 @@ def test_doctest_files_own_their_snapshots(pytester: pytest.Pytester, suffix: st
     result = pytester.runpytest("-p", "no:doctest", "--statedict-update")
     match_lines(result, ["statedict: 1 passed"])
     assert snapshot.is_file()
+
+
+def test_module_doctests_own_their_snapshots(pytester: pytest.Pytester) -> None:
+    helper = f"\n\ndef helper():\n    '''{DOCTEST}'''\n"
+    pytester.makepyfile(test_a=textwrap.dedent(checks(n=1)) + helper)
+    result = pytester.runpytest("--doctest-modules", "--statedict-update")
+    result.assert_outcomes(passed=2)
+    snapshot = pytester.path / "__statedict__/test_a/test_a.helper/0.json"
+    assert snapshot.is_file()
+    # a run without --doctest-modules collects the module but not its doctests
+    result = pytester.runpytest("--statedict-update")
+    result.assert_outcomes(passed=1)
+    assert snapshot.is_file()
+    match_lines(result, ["statedict: 1 passed"])
 
 
 # ---- checks in wider-scoped fixtures do not depend on test order or selection ------------
