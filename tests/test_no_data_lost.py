@@ -441,40 +441,48 @@ def test_a_full_disk_fails_the_test_by_name_and_keeps_the_old_file(
 # ---- nothing is written or deleted through a symlink out of the snapshot folder ----------
 
 
-@pytest.mark.parametrize("link", ["module-folder", "test-folder", "file"])
+@pytest.mark.parametrize("link", ["module-folder", "ini-module-folder", "test-folder", "file"])
 def test_update_never_writes_or_deletes_through_a_symlink(
     pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, link: str
 ) -> None:
+    """The write of a changed snapshot, and the deletion of a gone test's, through a link."""
     outside = tmp_path_factory.mktemp("outside")
     (outside / "test_gone").mkdir()
     (outside / "test_gone/0.json").write_text("precious")
     (outside / "0.json").write_text("precious")
     (outside / "test_width[0]").mkdir()
     pytester.makepyfile(test_a=checks(n=1))
-    module = pytester.path / "__statedict__/test_a"
-    if link == "module-folder":
+    root = "__statedict__"
+    if link == "ini-module-folder":
+        root = "snapshots"
+        pytester.makeini(f"[pytest]\nstatedict_snapshot_dir = {root}\n")
+    module = pytester.path / root / "test_a"
+    if link.endswith("module-folder"):
         module.parent.mkdir()
         module.symlink_to(outside, target_is_directory=True)
     elif link == "test-folder":
         module.mkdir(parents=True)
         (module / "test_width[0]").symlink_to(outside, target_is_directory=True)
+        (module / "test_gone").symlink_to(outside / "test_gone", target_is_directory=True)
     else:
         (module / "test_width[0]").mkdir(parents=True)
         (module / "test_width[0]/0.json").symlink_to(outside / "0.json")
+        (module / "test_gone").mkdir()
+        (module / "test_gone/0.json").symlink_to(outside / "test_gone/0.json")
     result = pytester.runpytest("--statedict-update")
+    names = sorted(p.name for p in outside.rglob("*"))
+    assert names == ["0.json", "0.json", "test_gone", "test_width[0]"]
+    assert (outside / "0.json").read_text() == (outside / "test_gone/0.json").read_text()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert "deleted" not in result.stdout.str() and "unused" not in result.stdout.str()
     match_lines(
         result,
         [
-            "E *SnapshotError: statedict snapshot __statedict__/test_a/test_width?0?/0.json: "
+            f"E *SnapshotError: statedict snapshot {root}/test_a/test_width?0?/0.json: "
             "resolves to *, outside the snapshot folder *: refusing to write it*",
             "statedict: 1 failed",
         ],
     )
-    assert "deleted" not in result.stdout.str() and "unused" not in result.stdout.str()
-    names = sorted(p.name for p in outside.rglob("*"))
-    assert names == ["0.json", "0.json", "test_gone", "test_width[0]"]
-    assert (outside / "0.json").read_text() == (outside / "test_gone/0.json").read_text()
 
 
 # ---- only regular snapshot files of bounded size are read --------------------------------
