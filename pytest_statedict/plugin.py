@@ -165,11 +165,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("statedict: unused snapshots")
         for path in state.unused:
             terminalreporter.line(f"  {state.relative(path)}")
-        terminalreporter.line(
-            "No test that ran asked for these files. Delete them with `pytest "
-            "--statedict-update`"
-            + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
-        )
+        if state.update:
+            terminalreporter.line(
+                "No test that ran asked for these files; they could not be deleted."
+            )
+        else:
+            terminalreporter.line(
+                "No test that ran asked for these files. Delete them with `pytest "
+                "--statedict-update`"
+                + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
+            )
     if state.problems:
         terminalreporter.section("statedict: errors")
         for problem in state.problems:

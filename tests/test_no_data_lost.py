@@ -413,6 +413,24 @@ def test_a_read_only_folder_fails_the_run_by_name(
     assert len(json_files(pytester.path / "__statedict__")) == 2
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() == 0, reason="permissions bind no POSIX root"
+)
+def test_a_really_read_only_folder(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_a=checks(n=2))
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=2)
+    pytester.makepyfile(test_a=checks(n=1))
+    folder = pytester.path / "__statedict__/test_a/test_width[1]"
+    folder.chmod(0o555)
+    try:
+        result = pytester.runpytest("--statedict-update")
+    finally:
+        folder.chmod(0o755)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert (folder / "0.json").is_file()
+    match_lines(result, ["*cannot be deleted (Permission denied, EACCES)*", "statedict: *1 error"])
+
+
 def test_a_full_disk_fails_the_test_by_name_and_keeps_the_old_file(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
