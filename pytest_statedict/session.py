@@ -413,7 +413,11 @@ class StateDictSession:
         __tracebackhide__ = True
         self._write(owner, path, text)
         if source is not path:
-            storage.remove_snapshot(source, owner.root, display=self.relative(source))
+            try:
+                storage.remove_snapshot(source, owner.root, display=self.relative(source))
+            except SnapshotError:
+                self._checked(path, "failed")
+                raise
         self._checked(path, "updated")
 
     def _fail_on_problems(self, problems: Iterable[str], path: Path) -> None:
