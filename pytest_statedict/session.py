@@ -233,8 +233,8 @@ class StateDictSession:
         Which test triggers a class- or module-scoped fixture depends on order and
         selection (pytest-randomly, ``-k``); the fixture's own folder does not.
         """
-        if fixturedef.scope == "function":
-            self.fixture_stack.append(None)
+        if fixturedef.scope == "function" or getattr(request.node, "path", None) is None:
+            self.fixture_stack.append(None)  # checks in it are the test's
             return
         if fixturedef.scope in ("class", "module"):
             folder = str(self._fixture_owner(fixturedef, request).folder)
