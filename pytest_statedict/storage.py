@@ -97,22 +97,13 @@ def is_fixture_dirname(name: str) -> bool:
 
 
 def module_dirname(stem: str) -> str:
+    """A test file's folder: ``test_x`` for ``test_x.py`` (and a doctest ``test_x.txt``)."""
     return sanitise(stem, fold_case=False)
-
-
-def module_snapshot_dir(module_path: Path, root: Path | None = None) -> Path:
-    """The folder holding one test module's snapshots (``statedict_snapshot_dir`` moves it)."""
-    base = root if root is not None else module_path.parent / SNAPSHOT_DIRNAME
-    return base / module_dirname(module_path.stem)
 
 
 def leaf_name(name: str | None, index: int) -> str:
     """A named snapshot is ``<name>.json``; unnamed ones are numbered ``0.json``, ``1.json``..."""
     return (sanitise(name) if name is not None else str(index)) + SUFFIX
-
-
-def snapshot_path(module_dir: Path, test_parts: list[str], name: str | None, index: int) -> Path:
-    return module_dir / test_dirname(test_parts) / leaf_name(name, index)
 
 
 def legacy_leaf_name(name: str | None, index: int) -> str:
