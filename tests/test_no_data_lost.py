@@ -294,6 +294,22 @@ def test_checks_in_wider_fixtures_are_filed_under_the_fixture(pytester: pytest.P
     assert len(json_files(pytester.path / "__statedict__")) == 4
 
 
+def test_fixture_snapshots_under_xdist(pytester: pytest.Pytester) -> None:
+    """A module's fixture may run on every worker: each reports it, none deletes its files."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(SESSION_FIXTURE)
+    pytester.makepyfile(test_fix=FIXTURES)
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=5)
+    result = pytester.runpytest_subprocess("-n", "2", "--statedict-update", "-p", "randomly")
+    assert result.ret == pytest.ExitCode.OK
+    for word in ("written", "updated", "deleted", "unused"):
+        assert word not in result.stdout.str()
+    pytester.makepyfile(test_fix=FIXTURES.replace('assert_state_dict_matches(m, name="wide")', ""))
+    result = pytester.runpytest_subprocess("-n", "2", "--statedict-update")
+    match_lines(result, ["statedict: * passed, 2 deleted"])
+    assert len(json_files(pytester.path / "__statedict__")) == 4
+
+
 def test_random_order_really_is_random_in_inner_runs(pytester: pytest.Pytester) -> None:
     """The suite turns pytest-randomly off in inner runs; ``-p randomly`` turns it back on."""
     pytest.importorskip("pytest_randomly")
