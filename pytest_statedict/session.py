@@ -15,6 +15,7 @@ nothing cut short.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter, defaultdict
@@ -222,10 +223,15 @@ class StateDictSession:
         self.item = None
 
     def start_attempt(self, item: pytest.Item) -> None:
-        """A test's setup begins: a rerun (or a duplicate) asks for its files afresh."""
+        """A test's setup begins: a rerun (or a duplicate) asks for its files afresh.
+
+        A wider fixture's count goes on: its teardown's checks follow its setup's.
+        """
         self.item = item
-        self.asked.clear()
-        self.unnamed_index.clear()
+        for folder in [f for f in self.asked if not storage.is_fixture_path(f)]:
+            del self.asked[folder]
+        for folder in [f for f in self.unnamed_index if not storage.is_fixture_path(f)]:
+            del self.unnamed_index[folder]
 
     def fixture_starts(self, fixturedef: Any, request: Any) -> None:
         """Checks made while a wider-scoped fixture is set up are filed under the fixture.
@@ -236,19 +242,28 @@ class StateDictSession:
         if fixturedef.scope == "function" or getattr(request.node, "path", None) is None:
             self.fixture_stack.append(None)  # checks in it are the test's
             return
+        entry = (fixturedef, request)
         if fixturedef.scope in ("class", "module"):
             folder = str(self._fixture_owner(fixturedef, request).folder)
             self.asked.pop(folder, None)
             self.unnamed_index.pop(folder, None)
-        self.fixture_stack.append((fixturedef, request))
+            # Its teardown is filed under it too. A fixture's finalizers run last in, first
+            # out: this one runs after its teardown, the one added once it is set up before.
+            fixturedef.addfinalizer(functools.partial(self._fixture_torn_down, entry))
+        self.fixture_stack.append(entry)
 
     def fixture_finished(self, ok: bool) -> None:
         """A fixture set up whole may have unused files (only a folder that exists can)."""
         entry = self.fixture_stack.pop()
         if ok and entry is not None and entry[0].scope in ("class", "module"):
+            entry[0].addfinalizer(functools.partial(self.fixture_stack.append, entry))
             folder = self._fixture_owner(*entry).folder
             if folder.is_dir():
                 self._fixtures_ran.append(str(folder))
+
+    def _fixture_torn_down(self, entry: tuple[Any, Any]) -> None:
+        if self.fixture_stack and self.fixture_stack[-1] is entry:
+            self.fixture_stack.pop()
 
     def take_phase_record(self) -> dict[str, Any] | None:
         """What the phase that just ended did, for its report; None when nothing."""

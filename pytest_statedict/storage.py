@@ -96,6 +96,11 @@ def is_fixture_dirname(name: str) -> bool:
     return name.startswith(FIXTURE_PREFIX)
 
 
+def is_fixture_path(folder: str) -> bool:
+    """Whether a snapshot folder (as a string) is a fixture's."""
+    return is_fixture_dirname(os.path.basename(folder))
+
+
 def module_dirname(stem: str) -> str:
     """A test file's folder: ``test_x`` for ``test_x.py`` (and a doctest ``test_x.txt``)."""
     return sanitise(stem, fold_case=False)

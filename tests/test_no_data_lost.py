@@ -213,7 +213,8 @@ FIXTURES = """
     def model():
         m = torch.nn.Linear(2, 3)
         assert_state_dict_matches(m)
-        return m
+        yield m
+        assert_state_dict_matches(torch.nn.Linear(3, 3))  # after the module's tests
 
     @pytest.fixture(scope="module", params=[2, 4])
     def wide(request):
@@ -259,12 +260,13 @@ def test_checks_in_wider_fixtures_are_filed_under_the_fixture(pytester: pytest.P
     pytester.makepyfile(test_fix=FIXTURES)
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=5)
-    match_lines(result, ["statedict: 6 written"])
+    match_lines(result, ["statedict: 7 written"])
     head = storage.fixture_dirname(["TestGroup", "head"], None)
     assert json_files(pytester.path / "__statedict__") == [
         "conftest/fixture-session_model/0.json",
         f"test_fix/{head}/0.json",
         "test_fix/fixture-model/0.json",
+        "test_fix/fixture-model/1.json",
         "test_fix/fixture-wide[2]/wide.json",
         "test_fix/fixture-wide[4]/wide.json",
         "test_fix/test_first/first.json",
@@ -279,19 +281,19 @@ def test_checks_in_wider_fixtures_are_filed_under_the_fixture(pytester: pytest.P
         result = pytester.runpytest(*args)
         assert result.ret == pytest.ExitCode.OK, args
         assert "written" not in result.stdout.str() and "unused" not in result.stdout.str()
-    assert len(json_files(pytester.path / "__statedict__")) == 6
+    assert len(json_files(pytester.path / "__statedict__")) == 7
 
     # a fixture that did not run never makes its files unused; one that ran does
     skipped = FIXTURES.replace("def test_second", "@pytest.mark.skip\n    def test_second")
     pytester.makepyfile(test_fix=skipped)
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=3, skipped=2)
-    match_lines(result, ["statedict: 4 passed"])
+    match_lines(result, ["statedict: 5 passed"])
     pytester.makepyfile(test_fix=FIXTURES.replace('assert_state_dict_matches(m, name="wide")', ""))
     result = pytester.runpytest("--statedict-update")
-    match_lines(result, ["statedict: 4 passed, 2 deleted"])
+    match_lines(result, ["statedict: 5 passed, 2 deleted"])
     assert not (pytester.path / "__statedict__/test_fix/fixture-wide[2]").exists()
-    assert len(json_files(pytester.path / "__statedict__")) == 4
+    assert len(json_files(pytester.path / "__statedict__")) == 5
 
 
 def test_fixture_snapshots_under_xdist(pytester: pytest.Pytester) -> None:
@@ -307,7 +309,7 @@ def test_fixture_snapshots_under_xdist(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_fix=FIXTURES.replace('assert_state_dict_matches(m, name="wide")', ""))
     result = pytester.runpytest_subprocess("-n", "2", "--statedict-update")
     match_lines(result, ["statedict: * passed, 2 deleted"])
-    assert len(json_files(pytester.path / "__statedict__")) == 4
+    assert len(json_files(pytester.path / "__statedict__")) == 5
 
 
 def test_random_order_really_is_random_in_inner_runs(pytester: pytest.Pytester) -> None:
