@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .runtime import SESSIONS, active_session
-from .session import StateDictSession
+from .session import REPORT_KEY, StateDictSession
 
 if TYPE_CHECKING:
     from .round_trip import RoundTripFixture
@@ -112,15 +112,46 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         session.finish_test(item)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # each attempt (pytest-rerunfailures reruns within one protocol) starts afresh
+    _session(item.config).start_attempt(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: Any, request: pytest.FixtureRequest
+) -> Generator[None, Any, Any]:
+    session = _session(request.config)
+    session.fixture_starts(fixturedef, request)
+    ok = False
+    try:
+        result = yield
+        ok = True
+        return result
+    finally:
+        session.fixture_finished(ok)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, Any, Any]:
+    """Each phase's report carries what the phase did with snapshots (xdist sends it on)."""
+    report = yield
+    record = _session(item.config).take_phase_record()
+    if record is not None:
+        setattr(report, REPORT_KEY, record)
+    return report
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     session = active_session()
     if session is not None:
-        session.report(report.nodeid, report.when, report.outcome)
+        session.report(report)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = _session(session.config)
-    if state.finish() and session.exitstatus == pytest.ExitCode.OK:
+    if state.finish(session, exitstatus) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -130,19 +161,30 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("statedict: deleted unused snapshots")
         for path in state.deleted:
             terminalreporter.line(f"  {state.relative(path)}")
-    elif state.unused:
+    if state.unused:
         terminalreporter.section("statedict: unused snapshots")
         for path in state.unused:
             terminalreporter.line(f"  {state.relative(path)}")
-        terminalreporter.line(
-            "No test that ran asked for these files. Delete them with `pytest "
-            "--statedict-update`"
-            + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
-        )
+        if state.update:
+            terminalreporter.line(
+                "No test that ran asked for these files; they could not be deleted."
+            )
+        else:
+            terminalreporter.line(
+                "No test that ran asked for these files. Delete them with `pytest "
+                "--statedict-update`"
+                + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
+            )
+    if state.problems:
+        terminalreporter.section("statedict: errors")
+        for problem in state.problems:
+            terminalreporter.line(f"  {problem}")
     line = state.summary_line()
     if line:
-        failed = bool(state.counts["failed"] or state.roundtrips["failed"] or state.fails_session)
-        warned = not failed and bool(state.unused) and not state.deleted
+        failed = bool(
+            state.counts["failed"] or state.roundtrip_counts["failed"] or state.fails_session
+        )
+        warned = not failed and bool(state.unused or state.incomplete)
         terminalreporter.write_line(line, red=failed, yellow=warned, green=not (failed or warned))
 
 

@@ -3,16 +3,26 @@ for, what was written, and which snapshot files nobody asked for.
 
 The pytest hooks in :mod:`.plugin` hand straight to this object. It imports no torch: that
 happens on the first snapshot check.
+
+What a test did travels on its reports (``report.statedict``, one record per phase): the
+files it asked for, each check's outcome, its round-trips and the fixtures it set up. Under
+pytest-xdist those reports reach the controller as they happen, so a worker that crashes
+loses nothing already reported; without xdist the same reports are read the same way. The
+counts are settled from a test's last attempt (a rerun is the same test) once its outcome
+is known, and snapshots are judged unused only after a run that every worker finished and
+nothing cut short.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
 from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
@@ -24,26 +34,72 @@ if TYPE_CHECKING:
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
 
+REPORT_KEY = "statedict"  # the attribute of a TestReport that carries a phase's record
+# exit codes of a run that went to its end: only then can a file be judged unused
+FINISHED_EXIT_CODES = (0, 1, 5)  # OK, TESTS_FAILED, NO_TESTS_COLLECTED
+# pytest-repeat's ids: ``test_x[2-5]``, ``test_x[a-2-5]`` (it parametrizes last)
+_REPEAT_ID = re.compile(r"(?:\[|-)(\d+)-\d+\]$")
+
 
 class ModuleRecord:
-    """A test module's collected tests, to decide whether it ran whole.
+    """A test file's collected tests, to decide whether it ran whole.
 
-    Collection only files each item under its module (the plugin is loaded into every run,
-    most of which never use it); names are worked out at the end, and only for modules
-    that have snapshot files.
+    Any collected file is one: a ``.py`` module, a doctest ``.txt``/``.md``/``.rst``.
+    Collection only files each item under its file (the plugin is loaded into every run,
+    most of which never use it); names are worked out at the end, and only for files that
+    have snapshot files.
     """
 
-    def __init__(self, path: Path, snapshot_dir: Path) -> None:
+    def __init__(self, path: Path, snapshot_dir: Path, root: Path) -> None:
         self.path = path
         self.snapshot_dir = snapshot_dir
+        self.root = root
         self.items: list[pytest.Item] = []
-        self.merged_tests: dict[str, str] = {}  # from xdist workers
+        self.merged_tests: list[tuple[str, str]] = []  # from xdist workers
         self.partial = False
 
-    def tests(self) -> dict[str, str]:
-        """Test folder name -> node id, for every collected test of the module."""
-        names = {storage.test_dirname(_test_parts(item)): item.nodeid for item in self.items}
-        return {**self.merged_tests, **names}
+    def tests(self) -> list[tuple[str, str]]:
+        """(test folder name, node id) of every collected test, 0.1.0 folder names too.
+
+        pytest-repeat's repetitions are several tests of one folder.
+        """
+        pairs = list(self.merged_tests)
+        for item in self.items:
+            parts = _test_parts(item)
+            pairs.append((storage.test_dirname(parts), item.nodeid))
+            legacy = storage.legacy_name(".".join(parts))
+            if legacy != pairs[-1][0]:
+                pairs.append((legacy, item.nodeid))
+        return pairs
+
+
+class Owner(NamedTuple):
+    """Whose snapshots a check files under: a test, or a class/module/session fixture."""
+
+    folder: Path
+    legacy_folder: Path | None  # where 0.1.0 kept them, when named otherwise
+    root: Path  # nothing is written or deleted outside it
+
+
+class Attempt:
+    """One attempt of a test as its reports tell it (a rerun starts a new one)."""
+
+    def __init__(self, written: dict[str, str] | None = None) -> None:
+        self.failed = False
+        self.discarded = False  # a rerun follows: its checks do not count
+        self.checks: dict[str, str] = {}  # snapshot -> outcome
+        self.roundtrips: Counter[str] = Counter()
+        # files an earlier, discarded attempt wrote: still written, though now they pass
+        self.written = written or {}
+
+    def counts(self) -> Counter[str]:
+        outcomes = Counter(
+            self.written.get(path, outcome) if outcome == "passed" else outcome
+            for path, outcome in self.checks.items()
+        )
+        if not self.failed:
+            outcomes["passed"] += outcomes.pop("failed", 0)
+        return outcomes
 
 
 class StateDictSession:
@@ -55,28 +111,47 @@ class StateDictSession:
         ini_dir = config.getini("statedict_snapshot_dir")
         self.snapshot_root = (config.rootpath / ini_dir) if ini_dir else None
         self.item: pytest.Item | None = None
+        # settled counts of the run (checks, round-trip device pairs)
         self.counts: Counter[str] = Counter()
+        self.roundtrip_counts: Counter[str] = Counter()
+        # what the running phase did, until its report carries it away; round_trip.py
+        # counts its device pairs into ``roundtrips``
         self.roundtrips: Counter[str] = Counter()
-        self.modules: dict[str, ModuleRecord] = {}
-        self.directories: set[str] = set()  # folders that hold collected test modules
-        self.used: set[str] = set()
-        self.asked_by_test: dict[str, set[str]] = defaultdict(set)
+        self._checks: list[tuple[str, str]] = []  # (snapshot, outcome)
+        self._used: list[str] = []
+        self._fixtures_ran: list[str] = []
+        # the running attempt's files per owner folder, and its next unnamed index
+        self.asked: dict[str, set[str]] = defaultdict(set)
         self.unnamed_index: Counter[str] = Counter()
+        self.fixture_stack: list[tuple[Any, Any] | None] = []
+        self.modules: dict[str, ModuleRecord] = {}
+        self.directories: set[str] = set()  # folders that hold collected test files
+        self.used: set[str] = set()
+        self.fixtures_ran: set[str] = set()  # fixture folders whose fixture was set up
+        self.attempts: dict[str, Attempt] = {}
         self.outcomes: dict[str, str] = {}
+        self.incomplete: str | None = None  # why unused files cannot be judged
         self.unused: list[Path] = []
         self.deleted: list[Path] = []
         self.problems: list[str] = []
 
     # ---- collection ------------------------------------------------------------------
 
-    def module_dir(self, module_path: Path) -> Path:
+    def root_for(self, file_path: Path) -> Path:
+        """The snapshot root of a test file: its ``__statedict__``, or the ini folder."""
+        if self.snapshot_root is not None:
+            return self.snapshot_root
+        return file_path.parent / storage.SNAPSHOT_DIRNAME
+
+    def module_dir(self, module_path: Path, *, legacy: bool = False) -> Path:
+        name = storage.legacy_name if legacy else storage.module_dirname
         if self.snapshot_root is None:
-            return storage.module_snapshot_dir(module_path)
+            return module_path.parent / storage.SNAPSHOT_DIRNAME / name(module_path.stem)
         try:
             relative = module_path.relative_to(self.config.rootpath)
         except ValueError:
             relative = Path(module_path.name)
-        parts = [storage.sanitise(p) for p in relative.with_suffix("").parts]
+        parts = [name(p) for p in relative.with_suffix("").parts]
         return self.snapshot_root.joinpath(*parts)
 
     def collected(self, items: Iterable[pytest.Item]) -> None:
@@ -90,10 +165,10 @@ class StateDictSession:
     def _by_module(
         self, items: Iterable[pytest.Item]
     ) -> Iterator[tuple[ModuleRecord, pytest.Item]]:
-        """Each item of a ``.py`` test module with its module's record.
+        """Each item of a test file with its file's record.
 
-        Items of one module come together and share one ``path`` object, so the record is
-        looked up once per module: this runs over every collected item of every pytest run.
+        Items of one file come together and share one ``path`` object, so the record is
+        looked up once per file: this runs over every collected item of every pytest run.
         """
         path: Path | None = None
         record: ModuleRecord | None = None
@@ -105,13 +180,13 @@ class StateDictSession:
             if record is not None:
                 yield record, item
 
-    def _module_record(self, path: Path) -> ModuleRecord | None:
-        if path.suffix != ".py":
-            return None
+    def _module_record(self, path: Path) -> ModuleRecord:
         key = str(path)
         record = self.modules.get(key)
         if record is None:
-            record = self.modules[key] = ModuleRecord(path, self.module_dir(path))
+            record = self.modules[key] = ModuleRecord(
+                path, self.module_dir(path), self.root_for(path)
+            )
             self.directories.add(str(path.parent))
         return record
 
@@ -147,12 +222,110 @@ class StateDictSession:
     def finish_test(self, item: pytest.Item) -> None:
         self.item = None
 
-    def report(self, nodeid: str, when: str, outcome: str) -> None:
-        """Keep each test's worst outcome: it decides whether its unasked files are unused."""
+    def start_attempt(self, item: pytest.Item) -> None:
+        """A test's setup begins: a rerun (or a duplicate) asks for its files afresh.
+
+        A wider fixture's count goes on: its teardown's checks follow its setup's.
+        """
+        self.item = item
+        for folder in [f for f in self.asked if not storage.is_fixture_path(f)]:
+            del self.asked[folder]
+        for folder in [f for f in self.unnamed_index if not storage.is_fixture_path(f)]:
+            del self.unnamed_index[folder]
+
+    def fixture_starts(self, fixturedef: Any, request: Any) -> None:
+        """Checks made while a wider-scoped fixture is set up are filed under the fixture.
+
+        Which test triggers a class- or module-scoped fixture depends on order and
+        selection (pytest-randomly, ``-k``); the fixture's own folder does not.
+        """
+        if fixturedef.scope == "function" or getattr(request.node, "path", None) is None:
+            self.fixture_stack.append(None)  # checks in it are the test's
+            return
+        entry = (fixturedef, request)
+        if fixturedef.scope in ("class", "module"):
+            folder = str(self._fixture_owner(fixturedef, request).folder)
+            self.asked.pop(folder, None)
+            self.unnamed_index.pop(folder, None)
+            # Its teardown is filed under it too. A fixture's finalizers run last in, first
+            # out: this one runs after its teardown, the one added once it is set up before.
+            fixturedef.addfinalizer(functools.partial(self._fixture_torn_down, entry))
+        self.fixture_stack.append(entry)
+
+    def fixture_finished(self, ok: bool) -> None:
+        """A fixture set up whole may have unused files (only a folder that exists can)."""
+        entry = self.fixture_stack.pop()
+        if ok and entry is not None and entry[0].scope in ("class", "module"):
+            entry[0].addfinalizer(functools.partial(self.fixture_stack.append, entry))
+            folder = self._fixture_owner(*entry).folder
+            if folder.is_dir():
+                self._fixtures_ran.append(str(folder))
+
+    def _fixture_torn_down(self, entry: tuple[Any, Any]) -> None:
+        if self.fixture_stack and self.fixture_stack[-1] is entry:
+            self.fixture_stack.pop()
+
+    def take_phase_record(self) -> dict[str, Any] | None:
+        """What the phase that just ended did, for its report; None when nothing."""
+        if not (self._checks or self._used or self._fixtures_ran or self.roundtrips):
+            return None
+        record = {
+            "checks": self._checks,
+            "used": self._used,
+            "fixtures": self._fixtures_ran,
+            "roundtrips": dict(self.roundtrips),
+        }
+        self._checks, self._used, self._fixtures_ran = [], [], []
+        self.roundtrips = Counter()
+        return record
+
+    def report(self, report: pytest.TestReport) -> None:
+        """Read a phase's report: files used, and the test's outcome and counts.
+
+        A test's attempt begins with its setup report; a ``rerun`` report (pytest-
+        rerunfailures) discards the attempt. The last attempt's teardown settles the
+        counts: a check's failure counts only if its test failed (a mismatch the test
+        expects, ``pytest.raises``, counts as passed).
+        """
+        nodeid, outcome = report.nodeid, report.outcome
+        if report.when == "setup" or nodeid not in self.attempts:
+            earlier = self.attempts.get(nodeid)
+            written = None
+            if earlier is not None and earlier.discarded:
+                written = {p: o for p, o in earlier.checks.items() if o in ("written", "updated")}
+                written.update(earlier.written)
+            self.attempts[nodeid] = Attempt(written)
+            self.outcomes.pop(nodeid, None)
+        attempt = self.attempts[nodeid]
         if outcome != "passed":
             self.outcomes[nodeid] = outcome
         else:
             self.outcomes.setdefault(nodeid, "passed")
+        attempt.discarded = attempt.discarded or outcome == "rerun"
+        attempt.failed = attempt.failed or outcome == "failed"
+        record = getattr(report, REPORT_KEY, None)
+        if record:
+            self.used.update(record["used"])
+            self.fixtures_ran.update(record["fixtures"])
+            attempt.checks.update(record["checks"])
+            attempt.roundtrips.update(record["roundtrips"])
+        if report.when == "teardown":
+            self._settle(nodeid)
+
+    def _settle(self, nodeid: str) -> None:
+        attempt = self.attempts.get(nodeid)
+        if attempt is None or attempt.discarded:
+            return  # a discarded attempt stays until the next one takes its writes over
+        del self.attempts[nodeid]
+        self.counts.update(attempt.counts())
+        roundtrips = attempt.roundtrips
+        if not attempt.failed:
+            roundtrips["passed"] += roundtrips.pop("failed", 0)
+        self.roundtrip_counts.update(roundtrips)
+
+    def nodes_down(self, reason: str) -> None:
+        """A worker crashed or was lost: its share of the run is unknown."""
+        self.incomplete = self.incomplete or reason
 
     def check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
         """Check ``actual`` against the current test's snapshot (written under the update flag)."""
@@ -164,15 +337,17 @@ class StateDictSession:
 
         item = self.item
         assert item is not None
-        path = self.snapshot_path_for(item, name)
+        owner = self.current_owner()
+        path, legacy = self.snapshot_paths(owner, name)
         key = str(path)
-        if key in self.asked_by_test[item.nodeid]:
+        asked = self.asked[str(owner.folder)]
+        if key in asked:
             raise StateDictError(
                 f"{item.nodeid} checks snapshot {self.relative(path)} twice: give each check in "
                 "a test its own name= (or leave all of them unnamed)"
             )
-        self.asked_by_test[item.nodeid].add(key)
-        self.used.add(key)
+        asked.add(key)
+        self._use(key)
         rtol, atol = opts.pop("rtol"), opts.pop("atol")
         actual_schema = prepared_schema(actual, **opts)
         problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
@@ -180,61 +355,85 @@ class StateDictSession:
         text = without_ignored_members(actual_schema, opts["ignore"]).to_json()
         accept = f"pytest --statedict-update {_shell_quoted(item.nodeid)}"
 
-        if not path.exists():
+        source = path
+        if legacy is not None and not _exists(path) and storage.exists_as_named(legacy, owner.root):
+            source = legacy  # a 0.1.0 name: read it, and move it under --statedict-update
+            self._use(str(legacy))
+        if not _exists(source):
             if self.update:
-                storage.atomic_write(path, text)
-                self.counts["written"] += 1
+                self._write(owner, path, text)
+                self._checked(path, "written")
                 self._fail_on_problems(problems, path)
                 return
-            self.counts["failed"] += 1
+            self._checked(path, "failed")
             raise StateDictMismatch(
                 f"no statedict snapshot {self.relative(path)} yet: nothing was written. "
                 "Create it with\n"
                 f"  {accept}\nand commit it."
             )
         try:
-            current = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            self.counts["failed"] += 1
-            raise SnapshotError(self.relative(path), f"cannot be read ({exc})") from None
-        if current == text and not problems:
-            self.counts["passed"] += 1
-            return
-        try:
+            current = storage.read_snapshot_text(source, display=self.relative(source))
+            if current == text and not problems and (source is path or not self.update):
+                self._checked(path, "passed")
+                return
             expected = normalise(
-                Schema.from_json(current, self.relative(path)), rename=key_normaliser()
+                Schema.from_json(current, self.relative(source)), rename=key_normaliser()
             )
         except SnapshotError:
             if self.update:
-                storage.atomic_write(path, text)
-                self.counts["updated"] += 1
+                self._rewrite(owner, path, source, text)
                 return
-            self.counts["failed"] += 1
+            self._checked(path, "failed")
             raise
         diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=opts["ignore"])
         if not diff:
-            if self.update and rtol is None and atol is None:
-                # same schema, other text (an older writer): refresh it, or it would show
-                # up in the next unrelated pull request
-                storage.atomic_write(path, text)
-                self.counts["updated"] += 1
+            if self.update and (source is not path or (rtol is None and atol is None)):
+                # same schema, other text (an older writer) or an old name: refresh it, or
+                # it would show up in the next unrelated pull request
+                self._rewrite(owner, path, source, text)
                 return
-            self.counts["passed"] += 1
+            self._checked(path, "passed")
             return
         if self.update and not diff.problems:
-            storage.atomic_write(path, text)
-            self.counts["updated"] += 1
+            self._rewrite(owner, path, source, text)
             return
-        self.counts["failed"] += 1
+        self._checked(path, "failed")
         raise StateDictMismatch(
             render_diff(
                 diff,
-                title=f"state_dict does not match snapshot {self.relative(path)}",
+                title=f"state_dict does not match snapshot {self.relative(source)}",
                 verbose=self.verbose,
                 accept_hint=None if diff.problems else accept,
             ),
             diff,
         )
+
+    def _use(self, key: str) -> None:
+        self.used.add(key)
+        self._used.append(key)
+
+    def _checked(self, path: Path, outcome: str) -> None:
+        self._checks.append((str(path), outcome))
+
+    def _write(self, owner: Owner, path: Path, text: str) -> None:
+        __tracebackhide__ = True
+        try:
+            storage.write_snapshot(path, text, owner.root, display=self.relative(path))
+        except SnapshotError:
+            self._checked(path, "failed")
+            raise
+
+    def _rewrite(self, owner: Owner, path: Path, source: Path, text: str) -> None:
+        """Update a snapshot; one read under its 0.1.0 name moves to its name now."""
+        __tracebackhide__ = True
+        self._write(owner, path, text)
+        if source is not path:
+            try:
+                storage.remove_snapshot(source, owner.root, display=self.relative(source))
+            except SnapshotError:
+                self._checked(path, "failed")
+                raise
+        self._checked(path, "updated")
 
     def _fail_on_problems(self, problems: Iterable[str], path: Path) -> None:
         __tracebackhide__ = True
@@ -245,45 +444,114 @@ class StateDictSession:
                 + "\n  ".join(problems)
             )
 
-    def snapshot_path_for(self, item: pytest.Item, name: str | None) -> Path:
+    def current_owner(self) -> Owner:
+        """The fixture being set up, if it is wider than a test, else the running test."""
+        entry = self.fixture_stack[-1] if self.fixture_stack else None
+        if entry is not None:
+            return self._fixture_owner(*entry)
+        item = self.item
+        assert item is not None
+        parts = _test_parts(item)
+        folder = self.module_dir(item.path) / storage.test_dirname(parts)
+        legacy = self.module_dir(item.path, legacy=True) / storage.legacy_name(".".join(parts))
+        return Owner(folder, None if legacy == folder else legacy, self.root_for(item.path))
+
+    def _fixture_owner(self, fixturedef: Any, request: Any) -> Owner:
+        """``fixture-<name>`` in the module's folder (class scope: ``fixture-<Class>.<name>``).
+
+        A session- or package-scoped fixture is set up once for many files: its checks go
+        to the folder of the file that defines it (a conftest.py, most often).
+        """
+        import pytest
+
+        param = _param_id(request) if hasattr(request, "param") else None
+        if fixturedef.scope in ("class", "module"):
+            node = request.node
+            parts = [n.name for n in node.listchain() if isinstance(n, pytest.Class)]
+            path = node.path
+        else:
+            import inspect
+
+            source = inspect.getsourcefile(fixturedef.func)
+            path = Path(source).resolve() if source else None
+            if path is None or not path.is_relative_to(self.config.rootpath):
+                raise StateDictError(
+                    f"fixture {fixturedef.argname!r} ({fixturedef.scope} scope) checks a "
+                    f"snapshot, but it is defined outside the project ({source}), where no "
+                    "snapshot can be kept: check it in a test, or in a fixture of the project"
+                )
+            parts = []
+        dirname = storage.fixture_dirname([*parts, fixturedef.argname], param)
+        return Owner(self.module_dir(path) / dirname, None, self.root_for(path))
+
+    def snapshot_paths(self, owner: Owner, name: str | None) -> tuple[Path, Path | None]:
+        """The snapshot's path, and its 0.1.0 path where that differs."""
         index = 0
         if name is None:
-            index = self.unnamed_index[item.nodeid]
-            self.unnamed_index[item.nodeid] += 1
-        return storage.snapshot_path(self.module_dir(item.path), _test_parts(item), name, index)
+            index = self.unnamed_index[str(owner.folder)]
+            self.unnamed_index[str(owner.folder)] += 1
+        path = owner.folder / storage.leaf_name(name, index)
+        legacy_folder = owner.legacy_folder or owner.folder
+        legacy = legacy_folder / storage.legacy_leaf_name(name, index)
+        return path, None if legacy == path else legacy
 
     # ---- end of session --------------------------------------------------------------
 
     def find_unused(self) -> list[Path]:
-        """Files in modules that ran whole that no test asked for.
+        """Files in folders of test files that ran whole that no test asked for.
 
         A file belongs to a test (its folder); it is unused if that test no longer exists,
         or if the test passed without asking for it. Deselected, skipped and failed tests
-        never make a file unused.
+        never make a file unused. A fixture's folder has unused files only if the fixture
+        was set up in this run. Test files sharing a folder (``x.py`` and a doctest
+        ``x.txt``) are judged together.
         """
-        unused = []
+        by_folder: dict[Path, list[ModuleRecord]] = defaultdict(list)
         for record in self.modules.values():
-            files = storage.snapshot_files(record.snapshot_dir)
-            if not files or not self.ran_whole(record):
+            by_folder[record.snapshot_dir].append(record)
+        unused = []
+        for folder, records in by_folder.items():
+            if not all(map(self.ran_whole, records)):
                 continue
-            tests = record.tests()
-            if any(nodeid not in self.outcomes for nodeid in tests.values()):
-                continue  # the run stopped early (-x, a crash): the module did not run whole
+            files = self._listed(folder, records[0].root)
+            if not files:
+                continue
+            owners: dict[str, list[str]] = defaultdict(list)
+            for record in records:
+                for dirname, nodeid in record.tests():
+                    owners[dirname].append(nodeid)
+            if any(n not in self.outcomes for nodeids in owners.values() for n in nodeids):
+                continue  # not every test reported: the module did not run whole
+            doctests = tuple(f".{record.path.stem}." for record in records)
             for path in files:
+                name = path.parent.name
                 if str(path) in self.used:
                     continue
-                owner = tests.get(path.parent.name)
-                if owner is None or self.outcomes.get(owner) == "passed":
+                if storage.is_fixture_dirname(name):
+                    if str(path.parent) in self.fixtures_ran:
+                        unused.append(path)
+                    continue
+                nodeids = owners.get(name, ())
+                if not nodeids and any(prefix in f".{name}" for prefix in doctests):
+                    continue  # a --doctest-modules doctest (``<module>.<function>``) not collected
+                if all(self.outcomes.get(n) == "passed" for n in nodeids):
                     unused.append(path)
         return unused + self.find_orphans()
 
-    def find_orphans(self) -> list[Path]:
-        """Snapshots of test modules that no longer exist, in folders collected whole.
+    def _listed(self, folder: Path, root: Path) -> list[Path]:
+        try:
+            return storage.snapshot_files(folder, root)
+        except SnapshotError as exc:
+            self.problems.append(str(exc))
+            return []
 
-        ``__statedict__/<module>/`` whose ``<module>.py`` is gone (deleted or renamed) can
-        never be asked for again. Only folders that the run collected as a whole (a folder
-        named on the command line, or below one) are looked at, and only in the default
-        layout (beside the test files).
+    def find_orphans(self) -> list[Path]:
+        """Snapshots of test files that no longer exist, in folders collected whole.
+
+        ``__statedict__/<module>/`` with no file of that stem beside it (``<module>.py`` or
+        a doctest ``<module>.txt``, deleted or renamed) can never be asked for again. Only
+        folders that the run collected as a whole (a folder named on the command line, or
+        below one) are looked at, and only in the default layout (beside the test files).
         """
         if self.snapshot_root is not None:
             return []
@@ -292,10 +560,13 @@ class StateDictSession:
             snapshots = directory / storage.SNAPSHOT_DIRNAME
             if not snapshots.is_dir() or not self.collected_whole(directory):
                 continue
-            modules = {storage.sanitise(p.stem) for p in directory.glob("*.py")}
+            stems = {Path(name).stem for name in os.listdir(directory)}
+            owned = {storage.module_dirname(s) for s in stems} | {
+                storage.legacy_name(s) for s in stems
+            }
             for folder in sorted(snapshots.iterdir()):
-                if folder.is_dir() and folder.name not in modules:
-                    orphans.extend(storage.snapshot_files(folder))
+                if folder.is_dir() and folder.name not in owned:
+                    orphans.extend(self._listed(folder, snapshots))
         return orphans
 
     def collected_whole(self, directory: Path) -> bool:
@@ -303,26 +574,51 @@ class StateDictSession:
         resolved = directory.resolve()
         return any(resolved.is_relative_to(folder) for folder in self.named_folders)
 
-    def finish(self) -> bool:
+    def finish(self, session: pytest.Session, exitstatus: int) -> bool:
         """Detect (and under --statedict-update delete) unused snapshots.
 
-        Returns True when the session should fail because of them. An xdist worker sees
-        only its share of the run and leaves this to the controller.
+        Returns True when the session should fail because of them, or because a file could
+        not be deleted. An xdist worker sees only its share of the run and leaves this to
+        the controller. A run that did not go to its end (a lost worker, Ctrl-C, ``-x``, an
+        internal error) judges nothing unused: its tests' files may look unasked for.
         """
+        for nodeid in list(self.attempts):
+            self._settle(nodeid)  # tests cut short have no teardown report
         if hasattr(self.config, "workerinput"):
             return False
-        self.unused = self.find_unused()
+        self.incomplete = self.incomplete or _cut_short(session, exitstatus)
+        if self.incomplete is not None:
+            return bool(self.problems)
+        try:
+            self.unused = self.find_unused()
+        except OSError as exc:
+            self.problems.append(f"statedict: cannot look for unused snapshots ({exc})")
+            self.unused = []
         if self.update:
             for path in self.unused:
-                storage.remove_snapshot(path)
-            self.deleted = self.unused
-            return False
+                try:
+                    storage.remove_snapshot(path, self._root_of(path), display=self.relative(path))
+                except SnapshotError as exc:
+                    self.problems.append(str(exc))
+                else:
+                    self.deleted.append(path)
+            self.unused = [p for p in self.unused if p not in self.deleted]
         return self.fails_session
+
+    def _root_of(self, path: Path) -> Path:
+        """The snapshot root above a listed file: the ini folder or its ``__statedict__``."""
+        if self.snapshot_root is not None:
+            return self.snapshot_root
+        return next(p for p in path.parents if p.name == storage.SNAPSHOT_DIRNAME)
 
     @property
     def fails_session(self) -> bool:
         """Unused snapshots fail the run, unless --statedict-warn-unused (or updating)."""
-        return bool(self.unused) and not self.warn_unused and not self.update
+        unused = bool(self.unused) and not self.warn_unused and not self.update
+        return unused or bool(self.problems)
+
+    def has_snapshots(self) -> bool:
+        return any(record.snapshot_dir.is_dir() for record in self.modules.values())
 
     def summary_line(self) -> str | None:
         parts = [
@@ -332,16 +628,21 @@ class StateDictSession:
         ]
         if self.deleted:
             parts.append(f"{len(self.deleted)} deleted")
-        elif self.unused:
+        if self.unused:
             parts.append(f"{len(self.unused)} unused")
+        if self.problems:
+            parts.append(f"{len(self.problems)} error{'s' if len(self.problems) > 1 else ''}")
         line = f"statedict: {', '.join(parts)}" if parts else ""
         trips = [
-            f"{self.roundtrips[k]} {k}"
+            f"{self.roundtrip_counts[k]} {k}"
             for k in ("passed", "failed", "skipped")
-            if self.roundtrips[k]
+            if self.roundtrip_counts[k]
         ]
         if trips:
             line = (line + "; " if line else "statedict: ") + "round-trips: " + ", ".join(trips)
+        if self.incomplete is not None and (line or self.has_snapshots()):
+            why = f"unused snapshots not checked: {self.incomplete}"
+            line = (line + "; " if line else "statedict: ") + why
         return line or None
 
     def relative(self, path: Path) -> str:
@@ -351,8 +652,29 @@ class StateDictSession:
             return str(path)
 
 
+def _cut_short(session: pytest.Session, exitstatus: int) -> str | None:
+    """Why the run did not go to its end, or None if it did."""
+    stopped = session.shouldfail or session.shouldstop
+    if stopped:
+        return f"the run stopped early ({stopped})"
+    if exitstatus == 2:
+        return "the run was interrupted"
+    if exitstatus not in FINISHED_EXIT_CODES:
+        return f"the run ended with exit code {int(exitstatus)}"
+    return None
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything is there (a broken symlink too: it is not a missing snapshot)."""
+    return os.path.lexists(path)
+
+
 def _test_parts(item: pytest.Item) -> list[str]:
-    """The names from the module down to the test: ``["TestA", "test_x[id]"]``."""
+    """The names from the module down to the test: ``["TestA", "test_x[id]"]``.
+
+    pytest-repeat's repetitions (``test_x[a-2-5]``) are one test to a snapshot: the same
+    code asked the same question, so they share ``test_x[a]``'s files.
+    """
     import pytest
 
     parts = []
@@ -361,7 +683,22 @@ def _test_parts(item: pytest.Item) -> list[str]:
             parts = []
         else:
             parts.append(node.name)
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "__pytest_repeat_step_number" in callspec.params:
+        step = callspec.params["__pytest_repeat_step_number"]
+        match = _REPEAT_ID.search(parts[-1])
+        if match and int(match.group(1)) == step + 1:
+            name = parts[-1][: match.start()]
+            parts[-1] = name + "]" if match.group(0).startswith("-") else name
     return parts
+
+
+def _param_id(request: Any) -> str:
+    """A parametrized fixture's id: its value where that is a plain scalar, else its index."""
+    param = request.param
+    if isinstance(param, (str, int, float, bool)) or param is None:
+        return str(param)
+    return str(request.param_index)
 
 
 def _shell_quoted(nodeid: str) -> str:

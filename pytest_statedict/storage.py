@@ -1,45 +1,81 @@
-"""Where snapshots live, and how they are written.
+"""Where snapshots live, and how they are read, written and deleted.
 
 Layout: ``<dir of test file>/__statedict__/<module>/<test>/<snapshot>.json`` where
 ``<test>`` is the test's name within its module (``TestClass.test_x[param-id]``) and
 ``<snapshot>`` is the ``name=`` given, or the index of the unnamed check within the test.
 One folder per test makes ownership plain (a folder whose test is gone is unused) and keeps
-xdist workers from ever sharing a file.
+xdist workers from ever sharing a file. A check made while a class- or module-scoped fixture
+is set up belongs to the fixture, not to whichever test happened to need it first:
+``fixture-<name>`` (``fixture-<Class>.<name>``) beside the tests' folders.
 
 Every name component is sanitised: characters outside a safe set become ``_``, and a name
-that had to change, or that is too long for a file system, gets a short hash of the
-original, so two ids that sanitise alike still get distinct files, and no id can climb out
-of the folder.
+that had to change, that is too long for a file system, that has upper-case letters (a
+case-insensitive file system, macOS's or Windows', would give ``GELU`` and ``gelu`` one
+file), or that Windows reserves (``CON``, ``lpt1.json``, a trailing dot) gets a short hash
+of the original: two ids that sanitise alike still get distinct files on every file system,
+and no id can climb out of the folder. The rule depends on the name alone, so a file's name
+never depends on which other tests were collected. Names that 0.1.0 wrote differently are
+still read (:func:`legacy_name`), and moved by ``--statedict-update``.
+
+Nothing is written or deleted through a path that resolves (symlinks followed) outside the
+snapshot root: the ``__statedict__`` folder, or the ``statedict_snapshot_dir`` folder.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from pathlib import Path
 
-from .errors import hide_from_bad_input
+from .errors import SnapshotError, hide_from_bad_input
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
 
 SNAPSHOT_DIRNAME = "__statedict__"
 SUFFIX = ".json"
+FIXTURE_PREFIX = "fixture-"  # never starts a test's folder: a test name is an identifier
 MAX_COMPONENT = 120  # bytes; file systems allow 255, leave room for the hash and suffix
+MAX_SNAPSHOT_BYTES = 64 * 2**20  # a snapshot is ~150 bytes a tensor: far above any model
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
+_WINDOWS_RESERVED = re.compile(r"(?i)(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?")
 
 
-def sanitise(name: str) -> str:
-    """A file-name-safe, injective rendering of a test id or snapshot name."""
-    safe = _UNSAFE.sub("_", name)
-    if safe.startswith("."):
-        safe = "_" + safe[1:]
-    if safe != name or len(safe) > MAX_COMPONENT or not safe:
-        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-        safe = f"{safe[:MAX_COMPONENT]}-{digest}"
+def sanitise(name: str, *, fold_case: bool = True) -> str:
+    """A file-name-safe rendering of a test id or snapshot name, injective ignoring case.
+
+    ``fold_case=False`` is for names that are file names already (test modules): those are
+    distinct in their folder on the file system that holds them, so their case is kept.
+    """
+    safe = _legacy_safe(name)
+    if safe.endswith("."):  # Windows drops trailing dots: ``x.`` would be ``x``
+        safe = safe.rstrip(".") + "_"
+    if _WINDOWS_RESERVED.fullmatch(safe):  # ``con.json`` is ``CON`` on Windows
+        safe = "_" + safe
+    if safe != name or len(safe) > MAX_COMPONENT or not safe or (fold_case and not safe.islower()):
+        safe = f"{safe[:MAX_COMPONENT]}-{_digest(name)}"
     return safe
+
+
+def legacy_name(name: str) -> str:
+    """The name 0.1.0 gave ``name`` (its files are read where the new name is missing)."""
+    safe = _legacy_safe(name)
+    if safe != name or len(safe) > MAX_COMPONENT or not safe:
+        safe = f"{safe[:MAX_COMPONENT]}-{_digest(name)}"
+    return safe
+
+
+def _legacy_safe(name: str) -> str:
+    safe = _UNSAFE.sub("_", name)
+    return "_" + safe[1:] if safe.startswith(".") else safe
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
 def test_dirname(parts: list[str]) -> str:
@@ -50,16 +86,112 @@ def test_dirname(parts: list[str]) -> str:
     return sanitise(".".join(parts))
 
 
-def module_snapshot_dir(module_path: Path, root: Path | None = None) -> Path:
-    """The folder holding one test module's snapshots (``statedict_snapshot_dir`` moves it)."""
-    base = root if root is not None else module_path.parent / SNAPSHOT_DIRNAME
-    return base / sanitise(module_path.stem)
+def fixture_dirname(parts: list[str], param: str | None) -> str:
+    """``fixture-TestA.model[param]``: the folder of a class- or module-scoped fixture."""
+    name = ".".join(parts) + (f"[{param}]" if param is not None else "")
+    return FIXTURE_PREFIX + sanitise(name)
 
 
-def snapshot_path(module_dir: Path, test_parts: list[str], name: str | None, index: int) -> Path:
+def is_fixture_dirname(name: str) -> bool:
+    return name.startswith(FIXTURE_PREFIX)
+
+
+def is_fixture_path(folder: str) -> bool:
+    """Whether a snapshot folder (as a string) is a fixture's."""
+    return is_fixture_dirname(os.path.basename(folder))
+
+
+def module_dirname(stem: str) -> str:
+    """A test file's folder: ``test_x`` for ``test_x.py`` (and a doctest ``test_x.txt``)."""
+    return sanitise(stem, fold_case=False)
+
+
+def leaf_name(name: str | None, index: int) -> str:
     """A named snapshot is ``<name>.json``; unnamed ones are numbered ``0.json``, ``1.json``..."""
-    leaf = sanitise(name) if name is not None else str(index)
-    return module_dir / test_dirname(test_parts) / f"{leaf}{SUFFIX}"
+    return (sanitise(name) if name is not None else str(index)) + SUFFIX
+
+
+def legacy_leaf_name(name: str | None, index: int) -> str:
+    return (legacy_name(name) if name is not None else str(index)) + SUFFIX
+
+
+def exists_as_named(path: Path, below: Path) -> bool:
+    """Whether ``path`` exists under exactly this spelling from ``below`` down.
+
+    On a case-insensitive file system ``GELU/0.json`` "exists" when only ``gelu/0.json``
+    does: that file is another test's, never to be read or moved as this one's.
+    """
+    try:
+        relative = path.relative_to(below)
+        folder = below
+        for part in relative.parts:
+            if part not in os.listdir(folder):
+                return False
+            folder = folder / part
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed) into ``root`` (itself resolved)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _refuse_outside(path: Path, root: Path, doing: str, shown: str | Path) -> None:
+    if not inside(path, root):
+        raise SnapshotError(
+            shown,
+            f"resolves to {path.resolve()}, outside the snapshot folder {root}, through a "
+            f"symlink: refusing to {doing} it",
+            remedy="replace the symlink with a real folder or file inside the snapshot folder",
+        )
+
+
+def read_snapshot_text(path: Path, *, display: str | None = None) -> str:
+    """A snapshot's text: a regular file of bounded size, UTF-8, or a :class:`SnapshotError`.
+
+    A FIFO would block the run forever and ``/dev/zero`` would fill the memory, so the
+    file is opened without blocking and checked before anything is read.
+    """
+    shown = display or path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise SnapshotError(shown, f"cannot be read ({_reason(exc)})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(shown, "is not a regular file (a folder, device or pipe)")
+        if info.st_size > MAX_SNAPSHOT_BYTES:
+            raise SnapshotError(
+                shown, f"is {info.st_size} bytes, over the {MAX_SNAPSHOT_BYTES} a snapshot has"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_SNAPSHOT_BYTES + 1)
+    except OSError as exc:
+        raise SnapshotError(shown, f"cannot be read ({_reason(exc)})") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SnapshotError(shown, f"is not UTF-8 text (byte {exc.start})") from None
+
+
+def write_snapshot(path: Path, text: str, root: Path, *, display: str | None = None) -> None:
+    """:func:`atomic_write` inside ``root`` only, failures as a :class:`SnapshotError`."""
+    shown = display or path
+    _refuse_outside(path, root, "write", shown)
+    try:
+        atomic_write(path, text)
+    except OSError as exc:
+        raise SnapshotError(
+            shown,
+            f"cannot be written ({_reason(exc)})",
+            remedy="the old file, if any, is intact; free space or fix the folder's "
+            "permissions and run again",
+        ) from None
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -79,6 +211,11 @@ def atomic_write(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _reason(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror}, {name}" if exc.strerror and name else str(exc)
 
 
 def _file_mode(path: Path) -> int:
@@ -104,23 +241,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def snapshot_files(module_dir: Path) -> list[Path]:
+def snapshot_files(module_dir: Path, root: Path) -> list[Path]:
     """The snapshot files of a module: ``<module>/<test>/<leaf>.json``, nothing deeper.
 
     Temp files of a killed write (dot-files) are not snapshots; deeper files belong to
-    someone else (another module's folder nested here by ``statedict_snapshot_dir``).
+    someone else (another module's folder nested here by ``statedict_snapshot_dir``); a
+    file that resolves outside ``root`` (a symlink) is not the project's to judge.
     """
-    if not module_dir.is_dir():
-        return []
-    return sorted(
-        p for p in module_dir.glob(f"*/*{SUFFIX}") if p.is_file() and not p.name.startswith(".")
-    )
+    try:
+        if not module_dir.is_dir():
+            return []
+        return sorted(
+            p
+            for p in module_dir.glob(f"*/*{SUFFIX}")
+            if p.is_file() and not p.name.startswith(".") and inside(p, root)
+        )
+    except OSError as exc:
+        raise SnapshotError(module_dir, f"cannot be listed ({_reason(exc)})") from None
 
 
-def remove_snapshot(path: Path) -> None:
-    """Delete an unused snapshot, and its test's folder once empty."""
-    path.unlink(missing_ok=True)
+def remove_snapshot(path: Path, root: Path, *, display: str | None = None) -> None:
+    """Delete a snapshot, and its test's and module's folders once empty (never ``root``)."""
+    _refuse_outside(path, root, "delete", display or path)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise SnapshotError(
+            display or path,
+            f"cannot be deleted ({_reason(exc)})",
+            remedy="fix the folder's permissions, or delete it by hand",
+        ) from None
     for folder in (path.parent, path.parent.parent):
+        if folder.resolve() == root.resolve() or not inside(folder, root):
+            break
         try:
             folder.rmdir()
         except OSError:

@@ -2,8 +2,11 @@
 
 Each snapshot belongs to one test, so it is written by the one worker that runs the test;
 no file is shared. But only the controller sees the whole run, so unused detection (and
-its deletion under --statedict-update) and the summary counts happen there, from what each
-worker sends back in ``workeroutput`` when it finishes.
+its deletion under --statedict-update) and the summary counts happen there. What each test
+did comes with its reports, as it happens (see :mod:`.session`); which tests each test file
+holds comes in ``workeroutput`` when a worker finishes. A worker that crashed, was
+restarted or was interrupted leaves the controller without the whole picture: then nothing
+is judged unused, and the summary says why.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from . import storage
-from .session import ModuleRecord, StateDictSession
+from .session import FINISHED_EXIT_CODES, ModuleRecord, StateDictSession
 
 OUTPUT_KEY = "statedict"
 
@@ -32,36 +34,45 @@ class XdistSupport:
         if is_worker(session.config):
             state = self.session
             session.config.workeroutput[OUTPUT_KEY] = {  # type: ignore[attr-defined]
-                "counts": dict(state.counts),
-                "roundtrips": dict(state.roundtrips),
-                "used": sorted(state.used),
                 "directories": sorted(state.directories),
                 # Only modules with snapshot files can have unused ones (files written in
-                # this run are in "used").
+                # this run are in the reports' "used").
                 "modules": [
                     {
                         "path": str(m.path),
                         "snapshot_dir": str(m.snapshot_dir),
+                        "root": str(m.root),
                         "tests": m.tests(),
                         "partial": not state.ran_whole(m),
                     }
                     for m in state.modules.values()
-                    if storage.snapshot_files(m.snapshot_dir)
+                    if m.snapshot_dir.is_dir()
                 ],
             }
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        output = getattr(node, "workeroutput", {}).get(OUTPUT_KEY)
-        if output is None:
-            return
         state = self.session
-        state.counts.update(output["counts"])
-        state.roundtrips.update(output["roundtrips"])
-        state.used.update(output["used"])
+        name = getattr(getattr(node, "gateway", None), "id", "?")
+        workeroutput = getattr(node, "workeroutput", None) or {}
+        output = workeroutput.get(OUTPUT_KEY)
+        if error is not None or output is None:
+            state.nodes_down(f"worker {name} crashed" if error else f"worker {name} was lost")
+            return
+        if workeroutput.get("exitstatus", 0) not in FINISHED_EXIT_CODES:
+            state.nodes_down(f"worker {name} was interrupted")
         state.directories.update(output["directories"])
         for module in output["modules"]:
             record = state.modules.setdefault(
-                module["path"], ModuleRecord(Path(module["path"]), Path(module["snapshot_dir"]))
+                module["path"],
+                ModuleRecord(
+                    Path(module["path"]), Path(module["snapshot_dir"]), Path(module["root"])
+                ),
             )
-            record.merged_tests.update(module["tests"])
+            record.merged_tests.extend(map(tuple, module["tests"]))
             record.partial = record.partial or module["partial"]
+
+    def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
+        worker = getattr(getattr(report, "node", None), "gateway", None)
+        self.session.nodes_down(
+            f"worker {getattr(worker, 'id', '?')} crashed while running {crashitem}"
+        )

@@ -66,6 +66,21 @@ NET_SOURCE = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True)
+def _inner_runs_keep_file_order(request: pytest.FixtureRequest) -> None:
+    """pytest-randomly shuffles every run it is loaded into, pytester's inner runs too.
+
+    Tests here check output order, so inner runs (in-process and subprocess alike: both
+    read ``PYTEST_ADDOPTS``) leave it out; a test about random order passes ``-p randomly``,
+    which comes later on the command line and so enables it again. Set once pytester has
+    cleared ``PYTEST_ADDOPTS`` (it does so when it is created).
+    """
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+
+
 @pytest.fixture
 def net_project(pytester: pytest.Pytester) -> pytest.Pytester:
     """A pytester project with ``netmodel.py`` importable by its tests."""

@@ -38,6 +38,41 @@ def test_a_suite_that_never_uses_the_plugin_imports_no_torch(pytester: pytest.Py
     result.assert_outcomes(passed=1)
 
 
+def test_a_suite_that_never_uses_the_plugin_gets_plain_reports(pytester: pytest.Pytester) -> None:
+    """Wider-scoped fixtures and every phase's report pass through untouched."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def resource():
+            return 1
+
+        def pytest_runtest_logreport(report):
+            assert not hasattr(report, "statedict"), report.nodeid
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        class TestA:
+            @pytest.fixture(scope="class")
+            def other(self, resource):
+                return resource
+
+            def test_a(self, other):
+                pass
+
+        def test_b(resource):
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=2)
+    assert "statedict:" not in result.stdout.str()
+
+
 def test_load_checkpoint_hook_reads_a_foreign_format(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
