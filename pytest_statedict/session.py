@@ -332,6 +332,7 @@ class StateDictSession:
         __tracebackhide__ = True
         from .assertions import prepared_schema
         from .compare import diff_schemas, normalise, without_ignored_members
+        from .readers.snapshot_file import read_snapshot_text
         from .report import render_diff
         from .schema import Schema
 
@@ -372,7 +373,9 @@ class StateDictSession:
                 f"  {accept}\nand commit it."
             )
         try:
-            current = storage.read_snapshot_text(source, display=self.relative(source))
+            current = read_snapshot_text(
+                source, lambda problem: SnapshotError(self.relative(source), problem)
+            )
             if current == text and not problems and (source is path or not self.update):
                 self._checked(path, "passed")
                 return

@@ -27,7 +27,6 @@ import errno
 import hashlib
 import os
 import re
-import stat
 from pathlib import Path
 
 from .errors import SnapshotError, hide_from_bad_input
@@ -39,7 +38,6 @@ SNAPSHOT_DIRNAME = "__statedict__"
 SUFFIX = ".json"
 FIXTURE_PREFIX = "fixture-"  # never starts a test's folder: a test name is an identifier
 MAX_COMPONENT = 120  # bytes; file systems allow 255, leave room for the hash and suffix
-MAX_SNAPSHOT_BYTES = 64 * 2**20  # a snapshot is ~150 bytes a tensor: far above any model
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
 _WINDOWS_RESERVED = re.compile(r"(?i)(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?")
@@ -146,37 +144,6 @@ def _refuse_outside(path: Path, root: Path, doing: str, shown: str | Path) -> No
             f"symlink: refusing to {doing} it",
             remedy="replace the symlink with a real folder or file inside the snapshot folder",
         )
-
-
-def read_snapshot_text(path: Path, *, display: str | None = None) -> str:
-    """A snapshot's text: a regular file of bounded size, UTF-8, or a :class:`SnapshotError`.
-
-    A FIFO would block the run forever and ``/dev/zero`` would fill the memory, so the
-    file is opened without blocking and checked before anything is read.
-    """
-    shown = display or path
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise SnapshotError(shown, f"cannot be read ({_reason(exc)})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SnapshotError(shown, "is not a regular file (a folder, device or pipe)")
-        if info.st_size > MAX_SNAPSHOT_BYTES:
-            raise SnapshotError(
-                shown, f"is {info.st_size} bytes, over the {MAX_SNAPSHOT_BYTES} a snapshot has"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_SNAPSHOT_BYTES + 1)
-    except OSError as exc:
-        raise SnapshotError(shown, f"cannot be read ({_reason(exc)})") from None
-    finally:
-        os.close(fd)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SnapshotError(shown, f"is not UTF-8 text (byte {exc.start})") from None
 
 
 def write_snapshot(path: Path, text: str, root: Path, *, display: str | None = None) -> None:

@@ -18,6 +18,8 @@ from conftest import match_lines
 
 from pytest_statedict import storage
 from pytest_statedict.errors import SnapshotError
+from pytest_statedict.readers.limits import MAX_SNAPSHOT_BYTES
+from pytest_statedict.readers.snapshot_file import read_snapshot_text
 
 CHECKS = """
     import os
@@ -540,7 +542,7 @@ def test_a_snapshot_that_is_not_a_text_file(pytester: pytest.Pytester, kind: str
     problem = {
         "fifo": "is not a regular file*",
         "dev-zero": "is not a regular file*",
-        "folder": "is not a regular file*",
+        "folder": "is a directory, not a snapshot*",
         "not-utf8": "is not UTF-8 text (byte 31)*",
     }[kind]
 
@@ -602,9 +604,9 @@ def test_storage_reads_refuse_what_is_not_a_snapshot(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
     with pytest.raises(SnapshotError, match="not a regular file"):
-        storage.read_snapshot_text(fifo)
+        read_snapshot_text(fifo, lambda problem: SnapshotError(fifo, problem))
     big = tmp_path / "big.json"
     with big.open("wb") as f:
-        f.truncate(storage.MAX_SNAPSHOT_BYTES + 1)
-    with pytest.raises(SnapshotError, match="over the"):
-        storage.read_snapshot_text(big)
+        f.truncate(MAX_SNAPSHOT_BYTES + 1)
+    with pytest.raises(SnapshotError, match="more than a snapshot may have"):
+        read_snapshot_text(big)

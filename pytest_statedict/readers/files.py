@@ -28,29 +28,34 @@ FORMATS_READ = (
 )
 
 
-def require_regular_file(path: Path) -> os.stat_result:
-    """The file's stat, or a :class:`CheckpointError` saying why it cannot be read."""
+Fail = Callable[[str], StateDictError]
+
+
+def require_regular_file(
+    path: Path, fail: Fail | None = None, what: str = "checkpoint file"
+) -> os.stat_result:
+    """The file's stat, or ``fail(problem)`` (a :class:`CheckpointError` by default)."""
+    fail = fail or (lambda problem: CheckpointError(path, problem))
     try:
         info = path.stat()  # follows symlinks: the type of what is read
     except FileNotFoundError:
         problem = "a symlink to a missing file" if path.is_symlink() else "no such file"
-        raise CheckpointError(path, problem) from None
+        raise fail(problem) from None
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
+        raise fail(f"cannot be read ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise CheckpointError(path, f"is a directory, not a checkpoint file ({FORMATS_READ})")
+        formats = f" ({FORMATS_READ})" if what == "checkpoint file" else ""
+        raise fail(f"is a directory, not a {what}{formats}")
     if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(
-            path, "not a regular file (a device, FIFO or socket): only files are read"
-        )
+        raise fail("is not a regular file (a device, FIFO or socket): only files are read")
     if not os.access(path, os.R_OK):
-        raise CheckpointError(path, "permission denied")
+        raise fail("permission denied")
     if info.st_size == 0:
-        raise CheckpointError(path, "the file is empty")
+        raise fail("the file is empty")
     return info
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path, fail: Fail | None = None) -> BinaryIO:
     """``path`` opened for reading, only if it is still a regular file once open.
 
     Opened without blocking, so a FIFO swapped in after :func:`require_regular_file`
@@ -59,25 +64,31 @@ def open_regular(path: Path) -> BinaryIO:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CheckpointError(path, "not a regular file (a device, FIFO or socket)")
+        fail = fail or (lambda problem: CheckpointError(path, problem))
+        raise fail("is not a regular file (a device, FIFO or socket)")
     return os.fdopen(fd, "rb")
 
 
 def read_bounded(
-    path: Path, limit: int, what: str, fail: Callable[[str], StateDictError] | None = None
+    path: Path, limit: int, what: str, fail: Fail | None = None, too_big: Fail | None = None
 ) -> bytes:
-    """The whole of a regular file of at most ``limit`` bytes (``what`` names it in errors)."""
+    """The whole of a regular file of at most ``limit`` bytes (``what`` names it in errors).
+
+    ``fail`` makes the error of a path that is no readable file, ``too_big`` that of a file
+    over the limit (both ``fail``, or a :class:`CheckpointError`, by default).
+    """
+    size = require_regular_file(path, fail, what).st_size
     fail = fail or (lambda problem: CheckpointError(path, problem))
-    size = require_regular_file(path).st_size
+    too_big = too_big or fail
     if size > limit:
-        raise fail(f"{size:,} bytes, more than a {what} may have ({limit:,})")
+        raise too_big(f"{size:,} bytes, more than a {what} may have ({limit:,})")
     try:
-        with open_regular(path) as f:
+        with open_regular(path, fail) as f:
             data = f.read(limit + 1)
     except OSError as exc:
         raise fail(f"cannot be read ({exc.strerror or exc})") from None
     if len(data) > limit:  # grew since it was measured
-        raise fail(f"more than a {what} may have ({limit:,} bytes)")
+        raise too_big(f"more than a {what} may have ({limit:,} bytes)")
     return data
 
 
