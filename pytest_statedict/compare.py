@@ -483,6 +483,7 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
     lines.extend(_membership_lines(expected, actual, exp_groups, act_groups))
     exp_hyper, act_hyper = comparable_hyperparams(expected, actual)
     lines.extend(_deepdiff(exp_hyper, act_hyper, "param_groups"))
+    expected, actual = without_empty_state(expected, actual)
     same_vocabulary = _uses_names(expected) == _uses_names(actual)
     state_old = {_member(s.param, expected, same_vocabulary): s for s in expected.state}
     state_new = {_member(s.param, actual, same_vocabulary): s for s in actual.state}
@@ -600,11 +601,54 @@ def optimizer_verdict(
 # Hyperparameters a torch release added to a param_group with a default that keeps the old
 # behaviour: a group without the key means the default, so a snapshot written under an
 # older torch compares equal under a newer one (and back). A real change of value is still
-# reported. Keyed by the optimizer's class name; "*" applies to every optimizer.
+# reported. Keyed by the optimizer's class name. Read off torch 2.1.2, 2.2.2, 2.3.1, 2.4.1,
+# 2.6.0, 2.13.0 and 2.14.1 (tests/test_cross_version.py checks the table against the torch
+# it runs on); the release named is the first of those with the key. Flags that only pick
+# an implementation (foreach, fused, capturable, differentiable) are never recorded.
 ADDED_HYPERPARAMS: dict[str, dict[str, Any]] = {
-    "Adam": {"decoupled_weight_decay": False},  # torch 2.7 (AdamW became Adam with True)
-    "AdamW": {"decoupled_weight_decay": True},
+    "Adam": {"decoupled_weight_decay": False},  # after 2.6 (AdamW became Adam with True)
+    "AdamW": {"decoupled_weight_decay": True},  # after 2.6
+    "LBFGS": {"maximize": False},  # 2.14
+    "NAdam": {"maximize": False},  # 2.4
+    "RAdam": {"decoupled_weight_decay": False, "maximize": False},  # 2.2, 2.4
 }
+
+# Optimizer state entries an older torch stored as None where a newer one stores nothing:
+# SGD without momentum kept ``momentum_buffer: None`` per parameter up to torch 2.3. A None
+# entry holds no data, so it compares equal to an absent one; a tensor entry still counts.
+EMPTY_STATE_ENTRIES: dict[str, frozenset[str]] = {
+    "SGD": frozenset({"momentum_buffer"}),
+}
+
+
+def _optimizer_name(expected: OptimizerSchema, actual: OptimizerSchema) -> str:
+    """The optimizer's class name, from whichever side knows it (a checkpoint file does not)."""
+    cls = expected.cls if expected.cls != UNKNOWN_CLASS else actual.cls
+    return cls.rsplit(".", 1)[-1]
+
+
+def without_empty_state(
+    expected: OptimizerSchema, actual: OptimizerSchema
+) -> tuple[OptimizerSchema, OptimizerSchema]:
+    """Both sides without the None state entries of ``EMPTY_STATE_ENTRIES``.
+
+    A parameter left with no entry has no state at all, as under the newer torch.
+    """
+    names = EMPTY_STATE_ENTRIES.get(_optimizer_name(expected, actual), frozenset())
+    if not names:
+        return expected, actual
+
+    def kept(opt: OptimizerSchema) -> OptimizerSchema:
+        state = []
+        for s in opt.state:
+            entries = {
+                n: v for n, v in s.entries.items() if not (n in names and v.type == "NoneType")
+            }
+            if entries:
+                state.append(replace(s, entries=entries))
+        return replace(opt, state=tuple(state))
+
+    return kept(expected), kept(actual)
 
 
 def comparable_hyperparams(
@@ -616,8 +660,7 @@ def comparable_hyperparams(
     that added it gave it (``ADDED_HYPERPARAMS``) for that optimizer class; the class is
     taken from whichever side knows it (a checkpoint file does not).
     """
-    cls = expected.cls if expected.cls != UNKNOWN_CLASS else actual.cls
-    defaults = ADDED_HYPERPARAMS.get(cls.rsplit(".", 1)[-1], {})
+    defaults = ADDED_HYPERPARAMS.get(_optimizer_name(expected, actual), {})
     old = [dict(g.hyperparams) for g in expected.param_groups]
     new = [dict(g.hyperparams) for g in actual.param_groups]
     for before, after in zip(old, new, strict=False):
