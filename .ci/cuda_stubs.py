@@ -43,6 +43,23 @@ def needed(path: Path) -> set[str]:
     return set(re.findall(r"\(NEEDED\)\s+Shared library: \[(\S+)\]", out))
 
 
+def version_files(path: Path) -> dict[str, str]:
+    """Each symbol version ``path`` asks for (``libcudart.so.12``, ``NVSHMEM``) -> its library."""
+    out = subprocess.run(
+        ["readelf", "--version-info", "--wide", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    versions, library = {}, ""
+    for line in out.splitlines():
+        if m := re.search(r"File: (\S+)", line):
+            library = m.group(1)
+        elif (m := re.search(r"Name: (\S+)\s+Flags", line)) and library:
+            versions[m.group(1)] = library
+    return versions
+
+
 def system_symbols(torch_libs: list[Path]) -> set[str]:
     """Names the system libraries define, found with ldd on one of torch's libraries."""
     out = subprocess.run(["ldd", str(torch_libs[0])], capture_output=True, text=True).stdout
@@ -75,27 +92,41 @@ def main() -> int:
         print(f"cuda_stubs: nothing to do in {lib}")
         return 0
     defined = system_symbols(torch_libs)
-    wanted: dict[str | None, set[str]] = defaultdict(set)  # library (by version name) -> names
+    # library -> each symbol version torch asks it for -> the names imported with it
+    wanted: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    unversioned: set[str] = set()
     for p in torch_libs:
+        files = version_files(p)
+        for version, library in files.items():
+            wanted[library][version]  # a version asked for defines no symbol
         for binding, ndx, name in dynamic_symbols(p):
             base, _, version = name.partition("@")
             if ndx != "UND":
                 defined.add(base)
-            elif binding == "GLOBAL":
-                wanted[version or None].add(base)
+            elif binding == "GLOBAL" and version in files:
+                wanted[files[version]][version].add(base)
+            elif binding == "GLOBAL" and not version:
+                unversioned.add(base)
     # Unversioned imports could come from any missing library: every stub defines them.
-    unversioned = wanted[None] - defined
+    unversioned -= defined
     with tempfile.TemporaryDirectory() as tmp:
         source, script = Path(tmp) / "stub.c", Path(tmp) / "version.map"
         for name in missing:
-            functions = sorted(wanted.get(name, set()) | unversioned)
+            versions = wanted.get(name, {})
+            functions = sorted(set().union(unversioned, *versions.values()))
             source.write_text("".join(f"int {f}(void) {{ return 100; }}\n" for f in functions))
-            script.write_text(f"{name} {{ global: *; }};\n")  # torch asks for e.g. @libcudart.so.12
-            subprocess.run(
-                ["gcc", "-shared", "-fPIC", "-o", str(lib / name), str(source),
-                 f"-Wl,-soname,{name}", f"-Wl,--version-script={script}"],
-                check=True,
-            )  # fmt: skip
+            command = ["gcc", "-shared", "-fPIC", "-o", str(lib / name), str(source)]
+            if versions:  # one node per version torch asks for; the last one takes the rest
+                names = [[f"{f};" for f in sorted(fs)] for fs in versions.values()]
+                names[-1].append("*;")
+                script.write_text(
+                    "".join(
+                        f"{v} {{ global: {' '.join(n)} }};\n" if n else f"{v} {{ }};\n"
+                        for v, n in zip(versions, names, strict=True)
+                    )
+                )
+                command.append(f"-Wl,--version-script={script}")
+            subprocess.run([*command, f"-Wl,-soname,{name}"], check=True)
     print(f"cuda_stubs: {len(missing)} stub libraries in {lib}: {' '.join(missing)}")
     return 0
 
