@@ -603,11 +603,12 @@ def optimizer_verdict(
 # older torch compares equal under a newer one (and back). A real change of value is still
 # reported. Keyed by the optimizer's class name. Read off torch 2.1.2, 2.2.2, 2.3.1, 2.4.1,
 # 2.6.0, 2.13.0 and 2.14.1 (tests/test_cross_version.py checks the table against the torch
-# it runs on); the release named is the first of those with the key. Flags that only pick
+# it runs on); the release named is the first of those with the key, but for Adam's and
+# AdamW's key (absent in 2.6.0, present in 2.13.0; added in 2.7). Flags that only pick
 # an implementation (foreach, fused, capturable, differentiable) are never recorded.
 ADDED_HYPERPARAMS: dict[str, dict[str, Any]] = {
-    "Adam": {"decoupled_weight_decay": False},  # 2.7 (AdamW became Adam with True)
-    "AdamW": {"decoupled_weight_decay": True},  # 2.7
+    "Adam": {"decoupled_weight_decay": False},  # AdamW became Adam with True
+    "AdamW": {"decoupled_weight_decay": True},
     "LBFGS": {"maximize": False},  # 2.14
     "NAdam": {"maximize": False},  # 2.4
     "RAdam": {"decoupled_weight_decay": False, "maximize": False},  # 2.2, 2.4
