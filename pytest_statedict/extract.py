@@ -673,6 +673,15 @@ def _hashable_in_place(t: torch.Tensor) -> bool:
     )
 
 
+# Dtypes torch has no arithmetic for (it raises NotImplementedError, or RuntimeError up to
+# torch 2.6, on any conversion): the hash alone fingerprints them.
+_NO_ARITHMETIC = frozenset(
+    d
+    for name in ("bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "float4_e2m1fn_x2")
+    if isinstance(d := getattr(torch, name, None), torch.dtype)
+)
+
+
 def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:
     """min, max, mean and std of a contiguous CPU tensor's sample, stable across machines.
 
@@ -685,12 +694,9 @@ def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:
     if t.is_complex():
         t = torch.view_as_real(t)
     nan = float("nan")
-    if t.numel() == 0:
-        return nan, nan, nan, nan
-    try:
-        x = _stat_sample(t.reshape(-1)).to(torch.float64)
-    except NotImplementedError:  # bits and packed float4 types have no arithmetic in torch
+    if t.numel() == 0 or t.dtype in _NO_ARITHMETIC:
         return nan, nan, nan, nan  # the hash alone fingerprints them
+    x = _stat_sample(t.reshape(-1)).to(torch.float64)
     lo, hi = torch.aminmax(x)
     n = x.numel()
     mean = x.sum().item() / n

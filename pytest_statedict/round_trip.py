@@ -266,13 +266,15 @@ def _dcp_roundtrip(
         else _materialised_copy(original, load_device)
     )
     fresh_opt = _rebuild_optimizer(original, optimizer, fresh) if optimizer is not None else None
+    # one process, no process group: torch >= 2.7 says so with no_dist, older ones assume it
+    single = {"no_dist": True} if "no_dist" in inspect.signature(dcp.save).parameters else {}
     try:
-        dcp.save(saved, checkpoint_id=checkpoint, no_dist=True)
+        dcp.save(saved, checkpoint_id=checkpoint, **single)
         template_model, template_optim = get_state_dict(fresh, [fresh_opt] if fresh_opt else [])
         template = {"model": template_model}
         if fresh_opt is not None:
             template["optim"] = template_optim
-        dcp.load(template, checkpoint_id=checkpoint, no_dist=True)
+        dcp.load(template, checkpoint_id=checkpoint, **single)
         set_state_dict(
             fresh,
             [fresh_opt] if fresh_opt is not None else [],

@@ -17,6 +17,7 @@ Every failure is a :class:`CheckpointError` naming the file.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import pickletools
 import warnings
@@ -45,27 +46,43 @@ DCP_GLOBALS = frozenset(
         ("torch.serialization", "_get_layout"),
         ("torch", "Size"),
         ("collections", "OrderedDict"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "PureWindowsPath"),
     }
 )
 
+# The checkpoint's path, pickled in its StorageMeta: ``pathlib.PosixPath`` and friends, from
+# ``pathlib._local`` on Python 3.13. Read as the pure twin (a WindowsPath cannot be made on
+# Linux; the layout never needs it).
+_PATH_MODULES = frozenset({"pathlib", "pathlib._local"})
+_PATH_CLASSES = frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
+
 _resolved: dict[tuple[str, str], Any] = {}
+
+
+class _AddedLater:
+    """A class of :data:`DCP_GLOBALS` this torch lacks (``StorageMeta`` before torch 2.4):
+    a folder a newer torch wrote still gives its layout, which never needs these."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
 
 
 def _dcp_objects() -> dict[tuple[str, str], Any]:
     """The objects the DCP unpickler may return, resolved once from trusted names."""
     if not _resolved:
         import importlib
+        import pathlib
 
         import torch
 
         for module, name in DCP_GLOBALS:
             found = getattr(importlib.import_module(module), name, None)
-            if found is not None:  # a name an older torch lacks is simply not allowed
-                _resolved[module, name] = found
+            _resolved[module, name] = _AddedLater if found is None else found
+        for module in _PATH_MODULES:
+            for name in _PATH_CLASSES:
+                _resolved[module, name] = getattr(pathlib, "Pure" + name.removeprefix("Pure"))
         for name, value in vars(torch).items():
             if isinstance(value, torch.dtype):
                 _resolved["torch", name] = value
@@ -123,8 +140,8 @@ def torch_load(
         with warnings.catch_warnings():
             # noise on a file that is refused anyway, or that the error explains
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(
-                path, map_location=record_location, weights_only=weights_only, mmap=mmap
+            obj = torch.load(  # a str: torch 2.1/2.2 memory-map only a str path
+                os.fspath(path), map_location=record_location, weights_only=weights_only, mmap=mmap
             )
     except StateDictError:
         raise
