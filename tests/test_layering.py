@@ -19,8 +19,8 @@ NAME = "pytest_statedict"
 BELOW_READERS = {f"{NAME}.errors", f"{NAME}.schema"}
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -115,6 +115,8 @@ def test_the_readers_import_no_torch_until_they_read() -> None:
 def test_every_subpackage_is_shipped() -> None:
     """setuptools lists packages one by one: a subpackage missing there is missing in wheels."""
     tomllib = pytest.importorskip("tomllib")
-    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    checkout = Path(__file__).resolve().parents[1]  # the package may be installed elsewhere
+    pyproject = tomllib.loads((checkout / "pyproject.toml").read_text(encoding="utf-8"))
     shipped = set(pyproject["tool"]["setuptools"]["packages"])
-    assert {module_name(p.parent) for p in PACKAGE.rglob("__init__.py")} <= shipped
+    source = checkout / "pytest_statedict"
+    assert {module_name(p.parent, source) for p in source.rglob("__init__.py")} <= shipped
