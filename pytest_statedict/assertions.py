@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .compare import Rename, compile_rename, diff_schemas, normalise
+from .compare import Rename, SchemaDiff, compile_rename, diff_schemas, normalise
 from .errors import StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .report import render_diff
@@ -60,6 +60,7 @@ def assert_state_dict_matches(
     )
     diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
     if diff:
+        decide_load(diff, actual, expected_schema, rename=rename, ignore=ignore)
         raise StateDictMismatch(
             render_diff(
                 diff,
@@ -86,6 +87,26 @@ def prepared_schema(
     if user is not None and hooks is not None:
         return normalise(schema, rename=lambda key: hooks(user(key)), ignore=ignore)
     return normalise(schema, rename=user or hooks, ignore=ignore)
+
+
+def decide_load(
+    diff: SchemaDiff, actual: Any, expected: Schema, *, rename: Rename, ignore: tuple[str, ...]
+) -> None:
+    """Let a live model's own ``load_state_dict`` decide the diff's strict-load verdict.
+
+    As the refactor gate does: the layouts alone would call a refactor that the model's
+    load hooks convert breaking. Only the model's real keys can be loaded, so a check that
+    renames keys (``rename=`` or a normalising hook) keeps the layouts' verdict.
+    """
+    from torch import nn
+
+    from .gate import load_check
+
+    if not isinstance(actual, nn.Module) or not expected.tensors:
+        return
+    if rename is not None or key_normaliser() is not None:
+        return
+    diff.load_check = load_check(actual, expected, ignore=ignore)
 
 
 def describe(obj: Any) -> str:

@@ -1,0 +1,192 @@
+"""Honest verdicts: what a report concludes agrees with what torch (and the gate) would do."""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+from conftest import match_lines
+from torch import nn
+
+from pytest_statedict import StateDictMismatch, assert_state_dict_matches, schema_of
+
+# The README's "Gating a refactor" example: v1 called the head "fc"; v2 converts on load.
+V1_SOURCE = textwrap.dedent(
+    """
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(4, 8)
+            self.fc = nn.Linear(8, 2)
+    """
+)
+V2_SOURCE = textwrap.dedent(
+    """
+    from torch import nn
+
+
+    class Net(nn.Module):
+        _version = 2  # v1 checkpoints called the head "fc"
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 2)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+            if local_metadata.get("version", 1) < 2:
+                for name in ("weight", "bias"):
+                    if f"{prefix}fc.{name}" in state_dict:
+                        state_dict[f"{prefix}head.{name}"] = state_dict.pop(f"{prefix}fc.{name}")
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+    """
+)
+HOOK_VERDICT = (
+    "an old checkpoint still loads with load_state_dict(strict=True): yes, through Net's own "
+    "load_state_dict (its load hooks convert the old layout)"
+)
+
+
+class V1(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.fc = nn.Linear(8, 2)
+
+
+class Net(nn.Module):
+    """The rename without a conversion hook: old checkpoints really do not load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+
+class Converting(Net):
+    _version = 2
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], *args: Any
+    ) -> None:
+        if local_metadata.get("version", 1) < 2:
+            for name in ("weight", "bias"):
+                if f"{prefix}fc.{name}" in state_dict:
+                    state_dict[f"{prefix}head.{name}"] = state_dict.pop(f"{prefix}fc.{name}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class Uncopyable(Converting):
+    def __deepcopy__(self, memo: dict[int, Any]) -> Uncopyable:
+        raise TypeError("holds a handle that cannot be copied")
+
+
+def mismatch(actual: nn.Module, **opts: Any) -> str:
+    with pytest.raises(StateDictMismatch) as info:
+        assert_state_dict_matches(actual, schema_of(V1()), **opts)
+    return str(info.value)
+
+
+def test_snapshot_check_fails_but_says_the_hook_converts(pytester: pytest.Pytester) -> None:
+    """The README's example in one run: the gate passes, torch loads v1 strictly, the snapshot
+    check fails (the layout did change) and its verdict agrees with both."""
+    pytester.makepyfile(
+        netmod=V1_SOURCE,
+        test_net="""
+        from pathlib import Path
+
+        import torch
+        from netmod import Net
+        from pytest_statedict import assert_checkpoint_loads, assert_state_dict_matches
+
+        V1_FILE = Path(__file__).parent / "v1.pt"
+
+        def test_layout():
+            assert_state_dict_matches(Net())
+
+        def test_gate():
+            assert_checkpoint_loads(Net(), V1_FILE)
+
+        def test_torch():
+            Net().load_state_dict(torch.load(V1_FILE, weights_only=True), strict=True)
+        """,
+    )
+    torch.save(V1().state_dict(), pytester.path / "v1.pt")
+    pytester.runpytest("--statedict-update", "-p", "no:randomly").assert_outcomes(passed=3)
+    pytester.makepyfile(netmod=V2_SOURCE)
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    match_lines(
+        result,
+        [
+            "*likely renamed (same shape and dtype) (2):",
+            "*fc.weight -> head.weight*",
+            f"*{HOOK_VERDICT}",
+        ],
+    )
+    result.stdout.no_fnmatch_line("*strict=True): NO*")
+
+
+def test_gate_torch_and_report_agree() -> None:
+    """The direct comparison says what the gate and a strict torch load say."""
+    model = Converting()
+    old = V1().state_dict()
+    model.load_state_dict(copy.deepcopy(old), strict=True)  # torch: loads
+    report = mismatch(model)
+    assert "- fc.weight" in report or "fc.weight -> head.weight" in report  # layout changed
+    assert HOOK_VERDICT.replace("Net", "Converting") in report
+
+
+def test_without_the_hook_the_verdict_stays_no() -> None:
+    report = mismatch(Net())
+    assert (
+        "  an old checkpoint still loads with load_state_dict(strict=True): NO (2 unexpected keys, "
+        "2 missing keys)"
+    ) in report.splitlines()
+
+
+class Refusing(V1):
+    """Same keys as v1, but version 2 refuses version-1 checkpoints outright."""
+
+    _version = 2
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], *args: Any
+    ) -> None:
+        if local_metadata.get("version", 1) < 2:
+            raise RuntimeError("version 1 checkpoints are no longer supported")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_model_that_refuses_an_old_layout_says_no() -> None:
+    """Same keys, so the layouts would say yes; the model's own load_state_dict raises."""
+    report = mismatch(Refusing())
+    assert (
+        "strict=True): NO, through Refusing's own load_state_dict (it raises: "
+        "version 1 checkpoints are no longer supported)"
+    ) in report
+
+
+def test_a_model_that_cannot_be_copied_is_decided_from_the_layouts() -> None:
+    report = mismatch(Uncopyable())
+    assert (
+        "strict=True): NO (2 unexpected keys, 2 missing keys, decided from the layouts: "
+        "Uncopyable cannot be copied (TypeError))"
+    ) in report
+
+
+def test_a_rename_keeps_the_layouts_verdict() -> None:
+    """Renamed keys are not the model's: only the layouts can answer for them."""
+    report = mismatch(Net(), rename={"head.weight": "head.w"})
+    assert "strict=True): NO (2 unexpected keys, 2 missing keys)" in report
+
+
+def test_ignored_keys_count_on_neither_side() -> None:
+    report = mismatch(Converting(), ignore=("encoder.*",), values=False)
+    assert "yes, through Converting's own load_state_dict" in report
