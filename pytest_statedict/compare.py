@@ -92,7 +92,10 @@ class SchemaDiff:
     problems: list[str] = field(default_factory=list)
     expected_saved_on: tuple[str, ...] = ()
     actual_saved_on: tuple[str, ...] = ()
-    load_check: LoadCheck | None = None  # not a difference: how the load verdict was decided
+    # not differences, filled in by the caller: how the load verdict was decided, and what
+    # the report mentions without comparing (implementation flags)
+    load_check: LoadCheck | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """True when there is a difference (so ``if diff:`` reads naturally)."""

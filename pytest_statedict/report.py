@@ -71,6 +71,7 @@ def render_diff(
     section("checkpoint entries", diff.extras)
     section("optimizer", diff.optimizer)
     section("optimizer state problems", diff.problems)
+    out.extend(f"  note: {note}" for note in diff.notes)
     if diff.renames:
         purpose = (
             "to compare under the old names"

@@ -330,7 +330,7 @@ class StateDictSession:
     def check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
         """Check ``actual`` against the current test's snapshot (written under the update flag)."""
         __tracebackhide__ = True
-        from .assertions import decide_load, prepared_schema
+        from .assertions import complete_diff, prepared_schema
         from .compare import diff_schemas, normalise, without_ignored_members
         from .readers.snapshot_file import read_snapshot_text
         from .report import render_diff
@@ -401,7 +401,9 @@ class StateDictSession:
             self._rewrite(owner, path, source, text)
             return
         self._checked(path, "failed")
-        decide_load(diff, actual, expected, rename=opts["rename"], ignore=opts["ignore"])
+        complete_diff(
+            diff, actual, expected, actual_schema, rename=opts["rename"], ignore=opts["ignore"]
+        )
         raise StateDictMismatch(
             render_diff(
                 diff,

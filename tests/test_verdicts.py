@@ -12,6 +12,8 @@ from conftest import match_lines
 from torch import nn
 
 from pytest_statedict import StateDictMismatch, assert_state_dict_matches, schema_of
+from pytest_statedict.errors import SnapshotError
+from pytest_statedict.schema import Schema
 
 # The README's "Gating a refactor" example: v1 called the head "fc"; v2 converts on load.
 V1_SOURCE = textwrap.dedent(
@@ -190,3 +192,91 @@ def test_a_rename_keeps_the_layouts_verdict() -> None:
 def test_ignored_keys_count_on_neither_side() -> None:
     report = mismatch(Converting(), ignore=("encoder.*",), values=False)
     assert "yes, through Converting's own load_state_dict" in report
+
+
+# ---- implementation flags: noted, never compared ------------------------------------------
+
+
+def adam(model: nn.Module, **opts: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), **opts)
+
+
+def test_flags_are_recorded_apart_and_read_back() -> None:
+    model = nn.Linear(2, 3)
+    schema = schema_of(model, optimizer=adam(model, foreach=True))
+    group = schema.optimizer.param_groups[0]  # type: ignore[union-attr]
+    assert group.flags["foreach"] is True
+    assert not set(group.flags) & set(group.hyperparams)
+    text = schema.to_json()
+    assert '"implementation_flags": [' in text
+    assert Schema.from_json(text, "x").optimizer.param_groups[0].flags == group.flags  # type: ignore[union-attr]
+
+
+def test_a_snapshot_without_flags_still_reads() -> None:
+    model = nn.Linear(2, 3)
+    text = schema_of(model, optimizer=adam(model)).to_json()
+    start = text.index('"implementation_flags"')
+    older = text[:start] + text[text.index('"state"', start) :]
+    group = Schema.from_json(older, "old.json").optimizer.param_groups[0]  # type: ignore[union-attr]
+    assert group.flags == {}
+    assert_state_dict_matches(model, Schema.from_json(older, "old.json"), optimizer=adam(model))
+
+
+def test_flags_that_do_not_fit_the_groups_are_bad_input() -> None:
+    model = nn.Linear(2, 3)
+    text = schema_of(model, optimizer=adam(model)).to_json()
+    start = text.index('"implementation_flags"')
+    broken = text[:start] + '"implementation_flags": [{}, {}],\n' + text[text.index('"state"') :]
+    with pytest.raises(SnapshotError, match="implementation_flags"):
+        Schema.from_json(broken, "bad.json")
+
+
+def test_a_flag_alone_does_not_fail_a_comparison() -> None:
+    model = nn.Linear(2, 3)
+    expected = schema_of(model, optimizer=adam(model))
+    assert_state_dict_matches(model, expected, optimizer=adam(model, foreach=True))
+
+
+def test_a_changed_flag_is_a_note_when_something_else_differs() -> None:
+    model = nn.Linear(2, 3)
+    expected = schema_of(model, optimizer=adam(model))
+    with pytest.raises(StateDictMismatch) as info:
+        assert_state_dict_matches(model, expected, optimizer=adam(model, lr=0.1, foreach=True))
+    lines = str(info.value).splitlines()
+    assert (
+        "  note: param_group 0 foreach: None -> True (implementation only, not compared)" in lines
+    )
+    assert not any("capturable" in line or "fused" in line for line in lines)
+
+
+def test_a_flag_alone_passes_a_snapshot_and_update_refreshes_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        test_opt="""
+        import os
+        import torch
+        from torch import nn
+        from pytest_statedict import assert_state_dict_matches
+
+        def test_opt():
+            torch.manual_seed(0)
+            model = nn.Linear(2, 3)
+            foreach = True if os.environ.get("FOREACH") else None
+            opt = torch.optim.Adam(model.parameters(), foreach=foreach)
+            assert_state_dict_matches(model, optimizer=opt)
+        """
+    )
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=1)
+    snapshot = pytester.path / "__statedict__" / "test_opt" / "test_opt" / "0.json"
+    before = snapshot.read_text()
+    assert '"foreach": null' in before
+    monkeypatch.setenv("FOREACH", "1")
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["statedict: 1 passed"])
+    assert snapshot.read_text() == before  # nothing is written without the flag
+    result = pytester.runpytest("--statedict-update")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["statedict: 1 updated"])
+    assert '"foreach": true' in snapshot.read_text()
