@@ -280,3 +280,41 @@ def test_a_flag_alone_passes_a_snapshot_and_update_refreshes_it(
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["statedict: 1 updated"])
     assert '"foreach": true' in snapshot.read_text()
+
+
+# ---- smaller things a new user met --------------------------------------------------------
+
+
+def test_a_round_trip_whose_format_is_not_installed_counts_as_failed(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(
+        """
+        import sys
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def no_safetensors(monkeypatch):
+            monkeypatch.setitem(sys.modules, "safetensors", None)
+            monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        from torch import nn
+
+        @pytest.mark.statedict_roundtrip(formats=("torch", "safetensors"))
+        def test_trip(statedict_roundtrip):
+            statedict_roundtrip(nn.Linear(2, 3))
+        """
+    )
+    result = pytester.runpytest("--statedict-devices=cpu,cuda", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1, skipped=6)
+    match_lines(
+        result,
+        [
+            "*needs the optional dependency: pip install 'pytest-statedict[safetensors]'*",
+            "statedict: round-trips: 1 passed, 1 failed, 6 skipped",
+        ],
+    )
