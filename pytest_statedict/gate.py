@@ -93,6 +93,17 @@ def assert_checkpoint_loads(
     section("missing (in the model, not in the checkpoint)", missing)
     section("unexpected (in the checkpoint, not in the model)", unexpected)
     section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    new_buffers = [k for k in missing if k in buffers]
+    if new_buffers:
+        # a buffer added since the checkpoint is often derived state (a mask, a cache) that
+        # need not be saved at all: then it is no reason to break every old checkpoint
+        lines.append(
+            f"  missing buffer(s) {', '.join(new_buffers[:5])}"
+            + (", ..." if len(new_buffers) > 5 else "")
+            + ": if not needed in checkpoints, register with "
+            "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
+        )
     diff = diff_schemas(mapping_schema(state), module_schema(model))
     if diff.prefix:
         how, prefix = diff.prefix

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,12 @@ import torch
 from conftest import match_lines
 from torch import nn
 
-from pytest_statedict import StateDictMismatch, assert_state_dict_matches, schema_of
+from pytest_statedict import (
+    StateDictMismatch,
+    assert_checkpoint_loads,
+    assert_state_dict_matches,
+    schema_of,
+)
 from pytest_statedict.errors import SnapshotError
 from pytest_statedict.schema import Schema
 
@@ -318,3 +324,32 @@ def test_a_round_trip_whose_format_is_not_installed_counts_as_failed(
             "statedict: round-trips: 1 passed, 1 failed, 6 skipped",
         ],
     )
+
+
+class WithMask(V1):
+    """v1 plus a persistent buffer: every v1 checkpoint now misses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(8))
+
+
+def test_the_gate_suggests_a_non_persistent_buffer(tmp_path: Path) -> None:
+    path = tmp_path / "v1.pt"
+    torch.save(V1().state_dict(), path)
+    with pytest.raises(StateDictMismatch) as info:
+        assert_checkpoint_loads(WithMask(), path)
+    message = str(info.value)
+    assert "missing (in the model, not in the checkpoint) (1):\n    mask" in message
+    assert (
+        "missing buffer(s) mask: if not needed in checkpoints, register with "
+        "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
+    ) in message
+
+
+def test_a_missing_parameter_gets_no_buffer_hint(tmp_path: Path) -> None:
+    path = tmp_path / "v1.pt"
+    torch.save(V1().state_dict(), path)
+    with pytest.raises(StateDictMismatch) as info:
+        assert_checkpoint_loads(Net(), path)
+    assert "persistent=False" not in str(info.value)
