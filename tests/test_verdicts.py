@@ -353,3 +353,60 @@ def test_a_missing_parameter_gets_no_buffer_hint(tmp_path: Path) -> None:
     with pytest.raises(StateDictMismatch) as info:
         assert_checkpoint_loads(Net(), path)
     assert "persistent=False" not in str(info.value)
+
+
+def test_a_renamed_test_module_gets_a_git_mv(pytester: pytest.Pytester) -> None:
+    test_source = """
+        from torch import nn
+        from pytest_statedict import assert_state_dict_matches
+
+        def test_model():
+            assert_state_dict_matches(nn.Linear(2, 3))
+
+        def test_other():
+            assert_state_dict_matches(nn.Linear(3, 3), name="other")
+        """
+    pytester.makepyfile(test_old=test_source)
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=2)
+    (pytester.path / "test_old.py").rename(pytester.path / "test_new.py")
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=2)
+    match_lines(
+        result,
+        [
+            "*statedict: unused snapshots*",
+            "  __statedict__/test_old/test_model/0.json",
+            "  __statedict__/test_old/test_other/other.json",
+            "*",
+            "The snapshots of __statedict__/test_old match tests that have none yet: if the test "
+            "module was renamed, keep them by moving the folder:",
+            "  git mv __statedict__/test_old __statedict__/test_new",
+        ],
+    )
+
+
+def test_no_git_mv_when_the_names_do_not_match(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_old="""
+        from torch import nn
+        from pytest_statedict import assert_state_dict_matches
+
+        def test_model():
+            assert_state_dict_matches(nn.Linear(2, 3))
+        """
+    )
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=1)
+    (pytester.path / "test_old.py").unlink()
+    pytester.makepyfile(
+        test_new="""
+        from torch import nn
+        from pytest_statedict import assert_state_dict_matches
+
+        def test_something_else():
+            assert_state_dict_matches(nn.Linear(2, 3))
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*statedict: unused snapshots*"])
+    result.stdout.no_fnmatch_line("*git mv*")
