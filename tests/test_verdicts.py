@@ -355,7 +355,9 @@ def test_a_missing_parameter_gets_no_buffer_hint(tmp_path: Path) -> None:
     assert "persistent=False" not in str(info.value)
 
 
-def test_a_renamed_test_module_gets_a_git_mv(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_a_renamed_test_module_gets_a_git_mv(pytester: pytest.Pytester, workers: list[str]) -> None:
+    """Under xdist, the missing snapshots reach the controller on the tests' reports."""
     test_source = """
         from torch import nn
         from pytest_statedict import assert_state_dict_matches
@@ -369,7 +371,8 @@ def test_a_renamed_test_module_gets_a_git_mv(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_old=test_source)
     pytester.runpytest("--statedict-update").assert_outcomes(passed=2)
     (pytester.path / "test_old.py").rename(pytester.path / "test_new.py")
-    result = pytester.runpytest()
+    run = pytester.runpytest_subprocess if workers else pytester.runpytest
+    result = run(*workers)
     result.assert_outcomes(failed=2)
     match_lines(
         result,
