@@ -413,3 +413,41 @@ def test_no_git_mv_when_the_names_do_not_match(pytester: pytest.Pytester) -> Non
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*statedict: unused snapshots*"])
     result.stdout.no_fnmatch_line("*git mv*")
+
+
+class KeyErrorOnOld(V1):
+    """A conversion hook that fails with something other than a RuntimeError."""
+
+    _version = 2
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], *args: Any
+    ) -> None:
+        if local_metadata.get("version", 1) < 2:
+            raise KeyError("old_layout")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_hook_that_raises_anything_still_gets_its_report() -> None:
+    report = mismatch(KeyErrorOnOld())
+    assert "NO, through KeyErrorOnOld's own load_state_dict (it raises: KeyError: " in report
+
+
+class WithExtraState(V1):
+    """Extra state is recorded as an object: no tensor to rebuild, yet in the checkpoint."""
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": 1}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.step = state["step"]
+
+
+def test_extra_state_is_not_counted_missing() -> None:
+    """Only requires_grad changed: the real load must not find the extra state missing."""
+    model = WithExtraState()
+    model.encoder.weight.requires_grad_(False)
+    with pytest.raises(StateDictMismatch) as info:
+        assert_state_dict_matches(model, schema_of(WithExtraState()))
+    lines = str(info.value).splitlines()
+    assert "  an old checkpoint still loads with load_state_dict(strict=True): yes" in lines
