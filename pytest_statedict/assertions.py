@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .compare import Rename, compile_rename, diff_schemas, normalise
+from .compare import Rename, SchemaDiff, compile_rename, diff_schemas, normalise
 from .errors import StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .report import render_diff
@@ -60,6 +60,7 @@ def assert_state_dict_matches(
     )
     diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
     if diff:
+        complete_diff(diff, actual, expected_schema, actual_schema, rename=rename, ignore=ignore)
         raise StateDictMismatch(
             render_diff(
                 diff,
@@ -86,6 +87,51 @@ def prepared_schema(
     if user is not None and hooks is not None:
         return normalise(schema, rename=lambda key: hooks(user(key)), ignore=ignore)
     return normalise(schema, rename=user or hooks, ignore=ignore)
+
+
+def complete_diff(
+    diff: SchemaDiff,
+    actual: Any,
+    expected: Schema,
+    actual_schema: Schema,
+    *,
+    rename: Rename,
+    ignore: tuple[str, ...],
+) -> None:
+    """Fill in what a mismatch's report says beyond the differences (the caller has the model).
+
+    The strict-load verdict is decided as the refactor gate decides it, through a live
+    model's own ``load_state_dict``: the layouts alone would call a refactor that its load
+    hooks convert breaking. Only the model's real keys can be loaded, so a check that
+    renames keys (``rename=`` or a normalising hook) keeps the layouts' verdict.
+    """
+    from torch import nn
+
+    from .gate import load_check
+
+    diff.notes = flag_notes(expected, actual_schema)
+    if not isinstance(actual, nn.Module) or not expected.tensors:
+        return
+    if rename is not None or key_normaliser() is not None:
+        return
+    diff.load_check = load_check(actual, expected, ignore=ignore)
+
+
+def flag_notes(expected: Schema, actual: Schema) -> list[str]:
+    """Implementation flags that changed, where both sides recorded them: never a failure
+    (torch defaults them differently across releases), but a clue (``fused`` on a new GPU)."""
+    if expected.optimizer is None or actual.optimizer is None:
+        return []
+    notes = []
+    pairs = zip(expected.optimizer.param_groups, actual.optimizer.param_groups, strict=False)
+    for i, (old, new) in enumerate(pairs):
+        notes.extend(
+            f"param_group {i} {flag}: {old.flags[flag]} -> {new.flags[flag]} "
+            "(implementation only, not compared)"
+            for flag in old.flags
+            if flag in new.flags and old.flags[flag] != new.flags[flag]
+        )
+    return notes
 
 
 def describe(obj: Any) -> str:

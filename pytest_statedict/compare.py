@@ -58,6 +58,22 @@ class OptimizerVerdict:
     reasons: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class LoadCheck:
+    """How a live model answered the strict-load question, filled in by a caller that has it.
+
+    The layouts alone cannot see a model's own conversion (a ``_load_from_state_dict``
+    keyed on ``_version``, a load pre-hook): the caller loads the expected layout through
+    the model's ``load_state_dict`` on a meta copy, as the refactor gate does. ``loads``
+    is None when that could not be done (``reason`` says why) and the layouts decide;
+    otherwise ``reason`` says what the real load refused.
+    """
+
+    model: str  # the model's class name
+    loads: bool | None
+    reason: str = ""
+
+
 @dataclass
 class SchemaDiff:
     """Everything that differs between an expected and an actual schema."""
@@ -76,6 +92,10 @@ class SchemaDiff:
     problems: list[str] = field(default_factory=list)
     expected_saved_on: tuple[str, ...] = ()
     actual_saved_on: tuple[str, ...] = ()
+    # not differences, filled in by the caller: how the load verdict was decided, and what
+    # the report mentions without comparing (implementation flags)
+    load_check: LoadCheck | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """True when there is a difference (so ``if diff:`` reads naturally)."""
@@ -104,8 +124,16 @@ class SchemaDiff:
         """Would a checkpoint with the expected layout load into the actual model, strict=True?
 
         ``load_state_dict`` refuses missing keys, unexpected keys and shape mismatches; a
-        dtype change is converted on copy, so it still loads (with converted values).
+        dtype change is converted on copy, so it still loads (with converted values). A
+        real load through the model (``load_check``) outranks the layouts.
         """
+        if self.load_check is not None and self.load_check.loads is not None:
+            return self.load_check.loads
+        return self.layouts_load_strict
+
+    @property
+    def layouts_load_strict(self) -> bool:
+        """The strict-load verdict the two layouts give, with no model to ask."""
         return not (self.removed or self.added or self.shape_mismatches or self.prefix)
 
 

@@ -754,6 +754,7 @@ def optimizer_schema(
         ParamGroup(
             hyperparams=_hyperparams(group),
             params=tuple(int(p) for p in group["params"]),
+            flags=_flags(group),
         )
         for group in optimizer["param_groups"]
     )
@@ -791,7 +792,9 @@ def _live_optimizer_schema(
                             f"{list(param.shape)}: resuming would apply it to the wrong tensor"
                         )
             index += 1
-        groups.append(ParamGroup(hyperparams=_hyperparams(group), params=tuple(members)))
+        groups.append(
+            ParamGroup(hyperparams=_hyperparams(group), params=tuple(members), flags=_flags(group))
+        )
     cls = type(optimizer)
     return OptimizerSchema(
         cls=f"{cls.__module__}.{cls.__qualname__}",
@@ -811,8 +814,13 @@ def _state_specs(entries: Mapping[str, Any]) -> dict[str, StateSpec]:
 
 
 # Switches that choose an implementation, not the maths (torch adds them over releases):
-# recording them would fail every optimizer snapshot on a torch upgrade.
+# comparing them would fail every optimizer snapshot on a torch upgrade, so they are kept
+# apart from the hyperparameters (``ParamGroup.flags``), for the report's notes only.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+def _flags(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _jsonable(group[k]) for k in sorted(IMPLEMENTATION_FLAGS) if k in group}
 
 
 def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compare import Rename, compile_rename, diff_schemas
+from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
 from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
 from .extract import load_state_dict_file, mapping_schema, module_schema, require_module
 from .readers.dispatch import from_hook, is_snapshot_name
@@ -72,8 +72,7 @@ def assert_checkpoint_loads(
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())
         renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
         state = renamed
-    target = meta_copy(model)
-    missing, unexpected, shapes, error = _try_load(target, state)
+    missing, unexpected, shapes, error = _try_load(meta_copy(model), state)
     failed = bool(shapes or error or (strict and (missing or unexpected)))
     if not failed:
         return
@@ -94,6 +93,17 @@ def assert_checkpoint_loads(
     section("missing (in the model, not in the checkpoint)", missing)
     section("unexpected (in the checkpoint, not in the model)", unexpected)
     section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    new_buffers = [k for k in missing if k in buffers]
+    if new_buffers:
+        # a buffer added since the checkpoint is often derived state (a mask, a cache) that
+        # need not be saved at all: then it is no reason to break every old checkpoint
+        lines.append(
+            f"  missing buffer(s) {', '.join(new_buffers[:5])}"
+            + (", ..." if len(new_buffers) > 5 else "")
+            + ": if not needed in checkpoints, register with "
+            "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
+        )
     diff = diff_schemas(mapping_schema(state), module_schema(model))
     if diff.prefix:
         how, prefix = diff.prefix
@@ -124,6 +134,48 @@ def assert_checkpoint_loads(
     if any(loc != "cpu" for loc in saved_on):
         lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
     raise StateDictMismatch("\n".join(lines), diff)
+
+
+def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = ()) -> LoadCheck:
+    """Does a checkpoint of ``expected``'s layout load into ``model`` with strict=True?
+
+    Decided as the gate decides it, through the model's own ``load_state_dict`` on a meta
+    copy, so that its conversion hooks count: a report must not call a refactor breaking
+    that the gate passes. Keys matching ``ignore`` count on neither side. A model that
+    cannot be copied, or a layout that cannot be rebuilt, leaves the layouts to decide.
+    """
+    name = type(model).__name__
+    try:
+        target = meta_copy(model)
+    except Exception as exc:  # whatever a model's __deepcopy__ raises
+        return LoadCheck(name, None, f"{name} cannot be copied ({type(exc).__name__})")
+    try:
+        state = state_from_snapshot(expected)
+    except SnapshotError as exc:
+        return LoadCheck(name, None, f"the expected layout cannot be rebuilt ({exc})")
+    try:
+        missing, unexpected, shapes, error = _try_load(target, state)
+    except Exception as exc:  # a load hook's own error: torch's load would raise it too
+        error = f"{type(exc).__name__}: {exc}"
+    if error:
+        return LoadCheck(name, False, f"it raises: {error}")
+    # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
+    present = {entry.key for entry in expected.tensors}
+    missing = [k for k in missing if k not in present]
+    counted = [
+        (len([k for k in keys if not _matches(k, ignore)]), what)
+        for keys, what in (
+            (unexpected, "unexpected key"),
+            (missing, "missing key"),
+            ([s[0] for s in shapes], "shape mismatch"),
+        )
+    ]
+    reasons = [
+        f"{n} {what}{'es' if what.endswith('h') else 's'}" if n > 1 else f"{n} {what}"
+        for n, what in counted
+        if n
+    ]
+    return LoadCheck(name, not reasons, ", ".join(reasons))
 
 
 def _shown(path: Path) -> str:

@@ -6,6 +6,7 @@ those come with the first statedict feature a test uses.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +175,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 "No test that ran asked for these files. Delete them with `pytest "
                 "--statedict-update`"
                 + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
+            )
+        for old, new in state.renamed_modules():
+            terminalreporter.line(
+                f"The snapshots of {state.relative(old)} match tests that have none yet: if "
+                "the test module was renamed, keep them by moving the folder:\n"
+                f"  git mv {shlex.quote(state.relative(old))} {shlex.quote(state.relative(new))}"
             )
     if state.problems:
         terminalreporter.section("statedict: errors")

@@ -71,6 +71,7 @@ def render_diff(
     section("checkpoint entries", diff.extras)
     section("optimizer", diff.optimizer)
     section("optimizer state problems", diff.problems)
+    out.extend(f"  note: {note}" for note in diff.notes)
     if diff.renames:
         purpose = (
             "to compare under the old names"
@@ -129,13 +130,32 @@ def _prefix_change(src: str, dst: str) -> tuple[str, str] | None:
 
 
 def load_verdict(diff: SchemaDiff) -> str:
-    if diff.loads_strict:
+    """Would a checkpoint of the expected layout load, ``strict=True``, and how that is known.
+
+    A real load through a live model's own ``load_state_dict`` (``diff.load_check``)
+    outranks the layouts: its conversion hooks may accept an old layout, or refuse one
+    whose keys all match. Where the two agree, the layouts' reasons are the clearer words.
+    """
+    head = "an old checkpoint still loads with load_state_dict(strict=True)"
+    check = diff.load_check
+    if check is not None and check.loads is not None and check.loads != diff.layouts_load_strict:
+        # the model's own load_state_dict disagrees with its layout: say so, and who decided
+        through = f"through {check.model}'s own load_state_dict"
+        if check.loads:
+            return f"{head}: yes, {through} (its load hooks convert the old layout)"
+        return f"{head}: NO, {through} ({check.reason})"
+    fallback = None
+    if check is not None and check.loads is None:
+        fallback = f"decided from the layouts: {check.reason}"
+    if diff.layouts_load_strict:
         note = ""
         if diff.versions:
             note = " (module versions changed: their _load_from_state_dict decides)"
         elif any(c.attribute == "dtype" for c in diff.changed):
             note = " (dtypes changed: values are converted on load)"
-        return f"an old checkpoint still loads with load_state_dict(strict=True): yes{note}"
+        if fallback:
+            note = f"{note} ({fallback})"
+        return f"{head}: yes{note}"
     reasons = []
     if diff.prefix:
         reasons.append(f"every key's prefix {diff.prefix[1]!r} {diff.prefix[0]}")
@@ -146,8 +166,9 @@ def load_verdict(diff: SchemaDiff) -> str:
     if diff.shape_mismatches:
         n = len(diff.shape_mismatches)
         reasons.append(f"{n} shape mismatch{'es' * (n > 1)}")
-    verdict = "an old checkpoint still loads with load_state_dict(strict=True): NO"
-    return f"{verdict} ({', '.join(reasons)})"
+    if fallback:
+        reasons.append(fallback)
+    return f"{head}: NO ({', '.join(reasons)})"
 
 
 def optimizer_load_verdict(verdict: OptimizerVerdict) -> str:

@@ -601,14 +601,20 @@ class RoundTripFixture:
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **opts: Any
     ) -> RoundTripResult:
         __tracebackhide__ = True
-        result = roundtrip(
-            model,
-            optimizer,
-            save_device=self.save_device,
-            load_device=self.load_device,
-            format=self.format,
-            **opts,
-        )
+        try:
+            result = roundtrip(
+                model,
+                optimizer,
+                save_device=self.save_device,
+                load_device=self.load_device,
+                format=self.format,
+                **opts,
+            )
+        except Exception:
+            # a pair that could not even be tried (a format's extra not installed, a model
+            # that cannot be moved) failed: the summary must not drop it from its count
+            self._session.roundtrips["failed"] += 1
+            raise
         self._session.roundtrips["passed" if result.ok else "failed"] += 1
         result.assert_ok()
         return result

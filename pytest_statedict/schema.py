@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import SnapshotError, StaleSnapshotError, hide_from_bad_input
@@ -204,10 +204,16 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class ParamGroup:
-    """One optimizer param_group: its hyperparameters exactly, and its members."""
+    """One optimizer param_group: its hyperparameters exactly, and its members.
+
+    ``flags`` holds the implementation switches (``fused``, ``foreach``...): they choose how
+    the maths runs, not what it is, and torch adds and defaults them differently from one
+    release to the next. They are kept for the report's notes, never compared.
+    """
 
     hyperparams: Mapping[str, Any]
     params: tuple[str | int, ...]
+    flags: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -382,6 +388,10 @@ def _optimizer_to_json(opt: OptimizerSchema) -> str:
         _joined("  " + dump({**g.hyperparams, "params": list(g.params)}) for g in opt.param_groups)
     )
     lines.append("],")
+    if any(g.flags for g in opt.param_groups):  # snapshots before them, and bare ones, lack it
+        lines.append('"implementation_flags": [')
+        lines.extend(_joined("  " + dump(dict(g.flags)) for g in opt.param_groups))
+        lines.append("],")
     lines.append('"state": [')
     lines.extend(
         _joined(
@@ -582,6 +592,18 @@ class _SnapshotParser:
                 )
             hyper = {k: v for k, v in group.items() if k != "params"}
             groups.append(ParamGroup(hyperparams=hyper, params=tuple(group["params"])))
+        if "implementation_flags" in data:  # informational, so snapshots before it lack it
+            flags = data["implementation_flags"]
+            if not (
+                isinstance(flags, list)
+                and len(flags) == len(groups)
+                and all(isinstance(f, dict) for f in flags)
+            ):
+                raise self.fail(
+                    '"implementation_flags" needs one object per param_group',
+                    "implementation_flags",
+                )
+            groups = [replace(g, flags=f) for g, f in zip(groups, flags, strict=True)]
         states = []
         for i, state in enumerate(self.list_of(data, "state", lambda s, i: s)):
             param = state.get("param") if isinstance(state, dict) else None

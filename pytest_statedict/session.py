@@ -119,6 +119,7 @@ class StateDictSession:
         self.roundtrips: Counter[str] = Counter()
         self._checks: list[tuple[str, str]] = []  # (snapshot, outcome)
         self._used: list[str] = []
+        self._missing: list[str] = []
         self._fixtures_ran: list[str] = []
         # the running attempt's files per owner folder, and its next unnamed index
         self.asked: dict[str, set[str]] = defaultdict(set)
@@ -127,6 +128,7 @@ class StateDictSession:
         self.modules: dict[str, ModuleRecord] = {}
         self.directories: set[str] = set()  # folders that hold collected test files
         self.used: set[str] = set()
+        self.missing: set[str] = set()  # snapshots asked for that do not exist
         self.fixtures_ran: set[str] = set()  # fixture folders whose fixture was set up
         self.attempts: dict[str, Attempt] = {}
         self.outcomes: dict[str, str] = {}
@@ -272,10 +274,11 @@ class StateDictSession:
         record = {
             "checks": self._checks,
             "used": self._used,
+            "missing": self._missing,
             "fixtures": self._fixtures_ran,
             "roundtrips": dict(self.roundtrips),
         }
-        self._checks, self._used, self._fixtures_ran = [], [], []
+        self._checks, self._used, self._missing, self._fixtures_ran = [], [], [], []
         self.roundtrips = Counter()
         return record
 
@@ -306,6 +309,7 @@ class StateDictSession:
         record = getattr(report, REPORT_KEY, None)
         if record:
             self.used.update(record["used"])
+            self.missing.update(record.get("missing", ()))
             self.fixtures_ran.update(record["fixtures"])
             attempt.checks.update(record["checks"])
             attempt.roundtrips.update(record["roundtrips"])
@@ -330,7 +334,7 @@ class StateDictSession:
     def check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
         """Check ``actual`` against the current test's snapshot (written under the update flag)."""
         __tracebackhide__ = True
-        from .assertions import prepared_schema
+        from .assertions import complete_diff, prepared_schema
         from .compare import diff_schemas, normalise, without_ignored_members
         from .readers.snapshot_file import read_snapshot_text
         from .report import render_diff
@@ -367,6 +371,7 @@ class StateDictSession:
                 self._fail_on_problems(problems, path)
                 return
             self._checked(path, "failed")
+            self._missing.append(key)
             raise StateDictMismatch(
                 f"no statedict snapshot {self.relative(path)} yet: nothing was written. "
                 "Create it with\n"
@@ -401,6 +406,9 @@ class StateDictSession:
             self._rewrite(owner, path, source, text)
             return
         self._checked(path, "failed")
+        complete_diff(
+            diff, actual, expected, actual_schema, rename=opts["rename"], ignore=opts["ignore"]
+        )
         raise StateDictMismatch(
             render_diff(
                 diff,
@@ -607,6 +615,27 @@ class StateDictSession:
                     self.deleted.append(path)
             self.unused = [p for p in self.unused if p not in self.deleted]
         return self.fails_session
+
+    def renamed_modules(self) -> list[tuple[Path, Path]]:
+        """(old folder, new folder) of test modules that look renamed: unused snapshots in one
+        folder, and missing ones of the same ``<test>/<leaf>`` under a folder not there yet.
+
+        Renaming a test module orphans its snapshots and leaves the renamed tests without
+        any; the two lists in the summary are the same files, which a move keeps.
+        """
+        unused: dict[Path, set[Path]] = defaultdict(set)
+        for path in self.unused:
+            unused[path.parent.parent].add(path.relative_to(path.parent.parent))
+        missing: dict[Path, set[Path]] = defaultdict(set)
+        for path in map(Path, self.missing):
+            missing[path.parent.parent].add(path.relative_to(path.parent.parent))
+        return [
+            (old, new)
+            for new, wanted in sorted(missing.items())
+            if not _exists(new)
+            for old, leaves in sorted(unused.items())
+            if old != new and wanted & leaves
+        ]
 
     def _root_of(self, path: Path) -> Path:
         """The snapshot root above a listed file: the ini folder or its ``__statedict__``."""
