@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import pickle
 import struct
 import subprocess
@@ -683,3 +684,74 @@ def test_a_fifo_shard_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a regular file") as info:
         schema_of(write_index(tmp_path, {"w": "model-1.safetensors"}))
     assert "model-1.safetensors" in str(info.value)
+
+
+# ---- DCP metadata that attacks the unpickler itself ---------------------------------------
+
+
+def dcp_folder(tmp_path: Path, name: str, metadata: bytes) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(metadata)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("payload", "victim"),
+    [
+        # BUILD with slot state on a class the allowlist hands out: it would replace
+        # PurePosixPath.is_relative_to process-wide (the symlink guard's own check)
+        (
+            b"\x80\x02cpathlib\nPurePosixPath\nN}X\x0e\x00\x00\x00is_relative_to"
+            b"ctorch.distributed.checkpoint.metadata\nMetadata\ns\x86b.",
+            lambda: pathlib.PurePosixPath.is_relative_to,
+        ),
+        # BUILD on a function: _get_layout.__dict__ / attributes
+        (
+            b"\x80\x02ctorch.serialization\n_get_layout\n}X\x05\x00\x00\x00cache}"
+            b"X\x0d\x00\x00\x00torch.stridedctorch\nfloat32\nssb.",
+            lambda: torch.serialization._get_layout("torch.strided"),
+        ),
+    ],
+    ids=["class", "function"],
+)
+def test_metadata_cannot_change_the_classes_it_may_create(
+    tmp_path: Path, payload: bytes, victim: Callable[[], object]
+) -> None:
+    before = victim()
+    with pytest.raises(CheckpointError, match="sets the state of a"):
+        schema_of(dcp_folder(tmp_path, "poison", payload))
+    assert victim() == before
+
+
+def test_a_huge_memo_index_costs_nothing(tmp_path: Path) -> None:
+    """The C unpickler sizes its memo to the largest index named: 9 bytes asked for 2 GB."""
+    script = textwrap.dedent(
+        f"""
+        import resource, struct, sys
+        from pytest_statedict import schema_of
+        from pytest_statedict.errors import CheckpointError
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            schema_of({str(dcp_folder(tmp_path, "memo", b""))!r})
+        except CheckpointError:
+            pass
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024)
+        """
+    )
+    (tmp_path / "memo" / ".metadata").write_bytes(b"\x80\x04Nr" + struct.pack("<I", 1 << 27) + b".")
+    grown = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert int(grown.stdout.strip()) < 64, grown.stdout  # MiB
+
+
+def test_a_metadata_pickle_has_an_operation_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_statedict.readers import unpickling
+
+    monkeypatch.setattr(unpickling, "MAX_PICKLE_OPS", 1000)
+    folder = dcp_folder(tmp_path, "lists", b"\x80\x02(" + b"]" * 2000 + b".")
+    with pytest.raises(CheckpointError, match="more than 1,000 pickle operations"):
+        schema_of(folder)

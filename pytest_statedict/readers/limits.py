@@ -12,6 +12,10 @@ from __future__ import annotations
 # A pickle read whole before it is unpickled: a torch.save archive's data.pkl, a DCP
 # .metadata. Real ones hold ~100 bytes per tensor.
 MAX_PICKLE_BYTES = 256 << 20
+# Operations of the DCP metadata unpickler (each makes at most one small object): a real
+# .metadata takes ~110 per tensor, so 4M is ~36k tensors; a hostile one stops within ~8 s
+# and ~450 MB here.
+MAX_PICKLE_OPS = 4 << 20
 # Records in a torch.save zip archive (one per storage, plus a few), and the bytes of its
 # central directory (read whole by zipfile).
 MAX_RECORDS = 1 << 20

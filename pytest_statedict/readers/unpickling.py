@@ -16,6 +16,7 @@ Every failure is a :class:`CheckpointError` naming the file.
 
 from __future__ import annotations
 
+import enum
 import io
 import os
 import pickle
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, StateDictError, hide_from_bad_input
+from .limits import MAX_PICKLE_OPS
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -89,7 +91,49 @@ def _dcp_objects() -> dict[tuple[str, str], Any]:
     return _resolved
 
 
-class _AllowlistUnpickler(pickle.Unpickler):
+def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An opcode handler that first counts itself against :data:`~.limits.MAX_PICKLE_OPS`."""
+
+    def handle(unpickler: Any) -> None:
+        unpickler.ops += 1
+        if unpickler.ops > MAX_PICKLE_OPS:
+            raise pickle.UnpicklingError(
+                f"more than {MAX_PICKLE_OPS:,} pickle operations, far more than DCP metadata has"
+            )
+        handler(unpickler)
+
+    return handle
+
+
+def _build(unpickler: Any) -> None:
+    """BUILD only on an instance of an allowed class, never on a class or a function.
+
+    BUILD sets attributes on whatever is on the stack: on a class that :meth:`find_class`
+    handed out (``pathlib.PurePosixPath.is_relative_to = ...``), it would change that
+    class for the whole process.
+    """
+    target = unpickler.stack[-2]  # BUILD pops the state; the target is below it
+    if type(target) not in _instance_types():
+        raise pickle.UnpicklingError(
+            f"the pickle sets the state of a {type(target).__name__}, not of DCP metadata"
+        )
+    pickle._Unpickler.load_build(unpickler)  # type: ignore[attr-defined]
+
+
+class _AllowlistUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+    """The pure-Python unpickler: its memo is a dict (the C one allocates an array as long
+    as the largest memo index a pickle names: 9 bytes could ask for gigabytes), and each of
+    its opcodes can be counted and vetted."""
+
+    dispatch = {
+        code: _counted(_build if code == pickle.BUILD[0] else handler)
+        for code, handler in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+    }
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.ops = 0
+
     def find_class(self, module: str, name: str) -> Any:
         found = _dcp_objects().get((module, name)) if "." not in name else None
         if found is None:
@@ -98,6 +142,17 @@ class _AllowlistUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not allowed in DCP metadata")
+
+
+def _instance_types() -> frozenset[type]:
+    """The classes whose instances BUILD may set the state of: the allowed classes, but no
+    enum (its members are shared singletons, as are dtypes and layouts, which are no class
+    of the allowlist)."""
+    return frozenset(
+        found
+        for found in _dcp_objects().values()
+        if isinstance(found, type) and not issubclass(found, enum.Enum)
+    )
 
 
 def unpickle_dcp_metadata(data: bytes, path: Path) -> Any:
