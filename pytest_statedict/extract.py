@@ -831,14 +831,28 @@ def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any) -> Any:
+# A hyperparameter is a number, a few numbers (betas) or a small dict: these bounds only
+# stop a checkpoint whose param_group nests without end or repeats one container through
+# shared references (1.4 KB of pickle expanding to 2^22 values) from costing the run.
+MAX_HYPERPARAM_DEPTH = 32
+MAX_HYPERPARAM_VALUES = 100_000
+
+
+def _jsonable(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
     """Hyperparameters exactly, in a JSON-stable form (tuples as lists, tensors by value)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    budget = [MAX_HYPERPARAM_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if depth > MAX_HYPERPARAM_DEPTH or budget[0] < 0:
+        raise UnsupportedObjectError(
+            f"schema_of(): an optimizer hyperparameter nests deeper than {MAX_HYPERPARAM_DEPTH} "
+            f"levels or holds more than {MAX_HYPERPARAM_VALUES:,} values: not a param_group"
+        )
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, budget, depth + 1) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, budget, depth + 1) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         if value.numel() <= 16 and not value.is_meta:
             return {"tensor": value.detach().cpu().tolist(), "dtype": dtype_name(value.dtype)}

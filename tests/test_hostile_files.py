@@ -755,3 +755,41 @@ def test_a_metadata_pickle_has_an_operation_budget(
     folder = dcp_folder(tmp_path, "lists", b"\x80\x02(" + b"]" * 2000 + b".")
     with pytest.raises(CheckpointError, match="more than 1,000 pickle operations"):
         schema_of(folder)
+
+
+def _self_referencing() -> object:
+    lr: dict[str, object] = {}
+    lr["again"] = lr
+    return lr
+
+
+def _nested(levels: int) -> object:
+    value: object = 0.1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _doubling(levels: int) -> object:
+    value: object = [0.1]
+    for _ in range(levels):
+        value = [value, value]  # pickled once each (memo): 2^levels values when expanded
+    return value
+
+
+@pytest.mark.parametrize(
+    "lr",
+    [_self_referencing(), _nested(40), _doubling(22)],
+    ids=["self-referencing", "nested", "shared-doubling"],
+)
+def test_a_hyperparameter_that_never_ends_is_a_named_error(tmp_path: Path, lr: object) -> None:
+    path = tmp_path / "opt.pt"
+    torch.save(
+        {
+            "model_state_dict": {"w": torch.zeros(2)},
+            "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": lr, "params": [0]}]},
+        },
+        path,
+    )
+    with pytest.raises(CheckpointError, match="nests deeper than 32 levels or holds more than"):
+        schema_of(path)
