@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import SnapshotError, StaleSnapshotError, hide_from_bad_input
-from .readers.limits import MAX_DIM, MAX_DIMS, MAX_JSON_DEPTH
+from .readers.limits import MAX_DIM, MAX_DIMS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -57,6 +57,14 @@ def dtype_name(dtype: Any) -> str:
     if name is None:
         name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
     return name
+
+
+def json_containers(raw: bytes | str) -> int:
+    """The arrays and objects a JSON text would build (strings' brackets count too), counted
+    before ``json.loads`` builds them: 60 MB of ``[[],[],...]`` parses into ~3 GB."""
+    if isinstance(raw, bytes):
+        return raw.count(b"[") + raw.count(b"{")
+    return raw.count("[") + raw.count("{")
 
 
 def json_depth(data: Any) -> int:
@@ -446,6 +454,11 @@ class _SnapshotParser:
 
         if not self.text.strip():
             raise self.fail("the file is empty")
+        containers = json_containers(self.text)
+        if containers > MAX_JSON_CONTAINERS:
+            raise self.fail(
+                f"{containers:,} JSON arrays and objects, more than {MAX_JSON_CONTAINERS:,}"
+            )
         try:
             data = json.loads(self.text, object_pairs_hook=no_duplicates)
         except json.JSONDecodeError as exc:

@@ -793,3 +793,39 @@ def test_a_hyperparameter_that_never_ends_is_a_named_error(tmp_path: Path, lr: o
     )
     with pytest.raises(CheckpointError, match="nests deeper than 32 levels or holds more than"):
         schema_of(path)
+
+
+def test_json_that_would_build_millions_of_containers_is_refused_before_parsing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_JSON_CONTAINERS", 1000)
+    from pytest_statedict import schema as schema_module
+    from pytest_statedict.readers import files
+
+    monkeypatch.setattr(files, "MAX_JSON_CONTAINERS", 1000)
+    monkeypatch.setattr(schema_module, "MAX_JSON_CONTAINERS", 1000)
+    lists = ",".join(["[]"] * 2000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(f'{{"weight_map": {{}}, "x": [{lists}]}}')
+    with pytest.raises(CheckpointError, match="2,00[0-9] JSON arrays and objects, more than 1,000"):
+        schema_of(index)
+    snapshot = tmp_path / "snap.json"
+    snapshot.write_text(f'{{"format": "pytest-statedict", "x": [{lists}]}}')
+    with pytest.raises(SnapshotError, match="2,00[0-9] JSON arrays and objects"):
+        schema_of(snapshot)
+
+
+def test_a_data_pkl_far_larger_than_its_records_need_is_refused(tmp_path: Path) -> None:
+    """Nested empty lists cost torch's weights-only unpickler ~140 bytes of memory a byte."""
+    path = tmp_path / "lists.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        records = {info.filename: z.read(info) for info in z.infolist()}
+    data_pkl = next(name for name in records if name.endswith("data.pkl"))
+    allowed = limits.PICKLE_BYTES_BASE + limits.PICKLE_BYTES_PER_RECORD * len(records)
+    records[data_pkl] = b"\x80\x02](" + b"]" * allowed + b"e."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in records.items():
+            z.writestr(name, data)
+    with pytest.raises(CheckpointError, match="more than the pickle of a checkpoint with"):
+        schema_of(path)

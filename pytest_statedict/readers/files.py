@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, StateDictError, hide_from_bad_input
-from ..schema import json_depth
-from .limits import MAX_JSON_DEPTH
+from ..schema import json_containers, json_depth
+from .limits import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -95,6 +95,7 @@ def read_bounded(
 def parse_json(raw: bytes | str, fail: Callable[[str], StateDictError], what: str) -> Any:
     """JSON within :data:`MAX_JSON_DEPTH`; every failure (a 5000-digit number, nesting
     deep enough to exhaust the interpreter's stack) is ``fail(problem)``."""
+    check_json_containers(raw, fail, what)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -108,6 +109,15 @@ def parse_json(raw: bytes | str, fail: Callable[[str], StateDictError], what: st
     if json_depth(data) > MAX_JSON_DEPTH:
         raise fail(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     return data
+
+
+def check_json_containers(raw: bytes | str, fail: Fail, what: str) -> None:
+    """Refuse JSON with more arrays and objects than :data:`MAX_JSON_CONTAINERS`."""
+    count = json_containers(raw)
+    if count > MAX_JSON_CONTAINERS:
+        raise fail(
+            f"{what} holds {count:,} JSON arrays and objects, more than {MAX_JSON_CONTAINERS:,}"
+        )
 
 
 def magic_hex(head: bytes) -> str:

@@ -20,7 +20,13 @@ from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, hide_from_bad_input
 from .files import open_regular
-from .limits import MAX_CENTRAL_DIRECTORY_BYTES, MAX_PICKLE_BYTES, MAX_RECORDS
+from .limits import (
+    MAX_CENTRAL_DIRECTORY_BYTES,
+    MAX_PICKLE_BYTES,
+    MAX_RECORDS,
+    PICKLE_BYTES_BASE,
+    PICKLE_BYTES_PER_RECORD,
+)
 from .unpickling import torch_load
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -68,11 +74,13 @@ def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
                 raise CheckpointError(
                     path, f"record {record.filename[:100]!r} {problem}: not written by torch.save"
                 )
-    if data_pkl.file_size > MAX_PICKLE_BYTES:
+    allowed = min(MAX_PICKLE_BYTES, PICKLE_BYTES_BASE + PICKLE_BYTES_PER_RECORD * len(records))
+    if data_pkl.file_size > allowed:
         raise CheckpointError(
             path,
-            f"its data.pkl claims {data_pkl.file_size:,} bytes, more than a checkpoint's "
-            f"pickle may have ({MAX_PICKLE_BYTES:,})",
+            f"its data.pkl claims {data_pkl.file_size:,} bytes, more than the pickle of a "
+            f"checkpoint with {len(records):,} records may have ({allowed:,}): it holds far "
+            "more than tensors",
         )
     return data_pkl
 
