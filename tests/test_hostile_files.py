@@ -375,6 +375,7 @@ def test_a_shard_inside_its_folder_may_be_a_symlink(tmp_path: Path) -> None:
         ({"w": None}, "maps 'w' to a NoneType"),
         ({"w": ""}, "not a file name"),
         ([1, 2], 'no "weight_map" object'),
+        ({}, "its weight_map is empty"),
     ],
 )
 def test_bad_index_entries_are_named_errors(

@@ -43,6 +43,8 @@ def read_index(index: Path) -> list[Shard]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise fail('not a sharded-checkpoint index (no "weight_map" object)')
+    if not weight_map:
+        raise fail("its weight_map is empty: the index names no tensor, no shard")
     keys: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
