@@ -125,6 +125,8 @@ class StateDictSession:
         self.asked: dict[str, set[str]] = defaultdict(set)
         self.unnamed_index: Counter[str] = Counter()
         self.fixture_stack: list[tuple[Any, Any] | None] = []
+        self.collected_items: list[pytest.Item] = []  # until collection finishes
+        self.narrowed_by: str | None = None  # why some collected tests were never items
         self.modules: dict[str, ModuleRecord] = {}
         self.directories: set[str] = set()  # folders that hold collected test files
         self.used: set[str] = set()
@@ -156,13 +158,33 @@ class StateDictSession:
         parts = [name(p) for p in relative.with_suffix("").parts]
         return self.snapshot_root.joinpath(*parts)
 
-    def collected(self, items: Iterable[pytest.Item]) -> None:
+    def start(self) -> None:
+        """Before collection: note whether ``--lf`` will run only the tests that failed.
+
+        pytest's last-failed plugin drops the other tests while it collects each module,
+        before any item exists and without ``pytest_deselected``: nothing at collection
+        can tell. Its record of failures is read now, before the run's reports change it.
+        """
+        lf = self.config.pluginmanager.get_plugin("lfplugin")
+        if self.config.getoption("lf", False) and getattr(lf, "lastfailed", None):
+            self.narrowed_by = "--lf ran only the tests that failed last"
+
+    def item_collected(self, item: pytest.Item) -> None:
+        """Every item as it is collected (one append: this runs for each item of every run)."""
+        self.collected_items.append(item)
+
+    def collection_finished(self, items: list[pytest.Item]) -> None:
+        """File the items that will run under their test files; a file that lost any item
+        to collection hooks (``-k``, ``-m``, a conftest's ``items[:] = ...`` that never calls
+        ``pytest_deselected``, ``--sw``) did not run whole.
+        """
         for record, item in self._by_module(items):
             record.items.append(item)
-
-    def deselected(self, items: Iterable[pytest.Item]) -> None:
-        for record, _ in self._by_module(items):
+        kept = set(map(id, items))
+        dropped = [item for item in self.collected_items if id(item) not in kept]
+        for record, _ in self._by_module(dropped):
             record.partial = True
+        self.collected_items = []
 
     def _by_module(
         self, items: Iterable[pytest.Item]
@@ -597,7 +619,12 @@ class StateDictSession:
             self._settle(nodeid)  # tests cut short have no teardown report
         if hasattr(self.config, "workerinput"):
             return False
-        self.incomplete = self.incomplete or _cut_short(session, exitstatus)
+        self.incomplete = (
+            self.incomplete
+            or _tests_not_run(self.config)
+            or _cut_short(session, exitstatus)
+            or self.narrowed_by
+        )
         if self.incomplete is not None:
             return bool(self.problems)
         try:
@@ -682,6 +709,18 @@ class StateDictSession:
             return os.path.relpath(path, self.config.invocation_params.dir)
         except ValueError:
             return str(path)
+
+
+def _tests_not_run(config: pytest.Config) -> str | None:
+    """Why the tests reported without running, or None: then no file was asked for."""
+    for option, flag in (
+        ("collectonly", "--collect-only"),
+        ("setupplan", "--setup-plan"),
+        ("setuponly", "--setup-only"),
+    ):
+        if config.getoption(option, False):
+            return f"{flag} runs no test"
+    return None
 
 
 def _cut_short(session: pytest.Session, exitstatus: int) -> str | None:

@@ -610,3 +610,94 @@ def test_storage_reads_refuse_what_is_not_a_snapshot(tmp_path: Path) -> None:
         f.truncate(MAX_SNAPSHOT_BYTES + 1)
     with pytest.raises(SnapshotError, match="more than a snapshot may have"):
         read_snapshot_text(big)
+
+
+# ---- tests that were collected but do not run never make their files unused -------------
+
+THREE = """
+    import os
+    import torch
+    from pytest_statedict import assert_state_dict_matches
+
+    def test_a():
+        assert_state_dict_matches({"w": torch.zeros(2)})
+        assert os.environ.get("STATEDICT_FAIL_A") != "1"
+
+    def test_b():
+        assert_state_dict_matches({"w": torch.zeros(3)})
+
+    def test_c():
+        assert_state_dict_matches({"w": torch.zeros(4)})
+"""
+
+
+def test_last_failed_never_deletes_the_snapshots_of_tests_that_passed(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--lf`` drops the tests that passed while it collects, with no deselected hook."""
+    pytester.makepyfile(test_m=THREE)
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=3)
+    before = json_files(pytester.path / "__statedict__")
+    assert len(before) == 3
+    monkeypatch.setenv("STATEDICT_FAIL_A", "1")
+    pytester.runpytest().assert_outcomes(passed=2, failed=1)
+    result = pytester.runpytest("-p", "cacheprovider", "--lf", "--statedict-update")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(failed=1)
+    match_lines(
+        result,
+        ["statedict: 1 passed; unused snapshots not checked: --lf ran only the tests that fa*"],
+    )
+    assert json_files(pytester.path / "__statedict__") == before
+    assert "deleted" not in result.stdout.str()
+
+
+RUNSLOW = """
+    import pytest
+
+    def pytest_addoption(parser):
+        parser.addoption("--runslow", action="store_true")
+
+    def pytest_collection_modifyitems(config, items):
+        if not config.getoption("--runslow"):
+            items[:] = [i for i in items if "slow" not in i.keywords]
+"""
+
+
+def test_a_conftest_that_drops_items_never_makes_their_files_unused(
+    pytester: pytest.Pytester,
+) -> None:
+    """The common ``--runslow`` recipe removes items without ``pytest_deselected``."""
+    pytester.makeconftest(RUNSLOW)
+    pytester.makeini("[pytest]\nmarkers = slow\n")
+    pytester.makepyfile(
+        test_m=THREE.replace("def test_c", "@pytest.mark.slow\n    def test_c").replace(
+            "import os", "import os\n    import pytest"
+        )
+    )
+    pytester.runpytest("--runslow", "--statedict-update").assert_outcomes(passed=3)
+    before = json_files(pytester.path / "__statedict__")
+    assert len(before) == 3
+    result = pytester.runpytest("--statedict-update")
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=2)
+    match_lines(result, ["statedict: 2 passed"])
+    assert json_files(pytester.path / "__statedict__") == before
+    # the whole module again: a gone test's file is still found
+    pytester.makepyfile(test_m=THREE.replace("def test_c", "def _c"))
+    result = pytester.runpytest("--statedict-update")
+    match_lines(result, ["statedict: 2 passed, 1 deleted"])
+    assert len(json_files(pytester.path / "__statedict__")) == 2
+
+
+@pytest.mark.parametrize("mode", ["--setup-plan", "--setup-only", "--collect-only"])
+def test_runs_that_run_no_test_delete_nothing(pytester: pytest.Pytester, mode: str) -> None:
+    """Under ``--setup-plan`` and ``--setup-only`` tests report passed without running."""
+    pytester.makepyfile(test_m=THREE)
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=3)
+    before = json_files(pytester.path / "__statedict__")
+    result = pytester.runpytest(mode, "--statedict-update")
+    assert result.ret == pytest.ExitCode.OK
+    match_lines(result, [f"statedict: unused snapshots not checked: {mode} runs no test"])
+    assert json_files(pytester.path / "__statedict__") == before
+    assert "deleted" not in result.stdout.str()
