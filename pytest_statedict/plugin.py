@@ -194,7 +194,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         failed = bool(
             state.counts["failed"] or state.roundtrip_counts["failed"] or state.fails_session
         )
-        warned = not failed and bool(state.unused or state.incomplete)
+        warned = not failed and bool(state.unused or state.incomplete or state.linked_roots)
         terminalreporter.write_line(line, red=failed, yellow=warned, green=not (failed or warned))
 
 

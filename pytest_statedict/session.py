@@ -135,6 +135,7 @@ class StateDictSession:
         self.attempts: dict[str, Attempt] = {}
         self.outcomes: dict[str, str] = {}
         self.incomplete: str | None = None  # why unused files cannot be judged
+        self.linked_roots: dict[Path, Path] = {}  # snapshot root -> the symlink to it
         self.unused: list[Path] = []
         self.deleted: list[Path] = []
         self.problems: list[str] = []
@@ -451,7 +452,9 @@ class StateDictSession:
     def _write(self, owner: Owner, path: Path, text: str) -> None:
         __tracebackhide__ = True
         try:
-            storage.write_snapshot(path, text, owner.root, display=self.relative(path))
+            storage.write_snapshot(
+                path, text, owner.root, base=self.root_base(owner.root), display=self.relative(path)
+            )
         except SnapshotError:
             self._checked(path, "failed")
             raise
@@ -462,7 +465,12 @@ class StateDictSession:
         self._write(owner, path, text)
         if source is not path:
             try:
-                storage.remove_snapshot(source, owner.root, display=self.relative(source))
+                storage.remove_snapshot(
+                    source,
+                    owner.root,
+                    base=self.root_base(owner.root),
+                    display=self.relative(source),
+                )
             except SnapshotError:
                 self._checked(path, "failed")
                 raise
@@ -572,6 +580,8 @@ class StateDictSession:
         return unused + self.find_orphans()
 
     def _listed(self, folder: Path, root: Path) -> list[Path]:
+        if self._linked(root):
+            return []
         try:
             return storage.snapshot_files(folder, root)
         except SnapshotError as exc:
@@ -591,7 +601,11 @@ class StateDictSession:
         orphans = []
         for directory in sorted(map(Path, self.directories)):
             snapshots = directory / storage.SNAPSHOT_DIRNAME
-            if not snapshots.is_dir() or not self.collected_whole(directory):
+            if (
+                not self.collected_whole(directory)
+                or self._linked(snapshots)
+                or not snapshots.is_dir()
+            ):
                 continue
             stems = {Path(name).stem for name in os.listdir(directory)}
             owned = {storage.module_dirname(s) for s in stems} | {
@@ -601,6 +615,19 @@ class StateDictSession:
                 if folder.is_dir() and folder.name not in owned:
                     orphans.extend(self._listed(folder, snapshots))
         return orphans
+
+    def root_base(self, root: Path) -> Path:
+        """The folder a snapshot root is named from: the rootdir, or the test file's folder."""
+        return self.config.rootpath if self.snapshot_root is not None else root.parent
+
+    def _linked(self, root: Path) -> bool:
+        """Whether a snapshot root is reached through a symlink: then nothing in it is listed
+        (it could be anywhere), and the summary says so.
+        """
+        link = storage.linked_root(root, self.root_base(root))
+        if link is not None:
+            self.linked_roots[root] = link
+        return link is not None
 
     def collected_whole(self, directory: Path) -> bool:
         """Whether a folder named on the command line (no ``::``, no file) holds ``directory``."""
@@ -635,7 +662,10 @@ class StateDictSession:
         if self.update:
             for path in self.unused:
                 try:
-                    storage.remove_snapshot(path, self._root_of(path), display=self.relative(path))
+                    root = self._root_of(path)
+                    storage.remove_snapshot(
+                        path, root, base=self.root_base(root), display=self.relative(path)
+                    )
                 except SnapshotError as exc:
                     self.problems.append(str(exc))
                 else:
@@ -701,6 +731,12 @@ class StateDictSession:
             line = (line + "; " if line else "statedict: ") + "round-trips: " + ", ".join(trips)
         if self.incomplete is not None and (line or self.has_snapshots()):
             why = f"unused snapshots not checked: {self.incomplete}"
+            line = (line + "; " if line else "statedict: ") + why
+        for root, link in self.linked_roots.items():
+            why = (
+                f"unused snapshots not checked in {self.relative(root)}: "
+                f"{self.relative(link)} is a symlink"
+            )
             line = (line + "; " if line else "statedict: ") + why
         return line or None
 

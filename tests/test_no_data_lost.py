@@ -701,3 +701,44 @@ def test_runs_that_run_no_test_delete_nothing(pytester: pytest.Pytester, mode: s
     match_lines(result, [f"statedict: unused snapshots not checked: {mode} runs no test"])
     assert json_files(pytester.path / "__statedict__") == before
     assert "deleted" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("layout", ["default", "ini", "ini-parent"])
+def test_a_snapshot_root_reached_through_a_symlink_is_never_written_listed_or_emptied(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, layout: str
+) -> None:
+    """``ln -s /elsewhere __statedict__``: the root's target is not the project's folder."""
+    outside = tmp_path_factory.mktemp("outside")
+    for name in ("test_a/test_gone/0.json", "test_a/test_width[0]/0.json", "old/t/0.json"):
+        (outside / name).parent.mkdir(parents=True, exist_ok=True)
+        (outside / name).write_text("precious")
+    pytester.makepyfile(test_a=checks(n=1))
+    root = {"default": "__statedict__", "ini": "snapshots", "ini-parent": "shared/snapshots"}
+    link = pytester.path / root[layout].split("/")[0]
+    if layout != "default":
+        pytester.makeini(f"[pytest]\nstatedict_snapshot_dir = {root[layout]}\n")
+    if layout == "ini-parent":
+        (outside / "snapshots").symlink_to(outside, target_is_directory=True)
+    link.symlink_to(outside, target_is_directory=True)
+
+    result = pytester.runpytest("--statedict-update")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(failed=1)
+    shown = link.name
+    match_lines(
+        result,
+        [
+            f"E *SnapshotError: statedict snapshot {root[layout]}/test_a/test_width?0?/0.json: "
+            f"is in the snapshot folder *, reached through the symlink *{shown} (to *): "
+            "refusing to write it*",
+            f"statedict: 1 failed; unused snapshots not checked in {root[layout]}: "
+            f"{shown} is a symlink",
+        ],
+    )
+    assert "deleted" not in result.stdout.str()
+    assert sorted(json_files(outside)) == [
+        "old/t/0.json",
+        "test_a/test_gone/0.json",
+        "test_a/test_width[0]/0.json",
+    ]
+    assert {p.read_text() for p in outside.rglob("*.json")} == {"precious"}
