@@ -631,17 +631,21 @@ THREE = """
 """
 
 
+@pytest.mark.parametrize("xdist", [False, True], ids=["in-process", "xdist"])
 def test_last_failed_never_deletes_the_snapshots_of_tests_that_passed(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: bool
 ) -> None:
     """``--lf`` drops the tests that passed while it collects, with no deselected hook."""
+    if xdist:
+        pytest.importorskip("xdist")
     pytester.makepyfile(test_m=THREE)
     pytester.runpytest("--statedict-update").assert_outcomes(passed=3)
     before = json_files(pytester.path / "__statedict__")
     assert len(before) == 3
     monkeypatch.setenv("STATEDICT_FAIL_A", "1")
     pytester.runpytest().assert_outcomes(passed=2, failed=1)
-    result = pytester.runpytest("-p", "cacheprovider", "--lf", "--statedict-update")
+    args = ["-p", "cacheprovider", "--lf", "--statedict-update"]
+    result = pytester.runpytest_subprocess("-n", "2", *args) if xdist else pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(failed=1)
     match_lines(
@@ -664,10 +668,13 @@ RUNSLOW = """
 """
 
 
+@pytest.mark.parametrize("xdist", [False, True], ids=["in-process", "xdist"])
 def test_a_conftest_that_drops_items_never_makes_their_files_unused(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, xdist: bool
 ) -> None:
     """The common ``--runslow`` recipe removes items without ``pytest_deselected``."""
+    if xdist:
+        pytest.importorskip("xdist")
     pytester.makeconftest(RUNSLOW)
     pytester.makeini("[pytest]\nmarkers = slow\n")
     pytester.makepyfile(
@@ -678,7 +685,8 @@ def test_a_conftest_that_drops_items_never_makes_their_files_unused(
     pytester.runpytest("--runslow", "--statedict-update").assert_outcomes(passed=3)
     before = json_files(pytester.path / "__statedict__")
     assert len(before) == 3
-    result = pytester.runpytest("--statedict-update")
+    args = ["--statedict-update"]
+    result = pytester.runpytest_subprocess("-n", "2", *args) if xdist else pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.OK
     result.assert_outcomes(passed=2)
     match_lines(result, ["statedict: 2 passed"])
