@@ -81,14 +81,17 @@ def _session(config: pytest.Config) -> StateDictSession:
     return config.stash[SESSION_KEY]
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _session(config).collected(items)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _session(session.config).start()
 
 
-def pytest_deselected(items: list[pytest.Item]) -> None:
-    if items:
-        _session(items[0].config).deselected(items)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    _session(item.config).item_collected(item)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # after every pytest_collection_modifyitems: what it removed, by whatever means, is gone
+    _session(session.config).collection_finished(session.items)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -191,7 +194,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         failed = bool(
             state.counts["failed"] or state.roundtrip_counts["failed"] or state.fails_session
         )
-        warned = not failed and bool(state.unused or state.incomplete)
+        warned = not failed and bool(state.unused or state.incomplete or state.linked_roots)
         terminalreporter.write_line(line, red=failed, yellow=warned, green=not (failed or warned))
 
 

@@ -125,6 +125,8 @@ class StateDictSession:
         self.asked: dict[str, set[str]] = defaultdict(set)
         self.unnamed_index: Counter[str] = Counter()
         self.fixture_stack: list[tuple[Any, Any] | None] = []
+        self.collected_items: list[pytest.Item] = []  # until collection finishes
+        self.narrowed_by: str | None = None  # why some collected tests were never items
         self.modules: dict[str, ModuleRecord] = {}
         self.directories: set[str] = set()  # folders that hold collected test files
         self.used: set[str] = set()
@@ -133,6 +135,7 @@ class StateDictSession:
         self.attempts: dict[str, Attempt] = {}
         self.outcomes: dict[str, str] = {}
         self.incomplete: str | None = None  # why unused files cannot be judged
+        self.linked_roots: dict[Path, Path] = {}  # snapshot root -> the symlink to it
         self.unused: list[Path] = []
         self.deleted: list[Path] = []
         self.problems: list[str] = []
@@ -156,13 +159,33 @@ class StateDictSession:
         parts = [name(p) for p in relative.with_suffix("").parts]
         return self.snapshot_root.joinpath(*parts)
 
-    def collected(self, items: Iterable[pytest.Item]) -> None:
+    def start(self) -> None:
+        """Before collection: note whether ``--lf`` will run only the tests that failed.
+
+        pytest's last-failed plugin drops the other tests while it collects each module,
+        before any item exists and without ``pytest_deselected``: nothing at collection
+        can tell. Its record of failures is read now, before the run's reports change it.
+        """
+        lf = self.config.pluginmanager.get_plugin("lfplugin")
+        if self.config.getoption("lf", False) and getattr(lf, "lastfailed", None):
+            self.narrowed_by = "--lf ran only the tests that failed last"
+
+    def item_collected(self, item: pytest.Item) -> None:
+        """Every item as it is collected (one append: this runs for each item of every run)."""
+        self.collected_items.append(item)
+
+    def collection_finished(self, items: list[pytest.Item]) -> None:
+        """File the items that will run under their test files; a file that lost any item
+        to collection hooks (``-k``, ``-m``, a conftest's ``items[:] = ...`` that never calls
+        ``pytest_deselected``, ``--sw``) did not run whole.
+        """
         for record, item in self._by_module(items):
             record.items.append(item)
-
-    def deselected(self, items: Iterable[pytest.Item]) -> None:
-        for record, _ in self._by_module(items):
+        kept = set(map(id, items))
+        dropped = [item for item in self.collected_items if id(item) not in kept]
+        for record, _ in self._by_module(dropped):
             record.partial = True
+        self.collected_items = []
 
     def _by_module(
         self, items: Iterable[pytest.Item]
@@ -429,7 +452,9 @@ class StateDictSession:
     def _write(self, owner: Owner, path: Path, text: str) -> None:
         __tracebackhide__ = True
         try:
-            storage.write_snapshot(path, text, owner.root, display=self.relative(path))
+            storage.write_snapshot(
+                path, text, owner.root, base=self.root_base(owner.root), display=self.relative(path)
+            )
         except SnapshotError:
             self._checked(path, "failed")
             raise
@@ -440,7 +465,12 @@ class StateDictSession:
         self._write(owner, path, text)
         if source is not path:
             try:
-                storage.remove_snapshot(source, owner.root, display=self.relative(source))
+                storage.remove_snapshot(
+                    source,
+                    owner.root,
+                    base=self.root_base(owner.root),
+                    display=self.relative(source),
+                )
             except SnapshotError:
                 self._checked(path, "failed")
                 raise
@@ -550,6 +580,8 @@ class StateDictSession:
         return unused + self.find_orphans()
 
     def _listed(self, folder: Path, root: Path) -> list[Path]:
+        if self._linked(root):
+            return []
         try:
             return storage.snapshot_files(folder, root)
         except SnapshotError as exc:
@@ -569,7 +601,11 @@ class StateDictSession:
         orphans = []
         for directory in sorted(map(Path, self.directories)):
             snapshots = directory / storage.SNAPSHOT_DIRNAME
-            if not snapshots.is_dir() or not self.collected_whole(directory):
+            if (
+                not self.collected_whole(directory)
+                or self._linked(snapshots)
+                or not snapshots.is_dir()
+            ):
                 continue
             stems = {Path(name).stem for name in os.listdir(directory)}
             owned = {storage.module_dirname(s) for s in stems} | {
@@ -579,6 +615,19 @@ class StateDictSession:
                 if folder.is_dir() and folder.name not in owned:
                     orphans.extend(self._listed(folder, snapshots))
         return orphans
+
+    def root_base(self, root: Path) -> Path:
+        """The folder a snapshot root is named from: the rootdir, or the test file's folder."""
+        return self.config.rootpath if self.snapshot_root is not None else root.parent
+
+    def _linked(self, root: Path) -> bool:
+        """Whether a snapshot root is reached through a symlink: then nothing in it is listed
+        (it could be anywhere), and the summary says so.
+        """
+        link = storage.linked_root(root, self.root_base(root))
+        if link is not None:
+            self.linked_roots[root] = link
+        return link is not None
 
     def collected_whole(self, directory: Path) -> bool:
         """Whether a folder named on the command line (no ``::``, no file) holds ``directory``."""
@@ -597,7 +646,12 @@ class StateDictSession:
             self._settle(nodeid)  # tests cut short have no teardown report
         if hasattr(self.config, "workerinput"):
             return False
-        self.incomplete = self.incomplete or _cut_short(session, exitstatus)
+        self.incomplete = (
+            self.incomplete
+            or _tests_not_run(self.config)
+            or _cut_short(session, exitstatus)
+            or self.narrowed_by
+        )
         if self.incomplete is not None:
             return bool(self.problems)
         try:
@@ -608,7 +662,10 @@ class StateDictSession:
         if self.update:
             for path in self.unused:
                 try:
-                    storage.remove_snapshot(path, self._root_of(path), display=self.relative(path))
+                    root = self._root_of(path)
+                    storage.remove_snapshot(
+                        path, root, base=self.root_base(root), display=self.relative(path)
+                    )
                 except SnapshotError as exc:
                     self.problems.append(str(exc))
                 else:
@@ -675,6 +732,12 @@ class StateDictSession:
         if self.incomplete is not None and (line or self.has_snapshots()):
             why = f"unused snapshots not checked: {self.incomplete}"
             line = (line + "; " if line else "statedict: ") + why
+        for root, link in self.linked_roots.items():
+            why = (
+                f"unused snapshots not checked in {self.relative(root)}: "
+                f"{self.relative(link)} is a symlink"
+            )
+            line = (line + "; " if line else "statedict: ") + why
         return line or None
 
     def relative(self, path: Path) -> str:
@@ -682,6 +745,18 @@ class StateDictSession:
             return os.path.relpath(path, self.config.invocation_params.dir)
         except ValueError:
             return str(path)
+
+
+def _tests_not_run(config: pytest.Config) -> str | None:
+    """Why the tests reported without running, or None: then no file was asked for."""
+    for option, flag in (
+        ("collectonly", "--collect-only"),
+        ("setupplan", "--setup-plan"),
+        ("setuponly", "--setup-only"),
+    ):
+        if config.getoption(option, False):
+            return f"{flag} runs no test"
+    return None
 
 
 def _cut_short(session: pytest.Session, exitstatus: int) -> str | None:

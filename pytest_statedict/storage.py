@@ -18,7 +18,8 @@ never depends on which other tests were collected. Names that 0.1.0 wrote differ
 still read (:func:`legacy_name`), and moved by ``--statedict-update``.
 
 Nothing is written or deleted through a path that resolves (symlinks followed) outside the
-snapshot root: the ``__statedict__`` folder, or the ``statedict_snapshot_dir`` folder.
+snapshot root: the ``__statedict__`` folder, or the ``statedict_snapshot_dir`` folder; nor
+under a root that is itself reached through a symlink (:func:`linked_root`).
 """
 
 from __future__ import annotations
@@ -136,7 +137,35 @@ def inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def _refuse_outside(path: Path, root: Path, doing: str, shown: str | Path) -> None:
+def linked_root(root: Path, base: Path) -> Path | None:
+    """The symlink on the way from ``base`` down to ``root`` (the root included), or None.
+
+    ``base`` is the folder the root is named from: the test file's folder for
+    ``__statedict__``, the rootdir for ``statedict_snapshot_dir``. :func:`inside` resolves
+    the root as well, so a root reached through a symlink would make whatever it points
+    at, outside the project, the snapshot folder to write and delete in.
+    """
+    try:
+        parts = root.relative_to(base).parts
+    except ValueError:  # an absolute statedict_snapshot_dir: only the root itself is known
+        return root if root.is_symlink() else None
+    folder = base
+    for part in parts:
+        folder = folder / part
+        if folder.is_symlink():
+            return folder
+    return None
+
+
+def _refuse_outside(path: Path, root: Path, base: Path, doing: str, shown: str | Path) -> None:
+    link = linked_root(root, base)
+    if link is not None:
+        raise SnapshotError(
+            shown,
+            f"is in the snapshot folder {root}, reached through the symlink {link} (to "
+            f"{link.resolve()}): refusing to {doing} it",
+            remedy=f"make {link} a real folder: snapshots are the project's own files",
+        )
     if not inside(path, root):
         raise SnapshotError(
             shown,
@@ -146,10 +175,15 @@ def _refuse_outside(path: Path, root: Path, doing: str, shown: str | Path) -> No
         )
 
 
-def write_snapshot(path: Path, text: str, root: Path, *, display: str | None = None) -> None:
-    """:func:`atomic_write` inside ``root`` only, failures as a :class:`SnapshotError`."""
+def write_snapshot(
+    path: Path, text: str, root: Path, *, base: Path, display: str | None = None
+) -> None:
+    """:func:`atomic_write` inside ``root`` only, failures as a :class:`SnapshotError`.
+
+    ``base``: the folder ``root`` is named from (see :func:`linked_root`).
+    """
     shown = display or path
-    _refuse_outside(path, root, "write", shown)
+    _refuse_outside(path, root, base, "write", shown)
     try:
         atomic_write(path, text)
     except OSError as exc:
@@ -227,9 +261,9 @@ def snapshot_files(module_dir: Path, root: Path) -> list[Path]:
         raise SnapshotError(module_dir, f"cannot be listed ({_reason(exc)})") from None
 
 
-def remove_snapshot(path: Path, root: Path, *, display: str | None = None) -> None:
+def remove_snapshot(path: Path, root: Path, *, base: Path, display: str | None = None) -> None:
     """Delete a snapshot, and its test's and module's folders once empty (never ``root``)."""
-    _refuse_outside(path, root, "delete", display or path)
+    _refuse_outside(path, root, base, "delete", display or path)
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:

@@ -610,3 +610,143 @@ def test_storage_reads_refuse_what_is_not_a_snapshot(tmp_path: Path) -> None:
         f.truncate(MAX_SNAPSHOT_BYTES + 1)
     with pytest.raises(SnapshotError, match="more than a snapshot may have"):
         read_snapshot_text(big)
+
+
+# ---- tests that were collected but do not run never make their files unused -------------
+
+THREE = """
+    import os
+    import torch
+    from pytest_statedict import assert_state_dict_matches
+
+    def test_a():
+        assert_state_dict_matches({"w": torch.zeros(2)})
+        assert os.environ.get("STATEDICT_FAIL_A") != "1"
+
+    def test_b():
+        assert_state_dict_matches({"w": torch.zeros(3)})
+
+    def test_c():
+        assert_state_dict_matches({"w": torch.zeros(4)})
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["in-process", "xdist"])
+def test_last_failed_never_deletes_the_snapshots_of_tests_that_passed(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: bool
+) -> None:
+    """``--lf`` drops the tests that passed while it collects, with no deselected hook."""
+    if xdist:
+        pytest.importorskip("xdist")
+    pytester.makepyfile(test_m=THREE)
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=3)
+    before = json_files(pytester.path / "__statedict__")
+    assert len(before) == 3
+    monkeypatch.setenv("STATEDICT_FAIL_A", "1")
+    pytester.runpytest().assert_outcomes(passed=2, failed=1)
+    args = ["-p", "cacheprovider", "--lf", "--statedict-update"]
+    result = pytester.runpytest_subprocess("-n", "2", *args) if xdist else pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(failed=1)
+    match_lines(
+        result,
+        ["statedict: 1 passed; unused snapshots not checked: --lf ran only the tests that fa*"],
+    )
+    assert json_files(pytester.path / "__statedict__") == before
+    assert "deleted" not in result.stdout.str()
+
+
+RUNSLOW = """
+    import pytest
+
+    def pytest_addoption(parser):
+        parser.addoption("--runslow", action="store_true")
+
+    def pytest_collection_modifyitems(config, items):
+        if not config.getoption("--runslow"):
+            items[:] = [i for i in items if "slow" not in i.keywords]
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["in-process", "xdist"])
+def test_a_conftest_that_drops_items_never_makes_their_files_unused(
+    pytester: pytest.Pytester, xdist: bool
+) -> None:
+    """The common ``--runslow`` recipe removes items without ``pytest_deselected``."""
+    if xdist:
+        pytest.importorskip("xdist")
+    pytester.makeconftest(RUNSLOW)
+    pytester.makeini("[pytest]\nmarkers = slow\n")
+    pytester.makepyfile(
+        test_m=THREE.replace("def test_c", "@pytest.mark.slow\n    def test_c").replace(
+            "import os", "import os\n    import pytest"
+        )
+    )
+    pytester.runpytest("--runslow", "--statedict-update").assert_outcomes(passed=3)
+    before = json_files(pytester.path / "__statedict__")
+    assert len(before) == 3
+    args = ["--statedict-update"]
+    result = pytester.runpytest_subprocess("-n", "2", *args) if xdist else pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=2)
+    match_lines(result, ["statedict: 2 passed"])
+    assert json_files(pytester.path / "__statedict__") == before
+    # the whole module again: a gone test's file is still found
+    pytester.makepyfile(test_m=THREE.replace("def test_c", "def _c"))
+    result = pytester.runpytest("--statedict-update")
+    match_lines(result, ["statedict: 2 passed, 1 deleted"])
+    assert len(json_files(pytester.path / "__statedict__")) == 2
+
+
+@pytest.mark.parametrize("mode", ["--setup-plan", "--setup-only", "--collect-only"])
+def test_runs_that_run_no_test_delete_nothing(pytester: pytest.Pytester, mode: str) -> None:
+    """Under ``--setup-plan`` and ``--setup-only`` tests report passed without running."""
+    pytester.makepyfile(test_m=THREE)
+    pytester.runpytest("--statedict-update").assert_outcomes(passed=3)
+    before = json_files(pytester.path / "__statedict__")
+    result = pytester.runpytest(mode, "--statedict-update")
+    assert result.ret == pytest.ExitCode.OK
+    match_lines(result, [f"statedict: unused snapshots not checked: {mode} runs no test"])
+    assert json_files(pytester.path / "__statedict__") == before
+    assert "deleted" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("layout", ["default", "ini", "ini-parent"])
+def test_a_snapshot_root_reached_through_a_symlink_is_never_written_listed_or_emptied(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, layout: str
+) -> None:
+    """``ln -s /elsewhere __statedict__``: the root's target is not the project's folder."""
+    outside = tmp_path_factory.mktemp("outside")
+    for name in ("test_a/test_gone/0.json", "test_a/test_width[0]/0.json", "old/t/0.json"):
+        (outside / name).parent.mkdir(parents=True, exist_ok=True)
+        (outside / name).write_text("precious")
+    pytester.makepyfile(test_a=checks(n=1))
+    root = {"default": "__statedict__", "ini": "snapshots", "ini-parent": "shared/snapshots"}
+    link = pytester.path / root[layout].split("/")[0]
+    if layout != "default":
+        pytester.makeini(f"[pytest]\nstatedict_snapshot_dir = {root[layout]}\n")
+    if layout == "ini-parent":
+        (outside / "snapshots").symlink_to(outside, target_is_directory=True)
+    link.symlink_to(outside, target_is_directory=True)
+
+    result = pytester.runpytest("--statedict-update")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(failed=1)
+    shown = link.name
+    match_lines(
+        result,
+        [
+            f"E *SnapshotError: statedict snapshot {root[layout]}/test_a/test_width?0?/0.json: "
+            f"is in the snapshot folder *, reached through the symlink *{shown} (to *): "
+            "refusing to write it*",
+            f"statedict: 1 failed; unused snapshots not checked in {root[layout]}: "
+            f"{shown} is a symlink",
+        ],
+    )
+    assert "deleted" not in result.stdout.str()
+    assert sorted(json_files(outside)) == [
+        "old/t/0.json",
+        "test_a/test_gone/0.json",
+        "test_a/test_width[0]/0.json",
+    ]
+    assert {p.read_text() for p in outside.rglob("*.json")} == {"precious"}
