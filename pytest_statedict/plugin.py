@@ -85,8 +85,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _session(session.config).start()
 
 
-def pytest_itemcollected(item: pytest.Item) -> None:
-    _session(item.config).item_collected(item)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, object, object]:
+    # outermost: the items before any plugin or conftest filtered them (one list copy, not
+    # a hook call per item: this runs in every pytest run)
+    _session(config).items_collected(list(items))
+    return (yield)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -170,9 +170,9 @@ class StateDictSession:
         if self.config.getoption("lf", False) and getattr(lf, "lastfailed", None):
             self.narrowed_by = "--lf ran only the tests that failed last"
 
-    def item_collected(self, item: pytest.Item) -> None:
-        """Every item as it is collected (one append: this runs for each item of every run)."""
-        self.collected_items.append(item)
+    def items_collected(self, items: list[pytest.Item]) -> None:
+        """Every collected item, before collection hooks filter them."""
+        self.collected_items = items
 
     def collection_finished(self, items: list[pytest.Item]) -> None:
         """File the items that will run under their test files; a file that lost any item
