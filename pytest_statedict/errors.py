@@ -75,3 +75,17 @@ def hide_from_bad_input(excinfo: Any) -> bool:
     bug) keeps them, and ``--full-trace`` shows everything.
     """
     return excinfo is not None and excinfo.errisinstance(StateDictError)
+
+
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message``, for an error that names another one.
+
+    An exception whose own formatting fails, or whose message is empty, must not hide the
+    failure it reports (``str(exc).splitlines()[0]`` would raise an IndexError of its own).
+    """
+    try:
+        text = str(exc)
+    except Exception:
+        text = repr(exc.args)
+    lines = text.strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit]

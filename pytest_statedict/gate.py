@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
-from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
+from .errors import SnapshotError, StateDictMismatch, first_line, hide_from_bad_input
 from .extract import load_state_dict_file, mapping_schema, module_schema, require_module
 from .readers.dispatch import from_hook, is_snapshot_name
 from .readers.snapshot_file import read_snapshot
-from .report import SECTION_LIMIT, suggest_rename
+from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
 from .runtime import checkpoint_loader
 from .schema import Schema, TensorEntry
@@ -162,19 +162,11 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
     # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
     present = {entry.key for entry in expected.tensors}
     missing = [k for k in missing if k not in present]
-    counted = [
-        (len([k for k in keys if not _matches(k, ignore)]), what)
-        for keys, what in (
-            (unexpected, "unexpected key"),
-            (missing, "missing key"),
-            ([s[0] for s in shapes], "shape mismatch"),
-        )
-    ]
-    reasons = [
-        f"{n} {what}{'es' if what.endswith('h') else 's'}" if n > 1 else f"{n} {what}"
-        for n, what in counted
-        if n
-    ]
+
+    def kept(keys: list[str]) -> int:
+        return sum(not _matches(k, ignore) for k in keys)
+
+    reasons = load_refusals(kept(unexpected), kept(missing), kept([s[0] for s in shapes]))
     return LoadCheck(name, not reasons, ", ".join(reasons))
 
 
@@ -231,7 +223,7 @@ def _meta_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
         else:
             tensor = torch.empty(entry.shape or (), dtype=dtype, device="meta")
     except (RuntimeError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-        problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        problem = first_line(exc, 200)
     if problem:
         raise SnapshotError(
             schema.source or "<snapshot>",

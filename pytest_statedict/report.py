@@ -159,16 +159,17 @@ def load_verdict(diff: SchemaDiff) -> str:
     reasons = []
     if diff.prefix:
         reasons.append(f"every key's prefix {diff.prefix[1]!r} {diff.prefix[0]}")
-    if diff.removed:
-        reasons.append(f"{len(diff.removed)} unexpected key{'s' * (len(diff.removed) > 1)}")
-    if diff.added:
-        reasons.append(f"{len(diff.added)} missing key{'s' * (len(diff.added) > 1)}")
-    if diff.shape_mismatches:
-        n = len(diff.shape_mismatches)
-        reasons.append(f"{n} shape mismatch{'es' * (n > 1)}")
+    reasons += load_refusals(len(diff.removed), len(diff.added), len(diff.shape_mismatches))
     if fallback:
         reasons.append(fallback)
     return f"{head}: NO ({', '.join(reasons)})"
+
+
+def load_refusals(unexpected: int, missing: int, shapes: int) -> list[str]:
+    """Why ``load_state_dict(strict=True)`` refuses, counted: ``["2 unexpected keys", ...]``."""
+    counted = ((unexpected, "unexpected key", "s"), (missing, "missing key", "s"),
+               (shapes, "shape mismatch", "es"))  # fmt: skip
+    return [f"{n} {what}{plural * (n > 1)}" for n, what, plural in counted if n]
 
 
 def optimizer_load_verdict(verdict: OptimizerVerdict) -> str:

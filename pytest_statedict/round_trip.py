@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .bitwise import difference
-from .errors import StateDictError, StateDictMismatch, hide_from_bad_input
+from .errors import StateDictError, StateDictMismatch, first_line, hide_from_bad_input
 from .extract import require_module, schema_of
 
 if TYPE_CHECKING:
@@ -282,7 +282,7 @@ def _dcp_roundtrip(
             optim_state_dict=template.get("optim", {}),
         )
     except (CheckpointException, RuntimeError, KeyError, ValueError) as exc:
-        result.mismatches.append(f"torch.distributed.checkpoint failed: {_first_line(exc)}")
+        result.mismatches.append(f"torch.distributed.checkpoint failed: {first_line(exc)}")
         return None, {}
     _compare_state(original.state_dict(), fresh.state_dict(), result)
     _compare_ties(original, fresh, result)
@@ -290,15 +290,6 @@ def _dcp_roundtrip(
     if fresh_opt is not None:
         loaded["optimizer"] = fresh_opt.state_dict()
     return fresh, loaded
-
-
-def _first_line(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:  # an exception whose own formatting fails must not hide the failure
-        text = repr(exc.args)
-    lines = text.strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def _materialised_copy(model: nn.Module, device: str) -> nn.Module:
