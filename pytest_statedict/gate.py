@@ -21,9 +21,15 @@ from torch import nn
 
 from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
 from .errors import SnapshotError, StateDictMismatch, first_line, hide_from_bad_input
-from .extract import load_state_dict_file, mapping_schema, module_schema, require_module
-from .readers.dispatch import from_hook, is_snapshot_name
-from .readers.snapshot_file import read_snapshot
+from .extract import (
+    load_state_dict_file,
+    mapping_schema,
+    model_state,
+    module_schema,
+    require_module,
+    schema_of_file,
+)
+from .readers import dispatch
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
 from .runtime import checkpoint_loader
@@ -58,15 +64,7 @@ def assert_checkpoint_loads(
     """
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
-    source = Path(path)
-    saved_on: set[str] = set()
-    loader = checkpoint_loader()
-    if is_snapshot_name(source) and from_hook(source, loader) is None:
-        state = state_from_snapshot(read_snapshot(source))
-    else:
-        state, saved_on = load_state_dict_file(
-            source, map_location=map_location, part=part, loader=loader
-        )
+    source, state, saved_on = checkpoint_state(Path(path), part=part, map_location=map_location)
     mapping = compile_rename(rename)
     if mapping is not None:
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())
@@ -134,6 +132,35 @@ def assert_checkpoint_loads(
     if any(loc != "cpu" for loc in saved_on):
         lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
     raise StateDictMismatch("\n".join(lines), diff)
+
+
+# Formats whose schema comes from a header or an index, never from tensor data: the gate
+# loads meta tensors built from that schema, as it does from a snapshot.
+SCHEMA_FORMATS = frozenset({dispatch.SNAPSHOT, dispatch.SAFETENSORS, dispatch.INDEX, dispatch.DCP})
+
+
+def checkpoint_state(
+    path: Path, *, part: str | None, map_location: Any
+) -> tuple[Path, OrderedDict[str, Any] | dict[str, Any], set[str]]:
+    """The checkpoint the gate reads (a folder's own file), the state_dict it loads, and the
+    devices its tensors were saved on.
+
+    A ``pytest_statedict_load_checkpoint`` hook's object if one claims ``path``; meta
+    tensors of the recorded shapes and dtypes for a snapshot, a ``.safetensors`` file, a
+    sharded index or a DCP folder (their schema is read from headers: O(tensors), no
+    tensor data); else the ``torch.save`` file, memory-mapped, with the module versions
+    (``_metadata``) it kept.
+    """
+    loader = checkpoint_loader()
+    custom = dispatch.from_hook(path, loader)
+    if custom is not None:
+        return path, model_state(path, custom, part=part), set()
+    fmt, where = dispatch.detect(path)
+    if fmt in SCHEMA_FORMATS:
+        schema = schema_of_file(where, part=part, loader=loader)
+        return where, state_from_snapshot(schema), set(schema.saved_on)
+    state, saved_on = load_state_dict_file(where, map_location=map_location, part=part)
+    return where, state, saved_on
 
 
 def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = ()) -> LoadCheck:
