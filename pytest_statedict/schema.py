@@ -100,9 +100,8 @@ def module_version(value: Any) -> ModuleVersion:
 
 
 def _is_module_version(x: Any) -> bool:
-    return x is None or isinstance(x, (bool, int, str)) or (
-        isinstance(x, float) and math.isfinite(x)
-    )
+    """What :func:`module_version` keeps as it is (a snapshot holds nothing else)."""
+    return module_version(x) is x
 
 
 def _is_int(x: Any) -> bool:

@@ -11,8 +11,9 @@
   pickle (a legacy ``torch.save`` file), a safetensors header (by name or by content).
 
 Nothing is read here beyond a file's first bytes and a folder's listing; each format's
-module says what it reads and may unpickle. A ``pytest_statedict_load_checkpoint`` hook is a ``loader`` handed in by
-the caller (``runtime.checkpoint_loader()``): this layer never looks up the running session.
+module says what it reads and may unpickle. A ``pytest_statedict_load_checkpoint`` hook is
+a ``loader`` handed in by the caller (``runtime.checkpoint_loader()``): this layer never
+looks up the running session.
 """
 
 from __future__ import annotations
