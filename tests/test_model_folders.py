@@ -261,3 +261,19 @@ def test_folders_through_pytest(pytester: pytest.Pytester) -> None:
             "E  *fc.weight -> head.weight",
         ],
     )
+
+
+def test_a_safetensors_header_length_that_starts_like_a_pickle(tmp_path: Path) -> None:
+    """A header of 0x280 bytes starts the file with 0x80, a pickle's first byte (Qwen2's
+    ``save_pretrained`` wrote one): it is read as safetensors, by name or by content."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    raw = header.encode().ljust(0x280)  # safetensors pads its header with spaces too
+    for name in ("model.safetensors", "weights"):
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + struct.pack("<2f", 1.0, 2.0))
+        assert path.read_bytes()[:1] == b"\x80"
+        assert [(t.key, t.shape) for t in schema_of(path)] == [("w", (2,))]
+        assert schema_of(path, values=True).by_key()["w"].fingerprint is not None
+    assert_checkpoint_loads(nn.ParameterDict({"w": nn.Parameter(torch.zeros(2))}), tmp_path)
