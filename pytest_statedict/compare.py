@@ -351,7 +351,7 @@ def diff_schemas(
         a = act.get(key)
         if a is not None:
             diff.changed.extend(_entry_changes(e, a, tolerant, rtol or 0.0, atol or 0.0))
-    if tolerant and any(c.excess is not None for c in diff.changed):
+    if tolerant and sum(c.excess is not None for c in diff.changed) > 1:
         # the values furthest outside the tolerance first: a report shows only the first
         # lines of a long list, and the change that matters is the largest, not the first key
         diff.changed.sort(key=lambda c: (c.excess is not None, -(c.excess or 0.0)))

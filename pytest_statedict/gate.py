@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
-from .errors import SnapshotError, StateDictMismatch, first_line, hide_from_bad_input
+from .errors import (
+    CheckpointError,
+    SnapshotError,
+    StateDictMismatch,
+    first_line,
+    hide_from_bad_input,
+)
 from .extract import (
     load_state_dict_file,
     mapping_schema,
@@ -158,7 +164,12 @@ def checkpoint_state(
     fmt, where = dispatch.detect(path)
     if fmt in SCHEMA_FORMATS:
         schema = schema_of_file(where, part=part, loader=loader)
-        return where, state_from_snapshot(schema), set(schema.saved_on)
+        try:
+            return where, state_from_snapshot(schema), set(schema.saved_on)
+        except SnapshotError as exc:
+            if fmt == dispatch.SNAPSHOT:
+                raise
+            raise CheckpointError(where, exc.problem) from None  # a checkpoint, not a snapshot
     state, saved_on = load_state_dict_file(where, map_location=map_location, part=part)
     return where, state, saved_on
 

@@ -277,3 +277,20 @@ def test_a_safetensors_header_length_that_starts_like_a_pickle(tmp_path: Path) -
         assert [(t.key, t.shape) for t in schema_of(path)] == [("w", (2,))]
         assert schema_of(path, values=True).by_key()["w"].fingerprint is not None
     assert_checkpoint_loads(nn.ParameterDict({"w": nn.Parameter(torch.zeros(2))}), tmp_path)
+
+
+def test_a_dcp_tensor_that_cannot_be_built_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """The gate builds meta tensors from the .metadata: one it cannot build names the folder
+    as a checkpoint (not as a snapshot to regenerate)."""
+    import pickle
+
+    from torch.distributed.checkpoint import metadata as dcp
+
+    huge = torch.Size([2**62, 2**62])
+    entry = dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=torch.float32), huge, [])
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(dcp.Metadata({"weight": entry})))
+    with pytest.raises(CheckpointError) as info:
+        assert_checkpoint_loads(nn.Linear(2, 2), tmp_path)
+    assert str(info.value).startswith(
+        f"checkpoint {tmp_path}: 'weight': no float32[{2**62}, {2**62}] tensor can be built"
+    )
