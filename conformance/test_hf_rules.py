@@ -1,0 +1,258 @@
+"""The gate speaks transformers' loading rules: it agrees with ``from_pretrained``.
+
+For each architecture, a tiny random model is saved with ``save_pretrained`` (safetensors,
+as transformers writes it by default: tied keys left out, legacy key layouts written back),
+and ``assert_checkpoint_loads`` on that file must say what
+``from_pretrained(folder, output_loading_info=True)`` says: loads, with no missing,
+unexpected or mismatched keys. Then two real refactors of the saved file, a submodule's
+key renamed and a width changed, must fail both. The key sets themselves are compared, not
+only the verdicts. Nothing is downloaded: every config is built here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (the conformance env `models` has it)"
+)
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from pytest_statedict import StateDictMismatch, assert_checkpoint_loads  # noqa: E402
+from pytest_statedict.hf_rules import transformers_load  # noqa: E402
+from pytest_statedict.round_trip import meta_copy  # noqa: E402
+
+if tuple(int(p) for p in transformers.__version__.split(".")[:1]) < (5,):
+    pytest.skip("transformers' loading rules are applied from transformers 5.0", allow_module_level=True)
+
+# Every size knob turned down, set where a config has it.
+SMALL: dict[str, Any] = {
+    "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+    "head_dim": 8, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_inner": 48,
+    "d_model": 32, "d_ff": 48, "d_kv": 8, "num_layers": 2, "num_heads": 4,
+    "num_decoder_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 48,
+    "decoder_ffn_dim": 48, "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 24, "shared_expert_intermediate_size": 24, "image_size": 32,
+    "patch_size": 8, "embedding_size": 32, "max_source_positions": 64,
+    "max_target_positions": 64, "num_mel_bins": 16, "state_size": 8, "ffn_dim": 48,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0,
+    "sep_token_id": 2,
+}  # fmt: skip
+
+VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 48, "image_size": 32, "patch_size": 8}  # fmt: skip
+TEXT = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 48, "max_position_embeddings": 64}  # fmt: skip
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "CLIPModel": {"text_config": {**TEXT, "projection_dim": 16},
+                  "vision_config": {**VISION, "projection_dim": 16}, "projection_dim": 16},
+    "SiglipModel": {"text_config": TEXT, "vision_config": VISION},
+    "Wav2Vec2ForCTC": {"conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2],
+                       "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
+                       "vocab_size": 32},
+    "SwinForImageClassification": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
+                                   "window_size": 2, "num_labels": 10},
+    "ViTForImageClassification": {"num_labels": 10},
+    "DeiTForImageClassification": {"num_labels": 10},
+    "DbrxForCausalLM": {"d_model": 32, "n_heads": 4, "n_layers": 2,
+                        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+                        "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4,
+                                       "moe_top_k": 2}},
+    "DeepseekV3ForCausalLM": {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4,
+                              "qk_nope_head_dim": 4, "v_head_dim": 8, "n_routed_experts": 4,
+                              "n_shared_experts": 1, "first_k_dense_replace": 1,
+                              "n_group": 1, "topk_group": 1},
+}  # fmt: skip
+
+ARCHITECTURES = """
+GPT2LMHeadModel BertForMaskedLM LlamaForCausalLM MistralForCausalLM MixtralForCausalLM
+Qwen2MoeForCausalLM T5ForConditionalGeneration BartForConditionalGeneration
+WhisperForConditionalGeneration ViTForImageClassification CLIPModel MambaForCausalLM
+Qwen2ForCausalLM Qwen3MoeForCausalLM GPTNeoXForCausalLM OPTForCausalLM PhiForCausalLM
+Phi3ForCausalLM GemmaForCausalLM RobertaForMaskedLM DistilBertForMaskedLM AlbertForMaskedLM
+MarianMTModel Wav2Vec2ForCTC SwinForImageClassification DeiTForImageClassification
+SiglipModel OlmoeForCausalLM DbrxForCausalLM DeepseekV3ForCausalLM
+""".split()
+
+# architecture -> (transformers' loading info, gate verdict, seconds) for the closing table
+TABLE: dict[str, list[str]] = {}
+
+
+def tiny(name: str) -> Any:
+    model_cls = getattr(transformers, name)
+    config_cls = model_cls.config_class
+    default = config_cls()
+    overrides = OVERRIDES.get(name, {})
+    aliases = getattr(config_cls, "attribute_map", {})  # Swin: num_attention_heads is num_heads
+    kwargs = {k: v for k, v in SMALL.items()
+              if hasattr(default, k) and not isinstance(getattr(config_cls, k, None), property)
+              and aliases.get(k) not in overrides}  # fmt: skip
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kwargs)).eval()
+
+
+def saved(model: Any, folder: Path) -> Path:
+    model.save_pretrained(folder)  # safetensors, as transformers writes by default
+    return folder / "model.safetensors"
+
+
+def loading_info(name: str, folder: Path) -> dict[str, set[Any]]:
+    """from_pretrained's own answer; a refused width is asked again to get its info."""
+    model_cls = getattr(transformers, name)
+    try:
+        _, info = model_cls.from_pretrained(folder, output_loading_info=True)
+        refused = False
+    except RuntimeError:  # mismatched sizes: from_pretrained raises after its report
+        refused = True
+        try:
+            _, info = model_cls.from_pretrained(
+                folder, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+        except RuntimeError as exc:  # a conversion (merging experts) that cannot be done
+            return {"missing": set(), "unexpected": set(), "mismatched": set(),
+                    "refused": True, "error": str(exc)}  # fmt: skip
+    return {
+        "missing": set(info["missing_keys"]),
+        "unexpected": set(info["unexpected_keys"]),
+        "mismatched": {k for k, *_ in info["mismatched_keys"]},
+        "refused": refused,
+        "error": None,
+    }
+
+
+def agrees(info: dict[str, Any], model: Any, file: Path) -> None:
+    """The gate's key sets are from_pretrained's (or both have a conversion error)."""
+    verdict = transformers_load(meta_copy(model), safetensors_torch.load_file(file), strict=True)
+    if info["error"]:
+        assert verdict.error, f"from_pretrained raised {info['error']}, the gate did not"
+        return
+    assert verdict.error is None, verdict.error
+    assert {k: info[k] for k in ("missing", "unexpected", "mismatched")} == {
+        "missing": set(verdict.missing),
+        "unexpected": set(verdict.unexpected),
+        "mismatched": {k for k, _, _ in verdict.shapes},
+    }
+
+
+def gate_passes(model: Any, file: Path, rules: str = "auto") -> bool:
+    try:
+        assert_checkpoint_loads(model, file, rules=rules)
+    except StateDictMismatch:
+        return False
+    return True
+
+
+def rewritten(file: Path, dest: Path, change: Any) -> Path:
+    """A copy of a save_pretrained folder whose weights ``change`` edited."""
+    dest.mkdir()
+    for item in file.parent.iterdir():
+        if item.name != file.name:
+            shutil.copy(item, dest / item.name)
+    tensors = safetensors_torch.load_file(file)
+    safetensors_torch.save_file(change(tensors), dest / file.name, metadata={"format": "pt"})
+    return dest / file.name
+
+
+def victim(tensors: dict[str, Any], model: Any) -> str:
+    """A 2-d weight inside a layer: the key a refactor renames or resizes."""
+    keys = [k for k, t in tensors.items() if t.dim() == 2 and ".0." in k and k.endswith("weight")]
+    return sorted(keys)[0] if keys else sorted(k for k, t in tensors.items() if t.dim() >= 2)[0]
+
+
+def summary(info: dict[str, Any]) -> str:
+    if info["error"]:
+        return "conversion error"
+    parts = [f"{len(info[k])} {k}" for k in ("missing", "unexpected", "mismatched") if info[k]]
+    return ", ".join(parts) or "clean"
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_gate_agrees_with_from_pretrained(name: str, tmp_path: Path) -> None:
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    model = tiny(name)
+    file = saved(model, tmp_path / "fresh")
+
+    # the model's own save_pretrained output: both load it, with the same (empty) key sets
+    started = time.perf_counter()
+    fresh_gate = gate_passes(model, file)
+    gate_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    fresh = loading_info(name, file.parent)
+    hf_seconds = time.perf_counter() - started
+    agrees(fresh, model, file)
+    assert fresh_gate == (summary(fresh) == "clean" and not fresh["refused"])
+    assert fresh_gate, f"{name}: transformers loads its own save_pretrained output"
+    torch_verdict = "passes" if gate_passes(model, file, rules="torch") else "fails"
+
+    # a refactor: one submodule's key renamed in the saved file
+    key = victim(safetensors_torch.load_file(file), model)
+    old_module, _, leaf = key.rpartition(".")
+
+    def rename(tensors: dict[str, Any]) -> dict[str, Any]:
+        return {(f"{old_module}_old.{leaf}" if k == key else k): t for k, t in tensors.items()}
+
+    renamed_file = rewritten(file, tmp_path / "renamed", rename)
+    renamed = loading_info(name, renamed_file.parent)
+    agrees(renamed, model, renamed_file)
+    assert summary(renamed) != "clean"
+    assert not gate_passes(model, renamed_file)
+
+    # a refactor: one width changed (a row less)
+    def narrow(tensors: dict[str, Any]) -> dict[str, Any]:
+        return {k: (t[:-1].clone() if k == key else t) for k, t in tensors.items()}
+
+    narrow_file = rewritten(file, tmp_path / "narrow", narrow)
+    narrowed = loading_info(name, narrow_file.parent)
+    assert narrowed["refused"]
+    agrees(narrowed, model, narrow_file)
+    assert not gate_passes(model, narrow_file)
+    TABLE[name] = [
+        f"fresh: {summary(fresh)} / gate passes (rules='torch' {torch_verdict}; gate "
+        f"{gate_seconds:.3f}s, from_pretrained {hf_seconds:.3f}s)",
+        f"renamed {key}: {summary(renamed)} / gate fails",
+        f"narrowed: {summary(narrowed)}, from_pretrained raises / gate fails",
+    ]
+
+
+TORCH_SAVE = ["GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM", "BertForMaskedLM",
+              "T5ForConditionalGeneration", "ViTForImageClassification"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TORCH_SAVE)
+def test_torch_save_of_the_state_dict(name: str, tmp_path: Path) -> None:
+    """``torch.save(model.state_dict())`` beside the config: every key, tied ones included."""
+    model = tiny(name)
+    model.config.save_pretrained(tmp_path)
+    file = tmp_path / "pytorch_model.bin"
+    torch.save(model.state_dict(), file)
+    info = loading_info(name, tmp_path)
+    verdict = transformers_load(meta_copy(model), torch.load(file, weights_only=True), strict=True)
+    assert (set(verdict.missing), set(verdict.unexpected)) == (
+        info["missing"],
+        info["unexpected"],
+    )
+    assert gate_passes(model, file) == (summary(info) == "clean")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def agreement_table(request: pytest.FixtureRequest) -> Any:
+    """The closing table: architecture, from_pretrained's info, the gate's verdict."""
+    yield
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None or not TABLE:
+        return
+    with capture.global_and_fixture_disabled():
+        print(f"\ngate vs from_pretrained (transformers {transformers.__version__}):")
+        for name, rows in TABLE.items():
+            print(f"  {name}: " + " | ".join(rows))
