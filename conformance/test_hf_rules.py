@@ -256,3 +256,85 @@ def agreement_table(request: pytest.FixtureRequest) -> Any:
         print(f"\ngate vs from_pretrained (transformers {transformers.__version__}):")
         for name, rows in TABLE.items():
             print(f"  {name}: " + " | ".join(rows))
+
+
+def test_the_report_names_the_rule_that_accepted_each_key(pytester: pytest.Pytester) -> None:
+    """A user's test: a fresh save passes; a renamed norm fails, with transformers' reasons."""
+    pytester.makepyfile(
+        """
+        import pytest
+        import transformers
+        from safetensors.torch import load_file, save_file
+
+        from pytest_statedict import assert_checkpoint_loads
+
+        @pytest.fixture
+        def model():
+            config = transformers.MixtralConfig(
+                vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                tie_word_embeddings=True,
+            )
+            return transformers.MixtralForCausalLM(config)
+
+        def test_fresh_checkpoint_loads(model, tmp_path):
+            model.save_pretrained(tmp_path)
+            assert_checkpoint_loads(model, tmp_path / "model.safetensors")
+
+        def test_torch_rules_refuse_it(model, tmp_path):
+            model.save_pretrained(tmp_path)
+            assert_checkpoint_loads(model, tmp_path / "model.safetensors", rules="torch")
+
+        def test_renamed_norm(model, tmp_path):
+            model.save_pretrained(tmp_path)
+            tensors = load_file(tmp_path / "model.safetensors")
+            tensors["model.final_norm.weight"] = tensors.pop("model.norm.weight")
+            save_file(tensors, tmp_path / "old.safetensors", metadata={"format": "pt"})
+            assert_checkpoint_loads(model, tmp_path / "old.safetensors")
+
+        def test_rules_transformers_on_a_plain_module(tmp_path):
+            import torch
+            net = torch.nn.Linear(2, 2)
+            torch.save(net.state_dict(), tmp_path / "net.pt")
+            assert_checkpoint_loads(net, tmp_path / "net.pt", rules="transformers")
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=3)
+    version = transformers.__version__
+    result.stdout.fnmatch_lines(
+        [
+            "*test_torch_rules_refuse_it*",
+            "*does not load into MixtralForCausalLM with load_state_dict(strict=True):",
+            "*missing (in the model, not in the checkpoint) (*",
+            "*model.layers.0.mlp.experts.gate_up_proj*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*test_renamed_norm*",
+            f"*does not load into MixtralForCausalLM with transformers {version} "
+            "from_pretrained's rules (strict=True):",
+            "*missing (in the model, not in the checkpoint) (1):",
+            "*model.norm.weight",
+            "*unexpected (in the checkpoint, not in the model) (1):",
+            "*model.final_norm.weight",
+            "*accepted by transformers' rules (strict load_state_dict refuses) (*):",
+            "*model.layers.0.block_sparse_moe.gate.weight: renamed to "
+            "model.layers.0.mlp.gate.weight by transformers' checkpoint conversion "
+            "(WeightRenaming '.block_sparse_moe.' -> '.mlp.')",
+            "*model.layers.0.mlp.experts.gate_up_proj: built from "
+            "model.layers.0.block_sparse_moe.experts.0.w1.weight, *(8 keys) by transformers' "
+            "checkpoint conversion (WeightConverter MergeModulelist, Concatenate)",
+            "*lm_head.weight: missing, tied to model.embed_tokens.weight (transformers' tied "
+            "weights: tie_word_embeddings / _tied_weights_keys)",
+            "*likely renamed (same shape and dtype):",
+            "*model.final_norm.weight -> model.norm.weight",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ValueError: assert_checkpoint_loads(rules='transformers'): Linear is not a "
+            "transformers PreTrainedModel*",
+        ]
+    )

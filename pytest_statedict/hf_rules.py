@@ -288,7 +288,7 @@ def _renamed(
         for renaming in renamings:  # which of the renamings fired, in transformers' order
             after, _ = renaming.rename_source_key(current)
             if after != current:
-                rules.append(f"{renaming.source_patterns} -> {renaming.target_patterns}")
+                rules.append(f"{_patterns(renaming, 'source')} -> {_patterns(renaming, 'target')}")
                 current = after
         why = (
             "WeightRenaming " + ", ".join(rules)
@@ -305,6 +305,13 @@ def _renamed(
             f"(WeightConverter {ops})"
         )
     return lines
+
+
+def _patterns(transform: Any, side: str) -> str:
+    """A transform's patterns as declared (before transformers compiles them to regexes)."""
+    declared = getattr(transform, f"_original_{side}_patterns", None)
+    patterns = declared or getattr(transform, f"{side}_patterns")
+    return " | ".join(f"'{p}'" for p in patterns)
 
 
 def _ignored(target: nn.Module, keys: set[str], side: str) -> list[str]:
