@@ -30,7 +30,9 @@ from pytest_statedict.hf_rules import transformers_load  # noqa: E402
 from pytest_statedict.round_trip import meta_copy  # noqa: E402
 
 if tuple(int(p) for p in transformers.__version__.split(".")[:1]) < (5,):
-    pytest.skip("transformers' loading rules are applied from transformers 5.0", allow_module_level=True)
+    pytest.skip(
+        "transformers' loading rules are applied from transformers 5.0", allow_module_level=True
+    )
 
 # Every size knob turned down, set where a config has it.
 SMALL: dict[str, Any] = {
@@ -338,3 +340,33 @@ def test_the_report_names_the_rule_that_accepted_each_key(pytester: pytest.Pytes
             "transformers PreTrainedModel*",
         ]
     )
+
+
+def test_a_plain_model_costs_no_transformers_import(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from pytest_statedict import assert_checkpoint_loads\n"
+        "net = torch.nn.Linear(2, 2)\n"
+        f"torch.save(net.state_dict(), {str(tmp_path / 'net.pt')!r})\n"
+        f"assert_checkpoint_loads(net, {str(tmp_path / 'net.pt')!r})\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_users_model_and_transformers_settings_are_untouched(tmp_path: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    model = tiny("MixtralForCausalLM")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    file = saved(model, tmp_path)
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    assert_checkpoint_loads(model, file)
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bar)
+    assert not hasattr(model, "_weight_conversions") or not model._weight_conversions
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and after[k].device.type == "cpu" for k in after)
