@@ -11,7 +11,6 @@ only the verdicts. Nothing is downloaded: every config is built here.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -83,7 +82,7 @@ Qwen2ForCausalLM Qwen3MoeForCausalLM GPTNeoXForCausalLM OPTForCausalLM PhiForCau
 Phi3ForCausalLM GemmaForCausalLM RobertaForMaskedLM DistilBertForMaskedLM AlbertForMaskedLM
 MarianMTModel Wav2Vec2ForCTC SwinForImageClassification DeiTForImageClassification
 SiglipModel OlmoeForCausalLM DbrxForCausalLM DeepseekV3ForCausalLM
-""".split()
+""".split()  # noqa: SIM905 (a block of names is easier to read and extend)
 
 # architecture -> (transformers' loading info, gate verdict, seconds) for the closing table
 TABLE: dict[str, list[str]] = {}
