@@ -17,8 +17,9 @@ change the loading info: ``mark_tied_weights_as_initialized``, ``tie_weights`` a
 rule that accepted them, so a report shows why a key a strict load would refuse passed.
 
 transformers is imported only when the model's class comes from it: a model of any other
-library costs no import. transformers 5.0 is the floor (``core_model_loading``); with an
-older one, ``rules="auto"`` keeps torch's rules and says so.
+library costs no import. transformers 4.50 to 4.x decide on keys before reading data,
+by functions of their own (``transformers4_load``); older ones are not supported:
+``rules="auto"`` keeps torch's rules for them and says so.
 """
 
 from __future__ import annotations
@@ -96,17 +97,27 @@ def choose_rules(model: nn.Module, rules: str) -> tuple[str, list[str]]:
                 "loading rules, so pass rules='torch' (or 'auto')"
             )
         return "torch", []
-    if transformers_version() < (5, 0):
+    if transformers_version() < (5, 0) and not _has_v4_loader():
         import transformers
 
         floor = (
-            f"transformers {transformers.__version__} is older than 5.0, the first whose "
+            f"transformers {transformers.__version__} is older than 4.50, the first whose "
             "loading rules the gate applies"
         )
         if rules == "transformers":
             raise ValueError(f"assert_checkpoint_loads(rules='transformers'): {floor}")
         return "torch", [f"torch's rules were applied: {floor}"]
     return "transformers", []
+
+
+def _has_v4_loader() -> bool:
+    """transformers 4.50 to 4.x: the key-level helpers its ``_load_pretrained_model`` calls."""
+    from transformers import modeling_utils
+
+    return all(
+        hasattr(modeling_utils, name)
+        for name in ("_find_missing_and_unexpected_keys", "_find_mismatched_keys")
+    ) and hasattr(modeling_utils.PreTrainedModel, "_get_key_renaming_mapping")
 
 
 def decide_load(
@@ -128,6 +139,8 @@ def decide_load(
         missing, unexpected, shapes, error = torch_load(copy(model), state)
         how = f"load_state_dict(strict={strict})"
         return LoadVerdict(missing, unexpected, shapes, error, "torch", how, notes=notes)
+    if transformers_version() < (5, 0):
+        return transformers4_load(copy(model), state, strict=strict)
     return transformers_load(copy(model), state, strict=strict)
 
 
@@ -206,6 +219,88 @@ def transformers_load(target: nn.Module, state: Mapping[str, Any], *, strict: bo
         "; ".join(errors) or None,
         "transformers",
         how + f" (strict={strict})",
+        accepted=accepted,
+        unmatched=unmatched,
+    )
+
+
+def transformers4_load(target: nn.Module, state: Mapping[str, Any], *, strict: bool) -> LoadVerdict:
+    """The same for transformers 4.50 to 4.x, whose loader decides on keys before any data.
+
+    Its ``_load_pretrained_model`` steps, in its order, by its own functions: the
+    base-model prefix and ``_get_key_renaming_mapping`` (legacy ``gamma``/``beta`` and weight
+    norm names), ``_find_missing_and_unexpected_keys`` (tied parameters, non-persistent
+    buffers), ``_find_mismatched_keys`` on the checkpoint's shapes, and
+    ``_adjust_missing_and_unexpected_keys`` (the keys to ignore).
+    """
+    import transformers
+    from transformers.modeling_utils import (
+        _find_mismatched_keys,
+        _find_missing_and_unexpected_keys,
+        find_tied_parameters,
+    )
+
+    how = f"transformers {transformers.__version__} from_pretrained's rules (strict={strict})"
+    meta_state = {key: _on_meta(value) for key, value in state.items()}
+    keys = list(meta_state)
+    prefix = target.base_model_prefix
+    has_prefix = bool(prefix) and any(k.startswith(prefix) for k in keys)
+    expects_prefix = bool(prefix) and hasattr(target, prefix)
+    task_from_base, base_from_task = (
+        not has_prefix and expects_prefix,
+        has_prefix and not expects_prefix,
+    )
+    try:
+        names = target._get_key_renaming_mapping(keys, None, base_from_task, task_from_base)
+        loaded = list(names.values())
+        missing, unexpected = _find_missing_and_unexpected_keys(
+            target, keys, loaded, base_from_task, None
+        )
+        mismatched, shapes = _find_mismatched_keys(
+            target, meta_state, None, True, names, False, True
+        )
+        adjusted = target._adjust_missing_and_unexpected_keys(
+            list(missing), list(unexpected), task_from_base
+        )
+    except Exception as exc:  # a model's own renaming hook, a corrupted prefix layout
+        error = f"transformers' loader raised {type(exc).__name__}: {exc}"
+        return LoadVerdict([], [], [], error, "transformers", how)
+    model_keys = dict(target.state_dict())
+    accepted = []
+    for key, name in names.items():
+        if name != key and name in model_keys and name not in mismatched:
+            why = (
+                f"{type(target).__name__}._fix_state_dict_key_on_load"
+                if target._fix_state_dict_key_on_load(key)[1]
+                else f"base_model_prefix {prefix!r}"
+            )
+            accepted.append(f"{key}: renamed to {name} by transformers' key renaming ({why})")
+    groups = find_tied_parameters(target)
+    for key in sorted(set(model_keys) - set(loaded) - set(missing)):
+        group = next((g for g in groups if key in g), [])
+        source = next((k for k in group if k in loaded), "a tied key")
+        accepted.append(
+            f"{key}: missing, tied to {source} (transformers' tied parameters, shared in the model)"
+        )
+    buffers = {name for name, _ in target.named_buffers()}
+    accepted += [
+        f"{key}: unexpected, ignored (a non-persistent buffer of the model)"
+        for key in sorted(set(loaded) - set(model_keys) - set(unexpected))
+        if key in buffers
+    ]
+    accepted += _ignored(target, set(missing) - set(adjusted[0]), "missing")
+    accepted += _ignored(target, set(unexpected) - set(adjusted[1]), "unexpected")
+    unmatched = (
+        {k: v for k, v in meta_state.items() if names.get(k) not in model_keys},
+        {k: model_keys[k] for k in adjusted[0] if k in model_keys},
+    )
+    return LoadVerdict(
+        sorted(adjusted[0]),
+        sorted(adjusted[1]),
+        sorted((k, _shape(c), _shape(m)) for k, (c, m) in zip(mismatched, shapes, strict=True)),
+        None,
+        "transformers",
+        how,
         accepted=accepted,
         unmatched=unmatched,
     )
