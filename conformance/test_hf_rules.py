@@ -377,3 +377,28 @@ def test_the_users_model_and_transformers_settings_are_untouched(tmp_path: Path)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) and after[k].device.type == "cpu" for k in after)
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "MixtralForCausalLM"])
+def test_the_snapshot_verdict_speaks_transformers_rules(name: str, tmp_path: Path) -> None:
+    """A diff against the saved file says whether from_pretrained would still load it."""
+    from pytest_statedict import assert_state_dict_matches
+
+    model = tiny(name)
+    file = saved(model, tmp_path / "fresh")
+    with pytest.raises(StateDictMismatch) as fresh:  # tied keys left out, legacy layout
+        assert_state_dict_matches(model, expected=file)
+    assert "still loads with from_pretrained: yes, by transformers " in str(fresh.value)
+    key = victim(safetensors_torch.load_file(file), model)
+    module, _, leaf = key.rpartition(".")
+    renamed = rewritten(
+        file,
+        tmp_path / "renamed",
+        lambda tensors: {
+            (f"{module}_old.{leaf}" if k == key else k): v for k, v in tensors.items()
+        },
+    )
+    with pytest.raises(StateDictMismatch) as refactored:
+        assert_state_dict_matches(model, expected=renamed)
+    assert "still loads" in str(refactored.value)
+    assert ": NO" in str(refactored.value).split("still loads", 1)[1].splitlines()[0]

@@ -141,7 +141,8 @@ def load_verdict(diff: SchemaDiff) -> str:
     if check is not None and check.loads is not None and check.loads != diff.layouts_load_strict:
         # the model's own load_state_dict disagrees with its layout: say so, and who decided
         if check.loader != "load_state_dict":
-            through = f"for {check.model} by {check.loader}"
+            head = "an old checkpoint still loads with from_pretrained"
+            through = f"by {check.loader} for {check.model}"
             why = "its tied keys, keys to ignore and checkpoint conversions accept the old layout"
         else:
             through = f"through {check.model}'s own load_state_dict"
