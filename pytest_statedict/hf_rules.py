@@ -156,7 +156,7 @@ def transformers_load(target: nn.Module, state: Mapping[str, Any], *, strict: bo
     from transformers.modeling_utils import LoadStateDictConfig
     from transformers.utils import logging as hf_logging
 
-    how = f"transformers {transformers.__version__} from_pretrained's rules"
+    how = f"transformers {transformers.__version__} from_pretrained's rules (strict={strict})"
     meta_state = {key: _on_meta(value) for key, value in state.items()}
     model_keys = dict(target.state_dict())
     config = LoadStateDictConfig(
@@ -174,9 +174,9 @@ def transformers_load(target: nn.Module, state: Mapping[str, Any], *, strict: bo
         info, _ = convert_and_load_state_dict_in_model(
             model=target, state_dict=meta_state, load_config=config
         )
-        loaded = set(info.missing_keys)
+        before_marking = set(info.missing_keys)
         target.mark_tied_weights_as_initialized(info)
-        shared = loaded - info.missing_keys  # custom code's shared modules, loaded through one
+        shared = before_marking - info.missing_keys  # custom code's shared modules
         before_tie = set(info.missing_keys)
         target.tie_weights(missing_keys=info.missing_keys, recompute_mapping=False)
         tied = before_tie - info.missing_keys
@@ -218,7 +218,7 @@ def transformers_load(target: nn.Module, state: Mapping[str, Any], *, strict: bo
         shapes,
         "; ".join(errors) or None,
         "transformers",
-        how + f" (strict={strict})",
+        how,
         accepted=accepted,
         unmatched=unmatched,
     )
