@@ -78,6 +78,9 @@ class LoadCheck:
     model: str  # the model's class name
     loads: bool | None
     reason: str = ""
+    # whose loader answered: the model's own load_state_dict, or transformers' from_pretrained
+    # rules for a PreTrainedModel (hf_rules)
+    loader: str = "load_state_dict"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .extract import (
     require_module,
     schema_of_file,
 )
+from .hf_rules import decide_load
 from .readers import dispatch
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
@@ -59,6 +60,7 @@ def assert_checkpoint_loads(
     rename: Rename = None,
     map_location: Any = "cpu",
     part: str | None = None,
+    rules: str = "auto",
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
@@ -66,7 +68,10 @@ def assert_checkpoint_loads(
     checkpoint's keys to today's names. On failure, the message lists the missing,
     unexpected and shape-mismatched keys, likely renames as a ready ``rename=``, and the
     keys a ``strict=False`` load would silently drop. ``part`` names the model's entry
-    in a checkpoint holding several (``"modelB_state_dict"``).
+    in a checkpoint holding several (``"modelB_state_dict"``). ``rules`` says whose idea of
+    "loads" applies: ``"torch"`` (``load_state_dict``), ``"transformers"`` (``from_pretrained``:
+    tied keys, keys to ignore, checkpoint conversions) or ``"auto"``, transformers' for a
+    transformers ``PreTrainedModel`` and torch's for anything else.
     """
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
@@ -76,14 +81,19 @@ def assert_checkpoint_loads(
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())
         renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
         state = renamed
-    missing, unexpected, shapes, error = _try_load(meta_copy(model), state)
+    verdict = decide_load(
+        model, state, rules=rules, strict=strict, copy=meta_copy, torch_load=_try_load
+    )
+    missing, unexpected, shapes, error = (
+        verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
+    )  # fmt: skip
     failed = bool(shapes or error or (strict and (missing or unexpected)))
     if not failed:
         return
     lines = [
-        f"checkpoint {_shown(source)} does not load into {type(model).__name__} with "
-        f"load_state_dict(strict={strict}):"
+        f"checkpoint {_shown(source)} does not load into {type(model).__name__} with {verdict.how}:"
     ]
+    lines.extend(f"  {note}" for note in verdict.notes)
     if error:
         lines.append(f"  its load_state_dict raised: {error}")
 
@@ -97,6 +107,7 @@ def assert_checkpoint_loads(
     section("missing (in the model, not in the checkpoint)", missing)
     section("unexpected (in the checkpoint, not in the model)", unexpected)
     section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+    section("accepted by transformers' rules (strict load_state_dict refuses)", verdict.accepted)
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     new_buffers = [k for k in missing if k in buffers]
     if new_buffers:
@@ -108,7 +119,10 @@ def assert_checkpoint_loads(
             + ": if not needed in checkpoints, register with "
             "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
         )
-    diff = diff_schemas(mapping_schema(state), module_schema(model))
+    if verdict.unmatched is None:
+        diff = diff_schemas(mapping_schema(state), module_schema(model))
+    else:  # what transformers' rules left unmatched on each side
+        diff = diff_schemas(*(mapping_schema(side) for side in verdict.unmatched))
     if diff.prefix:
         how, prefix = diff.prefix
         fix = (
@@ -191,12 +205,20 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
         state = state_from_snapshot(expected)
     except SnapshotError as exc:
         return LoadCheck(name, None, f"the expected layout cannot be rebuilt ({exc})")
+    loader = "load_state_dict"
     try:
-        missing, unexpected, shapes, error = _try_load(target, state)
+        verdict = decide_load(
+            model, state, rules="auto", strict=True, copy=lambda _: target, torch_load=_try_load
+        )
+        missing, unexpected, shapes, error = (
+            verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
+        )  # fmt: skip
+        if verdict.rules == "transformers":
+            loader = verdict.how
     except Exception as exc:  # a load hook's own error: torch's load would raise it too
         error = f"{type(exc).__name__}: {exc}"
     if error:
-        return LoadCheck(name, False, f"it raises: {error}")
+        return LoadCheck(name, False, f"it raises: {error}", loader)
     # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
     present = {entry.key for entry in expected.tensors}
     missing = [k for k in missing if k not in present]
@@ -205,7 +227,7 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
         return sum(not _matches(k, ignore) for k in keys)
 
     reasons = load_refusals(kept(unexpected), kept(missing), kept([s[0] for s in shapes]))
-    return LoadCheck(name, not reasons, ", ".join(reasons))
+    return LoadCheck(name, not reasons, ", ".join(reasons), loader)
 
 
 def _shown(path: Path) -> str:
