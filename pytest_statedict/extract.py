@@ -46,7 +46,9 @@ MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "model
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_states")
 
 # Optimizer state that is elementwise: its shape must equal its parameter's. A mismatch
-# means the state was restored onto the wrong parameter (a reordered model).
+# means the state was restored onto the wrong parameter (a reordered model). A 0-dim
+# state under one of these names is per-tensor by design (NovoGrad's ``exp_avg_sq``, a
+# layer-wise second moment), never a misplaced elementwise one.
 ELEMENTWISE_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
      "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}
@@ -786,6 +788,7 @@ def _live_optimizer_schema(
                     if (
                         name in ELEMENTWISE_STATE
                         and isinstance(value, torch.Tensor)
+                        and value.dim() > 0
                         and value.shape != param.shape
                     ):
                         problems.append(
