@@ -73,10 +73,15 @@ def schema_of(
     nested ones).
     """
     if isinstance(obj, Schema):
-        if optimizer is not None or values:
+        if optimizer is not None:
             raise UnsupportedObjectError(
-                "schema_of(): a Schema is already a schema; optimizer= and values= apply to a "
-                "module, state_dict or checkpoint"
+                "schema_of(): a Schema is already a schema; optimizer= applies to a module, "
+                "state_dict or checkpoint"
+            )
+        if values and not obj.has_values:
+            raise UnsupportedObjectError(
+                "schema_of(): values=True needs a Schema taken with values=True (this one "
+                "records no value fingerprints)"
             )
         return obj
     if isinstance(obj, (str, os.PathLike)):
@@ -151,9 +156,16 @@ def schema_of_file(
             raise CheckpointError(where, "a sharded checkpoint has no parts to choose from")
         return _sharded_schema(where, values=values, loader=loader)
     if fmt == dispatch.SNAPSHOT:
-        if values or part:
-            raise CheckpointError(where, "a snapshot holds one schema, without values or parts")
-        return snapshot_file.read_snapshot(where)
+        if part:
+            raise CheckpointError(where, "a snapshot holds one schema, without parts")
+        snapshot = snapshot_file.read_snapshot(where)
+        if values and not snapshot.has_values:
+            raise CheckpointError(
+                where,
+                "values=True needs a snapshot taken with values=True (this one records no "
+                "value fingerprints)",
+            )
+        return snapshot
     return _single_file_schema(where, values=values, weights_only=weights_only, part=part,
                                loader=None)  # fmt: skip
 
