@@ -370,10 +370,9 @@ def _attribute_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def _deepcopy(obj: Any, memo: dict[int, Any], caller: str) -> Any:
-    model = obj[0] if isinstance(obj, tuple) else obj
+def _deepcopy(model: nn.Module, memo: dict[int, Any], caller: str) -> nn.Module:
     try:
-        return copy.deepcopy(obj, memo)
+        return copy.deepcopy(model, memo)
     except Exception as exc:  # whatever a module's __deepcopy__ or a tensor's raises
         raise StateDictError(
             f"{caller}: {type(model).__name__} cannot be copied to load into "

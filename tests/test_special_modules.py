@@ -19,12 +19,12 @@ from torch import nn
 from pytest_statedict import (
     StateDictError,
     StateDictMismatch,
+    UnsupportedFormatError,
     assert_checkpoint_loads,
     assert_state_dict_matches,
     roundtrip,
     schema_of,
 )
-from pytest_statedict.errors import UnsupportedFormatError
 from pytest_statedict.gate import load_check, state_from_snapshot
 from pytest_statedict.round_trip import meta_copy
 from pytest_statedict.schema import Schema
