@@ -168,8 +168,9 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
     make_target = _loading_copy(model, None)
     try:
         target = make_target()
-    except StateDictError:  # meta_copy says why; the layouts decide instead
-        return LoadCheck(name, None, f"{name} cannot be copied onto the meta device")
+    except StateDictError as exc:  # the layouts decide instead
+        why = type(exc.__context__).__name__ if exc.__context__ else "no copy"
+        return LoadCheck(name, None, f"{name} cannot be copied ({why})")
     try:
         state = state_from_snapshot(expected, model)
     except SnapshotError as exc:
@@ -250,9 +251,9 @@ def _try_load(
 def _last_line(exc: RuntimeError) -> str:
     """torch's load errors end with the problem; any other error (a hook's) starts with it."""
     lines = str(exc).strip().splitlines()
-    if lines and lines[0].startswith("Error(s) in loading state_dict"):
-        return lines[-1]
-    return first_line(exc)
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("Error(s) in loading state_dict") else lines[0]
 
 
 def _shape(text: str) -> str:

@@ -10,7 +10,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.ao import quantization as tq
 from torch.nn.utils import parametrize
 
 
@@ -39,6 +38,8 @@ def parametrized():
 
 class _ConvNet(nn.Module):
     def __init__(self):
+        from torch.ao import quantization as tq
+
         super().__init__()
         self.quant = tq.QuantStub()
         self.conv = nn.Conv2d(3, 4, 3)
@@ -53,6 +54,8 @@ class _ConvNet(nn.Module):
 
 def quantized_conv_net(seed=0):
     """Eager static quantization: a quantized conv (bias packed with it) and linear."""
+    from torch.ao import quantization as tq
+
     torch.manual_seed(seed)
     model = _ConvNet().eval()
     model.qconfig = tq.get_default_qconfig(torch.backends.quantized.engine)
@@ -77,6 +80,8 @@ class TiedHead(nn.Module):
 
 
 def dynamic_quantized_tied(seed=0):
+    from torch.ao import quantization as tq
+
     torch.manual_seed(seed)
     return tq.quantize_dynamic(TiedHead(), {nn.Linear}, dtype=torch.qint8)
 

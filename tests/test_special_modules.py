@@ -8,6 +8,7 @@ CPU without timm, torchvision or transformers.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,14 @@ from pytest_statedict.round_trip import meta_copy
 from pytest_statedict.schema import Schema
 
 quantized = pytest.mark.skipif(
-    torch.backends.quantized.engine == "none", reason="this torch build has no quantized engine"
+    importlib.util.find_spec("torch.ao.quantization") is None
+    or torch.backends.quantized.engine == "none",
+    reason="this torch has no eager-mode quantization (torch.ao.quantization, an engine)",
 )
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+# torch deprecates weight_norm and torch.ao.quantization: the users' models still use them
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"
+)
 
 PACKED = "fc._packed_params._packed_params"
 
