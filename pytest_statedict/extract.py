@@ -443,7 +443,14 @@ def _entries(
     fingerprints = _fingerprints(state) if values else {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            entries.append(TensorEntry(key=key, kind="object", type=_type_name(value)))
+            entries.append(
+                TensorEntry(
+                    key=key,
+                    kind="object",
+                    type=_type_name(value),
+                    fingerprint=fingerprints.get(key),
+                )
+            )
             continue
         layout = value.layout
         storage = _storage_of(value) if layout == strided else None
@@ -606,14 +613,73 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
         t = t.resolve_conj().resolve_neg()
     if t.layout != torch.strided:
         t = t.to_dense()
-    if t.is_quantized:
+    quantization = b""
+    if t.is_quantized:  # the integers and the scale and zero point(s) that give them value
+        quantization = _quantization_bytes(t)
         t = t.int_repr()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    digest = xxhash.xxh3_128(_bytes_of(t)).hexdigest()
+    hasher = xxhash.xxh3_128(_bytes_of(t))
+    if quantization:
+        hasher.update(quantization)
     lo, hi, mean, std = _statistics(t)
-    return Fingerprint(xxh3=digest, min=lo, max=hi, mean=mean, std=std)
+    return Fingerprint(xxh3=hasher.hexdigest(), min=lo, max=hi, mean=mean, std=std)
+
+
+def _quantization_bytes(t: torch.Tensor) -> bytes:
+    """A quantized tensor's scheme, scale(s), zero point(s) and axis, as bytes to hash."""
+    scheme = t.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        params = [torch.tensor([t.q_scale()], dtype=torch.float64),
+                  torch.tensor([t.q_zero_point()], dtype=torch.int64)]  # fmt: skip
+    else:
+        params = [t.q_per_channel_scales().cpu(), t.q_per_channel_zero_points().cpu(),
+                  torch.tensor([t.q_per_channel_axis()], dtype=torch.int64)]  # fmt: skip
+    out = str(scheme).encode()
+    for p in params:
+        p = p.contiguous()
+        out += bytes(_bytes_of(p))
+    return out
+
+
+def is_tensor_sequence(value: Any) -> bool:
+    """A tuple or list of tensors (and ``None``): a quantized module's packed weight and bias."""
+    return (
+        isinstance(value, (tuple, list))
+        and any(isinstance(v, torch.Tensor) for v in value)
+        and all(v is None or isinstance(v, torch.Tensor) for v in value)
+    )
+
+
+def sequence_fingerprint(values: tuple[Any, ...] | list[Any], key: str = "") -> Fingerprint:
+    """One fingerprint of a tuple of tensors: each one's hash, shape and dtype, hashed.
+
+    A dynamic-quantized ``Linear`` keeps its weight and bias as one ``(weight, bias)``
+    state_dict entry; without this a changed bias in it would not be seen. The statistics
+    are those of all the elements together (integers for quantized ones).
+    """
+    import xxhash
+
+    hasher = xxhash.xxh3_128()
+    flat = []
+    for i, value in enumerate(values):
+        if value is None:
+            hasher.update(b"None;")
+            continue
+        part = fingerprint(value, f"{key}[{i}]")
+        hasher.update(f"{part.xxh3}:{value.dtype}:{list(value.shape)};".encode())
+        plain = value.detach()
+        plain = plain.int_repr() if plain.is_quantized else plain
+        if plain.layout != torch.strided:
+            plain = plain.to_dense()
+        if plain.is_complex():
+            plain = torch.view_as_real(plain)
+        if plain.dtype not in _NO_ARITHMETIC:
+            flat.append(plain.reshape(-1).cpu().to(torch.float64))
+    both = torch.cat(flat) if flat else torch.empty(0, dtype=torch.float64)
+    lo, hi, mean, std = _statistics(both)
+    return Fingerprint(xxh3=hasher.hexdigest(), min=lo, max=hi, mean=mean, std=std)
 
 
 # Below this many bytes, hashing on a second thread saves less than starting it costs.
@@ -634,8 +700,13 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
     import xxhash
 
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    sequences = {k: v for k, v in state.items() if is_tensor_sequence(v)}
     for key, tensor in tensors.items():
         _require_values(tensor, key)  # before any work starts
+    for key, sequence in sequences.items():
+        for i, tensor in enumerate(sequence):
+            if tensor is not None:
+                _require_values(tensor, f"{key}[{i}]")
     in_place = {k: v.detach() for k, v in tensors.items() if _hashable_in_place(v)}
     if sum(t.nbytes for t in in_place.values()) < OVERLAP_MIN_BYTES:
         in_place = {}
@@ -667,6 +738,8 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
         raise failure[0]
     for key, (lo, hi, mean, std) in statistics.items():
         out[key] = Fingerprint(xxh3=digests[key], min=lo, max=hi, mean=mean, std=std)
+    for key, sequence in sequences.items():
+        out[key] = sequence_fingerprint(sequence, key)
     return out
 
 
