@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import random
 import tempfile
 import time
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from torch import nn
 
 from .bitwise import difference
 from .errors import (
+    CheckpointError,
     StateDictError,
     StateDictMismatch,
     UnsupportedFormatError,
@@ -58,6 +60,8 @@ class RoundTripResult:
     saved_on: tuple[str, ...] = ()
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    #: what the resume check cost, or why it did not run ("" without an optimizer)
+    resume: str = ""
 
     @property
     def ok(self) -> bool:
@@ -82,6 +86,8 @@ class RoundTripResult:
         lines = [f"{head}: {verdict}"]
         lines.extend(f"  {m}" for m in self.mismatches)
         lines.extend(f"  warning: {note}" for note in self.notes)
+        if self.resume:
+            lines.append(f"  resume check: {self.resume}")
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -192,9 +198,7 @@ def _save(model: nn.Module, extra: Mapping[str, Any], path: Path, format: str) -
         ) from None
     refused = safetensors_refusals(model.state_dict())
     if refused:
-        shown = "; ".join(refused[:8]) + (
-            f"; and {len(refused) - 8} more" if len(refused) > 8 else ""
-        )
+        shown = _listed(refused)
         raise UnsupportedFormatError(
             f"roundtrip(format='safetensors'): safetensors stores only dense tensors, and "
             f"{type(model).__name__}'s state_dict has {len(refused)} entr"
@@ -204,6 +208,32 @@ def _save(model: nn.Module, extra: Mapping[str, Any], path: Path, format: str) -
     save_model(model, str(path))
     if extra:
         torch.save(dict(extra), path.with_name("extra.pt"))
+
+
+def _listed(refused: list[str]) -> str:
+    return "; ".join(refused[:8]) + (f"; and {len(refused) - 8} more" if len(refused) > 8 else "")
+
+
+def weights_only_refusals(state: Mapping[str, Any]) -> list[str]:
+    """``key (what)`` for each state_dict entry holding a TorchScript object, which
+    ``torch.load(weights_only=True)`` refuses (a dynamic-quantized LSTM's packed weights)."""
+    refused = []
+
+    def script_objects(value: Any) -> Iterator[Any]:
+        if isinstance(value, torch._C.ScriptObject):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from script_objects(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from script_objects(item)
+
+    for key, value in state.items():
+        found = next(script_objects(value), None)
+        if found is not None:
+            refused.append(f"{key} (a TorchScript object, {found._type().qualified_name()})")
+    return refused
 
 
 def safetensors_refusals(state: Mapping[str, Any]) -> list[str]:
@@ -233,7 +263,17 @@ def _load_and_compare(
 
     loader = checkpoint_loader()
     if format == "torch":
-        saved, locations = dispatch.load_file(path, loader=loader, map_location=load_device)
+        try:
+            saved, locations = dispatch.load_file(path, loader=loader, map_location=load_device)
+        except CheckpointError:
+            refused = weights_only_refusals(original.state_dict())
+            if not refused:
+                raise
+            raise UnsupportedFormatError(
+                f"roundtrip(): {type(original).__name__}'s state_dict holds objects that "
+                f"torch.load(weights_only=True) refuses to unpickle: {_listed(refused)}. Its "
+                "checkpoints load only with weights_only=False, which runs code from the file"
+            ) from None
         result.saved_on = tuple(sorted(locations))
         state = saved.pop("model")
         extra = saved
@@ -526,19 +566,40 @@ def _check_resume(
     result: RoundTripResult,
     factory: Callable[[], nn.Module] | None,
 ) -> None:
-    """One more step from the same gradients: the original (a copy) and the reloaded."""
+    """One more step from the same gradients: the original (a copy) and the reloaded.
+
+    Its cost is one optimizer step on each side, a copy of the model and optimizer, and
+    one more comparison; ``result.resume`` states it. Both steps see the same gradients
+    and the same random numbers (torch's and Python's generators seeded alike), so an
+    optimizer that draws random numbers resumes exactly when its state_dict holds all it
+    keeps. A step that needs what the check cannot give (second-order gradients) is
+    skipped, with the reason.
+    """
+    if getattr(optimizer, "is_second_order", False):
+        result.resume = (
+            f"skipped: {type(optimizer).__name__} is a second-order optimizer, its step needs "
+            "gradients from backward(create_graph=True); its state was compared exactly"
+        )
+        return
+    started = time.perf_counter()
+    outside = _state_outside_state_dict(optimizer, fresh_opt)
     twin_model, twin_opt = _resume_twin(model, optimizer, factory)
-    generator = torch.Generator().manual_seed(0)
-    twin_params = dict(twin_model.named_parameters())
+    sparse = isinstance(optimizer, torch.optim.SparseAdam)
     fresh_params = dict(fresh.named_parameters())
-    for name, p in twin_params.items():
+    twin_grads: dict[torch.Tensor, torch.Tensor] = {}
+    fresh_grads: dict[torch.Tensor, torch.Tensor] = {}
+    for name, p in twin_model.named_parameters():
         if p.requires_grad:
-            grad = torch.randn(p.shape, generator=generator).to(p.dtype)
-            p.grad = grad.to(p.device)
-            fresh_params[name].grad = grad.to(fresh_params[name].device)
-    with torch.no_grad():
-        twin_opt.step()
-        fresh_opt.step()
+            grad = _fixed_gradient(p)
+            if sparse:
+                grad = grad.to_sparse()
+            twin_grads[p] = grad
+            # a copy each: an optimizer may change its gradients in place
+            fresh_grads[fresh_params[name]] = grad.to(fresh_params[name].device, copy=True)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), _python_random_kept():
+        _step(twin_opt, twin_grads)
+        _step(fresh_opt, fresh_grads)
     before = len(result.mismatches)
     _compare_state(
         {f"after one more step: {k}": v for k, v in twin_model.state_dict().items()},
@@ -549,6 +610,78 @@ def _check_resume(
             difference(_cpu(twin_opt.state_dict()), _cpu(fresh_opt.state_dict())))  # fmt: skip
     if len(result.mismatches) > before:
         result.mismatches.append("resuming from the checkpoint does not continue training exactly")
+        if outside:
+            result.mismatches.append(
+                f"{type(optimizer).__name__} keeps state outside its state_dict, which a "
+                f"checkpoint does not carry: {', '.join(outside)}"
+            )
+    result.resume = (
+        f"one more optimizer step on a copy and on the reloaded model, "
+        f"{time.perf_counter() - started:.2f} s (check_resume=False skips it)"
+    )
+
+
+def _fixed_gradient(p: torch.Tensor) -> torch.Tensor:
+    """A gradient of varied values that costs a few passes over memory (no random draws)."""
+    pattern = torch.arange(p.numel(), dtype=torch.float64, device=p.device)
+    pattern.mul_(0.6180339887498949).frac_().sub_(0.5)
+    return pattern.to(p.dtype).reshape(p.shape)
+
+
+def _step(optimizer: torch.optim.Optimizer, grads: Mapping[torch.Tensor, torch.Tensor]) -> None:
+    """``optimizer.step()`` from ``grads``, with the closure LBFGS-like optimizers require."""
+    torch.manual_seed(0)
+    random.seed(0)
+    for p, g in grads.items():
+        p.grad = g
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    with torch.no_grad():
+        if closure is not None and closure.default is inspect.Parameter.empty:
+
+            def same_loss() -> torch.Tensor:
+                # re-evaluated by a line search: the same gradients, the same loss
+                for p, g in grads.items():
+                    p.grad = g.clone()
+                return torch.tensor(1.0)
+
+            optimizer.step(same_loss)
+        else:
+            optimizer.step()
+
+
+@contextmanager
+def _python_random_kept() -> Iterator[None]:
+    """Python's ``random`` module state as it was (``_step`` seeds it)."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def _state_outside_state_dict(
+    optimizer: torch.optim.Optimizer, reloaded: torch.optim.Optimizer
+) -> list[str]:
+    """Attributes in which the optimizer differs from its reloaded twin: what
+    ``state_dict`` leaves out (a random generator, a step counter kept on the object)."""
+    kept = {"state", "param_groups", "defaults"}
+    differ = []
+    theirs = vars(reloaded)
+    for name, value in vars(optimizer).items():
+        if name in kept or name.startswith("_") or name not in theirs:
+            continue
+        other = theirs[name]
+        if isinstance(value, random.Random) and isinstance(other, random.Random):
+            same = value.getstate() == other.getstate()
+        elif isinstance(value, torch.Generator) and isinstance(other, torch.Generator):
+            same = torch.equal(value.get_state(), other.get_state())
+        elif isinstance(value, (int, float, str, bool, type(None))):
+            same = value == other
+        else:
+            continue
+        if not same:
+            differ.append(f"{name} ({type(value).__module__}.{type(value).__qualname__})")
+    return differ
 
 
 def _resume_twin(
@@ -584,6 +717,14 @@ def _resume_twin(
         twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         return twin_model, twin_opt
     _repack(model, twin_model)
+    # Optimizer.__getstate__ keeps only defaults, state and param_groups: the data the
+    # class set up beside them (LBFGS's flat list of parameters and its cache) is copied
+    # with the same memo, so that it names the copy's parameters. Never a function: an LR
+    # scheduler's ``step`` wrapper is bound to the original and would step it.
+    for name in set(vars(optimizer)) - set(vars(twin_opt)):
+        value = vars(optimizer)[name]
+        if not callable(value):
+            setattr(twin_opt, name, copy.deepcopy(value, memo))
     return twin_model, twin_opt
 
 
