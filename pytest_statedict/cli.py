@@ -54,9 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _show(path: str, *, as_json: bool, part: str | None) -> int:
-    from .extract import schema_of
+    from .torch_free import schema_of_file
 
-    schema = schema_of(path, part=part)
+    schema = schema_of_file(path, part=part)
     if as_json:
         sys.stdout.write(schema.to_json())
         return 0
@@ -66,7 +66,6 @@ def _show(path: str, *, as_json: bool, part: str | None) -> int:
 
 def render_table(schema: object) -> str:
     """Name, shape, dtype, kind and element count per key, aligned, then the totals."""
-    from .compare import UNKNOWN_CLASS
     from .schema import Schema
 
     assert isinstance(schema, Schema)
@@ -105,6 +104,8 @@ def render_table(schema: object) -> str:
     if schema.saved_on:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")
     if schema.optimizer is not None:
+        from .compare import UNKNOWN_CLASS
+
         opt = schema.optimizer
         cls = "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else opt.cls
         lines.append(
@@ -133,10 +134,12 @@ def _diff(
     expected: str, actual: str, *, verbose: bool, parts: tuple[str | None, str | None]
 ) -> int:
     from .compare import diff_schemas
-    from .extract import schema_of
     from .report import render_diff
+    from .torch_free import schema_of_file
 
-    found = diff_schemas(schema_of(expected, part=parts[0]), schema_of(actual, part=parts[1]))
+    found = diff_schemas(
+        schema_of_file(expected, part=parts[0]), schema_of_file(actual, part=parts[1])
+    )
     if not found:
         print(f"no difference: {expected} and {actual} have the same schema")
         return 0

@@ -238,28 +238,11 @@ def _object_schema(
 
 def _sharded_schema(index: Path, *, values: bool, loader: CheckpointLoader | None) -> Schema:
     """A Hugging Face sharded checkpoint: each shard's own schema, of the keys mapped to it."""
-    entries = []
-    locations: set[str] = set()
-    ordered = True
-    for shard in hf_index.read_index(index):
-        schema = _single_file_schema(
-            shard.path, values=values, weights_only=True, part=None, loader=loader
-        )
-        locations.update(schema.saved_on)
-        ordered = ordered and schema.ordered
-        missing = shard.keys - {t.key for t in schema.tensors}
-        if missing:
-            raise CheckpointError(
-                index,
-                f"keys it maps to {shard.name} are not in that shard: "
-                + ", ".join(sorted(missing)[:5]),
-            )
-        entries.extend(t for t in schema.tensors if t.key in shard.keys)
-    return Schema(
-        tensors=tuple(entries),
-        ordered=ordered,
-        saved_on=tuple(sorted(locations)),
-        source=str(index),
+    return hf_index.sharded_schema(
+        index,
+        lambda shard: _single_file_schema(
+            shard, values=values, weights_only=True, part=None, loader=loader
+        ),
     )
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from .compare import UNKNOWN_CLASS
 from .errors import UnsupportedObjectError
 from .schema import OptimizerSchema, ParamGroup, ParamState, Schema, StateSpec, TensorEntry
 
@@ -170,6 +169,8 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
 
 def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> OptimizerSchema:
     """An optimizer's ``state_dict()``: param_groups by index, its class unknown."""
+    from .compare import UNKNOWN_CLASS  # here: `statedict show` of a state_dict never needs it
+
     groups = tuple(
         ParamGroup(
             hyperparams=hyperparams(group, tensors),

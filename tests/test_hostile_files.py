@@ -655,12 +655,12 @@ def test_the_cli_exits_2_on_any_error_without_a_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A crash is never "different" (exit 1): bad input or a bug, it exits 2."""
-    import pytest_statedict.extract
+    import pytest_statedict.torch_free
 
     def crash(*args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(pytest_statedict.extract, "schema_of", crash)
+    monkeypatch.setattr(pytest_statedict.torch_free, "schema_of_file", crash)
     good = tmp_path / "good.pt"
     torch.save({"w": torch.zeros(2)}, good)
     for args in (["diff", str(good), str(good)], ["show", str(good)]):

@@ -10,24 +10,33 @@
   dtypes by their exact names. It never imports or looks up a name itself, so a dotted
   qualname (``STACK_GLOBAL`` of ``torch.distributed.checkpoint.metadata`` +
   ``os.system``) or any other module's attribute is refused before it exists.
+* The CLI reads a ``torch.save`` archive's ``data.pkl`` with :func:`unpickle_torch_records`
+  and no torch: torch's weights-only rules re-implemented (its opcodes, its allowlist, its
+  checks on BUILD, APPEND, SETITEM and persistent ids), building ``records`` where torch
+  would build tensors. What torch would refuse is refused with torch's words; what torch
+  may accept but a record cannot stand for raises ``records.NeedsTorch``, and the caller
+  reads the file with :func:`torch_load` instead.
 
 Every failure is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import _codecs
 import enum
 import io
 import os
 import pickle
-import pickletools
+import sys
 import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, StateDictError, hide_from_bad_input
-from .limits import MAX_PICKLE_OPS
+from . import records
+from .limits import MAX_PICKLE_BYTES, MAX_PICKLE_OPS
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -165,6 +174,297 @@ def unpickle_dcp_metadata(data: bytes, path: Path) -> Any:
         ) from None
 
 
+# ---- torch.save pickles, without torch ----------------------------------------------------
+
+# The opcodes torch's weights-only unpickler runs (protocol 2, what torch.save writes):
+# any other is refused, as torch refuses it ("Unsupported operand").
+_TORCH_OPCODES = frozenset(
+    op[0]
+    for op in (
+        pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.NEWOBJ, pickle.REDUCE, pickle.BUILD,
+        pickle.APPEND, pickle.APPENDS, pickle.SETITEM, pickle.SETITEMS, pickle.MARK,
+        pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.NONE,
+        pickle.NEWFALSE, pickle.NEWTRUE, pickle.EMPTY_TUPLE, pickle.EMPTY_LIST,
+        pickle.EMPTY_DICT, pickle.EMPTY_SET, pickle.BININT, pickle.BININT1, pickle.BININT2,
+        pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING, pickle.BINPERSID,
+        pickle.BINGET, pickle.LONG_BINGET, pickle.BINPUT, pickle.LONG_BINPUT, pickle.LONG1,
+    )
+)  # fmt: skip
+
+# torch renames Python 2 globals before it looks them up (torch._utils' copy of them).
+_IMPORT_MAPPING = {
+    "__builtin__": "builtins", "copy_reg": "copyreg", "Queue": "queue", "repr": "reprlib",
+    "_abcoll": "collections.abc", "UserDict": "collections", "UserList": "collections",
+    "UserString": "collections", "whichdb": "dbm", "StringIO": "io", "cStringIO": "io",
+}  # fmt: skip
+_NAME_MAPPING = {
+    ("__builtin__", "xrange"): ("builtins", "range"),
+    ("__builtin__", "reduce"): ("functools", "reduce"),
+    ("__builtin__", "intern"): ("sys", "intern"),
+    ("__builtin__", "unichr"): ("builtins", "chr"),
+    ("__builtin__", "unicode"): ("builtins", "str"),
+    ("__builtin__", "long"): ("builtins", "int"),
+    ("itertools", "izip"): ("builtins", "zip"),
+    ("itertools", "imap"): ("builtins", "map"),
+    ("itertools", "ifilter"): ("builtins", "filter"),
+    ("itertools", "ifilterfalse"): ("itertools", "filterfalse"),
+    ("itertools", "izip_longest"): ("itertools", "zip_longest"),
+    ("UserDict", "IterableUserDict"): ("collections", "UserDict"),
+    ("UserList", "UserList"): ("collections", "UserList"),
+    ("UserString", "UserString"): ("collections", "UserString"),
+    ("__builtin__", "basestring"): ("builtins", "str"),
+    ("exceptions", "StandardError"): ("builtins", "Exception"),
+    ("UserDict", "UserDict"): ("collections", "UserDict"),
+}
+# Modules torch refuses even when a user allowlists one of their names.
+_BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """``bytearray``, but never of a size a pickle merely claims (``bytearray(10**12)``)."""
+    if args and isinstance(args[0], int) and args[0] > MAX_PICKLE_BYTES:
+        raise records.CorruptRecord(f"a bytearray of {args[0]:,} bytes")
+    return bytearray(*args)
+
+
+# What each allowed global is to the records reader. Every other name of torch's default
+# allowlist (quantized, sparse, nested and meta tensors, tensor subclasses, the legacy
+# tensor classes...) and any torch name this list does not know raise NeedsTorch.
+_RECORD_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "collections.Counter": Counter,
+    "_codecs.encode": _codecs.encode,
+    "builtins.bytearray": _bytearray,
+    "builtins.set": set,
+    "builtins.complex": complex,
+    "torch.Size": records.Size,
+    "torch.device": records.device,
+    "torch._utils._rebuild_tensor_v2": records.rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": records.rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": records.rebuild_parameter,
+    "torch.storage.UntypedStorage": records.StorageType("UntypedStorage", "uint8"),
+    **{f"torch.{name}": value for name, value in records.DTYPES.items()},
+    **{
+        f"{module}.{name}": records.StorageType(name, dtype_name)
+        for name, dtype_name in records.STORAGE_DTYPES.items()
+        for module in ("torch", "torch.cuda")
+    },
+}
+# What REDUCE may call, and NEWOBJ create (torch: cls.__new__(cls, *args)).
+_CALLABLE = frozenset(
+    id(v) for v in _RECORD_GLOBALS.values() if callable(v) and not isinstance(v, records.dtype)
+)
+_NEW_OBJECTS = frozenset({OrderedDict, Counter, set, complex})
+# Outside torch, torch allows no more than these (and what a user allowlists).
+_NON_TORCH_ALLOWED = frozenset(k for k in _RECORD_GLOBALS if not k.startswith("torch."))
+
+
+def _user_allowlist() -> bool:
+    """Whether this process allowlisted globals for torch.load (``add_safe_globals``): only
+    possible once torch is imported, so never in a torch-free run."""
+    torch = sys.modules.get("torch")
+    serialization = getattr(torch, "serialization", None)
+    get = getattr(serialization, "get_safe_globals", None)
+    return bool(get()) if get is not None else False
+
+
+def _refused(message: str) -> pickle.UnpicklingError:
+    """torch's refusal, in its words (explain_refusal quotes its ``error:`` line)."""
+    return pickle.UnpicklingError(f"Weights only load failed. WeightsUnpickler error: {message}")
+
+
+def _torch_global(unpickler: Any) -> None:
+    module = unpickler.readline()[:-1].decode("utf-8")
+    name = unpickler.readline()[:-1].decode("utf-8")
+    if (module, name) in _NAME_MAPPING:
+        module, name = _NAME_MAPPING[module, name]
+    elif module in _IMPORT_MAPPING:
+        module = _IMPORT_MAPPING[module]
+    full = f"{module}.{name}"
+    if module in _BLOCKED_MODULES:
+        raise _refused(
+            f"Trying to load unsupported GLOBAL {full} whose module {module} is blocked."
+        )
+    found = _RECORD_GLOBALS.get(full)
+    if found is not None:
+        unpickler.append(found)
+        return
+    if full.startswith("torch.") or _user_allowlist():
+        raise records.NeedsTorch(f"the global {full}")
+    shown = full.removeprefix("builtins.")
+    raise _refused(
+        f"Unsupported global: GLOBAL {shown} was not an allowed global by default. Please use "
+        f"`torch.serialization.add_safe_globals([{shown}])` or the "
+        f"`torch.serialization.safe_globals([{shown}])` context manager to allowlist this "
+        "global if you trust this class/function."
+    )
+
+
+def _torch_newobj(unpickler: Any) -> None:
+    args = unpickler.stack.pop()
+    cls = unpickler.stack.pop()
+    if cls in _NEW_OBJECTS:
+        unpickler.append(cls.__new__(cls, *args))
+    elif id(cls) in _CALLABLE or isinstance(cls, (records.dtype, records.StorageType)):
+        raise records.NeedsTorch(f"NEWOBJ of {cls!r}")
+    else:
+        raise _refused(
+            "Can only create new object for nn.Parameter or classes allowlisted via "
+            f"`add_safe_globals` but got {cls}"
+        )
+
+
+def _torch_reduce(unpickler: Any) -> None:
+    args = unpickler.stack.pop()
+    func = unpickler.stack[-1]
+    if id(func) not in _CALLABLE:
+        if isinstance(func, (records.dtype, records.StorageType)):
+            raise records.CorruptRecord(f"{func!r} is not callable")
+        raise _refused(f"Trying to call reduce for unrecognized function {func}")
+    if not isinstance(args, tuple):
+        raise records.CorruptRecord("REDUCE arguments are not a tuple")
+    unpickler.stack[-1] = func(*args)
+
+
+def _torch_build(unpickler: Any) -> None:
+    state = unpickler.stack.pop()
+    inst = unpickler.stack[-1]
+    if type(inst) is OrderedDict:
+        inst.__dict__.update(state)  # a state_dict's _metadata
+    elif type(inst) in (records.Tensor, records.Parameter) or type(inst) in _NEW_OBJECTS:
+        raise records.NeedsTorch(f"BUILD of a {type(inst).__name__}")
+    else:
+        raise _refused(
+            "Can only build Tensor, Parameter, OrderedDict or types allowlisted via "
+            f"`add_safe_globals`, but got {type(inst)}"
+        )
+
+
+def _torch_append(unpickler: Any) -> None:
+    item = unpickler.stack.pop()
+    if type(unpickler.stack[-1]) is not list:
+        raise _refused(f"Can only append to lists, but got {type(unpickler.stack[-1])}")
+    unpickler.stack[-1].append(item)
+
+
+def _torch_appends(unpickler: Any) -> None:
+    items = unpickler.pop_mark()
+    if type(unpickler.stack[-1]) is not list:
+        raise _refused(f"Can only extend lists, but got {type(unpickler.stack[-1])}")
+    unpickler.stack[-1].extend(items)
+
+
+def _set_item_target(unpickler: Any, opcode: str) -> Any:
+    target = unpickler.stack[-1]
+    if type(target) not in (dict, OrderedDict, Counter):
+        raise _refused(
+            f"Can only {opcode} for dict, collections.OrderedDict, collections.Counter, but got "
+            f"{type(target)}"
+        )
+    return target
+
+
+def _torch_setitem(unpickler: Any) -> None:
+    value, key = unpickler.stack.pop(), unpickler.stack.pop()
+    _set_item_target(unpickler, "SETITEM")[key] = value
+
+
+def _torch_setitems(unpickler: Any) -> None:
+    items = unpickler.pop_mark()
+    target = _set_item_target(unpickler, "SETITEMS")
+    for i in range(0, len(items), 2):
+        target[items[i]] = items[i + 1]
+
+
+def _torch_persid(unpickler: Any) -> None:
+    pid = unpickler.stack.pop()
+    if type(pid) is not tuple and type(pid) is not int:
+        raise _refused(f"persistent_load id must be tuple or int, but got {type(pid)}")
+    if type(pid) is tuple and pid and _ascii(pid[0]) != "storage":
+        raise _refused(f"Only persistent_load of storage is allowed, but got {type(pid[0])}")
+    unpickler.append(unpickler.persistent_load(pid))
+
+
+def _torch_get(unpickler: Any, index: int) -> None:
+    if index not in unpickler.memo:
+        raise records.CorruptRecord(f"no memo entry {index}")
+    unpickler.append(unpickler.memo[index])
+
+
+def _torch_proto(unpickler: Any) -> None:
+    unpickler.proto = unpickler.read(1)[0]  # torch reads any protocol's opcodes it knows
+
+
+def _ascii(value: Any) -> Any:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+class _Unsupported(dict):  # type: ignore[type-arg]
+    """The dispatch table: an opcode torch does not run is refused as torch refuses it."""
+
+    def __missing__(self, code: int) -> Any:
+        def refuse(unpickler: Any) -> None:
+            raise _refused(f"Unsupported operand {code}")
+
+        return refuse
+
+
+class _WeightsOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+    """torch's weights-only unpickler, in pure Python and without torch (see module doc)."""
+
+    dispatch = _Unsupported(
+        {
+            code: handler
+            for code, handler in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+            if code in _TORCH_OPCODES
+        }
+    )
+    dispatch.update(
+        {
+            pickle.PROTO[0]: _torch_proto,
+            pickle.GLOBAL[0]: _torch_global,
+            pickle.NEWOBJ[0]: _torch_newobj,
+            pickle.REDUCE[0]: _torch_reduce,
+            pickle.BUILD[0]: _torch_build,
+            pickle.APPEND[0]: _torch_append,
+            pickle.APPENDS[0]: _torch_appends,
+            pickle.SETITEM[0]: _torch_setitem,
+            pickle.SETITEMS[0]: _torch_setitems,
+            pickle.BINPERSID[0]: _torch_persid,
+            pickle.BINGET[0]: lambda u: _torch_get(u, u.read(1)[0]),
+            pickle.LONG_BINGET[0]: lambda u: _torch_get(u, int.from_bytes(u.read(4), "little")),
+        }
+    )
+
+    def __init__(self, file: Any, persistent_load: Callable[[Any], Any]) -> None:
+        super().__init__(file, encoding="utf-8")
+        self._storage = persistent_load
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._storage(pid)
+
+
+def unpickle_torch_records(data: bytes, path: Path, persistent_load: Callable[[Any], Any]) -> Any:
+    """A ``torch.save`` pickle (a bounded byte string), read as torch's weights-only
+    loader would read it, with ``records`` for tensors, storages and torch values.
+
+    ``persistent_load`` makes a :class:`records.Storage` of a storage's persistent id.
+    Raises :class:`records.NeedsTorch` where the records cannot stand for what torch makes.
+    """
+    try:
+        return _WeightsOnlyUnpickler(io.BytesIO(data), persistent_load).load()
+    except (records.NeedsTorch, StateDictError):
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(path, explain_refusal(data, exc)) from None
+    except Exception as exc:  # a damaged stream fails in many ways, as it does in torch.load
+        raise CheckpointError(
+            path,
+            f"torch.load could not read it, the file is truncated or corrupt "
+            f"({type(exc).__name__}: {_first_line(exc)})",
+        ) from None
+
+
 def torch_load(
     path: Path,
     *,
@@ -214,6 +514,8 @@ def torch_load(
 
 def pickle_globals(data: bytes) -> list[str]:
     """The globals a pickle refers to, read from its opcodes without unpickling it."""
+    import pickletools  # here: only a refused pickle is explained
+
     found: list[str] = []
     strings: list[str] = []
     try:
