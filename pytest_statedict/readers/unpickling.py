@@ -259,18 +259,60 @@ _NEW_OBJECTS = frozenset({OrderedDict, Counter, set, complex})
 _NON_TORCH_ALLOWED = frozenset(k for k in _RECORD_GLOBALS if not k.startswith("torch."))
 
 
-def _user_allowlist() -> bool:
-    """Whether this process allowlisted globals for torch.load (``add_safe_globals``): only
-    possible once torch is imported, so never in a torch-free run."""
+def _user_allowed(full: str) -> bool:
+    """Whether this process allowlisted ``full`` for torch.load (``add_safe_globals``):
+    only possible once torch is imported, so never in a torch-free run."""
     torch = sys.modules.get("torch")
-    serialization = getattr(torch, "serialization", None)
-    get = getattr(serialization, "get_safe_globals", None)
-    return bool(get()) if get is not None else False
+    get = getattr(getattr(torch, "serialization", None), "get_safe_globals", None)
+    if get is None:
+        return False
+    for allowed in get():
+        if isinstance(allowed, tuple):
+            allowed, name = allowed[0], allowed[-1]
+        else:
+            name = f"{getattr(allowed, '__module__', '')}.{getattr(allowed, '__qualname__', '')}"
+        if name == full:
+            return True
+    return False
+
+
+# The modules of torch's default allowlist whose names a newer torch adds to (dtypes,
+# storage and tensor classes), and the prefixes of its rebuild functions.
+_TORCH_ALLOWLIST_MODULES = frozenset(
+    {"torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse", "torch.storage"}
+)
+_TORCH_ALLOWLIST_NAMES = frozenset(
+    {"torch.nn.parameter.Parameter", "torch.serialization._get_layout"}
+)
+
+
+def _torch_may_allow(full: str) -> bool:
+    """A torch name of a kind torch's default allowlist holds (a dtype, a storage or tensor
+    class, a rebuild function, nested and distributed tensors' names), so torch.load is to
+    decide; any other (``torch.nn.modules.linear.Linear``, ``torch.os.system``) is refused."""
+    module, _, name = full.rpartition(".")
+    return (
+        module in _TORCH_ALLOWLIST_MODULES
+        or full in _TORCH_ALLOWLIST_NAMES
+        or (module in ("torch._utils", "torch._tensor") and name.startswith("_rebuild"))
+        or full.startswith(("torch.nested.", "torch.distributed."))
+    )
 
 
 def _refused(message: str) -> pickle.UnpicklingError:
-    """torch's refusal, in its words (explain_refusal quotes its ``error:`` line)."""
-    return pickle.UnpicklingError(f"Weights only load failed. WeightsUnpickler error: {message}")
+    """torch's refusal, worded as ``torch.load`` words it (``explain_refusal`` quotes the
+    last line that says ``error:`` or ``unsupported``, as it does torch's)."""
+    if "was not an allowed global by default" in message:
+        text = f"Weights only load failed.\n\tWeightsUnpickler error: {message}"
+    elif "whose module" in message:
+        text = f"Weights only load failed.\n\n{message}"
+    else:
+        text = (
+            "Weights only load failed.\nPlease file an issue with the following so that we can "
+            "make `weights_only=True` compatible with your use case: WeightsUnpickler error: "
+            f"\n\n{message}"
+        )
+    return pickle.UnpicklingError(text)
 
 
 def _torch_global(unpickler: Any) -> None:
@@ -289,7 +331,7 @@ def _torch_global(unpickler: Any) -> None:
     if found is not None:
         unpickler.append(found)
         return
-    if full.startswith("torch.") or _user_allowlist():
+    if _torch_may_allow(full) or _user_allowed(full):
         raise records.NeedsTorch(f"the global {full}")
     shown = full.removeprefix("builtins.")
     raise _refused(
