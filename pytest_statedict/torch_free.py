@@ -5,11 +5,12 @@ Importing torch costs ~1.7 s, nearly all of a CLI run. So the CLI reads each for
 without it: a ``torch.save`` zip archive's ``data.pkl`` with torch's weights-only rules
 re-implemented (``readers.unpickling.unpickle_torch_records``: the same opcodes, globals
 and checks, records where torch builds tensors), ``.safetensors`` headers, sharded indexes,
-snapshots; and walks what it read with the same ``layout`` functions as ``extract``, so the
-schema is the one ``schema_of(path)`` gives (tests compare the two on every format).
+DCP ``.metadata`` (read by its own allowlist unpickler), snapshots; and walks what it read
+with the same ``layout`` functions as ``extract``, so the schema is the one
+``schema_of(path)`` gives (tests compare the two on every format).
 
 torch is imported only where a file needs it: a legacy (pre-1.6) ``torch.save`` file, a
-DCP folder (its metadata classes are torch's), a ``part`` of a ``.safetensors`` file,
+``part`` of a ``.safetensors`` file,
 anything the records cannot stand for (quantized, sparse or nested tensors, tensor
 subclasses, a global torch allows that they do not model: ``records.NeedsTorch``), and a
 ``pytest_statedict_load_checkpoint`` hook of a running pytest session. Then the file is
@@ -26,7 +27,15 @@ from typing import Any
 
 from .errors import CheckpointError, UnsupportedObjectError, hide_from_bad_input
 from .layout import StorageViews, Tensors, mapping_schema, select_part, type_name
-from .readers import dispatch, hf_index, records, safetensors_file, snapshot_file, torch_zip
+from .readers import (
+    dcp_folder,
+    dispatch,
+    hf_index,
+    records,
+    safetensors_file,
+    snapshot_file,
+    torch_zip,
+)
 from .runtime import checkpoint_loader
 from .schema import Schema, StateSpec, TensorEntry
 
@@ -53,7 +62,7 @@ def schema_of_file(path: str | os.PathLike[str], *, part: str | None = None) -> 
 def _read(path: Path, part: str | None) -> Schema:
     fmt, where = dispatch.detect(path)
     if fmt == dispatch.DCP:
-        raise records.NeedsTorch("a DCP folder")
+        return dcp_folder.read_schema(where, part=part)
     if fmt == dispatch.INDEX:
         if part is not None:
             raise CheckpointError(where, "a sharded checkpoint has no parts to choose from")

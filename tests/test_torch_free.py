@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -173,10 +174,25 @@ def _other_formats(folder: Path, model: Net) -> dict[str, tuple[Path, str | None
             json.dumps({"metadata": {}, "weight_map": weight_map})
         )
         shards[f"sharded_{suffix}"] = (sharded, None)
+    shards["dcp"] = (_dcp_folder(folder / "dcp"), None)
+    shards["dcp_part"] = (folder / "dcp", "nested")
     snapshot = folder / "snapshot.json"
     snapshot.write_text(torch_schema_of_file(single).to_json())
     shards["snapshot"] = (snapshot, None)
     return shards
+
+
+def _dcp_folder(folder: Path) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    state = {
+        "w": torch.zeros(3, 4),
+        "nested": {"b": torch.ones(2, dtype=torch.bfloat16), "raw": b"bytes", "i": 3},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "single process": no process group, as intended
+        dcp.save(state, checkpoint_id=folder)
+    return folder
 
 
 # What torch.load must read: the records cannot stand for it (or no torch-free reader).
@@ -198,7 +214,7 @@ CORPUS_NAMES = [
     "dtypes", "views", "module", "parameters", "adamw_state", "tensor_hyperparams", "general",
     "general_sgd_list", "part_b", "part_nested", "part_of_general", "requires_grad",
     "quantized", "sparse", "legacy", "parameter_with_state", "saved_on_cuda", "safetensors",
-    "sharded_safetensors", "sharded_bin", "snapshot",
+    "sharded_safetensors", "sharded_bin", "snapshot", "dcp", "dcp_part",
 ]  # fmt: skip
 
 
@@ -263,7 +279,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 TORCH_FREE_FILES = ["module", "general", "dtypes", "safetensors", "sharded_safetensors",
-                    "sharded_bin", "snapshot", "saved_on_cuda"]  # fmt: skip
+                    "sharded_bin", "snapshot", "saved_on_cuda", "dcp"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TORCH_FREE_FILES)
@@ -418,3 +434,19 @@ def test_stand_ins_are_named_as_torch_names_its_types() -> None:
     ]
     for ours, theirs in pairs:
         assert type_name(ours) == type_name(theirs)
+
+
+def test_the_dcp_allowlist_is_the_one_resolved() -> None:
+    """Every DCP global resolves to a torch-free record, and nothing else does (bar dtypes
+    and the pure paths of a StorageMeta)."""
+    from pytest_statedict.readers import unpickling
+
+    resolved = set(unpickling._DCP_OBJECTS)
+    dtypes = {("torch", name) for name in records.DTYPES}
+    paths = {(m, n) for m in unpickling._PATH_MODULES for n in unpickling._PATH_CLASSES}
+    assert resolved - dtypes - paths == set(unpickling.DCP_GLOBALS)
+    assert not any(
+        getattr(value, "__module__", "").startswith("torch")
+        for key, value in unpickling._DCP_OBJECTS.items()
+        if key not in dtypes and key != ("torch", "Size")
+    )

@@ -264,3 +264,73 @@ def rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Par
         raise NeedsTorch(f"requires_grad on a {data.dtype} parameter")
     return Parameter(data.storage, data.offset, data.shape, data.stride, data.dtype,
                      requires_grad)  # fmt: skip
+
+
+# ---- DCP metadata ----------------------------------------------------------------------------
+
+
+class DCPRecord:
+    """An object of ``torch.distributed.checkpoint``'s metadata: its fields, as the pickle
+    sets them (a dict, or a dict and slots), never its class's code."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise CorruptRecord(f"the state of a {type(self).__name__} is not a dict")
+        self.__dict__.update(state)
+
+
+class Metadata(DCPRecord):
+    """``Metadata``: ``state_dict_metadata`` maps each key to its storage metadata."""
+
+
+class TensorStorageMetadata(DCPRecord):
+    """A tensor: ``properties`` (its dtype...), ``size`` and ``chunks``."""
+
+
+class BytesStorageMetadata(DCPRecord):
+    """A non-tensor entry, saved as pickled bytes."""
+
+
+class TensorProperties(DCPRecord):
+    """A tensor's dtype, layout, requires_grad, memory format and pinning: pickled as a
+    5-tuple by its ``__getstate__``."""
+
+    FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == len(self.FIELDS):
+            self.__dict__.update(zip(self.FIELDS, state, strict=True))
+        else:
+            super().__setstate__(state)
+
+
+class ChunkStorageMetadata(DCPRecord):
+    """Where a chunk of a tensor lies (offsets and sizes)."""
+
+
+class MetadataIndex(DCPRecord):
+    """The index of a chunk in ``storage_data``."""
+
+
+class StorageMeta(DCPRecord):
+    """Where and by whom the checkpoint was written."""
+
+
+class StorageInfo(DCPRecord):
+    """Where a chunk's bytes are (file, offset, length)."""
+
+
+def layout(name: Any) -> str:
+    """``torch.serialization._get_layout``: a layout by its name (``torch.strided``)."""
+    if not isinstance(name, str):
+        raise CorruptRecord("a layout is named by a string")
+    return name
+
+
+def memory_format_encoding(value: Any) -> int:
+    """``_MEM_FORMAT_ENCODING(value)``: DCP's enum of memory formats, by its value."""
+    if not _is_int(value):
+        raise CorruptRecord("a memory format encoding is an int")
+    return int(value)

@@ -7,9 +7,10 @@
   method, the foreign classes it names) from its opcodes, never by running it.
 * DCP ``.metadata`` pickles go through :func:`unpickle_dcp_metadata`: an unpickler that
   resolves exactly the ``(module, qualname)`` pairs of :data:`DCP_GLOBALS` and the torch
-  dtypes by their exact names. It never imports or looks up a name itself, so a dotted
-  qualname (``STACK_GLOBAL`` of ``torch.distributed.checkpoint.metadata`` +
-  ``os.system``) or any other module's attribute is refused before it exists.
+  dtypes by their exact names, to torch-free stand-ins (``records``): it imports no torch.
+  It never imports or looks up a name itself, so a dotted qualname (``STACK_GLOBAL`` of
+  ``torch.distributed.checkpoint.metadata`` + ``os.system``) or any other module's
+  attribute is refused before it exists.
 * The CLI reads a ``torch.save`` archive's ``data.pkl`` with :func:`unpickle_torch_records`
   and no torch: torch's weights-only rules re-implemented (its opcodes, its allowlist, its
   checks on BUILD, APPEND, SETITEM and persistent ids), building ``records`` where torch
@@ -23,9 +24,9 @@ Every failure is a :class:`CheckpointError` naming the file.
 from __future__ import annotations
 
 import _codecs
-import enum
 import io
 import os
+import pathlib
 import pickle
 import sys
 import warnings
@@ -66,38 +67,34 @@ DCP_GLOBALS = frozenset(
 _PATH_MODULES = frozenset({"pathlib", "pathlib._local"})
 _PATH_CLASSES = frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
 
-_resolved: dict[tuple[str, str], Any] = {}
-
-
-class _AddedLater:
-    """A class of :data:`DCP_GLOBALS` this torch lacks (``StorageMeta`` before torch 2.4):
-    a folder a newer torch wrote still gives its layout, which never needs these."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
+_DCP = "torch.distributed.checkpoint.metadata"
+# What each allowed global is to the DCP unpickler: torch-free records of DCP's classes
+# (``records``), never the classes themselves, so reading .metadata imports no torch.
+_DCP_OBJECTS: dict[tuple[str, str], Any] = {
+    (_DCP, "Metadata"): records.Metadata,
+    (_DCP, "TensorStorageMetadata"): records.TensorStorageMetadata,
+    (_DCP, "BytesStorageMetadata"): records.BytesStorageMetadata,
+    (_DCP, "ChunkStorageMetadata"): records.ChunkStorageMetadata,
+    (_DCP, "TensorProperties"): records.TensorProperties,
+    (_DCP, "MetadataIndex"): records.MetadataIndex,
+    (_DCP, "StorageMeta"): records.StorageMeta,
+    (_DCP, "_MEM_FORMAT_ENCODING"): records.memory_format_encoding,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): records.StorageInfo,
+    ("torch.serialization", "_get_layout"): records.layout,
+    ("torch", "Size"): records.Size,
+    ("collections", "OrderedDict"): OrderedDict,
+    **{("torch", name): value for name, value in records.DTYPES.items()},
+    **{
+        (module, name): getattr(pathlib, "Pure" + name.removeprefix("Pure"))
+        for module in _PATH_MODULES
+        for name in _PATH_CLASSES
+    },
+}
 
 
 def _dcp_objects() -> dict[tuple[str, str], Any]:
-    """The objects the DCP unpickler may return, resolved once from trusted names."""
-    if not _resolved:
-        import importlib
-        import pathlib
-
-        import torch
-
-        for module, name in DCP_GLOBALS:
-            found = getattr(importlib.import_module(module), name, None)
-            _resolved[module, name] = _AddedLater if found is None else found
-        for module in _PATH_MODULES:
-            for name in _PATH_CLASSES:
-                _resolved[module, name] = getattr(pathlib, "Pure" + name.removeprefix("Pure"))
-        for name, value in vars(torch).items():
-            if isinstance(value, torch.dtype):
-                _resolved["torch", name] = value
-    return _resolved
+    """The objects the DCP unpickler may return, by their trusted names."""
+    return _DCP_OBJECTS
 
 
 def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -154,14 +151,9 @@ class _AllowlistUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
 
 def _instance_types() -> frozenset[type]:
-    """The classes whose instances BUILD may set the state of: the allowed classes, but no
-    enum (its members are shared singletons, as are dtypes and layouts, which are no class
-    of the allowlist)."""
-    return frozenset(
-        found
-        for found in _dcp_objects().values()
-        if isinstance(found, type) and not issubclass(found, enum.Enum)
-    )
+    """The classes whose instances BUILD may set the state of: the allowed classes (dtypes
+    are shared instances, the enum and layouts are functions: none of them)."""
+    return frozenset(found for found in _dcp_objects().values() if isinstance(found, type))
 
 
 def unpickle_dcp_metadata(data: bytes, path: Path) -> Any:
