@@ -450,3 +450,22 @@ def test_the_dcp_allowlist_is_the_one_resolved() -> None:
         for key, value in unpickling._DCP_OBJECTS.items()
         if key not in dtypes and key != ("torch", "Size")
     )
+
+
+def test_a_safetensors_header_whose_length_starts_like_a_pickle(tmp_path: Path) -> None:
+    """A header of 128 + 256k bytes starts with 0x80, the pickle protocol byte: still
+    safetensors (found on a sharded Llama folder), by torch's path and the torch-free one."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (0x180 - len(header))
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    assert path.read_bytes()[0] == 0x80 and load_file(path)["w"].shape == (2,)
+    renamed = tmp_path / "odd.bin"  # found by content, not by name
+    renamed.write_bytes(path.read_bytes())
+    for p in (path, renamed):
+        assert [t.shape for t in _read(p, None)] == [(2,)]
+        assert [t.shape for t in torch_schema_of_file(p)] == [(2,)]

@@ -75,9 +75,12 @@ def file_format(path: Path) -> str:
         head = f.read(16)
     if head.startswith(torch_zip.ZIP_MAGIC):
         return TORCH_ZIP
+    # before the pickle's: a safetensors header length of 128 + 256k starts with \x80 too
+    if safetensors_file.looks_like_safetensors(head, size):
+        return SAFETENSORS
     if head.startswith(torch_legacy.PICKLE_MAGIC):
         return TORCH_LEGACY
-    if path.suffix == ".safetensors" or safetensors_file.looks_like_safetensors(head, size):
+    if path.suffix == ".safetensors":
         return SAFETENSORS
     raise CheckpointError(
         path,
