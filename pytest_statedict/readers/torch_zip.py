@@ -9,6 +9,11 @@ whose declared size differs from its stored size or runs past the end of the fil
 :data:`~.limits.MAX_RECORDS` records are refused. The tensor bytes then stay on disk (memory
 mapped): time and memory grow with the number of tensors, not their bytes. A TorchScript
 archive (``torch.jit.save``) is recognised and refused with what to use instead.
+
+:func:`read_records` reads a checked archive without torch (the command line): its
+``data.pkl`` unpickled by ``unpickling.unpickle_torch_records``, each storage's persistent
+id resolved to a :class:`records.Storage` of its record (whose size it must fit), no tensor
+byte read.
 """
 
 from __future__ import annotations

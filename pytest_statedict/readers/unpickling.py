@@ -17,6 +17,8 @@
   would build tensors. What torch would refuse is refused with torch's words; what torch
   may accept but a record cannot stand for raises ``records.NeedsTorch``, and the caller
   reads the file with :func:`torch_load` instead.
+  It counts no operations: each reads at least one byte of a ``data.pkl`` that
+  ``torch_zip`` bounds by its number of records, as torch's own unpickler is bounded.
 
 Every failure is a :class:`CheckpointError` naming the file.
 """
