@@ -182,7 +182,11 @@ def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
     tensor byte read. Raises :class:`records.NeedsTorch` for what records cannot stand for.
     """
     data_pkl, infos = _checked_records(path, size)
-    prefix = data_pkl.filename[: -len("data.pkl")]
+    # torch reads the records under the first one's folder (``archive/``): an archive whose
+    # first data.pkl lies elsewhere is torch's to make sense of
+    prefix = infos[0].filename.partition("/")[0] + "/"
+    if data_pkl.filename != f"{prefix}data.pkl":
+        raise records.NeedsTorch(f"an archive whose data.pkl is not under {prefix}")
     by_name = {info.filename: info for info in infos}
     storages: dict[Any, records.Storage] = {}
     locations: set[str] = set()
