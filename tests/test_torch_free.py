@@ -415,9 +415,7 @@ def test_the_opcodes_and_globals_are_torchs() -> None:
     }
     assert set(unpickling._TORCH_OPCODES) == torch_ops
     allowed = set(wo._get_allowed_globals())
-    assert set(unpickling._RECORD_GLOBALS) <= allowed | {
-        f"torch.cuda.{n}" for n in records.STORAGE_DTYPES
-    }
+    assert set(unpickling._RECORD_GLOBALS) <= allowed
     outside = {g for g in allowed if not g.startswith("torch.")}
     assert outside == set(unpickling._NON_TORCH_ALLOWED)
 
@@ -469,3 +467,21 @@ def test_a_safetensors_header_whose_length_starts_like_a_pickle(tmp_path: Path) 
     for p in (path, renamed):
         assert [t.shape for t in _read(p, None)] == [(2,)]
         assert [t.shape for t in torch_schema_of_file(p)] == [(2,)]
+
+
+def test_names_an_older_torch_refuses_are_handed_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch 2.3 refused a dtype object (``torch.bfloat16``): under it, such a file is
+    torch's to read, so the command line says what ``schema_of`` says."""
+    from pytest_statedict.readers import unpickling
+
+    path = tmp_path / "dtype.pt"
+    torch.save({"w": torch.ones(1), "dtype": torch.bfloat16}, path)
+    assert _read(path, None).extras == {}  # a state_dict with one object entry
+    monkeypatch.setattr(unpickling, "_installed", [(2, 3)])
+    with pytest.raises(records.NeedsTorch, match="since"):
+        _read(path, None)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(1, dtype=torch.bfloat16)}, plain)  # BFloat16Storage: 2.3 too
+    assert [t.dtype for t in _read(plain, None)] == ["bfloat16"]

@@ -242,8 +242,46 @@ _RECORD_GLOBALS: dict[str, Any] = {
         f"{module}.{name}": records.StorageType(name, dtype_name)
         for name, dtype_name in records.STORAGE_DTYPES.items()
         for module in ("torch", "torch.cuda")
+        if module == "torch" or not name.startswith("Q")  # no quantized CUDA storages
     },
 }
+# The torch release whose weights-only allowlist first held a name (torch 2.3, the oldest
+# this package supports, holds the others). Where the installed torch is older, such a
+# name is torch's to refuse: the records reader hands the file over.
+_ALLOWED_SINCE: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(
+        ["collections.Counter", "torch.device", "torch.bfloat16", "torch.bool", "torch.uint8"]
+        + [f"torch.{n}" for n in ("qint8", "qint32", "quint8", "quint4x2", "quint2x4")]
+        + [f"torch.bits{n}" for n in ("8", "16", "1x8", "2x4", "4x2")],
+        (2, 4),
+    ),
+    **dict.fromkeys(
+        ["_codecs.encode", "builtins.bytearray", "builtins.complex", "builtins.set"]
+        + [f"torch.uint{n}" for n in (16, 32, 64)],
+        (2, 6),
+    ),
+    **dict.fromkeys(
+        ["torch.float4_e2m1fn_x2", "torch.float8_e8m0fnu"]
+        + [f"torch.{sign}int{n}" for sign in ("", "u") for n in range(1, 8)],
+        (2, 13),
+    ),
+}
+_installed: list[tuple[int, int]] = []
+
+
+def _installed_torch() -> tuple[int, int]:
+    """The installed torch's release, read from its metadata (no import); (99, 0) if none."""
+    if not _installed:
+        from importlib import metadata
+
+        try:
+            major, minor = metadata.version("torch").split(".")[:2]
+            _installed.append((int(major), int(minor)))
+        except (metadata.PackageNotFoundError, ValueError):
+            _installed.append((99, 0))
+    return _installed[0]
+
+
 # What REDUCE may call, and NEWOBJ create (torch: cls.__new__(cls, *args)).
 _CALLABLE = frozenset(
     id(v) for v in _RECORD_GLOBALS.values() if callable(v) and not isinstance(v, records.dtype)
@@ -323,6 +361,9 @@ def _torch_global(unpickler: Any) -> None:
         )
     found = _RECORD_GLOBALS.get(full)
     if found is not None:
+        since = _ALLOWED_SINCE.get(full)
+        if since is not None and _installed_torch() < since:
+            raise records.NeedsTorch(f"the global {full}, which torch allows since {since}")
         unpickler.append(found)
         return
     if _torch_may_allow(full) or _user_allowed(full):
