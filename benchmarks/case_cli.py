@@ -20,6 +20,8 @@ run cost before. Files are deleted after their measurement (disk is checked firs
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -71,6 +73,19 @@ def write(folder: str, size_gib: float, layout: str) -> dict[str, Any]:
 # ---- the case -------------------------------------------------------------------------------
 
 
+def count_instructions(cmd: list[str]) -> int | None:
+    """Instructions one run of ``cmd`` executes, by valgrind's callgrind (None without it):
+    the same in every run, where wall time on a loaded 2-core VM spreads by 2x."""
+    if shutil.which("valgrind") is None:
+        return None
+    r = run_cmd(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+                env=dict(os.environ, PYTHONHASHSEED="0"))  # fmt: skip
+    found = re.search(r"Collected\s*:\s*(\d+)", r["out"])
+    if r["rc"] != 0 or found is None:
+        raise RuntimeError(f"callgrind run failed:\n{r['out'][-2000:]}")
+    return int(found.group(1))
+
+
 def _interleaved(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cmds}
     names = list(cmds)
@@ -95,6 +110,7 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
     torch_wall = median([f["wall"] for f in floor])
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {"import_torch_wall": torch_wall, "skipped": []}
+    pass_instructions = count_instructions([PYTHON, "-c", "pass"])
     rss: dict[tuple[float, str], float] = {}
     for size, layout in cases:
         need = int(1.2 * size * GIB) + GIB
@@ -108,6 +124,7 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
             runs = _interleaved(
                 {"show": [statedict, "show", path], "pass": [PYTHON, "-c", "pass"]}, rounds
             )
+            instructions = count_instructions([statedict, "show", path])
         finally:
             target = Path(path)
             if target.is_dir():
@@ -141,6 +158,20 @@ def run(ctx: dict[str, Any]) -> dict[str, Any]:
                 f"({torch_wall / base:.0f}x)",
             }
         )
+        if instructions and pass_instructions:
+            rows.append(
+                {
+                    "case": "7. CLI",
+                    "what": f"the same, {size:g} GiB {layout}: instructions executed (valgrind "
+                    "callgrind, deterministic)",
+                    "ours": f"{instructions / 1e6:.1f} M",
+                    "baseline": f"{pass_instructions / 1e6:.1f} M",
+                    "ratio": instructions / pass_instructions,
+                    "target": f"<= {TARGET:g}x",
+                    "met": instructions / pass_instructions <= TARGET,
+                    "note": "one run per arm, PYTHONHASHSEED=0",
+                }
+            )
     small, large = rss.get((0.1, "pt")), rss.get((big, "pt"))
     if small and large:
         growth = large - small
