@@ -26,6 +26,7 @@ Every failure is a :class:`CheckpointError` naming the file.
 from __future__ import annotations
 
 import _codecs
+import gc
 import io
 import os
 import pathlib
@@ -516,6 +517,32 @@ class _WeightsOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined,mis
     def __init__(self, file: Any, persistent_load: Callable[[Any], Any]) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage = persistent_load
+
+    def load(self) -> Any:
+        """pickle's loop, reading the stream directly (torch's opcodes have no frames, so
+        pickle's frame reader would only cost a call per byte read), with the cyclic garbage
+        collector off: it would walk every object made so far again and again, and a
+        pickle makes nothing it does not keep (its size is bounded by ``torch_zip``)."""
+        self.metastack: list[Any] = []
+        self.stack: list[Any] = []
+        self.append = self.stack.append
+        self.proto = 0
+        read = self.read = self._file_read
+        self.readline = self._file_readline
+        dispatch = self.dispatch
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:  # type: ignore[attr-defined]
+            return stop.value
+        finally:
+            if collecting:
+                gc.enable()
 
     def persistent_load(self, pid: Any) -> Any:
         return self._storage(pid)
