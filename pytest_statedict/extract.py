@@ -779,18 +779,18 @@ def _live_optimizer_schema(
             members.append(member)
             entries = optimizer.state.get(param)
             if entries:
-                states.append(ParamState(param=member, entries=_state_specs(entries)))
-                for name, value in entries.items():
-                    if (
-                        name in ELEMENTWISE_STATE
-                        and isinstance(value, torch.Tensor)
-                        and value.shape != param.shape
-                    ):
-                        problems.append(
-                            f"optimizer state {name!r} of {member!r} has shape "
-                            f"{list(value.shape)} but the parameter has shape "
-                            f"{list(param.shape)}: resuming would apply it to the wrong tensor"
-                        )
+                specs = _state_specs(entries)
+                states.append(ParamState(param=member, entries=specs))
+                shape = None
+                for name, spec in specs.items():
+                    if name in ELEMENTWISE_STATE and spec.type is None:
+                        shape = tuple(param.shape) if shape is None else shape
+                        if spec.shape != shape:
+                            problems.append(
+                                f"optimizer state {name!r} of {member!r} has shape "
+                                f"{list(spec.shape or ())} but the parameter has shape "
+                                f"{list(shape)}: resuming would apply it to the wrong tensor"
+                            )
             index += 1
         groups.append(
             ParamGroup(hyperparams=_hyperparams(group), params=tuple(members), flags=_flags(group))
@@ -804,13 +804,26 @@ def _live_optimizer_schema(
     )
 
 
+# A StateSpec is frozen: the few (shape, dtype) pairs an optimizer repeats for thousands of
+# parameters are each made once and shared, keyed by torch.Size and torch.dtype (hashable).
+_tensor_specs: dict[tuple[Any, Any], StateSpec] = {}
+
+
 def _state_specs(entries: Mapping[str, Any]) -> dict[str, StateSpec]:
-    return {
-        str(name): StateSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype))
-        if isinstance(v, torch.Tensor)
-        else StateSpec(type=_type_name(v))
-        for name, v in entries.items()
-    }
+    specs = {}
+    for name, v in entries.items():
+        if isinstance(v, torch.Tensor):
+            key = (v.shape, v.dtype)
+            spec = _tensor_specs.get(key)
+            if spec is None:
+                if len(_tensor_specs) >= 4096:
+                    _tensor_specs.clear()
+                spec = StateSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype))
+                _tensor_specs[key] = spec
+        else:
+            spec = StateSpec(type=_type_name(v))
+        specs[str(name)] = spec
+    return specs
 
 
 # Switches that choose an implementation, not the maths (torch adds them over releases):
