@@ -26,7 +26,7 @@ from .readers.dispatch import from_hook, is_snapshot_name
 from .readers.snapshot_file import read_snapshot
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
-from .runtime import checkpoint_loader
+from .runtime import checkpoint_loader, recorded_check
 from .schema import Schema, TensorEntry
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -39,6 +39,7 @@ _SIZE_MISMATCH = re.compile(
 )
 
 
+@recorded_check("gate", lambda model, path, *args, **kwargs: os.fspath(path))
 def assert_checkpoint_loads(
     model: nn.Module,
     path: str | os.PathLike[str],
