@@ -262,7 +262,7 @@ def test_a_reshape_fails_and_a_per_release_model_passes(pytester: pytest.Pyteste
     result = pytester.runpytest()
     result.assert_outcomes(passed=1, failed=1)
     match_lines(
-        result, ["*shape mismatches (2):", "*encoder.weight: checkpoint [16, 4], model [8, 4]"]
+        result, ["*shape mismatches (3):", "*encoder.weight: checkpoint [16, 4], model [8, 4]"]
     )
     (pytester.path / "test_gate.py").write_text(
         GATE.format(extra="")
