@@ -615,7 +615,7 @@ def history(folder: Path) -> str:
             ("dtype changed", [f"{c.key}: {c.expected} -> {c.actual}"
                                for c in diff.changed if c.attribute == "dtype"]),
             ("module versions", [f"{m or '<root>'}: {a} -> {b}" for m, a, b in diff.versions]),
-            ("optimizer", diff.optimizer),
+            ("optimizer", _optimizer_changes(before, schema, diff.optimizer)),
         ]  # fmt: skip
         if diff.prefix:
             how, prefix = diff.prefix
@@ -638,3 +638,12 @@ def history(folder: Path) -> str:
                 f"({', '.join(reasons)}; the model's load hooks may convert them)"
             )
     return "\n".join(out)
+
+
+def _optimizer_changes(before: Schema, after: Schema, lines: list[str]) -> list[str]:
+    """The optimizer lines of a release's changes; one recorded on one side only is said so."""
+    if before.optimizer is None and after.optimizer is not None:
+        return [f"recorded from this release on ({after.optimizer.cls})"]
+    if before.optimizer is not None and after.optimizer is None:
+        return ["not recorded in this release"]
+    return lines
