@@ -15,7 +15,6 @@ test property (:func:`junit_properties`).
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .session import CHECK_KINDS, OUTCOMES
+from .runtime import CHECK_KINDS, OUTCOMES
 
 if TYPE_CHECKING:
     from .compare import SchemaDiff
@@ -188,6 +187,8 @@ def _plugin_version() -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report for a pull-request comment or ``$GITHUB_STEP_SUMMARY``."""
+    import html  # not at import: the plugin loads this module into every run
+
     out = ["## pytest-statedict", ""]
     summary = report["summary"] or "statedict: no checks ran"
     out += [f"<code>{html.escape(summary)}</code>", ""]

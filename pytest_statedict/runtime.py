@@ -22,6 +22,11 @@ SESSIONS: list[Any] = []
 CheckpointLoader = Callable[[Path], Any]
 CheckFunction = TypeVar("CheckFunction", bound=Callable[..., Any])
 
+# recorded checks the summary line counts after snapshots and round-trips: (kind, label),
+# and the outcomes a check's record can settle to besides written and updated
+CHECK_KINDS = (("gate", "gates"), ("release", "releases"), ("comparison", "comparisons"))
+OUTCOMES = ("passed", "failed", "xfailed", "xpassed", "skipped")
+
 # the kinds of the checks running now: a check made inside another (the release gate runs
 # the refactor gate) is part of it, not a check of its own in the run's records
 _RUNNING_CHECKS: list[str] = []

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
 from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
-from .runtime import key_normaliser
+from .runtime import CHECK_KINDS, OUTCOMES, key_normaliser
 
 if TYPE_CHECKING:
     import pytest
@@ -39,9 +39,6 @@ REPORT_KEY = "statedict"  # the attribute of a TestReport that carries a phase's
 FINISHED_EXIT_CODES = (0, 1, 5)  # OK, TESTS_FAILED, NO_TESTS_COLLECTED
 # pytest-repeat's ids: ``test_x[2-5]``, ``test_x[a-2-5]`` (it parametrizes last)
 _REPEAT_ID = re.compile(r"(?:\[|-)(\d+)-\d+\]$")
-# the checks the summary line counts after snapshots and round-trips: (kind, its label)
-CHECK_KINDS = (("gate", "gates"), ("release", "releases"), ("comparison", "comparisons"))
-OUTCOMES = ("passed", "failed", "xfailed", "xpassed", "skipped")
 
 
 class ModuleRecord:
