@@ -641,9 +641,20 @@ def history(folder: Path) -> str:
 
 
 def _optimizer_changes(before: Schema, after: Schema, lines: list[str]) -> list[str]:
-    """The optimizer lines of a release's changes; one recorded on one side only is said so."""
+    """The optimizer lines of a release's changes: its class, groups and hyperparameters,
+    and state entries that changed shape or dtype. Whether a parameter has state at all
+    says whether the recorded optimizer had stepped, not what the release changed."""
     if before.optimizer is None and after.optimizer is not None:
-        return [f"recorded from this release on ({after.optimizer.cls})"]
+        cls = after.optimizer.cls
+        return [f"recorded from this release on ({'class unknown' if cls == 'unknown' else cls})"]
     if before.optimizer is not None and after.optimizer is None:
         return ["not recorded in this release"]
-    return lines
+    kept = [line for line in lines if not _STATE_PRESENCE.match(line)]
+    assert before.optimizer is not None and after.optimizer is not None
+    old, new = len(before.optimizer.state), len(after.optimizer.state)
+    if old != new:
+        kept.append(f"state recorded for {old} parameters, now {new}")
+    return kept
+
+
+_STATE_PRESENCE = re.compile(r"state of .*: (removed|added) \(")
