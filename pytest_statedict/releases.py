@@ -482,11 +482,12 @@ def _plain_layout(model: nn.Module) -> dict[str, tuple[int, ...]] | None:
     base = nn.Module
     if type(model).load_state_dict is not base.load_state_dict:
         return None
+    plain = {base._load_from_state_dict, *_only_filling_in()}
     layout: dict[str, tuple[int, ...]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
         cls = type(module)
         if (
-            cls._load_from_state_dict is not base._load_from_state_dict
+            cls._load_from_state_dict not in plain
             or cls.get_extra_state is not base.get_extra_state
             or cls.set_extra_state is not base.set_extra_state
             or module._load_state_dict_pre_hooks
@@ -501,6 +502,16 @@ def _plain_layout(model: nn.Module) -> dict[str, tuple[int, ...]] | None:
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 layout[dot + name] = tuple(buffer.shape)
     return layout
+
+
+def _only_filling_in() -> tuple[Any, ...]:
+    """torch's own load code that can only make a checkpoint with every key load *more*:
+    BatchNorm's fills in a ``num_batches_tracked`` that a version-1 checkpoint lacks. A
+    layout the gate passes from keys and shapes loads through it the same."""
+    from torch import nn
+
+    norm = getattr(nn.modules.batchnorm, "_NormBase", None)
+    return (norm._load_from_state_dict,) if norm is not None else ()
 
 
 _BUILDABLE: dict[str | None, bool] = {}

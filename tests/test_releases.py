@@ -424,7 +424,13 @@ def test_the_layout_path_and_the_gate_agree(tmp_path: Path) -> None:
         def __init__(self) -> None:
             super().__init__((1,))
 
+    class Normed(Net):  # BatchNorm's own load code fills in a missing num_batches_tracked
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(8)
+
     cases = [(Net, Net), (Net, Wide), (Net, Extra), (Extra, Net), (Vector, Scale)]
+    cases += [(Normed, Normed), (Net, Normed), (Normed, Net)]
     for old, new in cases:
         path = tmp_path / f"{old.__name__}.json"
         path.write_text(schema_of(old()).to_json())
