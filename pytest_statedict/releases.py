@@ -202,7 +202,8 @@ def record_release(
     """Write the release snapshot ``name`` of ``model`` (a module, a state_dict, a general
     checkpoint or a checkpoint path), with ``optimizer``'s layout when given.
 
-    The file goes to ``directory`` or the project's releases folder (inside a pytest run,
+    The file goes to ``directory`` (relative to the rootdir in a pytest run, else to the
+    working directory) or the project's releases folder (in a pytest run,
     ``statedict_releases_dir`` of its ini; outside, the one :func:`project_dir` finds), and
     never over an existing release: a release's layout is history. Returns the file.
     """
