@@ -53,6 +53,8 @@ MAX_NAME = 100
 
 
 class _NotGiven:
+    """The default of ``optimizer=``: not given differs from ``None`` (leave it unchecked)."""
+
     def __repr__(self) -> str:
         return "<not given>"
 
