@@ -663,8 +663,9 @@ def _optimizer_changes(before: Schema, after: Schema, lines: list[str]) -> list[
         return [f"recorded from this release on ({'class unknown' if cls == 'unknown' else cls})"]
     if before.optimizer is not None and after.optimizer is None:
         return ["not recorded in this release"]
+    if before.optimizer is None or after.optimizer is None:
+        return lines  # neither recorded one
     kept = [line for line in lines if not _STATE_PRESENCE.match(line)]
-    assert before.optimizer is not None and after.optimizer is not None
     old, new = len(before.optimizer.state), len(after.optimizer.state)
     if old != new:
         kept.append(f"state recorded for {old} parameters, now {new}")

@@ -64,7 +64,7 @@ class Net(nn.Module):
 def project(pytester: pytest.Pytester, *, extra: str = "", ini: str = "") -> None:
     pytester.makeini(f"[pytest]\npythonpath = .\n{ini}")
     pytester.makepyfile(model=MODEL)
-    pytester.makepyfile(test_gate=GATE.format(extra=extra))
+    pytester.makepyfile(test_user_releases=GATE.format(extra=extra))
 
 
 def record(pytester: pytest.Pytester, name: str, model: nn.Module, optimizer: bool = False) -> Path:
@@ -195,9 +195,9 @@ def test_one_test_per_release_newest_first(pytester: pytest.Pytester) -> None:
     match_lines(
         result,
         [
-            "test_gate.py::test_releases[v0.10] PASSED*",
-            "test_gate.py::test_releases[v0.9] PASSED*",
-            "test_gate.py::test_releases[v0.2] PASSED*",
+            "test_user_releases.py::test_releases[v0.10] PASSED*",
+            "test_user_releases.py::test_releases[v0.9] PASSED*",
+            "test_user_releases.py::test_releases[v0.2] PASSED*",
             "statedict: releases: 3 passed",
         ],
     )
@@ -264,7 +264,7 @@ def test_a_reshape_fails_and_a_per_release_model_passes(pytester: pytest.Pyteste
     match_lines(
         result, ["*shape mismatches (3):", "*encoder.weight: checkpoint [16, 4], model [8, 4]"]
     )
-    (pytester.path / "test_gate.py").write_text(
+    (pytester.path / "test_user_releases.py").write_text(
         GATE.format(extra="")
         .replace("(build,", "(build_for,")
         .replace("import build,", "import build_for,")
@@ -291,14 +291,14 @@ def test_the_optimizer_state_is_checked_when_recorded(pytester: pytest.Pytester)
         ],
     )
     # no optimizer given for a release that recorded one: a failure that says what to pass
-    (pytester.path / "test_gate.py").write_text(
+    (pytester.path / "test_user_releases.py").write_text(
         "from model import build\nfrom pytest_statedict import statedict_releases\n"
         "test_releases = statedict_releases(build)\n"
     )
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     match_lines(result, ["*release v1.0 recorded an optimizer (unknown): pass *optimizer=*"])
-    (pytester.path / "test_gate.py").write_text(
+    (pytester.path / "test_user_releases.py").write_text(
         "from model import build\nfrom pytest_statedict import statedict_releases\n"
         "test_releases = statedict_releases(build, optimizer=None)\n"
     )
@@ -500,3 +500,32 @@ def test_history_of_no_releases_is_an_error(
 ) -> None:
     assert main(["history", "--dir", str(tmp_path)]) == 2
     assert "no release snapshots in" in capsys.readouterr().err
+
+
+def test_history_of_the_optimizer_is_its_groups_not_its_steps(tmp_path: Path) -> None:
+    """Whether the recorded optimizer had stepped is no change of the release's layout."""
+    from pytest_statedict.releases import history
+
+    model = Net()
+    trained = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    trained.step()
+    record_release(model, "v1", trained, directory=tmp_path)
+    split = torch.optim.AdamW(
+        [
+            {"params": [model.encoder.weight]},
+            {"params": [model.encoder.bias, *model.fc.parameters()]},
+        ]
+    )
+    record_release(model, "v2", split, directory=tmp_path)
+    record_release(model, "v3", directory=tmp_path)
+    text = history(tmp_path)
+    for line in (
+        "param_groups: 1 -> 2",
+        "'fc.weight': param_group 0 -> 1",
+        "state recorded for 4 parameters, now 0",
+    ):
+        assert f"\n    {line}\n" in text, text
+    assert "state of" not in text
+    assert "v3 (since v2):\n  optimizer (1):\n    not recorded in this release" in text
