@@ -26,6 +26,7 @@ from .readers.dispatch import CheckpointLoader
 from .runtime import checkpoint_loader
 from .schema import (
     Fingerprint,
+    ModuleVersion,
     OptimizerSchema,
     ParamGroup,
     ParamState,
@@ -33,6 +34,7 @@ from .schema import (
     StateSpec,
     TensorEntry,
     dtype_name,
+    module_version,
 )
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -240,29 +242,27 @@ def load_state_dict_file(
     part: str | None = None,
     loader: CheckpointLoader | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
-    """The model state_dict inside a checkpoint file: ``part``, or the usual model entry."""
+    """The model state_dict inside one checkpoint file: ``part``, or the usual model entry."""
     path = Path(path)
-    if path.is_dir() and dispatch.from_hook(path, loader) is None:
-        raise CheckpointError(
-            path,
-            "a folder: loading a DCP or sharded checkpoint needs every tensor of it; pass one "
-            "checkpoint file or a snapshot, or compare the folder's schema with "
-            "assert_state_dict_matches(model, expected=folder)",
-        )
     obj, locations = dispatch.load_file(
         path, loader=loader, map_location=map_location, weights_only=weights_only
     )
+    return model_state(path, obj, part=part), locations
+
+
+def model_state(path: Path, obj: Any, *, part: str | None = None) -> dict[str, Any]:
+    """The model state_dict in what a checkpoint file held: ``part``, or the usual model entry."""
     if part is not None:
         try:
             obj = select_part(obj, part)
         except UnsupportedObjectError as exc:
             raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
     if is_state_dict(obj):
-        return obj, locations
+        return obj
     if isinstance(obj, dict):
         for key in MODEL_KEYS:
             if is_state_dict(obj.get(key)):
-                return obj[key], locations
+                return obj[key]
     raise CheckpointError(
         path,
         f"no model state_dict in it (looked for a mapping of names to tensors, at the top "
@@ -403,14 +403,16 @@ def is_optimizer_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
 
 
-def _versions(state: Mapping[str, Any]) -> dict[str, int] | None:
+def _versions(state: Mapping[str, Any]) -> dict[str, ModuleVersion] | None:
+    """The module versions of ``_metadata`` but the default int 1, as torch keeps them."""
     metadata = getattr(state, "_metadata", None)
     if metadata is None:
         return None
     return {
-        prefix: meta["version"]
+        prefix: module_version(version)
         for prefix, meta in metadata.items()
-        if isinstance(meta, Mapping) and meta.get("version", 1) != 1
+        if isinstance(meta, Mapping)
+        and not ((version := meta.get("version", 1)) == 1 and type(version) is int)
     }
 
 

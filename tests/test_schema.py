@@ -223,7 +223,7 @@ BASE = Schema(
          "unknown field 'colour'"),
         (lambda t: t.replace('"dtype": "int64"', '"dtype": "int65"'), "unknown dtype 'int65'"),
         (lambda t: t.replace('"tensors": [', '"tensorz": ['), '"tensors" is missing'),
-        (lambda t: t.replace('"versions": {}', '"versions": {"x": "2"}'), '"versions" must be'),
+        (lambda t: t.replace('"versions": {}', '"versions": {"x": [2]}'), '"versions" must be'),
         (lambda t: t.replace('"versions": {}', '"versionz": {}'), "unknown field 'versionz'"),
         (lambda t: t.replace('"shape": [2]', '"shap": [2]'), "'b': unknown field 'shap'"),
         (lambda t: t.replace(', "shape": [2]', ''), """'b': no "shape" field"""),
