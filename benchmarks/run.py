@@ -38,6 +38,7 @@ CASES = {
     "roundtrip": "case_roundtrip",
     "fingerprint": "case_fingerprint",
     "cli": "case_cli",
+    "releases": "case_releases",
 }
 
 # Public names only: the package's module layout is not part of its contract.
