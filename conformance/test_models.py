@@ -118,7 +118,9 @@ class Subject:
             try:
                 torch.load(self._torch_file, weights_only=True)
             except Exception as exc:  # a dynamic-quantized LSTM pickles torch.ScriptObject
-                self.unsafe_file = str(exc).splitlines()[-1][:200]
+                lines = str(exc).splitlines()
+                found = [x for x in lines if "Unsupported global" in x] or lines[:1]
+                self.unsafe_file = found[0].split(" was not an allowed")[0].strip()[:200]
         return self._torch_file
 
     @contextlib.contextmanager
