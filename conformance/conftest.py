@@ -18,14 +18,14 @@ MARK = {"passed": "ok", "skipped": "skip", "failed": "FAIL"}
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--sweep-table", metavar="PATH", help="write the sweep's table as Markdown")
     parser.addoption(
-        "--sweep-live", metavar="PATH", help="append each failed or skipped row as it comes"
+        "--sweep-live", metavar="PATH", help="append each row's outcome as it comes"
     )
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     path = _live_path
     row = dict(report.user_properties).get("sweep_row")
-    if path is None or row is None or report.passed:
+    if path is None or row is None or (report.passed and report.when != "call"):
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"{row[0]} | {row[1]} | {report.outcome} | {_detail(report)}\n")
