@@ -17,9 +17,7 @@ MARK = {"passed": "ok", "skipped": "skip", "failed": "FAIL"}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--sweep-table", metavar="PATH", help="write the sweep's table as Markdown")
-    parser.addoption(
-        "--sweep-live", metavar="PATH", help="append each row's outcome as it comes"
-    )
+    parser.addoption("--sweep-live", metavar="PATH", help="append each row's outcome as it comes")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
