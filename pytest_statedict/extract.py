@@ -8,13 +8,14 @@ without touching a byte of data. Only ``values=True`` reads data, one tensor at 
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -570,20 +571,38 @@ def _type_name(value: Any) -> str:
 
 
 # Statistics read at most this many elements of a tensor: 64 evenly spaced contiguous blocks.
-STAT_SAMPLE, STAT_BLOCKS = 1 << 14, 64
+STAT_SAMPLE, STAT_BLOCKS = Fingerprint.SAMPLE, 64
+# Hex digits kept of each block's running digest and of the sample's hashes.
+SHORT_HEX = 8
+
+
+class _Statistics(NamedTuple):
+    """What :func:`_statistics` reads from a tensor's sample (see :class:`Fingerprint`)."""
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    block_means: tuple[float, ...] = ()
+    sample_numbers: str | None = None
+    sample_bits: str | None = None
+    sample_signs: str | None = None
+
+
+_NO_STATISTICS = _Statistics(math.nan, math.nan, math.nan, math.nan)
 
 
 def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
-    """xxh3-128 of all the bytes, plus min/max/mean/std of a fixed sample of the values.
+    """xxh3-128 of all the bytes with its running digest after each block, plus statistics
+    of a fixed sample of the values.
 
     xxh3 is a non-cryptographic hash: a snapshot guards against accidents, not attackers,
     and xxh3 runs at memory bandwidth (sha256 is ~15x slower here). The hash decides exact
-    comparisons. The statistics, for ``rtol``/``atol`` comparisons, are taken over the
-    whole tensor up to 2**14 elements and over 64 evenly spaced blocks of it beyond, so
-    their cost does not grow with the tensor and the hash sets the speed.
+    comparisons; the block digests say where a change begins. The statistics, for
+    ``rtol``/``atol`` comparisons and the report, are taken over the whole tensor up to
+    2**14 elements and over 64 evenly spaced blocks of it beyond, so their cost does not
+    grow with the tensor and the hash sets the speed.
     """
-    import xxhash
-
     _require_values(tensor, key)
     t = tensor.detach()
     if t.is_conj() or t.is_neg():  # lazy views: the bytes are those of the unresolved tensor
@@ -595,9 +614,37 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    digest = xxhash.xxh3_128(_bytes_of(t)).hexdigest()
-    lo, hi, mean, std = _statistics(t)
-    return Fingerprint(xxh3=digest, min=lo, max=hi, mean=mean, std=std)
+    return _fingerprint_of(_digests(t), _statistics(t))
+
+
+def _fingerprint_of(digests: tuple[str, tuple[str, ...]], stats: _Statistics) -> Fingerprint:
+    digest, blocks = digests
+    return Fingerprint(digest, *stats[:4], blocks, *stats[4:])
+
+
+def _digests(t: torch.Tensor) -> tuple[str, tuple[str, ...]]:
+    """xxh3-128 of a contiguous CPU tensor's bytes, and 8 hex digits of its running digest
+    at the end of each block.
+
+    One streaming pass, as fast as hashing the bytes at once (a separate hash a block, and
+    a whole hash combined from them, would change every snapshot's ``xxh3``); the last
+    running digest is the whole hash.
+    """
+    import xxhash
+
+    running = xxhash.xxh3_128()
+    update, hexdigest = running.update, running.hexdigest
+    data = memoryview(_bytes_of(t)).cast("B")
+    blocks = []
+    for start, end in _byte_ranges(tuple(t.shape), t.element_size()):
+        update(data[start:end])  # releases the GIL while it hashes
+        blocks.append(hexdigest()[:SHORT_HEX])
+    return hexdigest(), tuple(blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _byte_ranges(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, int], ...]:
+    return tuple((s * itemsize, e * itemsize) for s, e in Fingerprint.block_ranges(shape))
 
 
 # Below this many bytes, hashing on a second thread saves less than starting it costs.
@@ -615,21 +662,19 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
     """
     import threading
 
-    import xxhash
-
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for key, tensor in tensors.items():
         _require_values(tensor, key)  # before any work starts
     in_place = {k: v.detach() for k, v in tensors.items() if _hashable_in_place(v)}
     if sum(t.nbytes for t in in_place.values()) < OVERLAP_MIN_BYTES:
         in_place = {}
-    digests: dict[str, str] = {}
+    digests: dict[str, tuple[str, tuple[str, ...]]] = {}
     failure: list[BaseException] = []
 
     def hash_all() -> None:
         try:
             for key, t in in_place.items():
-                digests[key] = xxhash.xxh3_128(_bytes_of(t)).hexdigest()
+                digests[key] = _digests(t)
         except BaseException as exc:  # re-raised on the caller's thread
             failure.append(exc)
 
@@ -637,7 +682,7 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
     if in_place:
         worker.start()
     out: dict[str, Fingerprint] = {}
-    statistics: dict[str, tuple[float, float, float, float]] = {}
+    statistics: dict[str, _Statistics] = {}
     try:
         for key, tensor in tensors.items():
             if key in in_place:
@@ -649,8 +694,8 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
             worker.join()
     if failure:
         raise failure[0]
-    for key, (lo, hi, mean, std) in statistics.items():
-        out[key] = Fingerprint(xxh3=digests[key], min=lo, max=hi, mean=mean, std=std)
+    for key, stats in statistics.items():
+        out[key] = _fingerprint_of(digests[key], stats)
     return out
 
 
@@ -682,8 +727,10 @@ _NO_ARITHMETIC = frozenset(
 )
 
 
-def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:
-    """min, max, mean and std of a contiguous CPU tensor's sample, stable across machines.
+def _statistics(t: torch.Tensor) -> _Statistics:
+    """min, max, mean and std of a contiguous CPU tensor's sample, stable across machines;
+    the mean of each block's part of the sample; and, for floating-point values, the
+    sample's numbers and bits hashed.
 
     The sample is summed in float64 and mean and std are rounded to 12 significant digits,
     so that CPUs whose vector units add in other orders write the same snapshot text. No
@@ -691,18 +738,77 @@ def _statistics(t: torch.Tensor) -> tuple[float, float, float, float]:
     ``torch.dot`` (BLAS runs it on all cores: on a loaded machine one call stalls for
     milliseconds); on a sample this small torch's per-call overhead is what costs.
     """
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    nan = float("nan")
-    if t.numel() == 0 or t.dtype in _NO_ARITHMETIC:
-        return nan, nan, nan, nan  # the hash alone fingerprints them
-    x = _stat_sample(t.reshape(-1)).to(torch.float64)
+    real = torch.view_as_real(t) if t.is_complex() else t
+    if real.numel() == 0 or real.dtype in _NO_ARITHMETIC:
+        return _NO_STATISTICS  # the hash alone fingerprints them
+    sample = _stat_sample(real.reshape(-1))
+    n = sample.numel()
+    sampled = n < real.numel()
+    x = sample.to(torch.float64, copy=not sampled)  # changed in place: never the tensor
     lo, hi = torch.aminmax(x)
-    n = x.numel()
     mean = x.sum().item() / n
     centred = x - mean  # two passes: no cancellation when std << |mean|
     std = math.sqrt((centred * centred).sum().item() / n)
-    return lo.item(), hi.item(), _rounded(mean), _rounded(std)
+    counts = _sample_counts(
+        real.numel(), _byte_ranges(tuple(t.shape), t.element_size()), real.element_size()
+    )
+    block_means = tuple((torch.segment_reduce(x, "sum", lengths=counts) / counts).tolist())
+    stats = _Statistics(lo.item(), hi.item(), _rounded(mean), _rounded(std), block_means)
+    if not real.is_floating_point():
+        return stats
+    return stats._replace(**_sample_hashes(sample, x, sampled, math.isnan(stats.min)))
+
+
+def _sample_hashes(
+    sample: torch.Tensor, x: torch.Tensor, sampled: bool, has_nan: bool
+) -> dict[str, str]:
+    """Hashes that tell bits from numbers: ``-0.0`` and ``0.0``, or two NaN payloads, are
+    equal numbers in different bits, which no statistic shows (``x`` is ``sample`` in
+    float64, changed in place). Only a sample that is not the whole tensor needs its own
+    bits hash (else the whole hash is that), and only one with a NaN the signs hash (else
+    numbers equal in other bits can only be signed zeros).
+    """
+    hashes = {}
+    if sampled:
+        hashes["sample_bits"] = _short_hash(sample)
+    if has_nan:
+        # float64 holds every number of the narrower types exactly; every NaN made one
+        x.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=-math.inf)
+        hashes["sample_signs"] = _short_hash(x)
+    hashes["sample_numbers"] = _short_hash(x.add_(0.0))  # -0.0 + 0.0 is 0.0
+    return hashes
+
+
+def _short_hash(t: torch.Tensor) -> str:
+    """8 hex digits of xxh3-64: enough to tell a changed sample, in few snapshot bytes."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(_bytes_of(t))[:SHORT_HEX]
+
+
+@functools.lru_cache(maxsize=4096)
+def _sample_counts(n: int, byte_ranges: tuple[tuple[int, int], ...], itemsize: int) -> torch.Tensor:
+    """How many of the sample's elements (:func:`_stat_sample`) lie in each block of a flat
+    tensor of ``n`` elements of ``itemsize`` bytes (a block's sum over its count is its
+    mean; an empty count makes a NaN mean).
+    """
+    if n <= STAT_SAMPLE:
+        counts = [(end - start) // itemsize for start, end in byte_ranges]
+    else:
+        block = STAT_SAMPLE // STAT_BLOCKS
+        stride = (n - block) // (STAT_BLOCKS - 1)
+        ends = [end // itemsize for _, end in byte_ranges]
+        counts = [0] * len(ends)
+        b = 0
+        for start in [i * stride for i in range(STAT_BLOCKS - 1)] + [n - block]:
+            end = start + block
+            while start < end:
+                while ends[b] <= start:
+                    b += 1
+                take = min(end, ends[b]) - start
+                counts[b] += take
+                start += take
+    return torch.tensor(counts, dtype=torch.int64)
 
 
 def _rounded(x: float) -> float:
