@@ -765,9 +765,9 @@ def _statistics_of(tensors: list[torch.Tensor]) -> list[_Statistics]:
         torch.sub(x, torch.tensor(means, dtype=torch.float64).unsqueeze(1), out=centred)
     stds = [math.sqrt(v / n) for v in centred.mul_(centred).sum(1).tolist()]
     plan = _block_plan(total, _byte_ranges(tuple(t.shape), t.element_size()), real.itemsize)
-    found = [
-        _Statistics(lo[i], hi[i], _rounded(means[i]), _rounded(stds[i]), block_means)
-        for i, block_means in enumerate(plan.means(x))
+    found = [  # + 0.0: which zero aminmax finds first depends on how it is called
+        _Statistics(lo[i] + 0.0, hi[i] + 0.0, _rounded(means[i]), _rounded(stds[i]), means_i)
+        for i, means_i in enumerate(plan.means(x))
     ]
     if not real.is_floating_point():
         return found
