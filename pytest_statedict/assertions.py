@@ -109,7 +109,7 @@ def complete_diff(
 
     from .gate import load_check
 
-    diff.notes = flag_notes(expected, actual_schema)
+    diff.notes.extend(flag_notes(expected, actual_schema))
     if not isinstance(actual, nn.Module) or not expected.tensors:
         return
     if rename is not None or key_normaliser() is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import StateDictError, hide_from_bad_input
-from .schema import Fingerprint, OptimizerSchema, Schema, StateSpec, TensorEntry
+from .schema import Fingerprint, ModuleVersion, OptimizerSchema, Schema, StateSpec, TensorEntry
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -37,10 +37,15 @@ ATTRIBUTES = ("kind", "type", "shape", "dtype", "layout", "qscheme", "requires_g
 
 @dataclass(frozen=True)
 class Change:
+    """One attribute of one key that differs. ``excess`` (values under ``rtol``/``atol``
+    only): how many times the tolerance the furthest statistic moved, to report the
+    largest changes first."""
+
     key: str
     attribute: str
     expected: Any
     actual: Any
+    excess: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class LoadCheck:
     model: str  # the model's class name
     loads: bool | None
     reason: str = ""
+    # whose loader answered: the model's own load_state_dict, or transformers' from_pretrained
+    # rules for a PreTrainedModel (hf_rules)
+    loader: str = "load_state_dict"
 
 
 @dataclass
@@ -85,7 +93,7 @@ class SchemaDiff:
     renames: list[tuple[str, str]] = field(default_factory=list)  # (expected key, actual key)
     prefix: tuple[str, str] | None = None  # ("added" | "dropped", prefix)
     moved: list[tuple[str, int, int]] = field(default_factory=list)  # key, old pos, new pos
-    versions: list[tuple[str, int, int]] = field(default_factory=list)
+    versions: list[tuple[str, ModuleVersion, ModuleVersion]] = field(default_factory=list)
     non_persistent: tuple[list[str], list[str]] = ([], [])  # removed, added
     extras: list[str] = field(default_factory=list)
     optimizer: list[str] = field(default_factory=list)
@@ -93,8 +101,9 @@ class SchemaDiff:
     problems: list[str] = field(default_factory=list)
     expected_saved_on: tuple[str, ...] = ()
     actual_saved_on: tuple[str, ...] = ()
-    # not differences, filled in by the caller: how the load verdict was decided, and what
-    # the report mentions without comparing (implementation flags)
+    # not differences: how the load verdict was decided (filled in by a caller that has the
+    # model), and what the report says beside them (the order of tolerant value changes;
+    # implementation flags, from the caller)
     load_check: LoadCheck | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -227,8 +236,8 @@ def _refuse_collisions(kept: Mapping[str, str]) -> None:
 
 
 def _renamed_versions(
-    versions: Mapping[str, int], kept: Mapping[str, str], patterns: tuple[str, ...]
-) -> dict[str, int]:
+    versions: Mapping[str, ModuleVersion], kept: Mapping[str, str], patterns: tuple[str, ...]
+) -> dict[str, ModuleVersion]:
     """Module versions under the new key names.
 
     A module ``P`` becomes ``Q`` when every kept key below it, ``P.<rest>``, became
@@ -241,7 +250,7 @@ def _renamed_versions(
         parts = key.split(".")
         for i in range(1, len(parts)):
             below.setdefault(".".join(parts[:i]), []).append(key)
-    out: dict[str, int] = {}
+    out: dict[str, ModuleVersion] = {}
     for module, version in versions.items():
         if module and module not in below:  # no kept keys below it
             parent = _nearest_with_keys(module, below)
@@ -345,6 +354,15 @@ def diff_schemas(
         a = act.get(key)
         if a is not None:
             diff.changed.extend(_entry_changes(e, a, tolerant, rtol or 0.0, atol or 0.0))
+    if tolerant and sum(c.excess is not None for c in diff.changed) > 1:
+        # the values furthest outside the tolerance first: a report shows only the first
+        # lines of a long list, and the change that matters is the largest, not the first key
+        diff.changed.sort(key=lambda c: (c.excess is not None, -(c.excess or 0.0)))
+        diff.notes.append(
+            "values outside rtol/atol are listed furthest first, by how many times the "
+            "tolerance (atol + rtol * max(|min|, |max|) of the expected values) their "
+            "furthest statistic (min, max, mean or std) moved"
+        )
     if expected.ordered and actual.ordered:
         diff.moved = _moved(list(exp), list(act))
 
@@ -353,8 +371,9 @@ def diff_schemas(
             old, new = expected.versions.get(module, 1), actual.versions.get(module, 1)
             if old != new:
                 diff.versions.append((module, old, new))
-    npb_old, npb_new = set(expected.non_persistent_buffers), set(actual.non_persistent_buffers)
-    diff.non_persistent = (sorted(npb_old - npb_new), sorted(npb_new - npb_old))
+    if expected.knows_modules and actual.knows_modules:  # a file cannot know them
+        npb_old, npb_new = set(expected.non_persistent_buffers), set(actual.non_persistent_buffers)
+        diff.non_persistent = (sorted(npb_old - npb_new), sorted(npb_new - npb_old))
     for name in sorted(set(expected.extras) | set(actual.extras)):
         old_t, new_t = expected.extras.get(name), actual.extras.get(name)
         if old_t != new_t:
@@ -449,7 +468,17 @@ def _entry_changes(
         assert e.fingerprint is not None and a.fingerprint is not None
         bad = a.fingerprint.close_to(e.fingerprint, rtol, atol)
         if bad:
-            changes.append(Change(e.key, "values", f"rtol={rtol}, atol={atol}", "; ".join(bad)))
+            excess = a.fingerprint.tolerance_excess(e.fingerprint, rtol, atol)
+            moved = f"{excess:.3g}x the tolerance: " if math.isfinite(excess) else ""
+            changes.append(
+                Change(
+                    e.key,
+                    "values",
+                    f"rtol={rtol}, atol={atol}",
+                    moved + "; ".join(bad),
+                    excess,
+                )
+            )
     elif e.fingerprint != a.fingerprint:
         assert e.fingerprint is not None and a.fingerprint is not None
         ef, af = e.fingerprint, a.fingerprint

@@ -28,6 +28,7 @@ from .readers.dispatch import CheckpointLoader
 from .runtime import checkpoint_loader
 from .schema import (
     Fingerprint,
+    ModuleVersion,
     OptimizerSchema,
     ParamGroup,
     ParamState,
@@ -35,6 +36,7 @@ from .schema import (
     StateSpec,
     TensorEntry,
     dtype_name,
+    module_version,
 )
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -46,7 +48,9 @@ MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "model
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_states")
 
 # Optimizer state that is elementwise: its shape must equal its parameter's. A mismatch
-# means the state was restored onto the wrong parameter (a reordered model).
+# means the state was restored onto the wrong parameter (a reordered model). A 0-dim
+# state under one of these names is per-tensor by design (NovoGrad's ``exp_avg_sq``, a
+# layer-wise second moment), never a misplaced elementwise one.
 ELEMENTWISE_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
      "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}
@@ -71,10 +75,15 @@ def schema_of(
     nested ones).
     """
     if isinstance(obj, Schema):
-        if optimizer is not None or values:
+        if optimizer is not None:
             raise UnsupportedObjectError(
-                "schema_of(): a Schema is already a schema; optimizer= and values= apply to a "
-                "module, state_dict or checkpoint"
+                "schema_of(): a Schema is already a schema; optimizer= applies to a module, "
+                "state_dict or checkpoint"
+            )
+        if values and not obj.has_values:
+            raise UnsupportedObjectError(
+                "schema_of(): values=True needs a Schema taken with values=True (this one "
+                "records no value fingerprints)"
             )
         return obj
     if isinstance(obj, (str, os.PathLike)):
@@ -149,9 +158,16 @@ def schema_of_file(
             raise CheckpointError(where, "a sharded checkpoint has no parts to choose from")
         return _sharded_schema(where, values=values, loader=loader)
     if fmt == dispatch.SNAPSHOT:
-        if values or part:
-            raise CheckpointError(where, "a snapshot holds one schema, without values or parts")
-        return snapshot_file.read_snapshot(where)
+        if part:
+            raise CheckpointError(where, "a snapshot holds one schema, without parts")
+        snapshot = snapshot_file.read_snapshot(where)
+        if values and not snapshot.has_values:
+            raise CheckpointError(
+                where,
+                "values=True needs a snapshot taken with values=True (this one records no "
+                "value fingerprints)",
+            )
+        return snapshot
     return _single_file_schema(where, values=values, weights_only=weights_only, part=part,
                                loader=None)  # fmt: skip
 
@@ -242,29 +258,27 @@ def load_state_dict_file(
     part: str | None = None,
     loader: CheckpointLoader | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
-    """The model state_dict inside a checkpoint file: ``part``, or the usual model entry."""
+    """The model state_dict inside one checkpoint file: ``part``, or the usual model entry."""
     path = Path(path)
-    if path.is_dir() and dispatch.from_hook(path, loader) is None:
-        raise CheckpointError(
-            path,
-            "a folder: loading a DCP or sharded checkpoint needs every tensor of it; pass one "
-            "checkpoint file or a snapshot, or compare the folder's schema with "
-            "assert_state_dict_matches(model, expected=folder)",
-        )
     obj, locations = dispatch.load_file(
         path, loader=loader, map_location=map_location, weights_only=weights_only
     )
+    return model_state(path, obj, part=part), locations
+
+
+def model_state(path: Path, obj: Any, *, part: str | None = None) -> dict[str, Any]:
+    """The model state_dict in what a checkpoint file held: ``part``, or the usual model entry."""
     if part is not None:
         try:
             obj = select_part(obj, part)
         except UnsupportedObjectError as exc:
             raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
     if is_state_dict(obj):
-        return obj, locations
+        return obj
     if isinstance(obj, dict):
         for key in MODEL_KEYS:
             if is_state_dict(obj.get(key)):
-                return obj[key], locations
+                return obj[key]
     raise CheckpointError(
         path,
         f"no model state_dict in it (looked for a mapping of names to tensors, at the top "
@@ -405,14 +419,16 @@ def is_optimizer_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
 
 
-def _versions(state: Mapping[str, Any]) -> dict[str, int] | None:
+def _versions(state: Mapping[str, Any]) -> dict[str, ModuleVersion] | None:
+    """The module versions of ``_metadata`` but the default int 1, as torch keeps them."""
     metadata = getattr(state, "_metadata", None)
     if metadata is None:
         return None
     return {
-        prefix: meta["version"]
+        prefix: module_version(version)
         for prefix, meta in metadata.items()
-        if isinstance(meta, Mapping) and meta.get("version", 1) != 1
+        if isinstance(meta, Mapping)
+        and not ((version := meta.get("version", 1)) == 1 and type(version) is int)
     }
 
 
@@ -997,6 +1013,7 @@ def _live_optimizer_schema(
                     if (
                         name in ELEMENTWISE_STATE
                         and isinstance(value, torch.Tensor)
+                        and value.dim() > 0
                         and value.shape != param.shape
                     ):
                         problems.append(

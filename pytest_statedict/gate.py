@@ -20,10 +20,23 @@ import torch
 from torch import nn
 
 from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
-from .errors import SnapshotError, StateDictMismatch, first_line, hide_from_bad_input
-from .extract import load_state_dict_file, mapping_schema, module_schema, require_module
-from .readers.dispatch import from_hook, is_snapshot_name
-from .readers.snapshot_file import read_snapshot
+from .errors import (
+    CheckpointError,
+    SnapshotError,
+    StateDictMismatch,
+    first_line,
+    hide_from_bad_input,
+)
+from .extract import (
+    load_state_dict_file,
+    mapping_schema,
+    model_state,
+    module_schema,
+    require_module,
+    schema_of_file,
+)
+from .hf_rules import decide_load
+from .readers import dispatch
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
 from .runtime import checkpoint_loader
@@ -47,6 +60,7 @@ def assert_checkpoint_loads(
     rename: Rename = None,
     map_location: Any = "cpu",
     part: str | None = None,
+    rules: str = "auto",
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
@@ -54,32 +68,32 @@ def assert_checkpoint_loads(
     checkpoint's keys to today's names. On failure, the message lists the missing,
     unexpected and shape-mismatched keys, likely renames as a ready ``rename=``, and the
     keys a ``strict=False`` load would silently drop. ``part`` names the model's entry
-    in a checkpoint holding several (``"modelB_state_dict"``).
+    in a checkpoint holding several (``"modelB_state_dict"``). ``rules`` says whose idea of
+    "loads" applies: ``"torch"`` (``load_state_dict``), ``"transformers"`` (``from_pretrained``:
+    tied keys, keys to ignore, checkpoint conversions) or ``"auto"``, transformers' for a
+    transformers ``PreTrainedModel`` and torch's for anything else.
     """
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
-    source = Path(path)
-    saved_on: set[str] = set()
-    loader = checkpoint_loader()
-    if is_snapshot_name(source) and from_hook(source, loader) is None:
-        state = state_from_snapshot(read_snapshot(source))
-    else:
-        state, saved_on = load_state_dict_file(
-            source, map_location=map_location, part=part, loader=loader
-        )
+    source, state, saved_on = checkpoint_state(Path(path), part=part, map_location=map_location)
     mapping = compile_rename(rename)
     if mapping is not None:
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())
         renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
         state = renamed
-    missing, unexpected, shapes, error = _try_load(meta_copy(model), state)
+    verdict = decide_load(
+        model, state, rules=rules, strict=strict, copy=meta_copy, torch_load=_try_load
+    )
+    missing, unexpected, shapes, error = (
+        verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
+    )  # fmt: skip
     failed = bool(shapes or error or (strict and (missing or unexpected)))
     if not failed:
         return
     lines = [
-        f"checkpoint {_shown(source)} does not load into {type(model).__name__} with "
-        f"load_state_dict(strict={strict}):"
+        f"checkpoint {_shown(source)} does not load into {type(model).__name__} with {verdict.how}:"
     ]
+    lines.extend(f"  {note}" for note in verdict.notes)
     if error:
         lines.append(f"  its load_state_dict raised: {error}")
 
@@ -93,6 +107,7 @@ def assert_checkpoint_loads(
     section("missing (in the model, not in the checkpoint)", missing)
     section("unexpected (in the checkpoint, not in the model)", unexpected)
     section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+    section("accepted by transformers' rules (strict load_state_dict refuses)", verdict.accepted)
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     new_buffers = [k for k in missing if k in buffers]
     if new_buffers:
@@ -104,7 +119,10 @@ def assert_checkpoint_loads(
             + ": if not needed in checkpoints, register with "
             "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
         )
-    diff = diff_schemas(mapping_schema(state), module_schema(model))
+    if verdict.unmatched is None:
+        diff = diff_schemas(mapping_schema(state), module_schema(model))
+    else:  # what transformers' rules left unmatched on each side
+        diff = diff_schemas(*(mapping_schema(side) for side in verdict.unmatched))
     if diff.prefix:
         how, prefix = diff.prefix
         fix = (
@@ -136,6 +154,40 @@ def assert_checkpoint_loads(
     raise StateDictMismatch("\n".join(lines), diff)
 
 
+# Formats whose schema comes from a header or an index, never from tensor data: the gate
+# loads meta tensors built from that schema, as it does from a snapshot.
+SCHEMA_FORMATS = frozenset({dispatch.SNAPSHOT, dispatch.SAFETENSORS, dispatch.INDEX, dispatch.DCP})
+
+
+def checkpoint_state(
+    path: Path, *, part: str | None, map_location: Any
+) -> tuple[Path, OrderedDict[str, Any] | dict[str, Any], set[str]]:
+    """The checkpoint the gate reads (a folder's own file), the state_dict it loads, and the
+    devices its tensors were saved on.
+
+    A ``pytest_statedict_load_checkpoint`` hook's object if one claims ``path``; meta
+    tensors of the recorded shapes and dtypes for a snapshot, a ``.safetensors`` file, a
+    sharded index or a DCP folder (their schema is read from headers: O(tensors), no
+    tensor data); else the ``torch.save`` file, memory-mapped, with the module versions
+    (``_metadata``) it kept.
+    """
+    loader = checkpoint_loader()
+    custom = dispatch.from_hook(path, loader)
+    if custom is not None:
+        return path, model_state(path, custom, part=part), set()
+    fmt, where = dispatch.detect(path)
+    if fmt in SCHEMA_FORMATS:
+        schema = schema_of_file(where, part=part, loader=loader)
+        try:
+            return where, state_from_snapshot(schema), set(schema.saved_on)
+        except SnapshotError as exc:
+            if fmt == dispatch.SNAPSHOT:
+                raise
+            raise CheckpointError(where, exc.problem) from None  # a checkpoint, not a snapshot
+    state, saved_on = load_state_dict_file(where, map_location=map_location, part=part)
+    return where, state, saved_on
+
+
 def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = ()) -> LoadCheck:
     """Does a checkpoint of ``expected``'s layout load into ``model`` with strict=True?
 
@@ -153,12 +205,20 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
         state = state_from_snapshot(expected)
     except SnapshotError as exc:
         return LoadCheck(name, None, f"the expected layout cannot be rebuilt ({exc})")
+    loader = "load_state_dict"
     try:
-        missing, unexpected, shapes, error = _try_load(target, state)
+        verdict = decide_load(
+            model, state, rules="auto", strict=True, copy=lambda _: target, torch_load=_try_load
+        )
+        missing, unexpected, shapes, error = (
+            verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
+        )  # fmt: skip
+        if verdict.rules == "transformers":
+            loader = verdict.how
     except Exception as exc:  # a load hook's own error: torch's load would raise it too
         error = f"{type(exc).__name__}: {exc}"
     if error:
-        return LoadCheck(name, False, f"it raises: {error}")
+        return LoadCheck(name, False, f"it raises: {error}", loader)
     # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
     present = {entry.key for entry in expected.tensors}
     missing = [k for k in missing if k not in present]
@@ -167,7 +227,7 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
         return sum(not _matches(k, ignore) for k in keys)
 
     reasons = load_refusals(kept(unexpected), kept(missing), kept([s[0] for s in shapes]))
-    return LoadCheck(name, not reasons, ", ".join(reasons))
+    return LoadCheck(name, not reasons, ", ".join(reasons), loader)
 
 
 def _shown(path: Path) -> str:

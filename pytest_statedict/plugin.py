@@ -214,8 +214,9 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: Any, right: 
     diff = diff_schemas(left, right)
     if not diff:
         return [
-            "schemas differ only in what one side cannot know (the kinds, requires_grad or "
-            "module versions of a bare state_dict or file): use assert_state_dict_matches"
+            "schemas differ only in what one side cannot know (the kinds, requires_grad, "
+            "non-persistent buffers or module versions of a bare state_dict or file): use "
+            "assert_state_dict_matches"
         ]
     text = render_diff(
         diff,

@@ -140,9 +140,15 @@ def load_verdict(diff: SchemaDiff) -> str:
     check = diff.load_check
     if check is not None and check.loads is not None and check.loads != diff.layouts_load_strict:
         # the model's own load_state_dict disagrees with its layout: say so, and who decided
-        through = f"through {check.model}'s own load_state_dict"
+        if check.loader != "load_state_dict":
+            head = "an old checkpoint still loads with from_pretrained"
+            through = f"by {check.loader} for {check.model}"
+            why = "its tied keys, keys to ignore and checkpoint conversions accept the old layout"
+        else:
+            through = f"through {check.model}'s own load_state_dict"
+            why = "its load hooks convert the old layout"
         if check.loads:
-            return f"{head}: yes, {through} (its load hooks convert the old layout)"
+            return f"{head}: yes, {through} ({why})"
         return f"{head}: NO, {through} ({check.reason})"
     fallback = None
     if check is not None and check.loads is None:

@@ -84,6 +84,26 @@ def json_depth(data: Any) -> int:
     return deepest
 
 
+# A module's ``_version`` as torch keeps it in ``_metadata``: torch sets no type (1 by default,
+# an int by convention, but Phi-3 sets "0.0.5"), so a snapshot keeps any JSON scalar as is.
+ModuleVersion = int | float | str | bool | None
+
+
+def module_version(value: Any) -> ModuleVersion:
+    """``value`` as a snapshot keeps it: itself if a JSON scalar that reads back equal, else
+    its ``repr`` (a version that is a tuple, or a NaN, has no JSON form equal to it)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return repr(value)[:200]
+
+
+def _is_module_version(x: Any) -> bool:
+    """What :func:`module_version` keeps as it is (a snapshot holds nothing else)."""
+    return module_version(x) is x
+
+
 def _is_int(x: Any) -> bool:
     """An integer, not a bool (``True`` is an ``int`` in Python, never in a snapshot)."""
     return isinstance(x, int) and not isinstance(x, bool)
@@ -157,8 +177,7 @@ class Fingerprint:
         none of min, max, mean and std can have moved by more, so a change within the
         tolerance always passes; a mean near zero does not make the bound vanish.
         """
-        scale = max((abs(x) for x in (other.min, other.max) if math.isfinite(x)), default=0.0)
-        bound = atol + rtol * scale
+        bound = other.tolerance(rtol, atol)
         bad = []
         for stat in ("min", "max", "mean", "std"):
             a, e = getattr(self, stat), getattr(other, stat)
@@ -169,6 +188,30 @@ class Fingerprint:
             if not (abs(a - e) <= bound):
                 bad.append(f"{stat} {_fmt_float(e)} -> {_fmt_float(a)}")
         return bad
+
+    def tolerance(self, rtol: float, atol: float) -> float:
+        """How far each statistic of a tensor with these (expected) values may move."""
+        scale = max((abs(x) for x in (self.min, self.max) if math.isfinite(x)), default=0.0)
+        return atol + rtol * scale
+
+    def tolerance_excess(self, other: Fingerprint, rtol: float, atol: float) -> float:
+        """How far the statistic of ``self`` furthest from ``other`` (expected) moved, in
+        multiples of :meth:`close_to`'s tolerance: at most 1.0 when all are within it; inf
+        for a NaN or infinity on one side only, or any move under a zero tolerance.
+
+        It orders a report's values outside the tolerance, the furthest first.
+        """
+        bound = other.tolerance(rtol, atol)
+        worst = 0.0
+        for stat in ("min", "max", "mean", "std"):
+            a, e = getattr(self, stat), getattr(other, stat)
+            if (math.isnan(a) and math.isnan(e)) or a == e:
+                continue
+            moved = abs(a - e)
+            if not math.isfinite(moved) or bound <= 0:
+                return math.inf
+            worst = max(worst, moved / bound)
+        return worst
 
 
 @dataclass(frozen=True, init=False)
@@ -300,7 +343,8 @@ class Schema:
     """The schema of a state_dict (and optionally of its optimizer).
 
     ``versions`` maps a module's prefix to its ``_metadata`` version when that is not the
-    default 1 (``None``: unknown, a bare state_dict without ``_metadata``).
+    default int 1 (``None``: unknown, a bare state_dict without ``_metadata``); a version
+    is kept as torch keeps it, a string included (see :func:`module_version`).
     ``ordered`` is False when the key order carries no meaning (a ``.safetensors`` header
     is sorted by the writer, not in ``state_dict`` order): moved keys are then not reported.
     ``saved_on`` (the storage locations a checkpoint file was saved from) and ``source``
@@ -309,7 +353,7 @@ class Schema:
 
     tensors: tuple[TensorEntry, ...]
     ordered: bool = True
-    versions: Mapping[str, int] | None = None
+    versions: Mapping[str, ModuleVersion] | None = None
     non_persistent_buffers: tuple[str, ...] = ()
     optimizer: OptimizerSchema | None = None
     extras: Mapping[str, str] = field(default_factory=dict)
@@ -346,6 +390,19 @@ class Schema:
             "trainable": trainable,
             "bytes": nbytes,
         }
+
+    @property
+    def knows_modules(self) -> bool:
+        """Taken from a module (a live model, or a snapshot or pickle of one), so it knows
+        which keys are parameters and buffers and which buffers are non-persistent.
+
+        A bare state_dict, a checkpoint file of one or its snapshot knows neither: every
+        key is a ``tensor`` and a non-persistent buffer (BERT's ``position_ids``, a rotary
+        ``inv_freq``) was never saved, so the other side's cannot be a difference.
+        """
+        return bool(self.non_persistent_buffers) or any(
+            t.kind in ("parameter", "buffer") for t in self.tensors
+        )
 
     @property
     def has_values(self) -> bool:
@@ -547,10 +604,13 @@ class _SnapshotParser:
             raise self.fail(f"key {duplicated[0]!r} appears more than once", duplicated[0])
         versions = data.get("versions")
         if versions is not None and not (
-            isinstance(versions, dict)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in versions.values())
+            isinstance(versions, dict) and all(map(_is_module_version, versions.values()))
         ):
-            raise self.fail('"versions" must be null or an object of integers', "versions")
+            raise self.fail(
+                '"versions" must be null or an object of module versions (numbers, strings, '
+                "booleans or null)",
+                "versions",
+            )
         npb = data.get("non_persistent_buffers", [])
         if not (isinstance(npb, list) and all(isinstance(x, str) for x in npb)):
             raise self.fail('"non_persistent_buffers" must be a list of strings')

@@ -121,6 +121,31 @@ def test_safetensors_header_only(tmp_path: Path) -> None:
     assert with_values.tensors[0].fingerprint is not None
 
 
+def test_safetensors_header_starting_like_a_pickle(tmp_path: Path) -> None:
+    """A header 0x..80 bytes long starts the file with pickle's magic byte: still safetensors.
+
+    One safetensors file in 32 does (headers are padded to 8 bytes); transformers'
+    save_pretrained of a tiny OLMoE wrote one, which the gate handed to torch.load.
+    """
+    from safetensors.torch import save_file
+
+    from pytest_statedict import assert_checkpoint_loads
+
+    net = nn.Linear(3, 2)
+    path = tmp_path / "model.safetensors"
+    for pad in range(300):
+        save_file(net.state_dict(), path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length of 0x..80")
+    assert [t.key for t in schema_of(path)] == ["bias", "weight"]
+    assert_checkpoint_loads(net, path)
+    renamed = tmp_path / "renamed.st"  # by content too, whatever its name
+    renamed.write_bytes(path.read_bytes())
+    assert [t.key for t in schema_of(renamed)] == ["bias", "weight"]
+
+
 def write_bytes(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)

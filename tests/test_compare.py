@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_statedict import StateDictMismatch, assert_state_dict_matches, schema_of
+from pytest_statedict import (
+    StateDictError,
+    StateDictMismatch,
+    assert_state_dict_matches,
+    schema_of,
+)
 from pytest_statedict.compare import compile_rename, diff_schemas, normalise
 from pytest_statedict.report import render_diff, suggest_rename
 
@@ -460,3 +465,24 @@ def test_keys_merged_by_a_rename_may_all_be_ignored() -> None:
         schema_of(two), rename=compile_rename([(r"^l\d\.rope$", "rope")]), ignore=["*rope"]
     )
     assert merged.tensors == ()
+
+
+def test_values_against_a_stored_schema_or_snapshot_with_values(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = net()
+    stored = schema_of(model, values=True)
+    snapshot = tmp_path / "model.json"
+    snapshot.write_text(stored.to_json())
+    for expected in (stored, snapshot):
+        assert_state_dict_matches(model, expected, values=True)
+    with torch.no_grad():
+        model.encoder.bias[0] += 1.0
+    for expected in (stored, snapshot):
+        with pytest.raises(StateDictMismatch, match="encoder.bias"):
+            assert_state_dict_matches(model, expected, values=True)
+    bare = tmp_path / "bare.json"
+    bare.write_text(schema_of(model).to_json())
+    with pytest.raises(StateDictError, match="taken with values=True"):
+        assert_state_dict_matches(model, bare, values=True)
+    with pytest.raises(StateDictError, match="taken with values=True"):
+        assert_state_dict_matches(model, schema_of(model), values=True)

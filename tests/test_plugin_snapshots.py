@@ -458,7 +458,9 @@ def test_values_exact_and_tolerant(net_project: pytest.Pytester) -> None:
         mp.setenv("NUDGE", "0.5")
         result = net_project.runpytest()
         result.assert_outcomes(failed=2)
-        match_lines(result, ["*~ fc3.bias: values rtol=0.0, atol=0.001 -> min *"])
+        match_lines(
+            result, ["*~ fc3.bias: values rtol=0.0, atol=0.001 -> 500x the tolerance: min *"]
+        )
 
 
 def test_corrupt_and_stale_snapshots(net_project: pytest.Pytester) -> None:

@@ -156,6 +156,12 @@ def test_optimizer_schema_by_name_with_state_and_problems() -> None:
     by_index = schema_of(optimizer.state_dict()).optimizer
     assert by_index is not None and by_index.param_groups[0].params == (0, 1)
 
+    # a layer-wise (0-dim) moment under an elementwise name, as NovoGrad keeps: by design
+    optimizer.state[model[0].weight]["exp_avg"] = torch.zeros(4, 3)
+    optimizer.state[model[0].weight]["exp_avg_sq"] = torch.tensor(0.5)
+    opt = schema_of(model, optimizer=optimizer).optimizer
+    assert opt is not None and opt.problems == ()
+
 
 def test_fingerprints_are_exact_and_summarise() -> None:
     t = torch.tensor([1.0, -2.0, float("nan")])
@@ -223,7 +229,7 @@ BASE = Schema(
          "unknown field 'colour'"),
         (lambda t: t.replace('"dtype": "int64"', '"dtype": "int65"'), "unknown dtype 'int65'"),
         (lambda t: t.replace('"tensors": [', '"tensorz": ['), '"tensors" is missing'),
-        (lambda t: t.replace('"versions": {}', '"versions": {"x": "2"}'), '"versions" must be'),
+        (lambda t: t.replace('"versions": {}', '"versions": {"x": [2]}'), '"versions" must be'),
         (lambda t: t.replace('"versions": {}', '"versionz": {}'), "unknown field 'versionz'"),
         (lambda t: t.replace('"shape": [2]', '"shap": [2]'), "'b': unknown field 'shap'"),
         (lambda t: t.replace(', "shape": [2]', ''), """'b': no "shape" field"""),

@@ -1,24 +1,32 @@
 """Which reader reads a path: the format recognised by name and by content.
 
-* a folder: a DCP folder (it has ``.metadata``), or a folder with one ``*.index.json``;
+* a folder: a DCP folder (it has ``.metadata``); else the one checkpoint it holds (see
+  :func:`folder_checkpoint`: a Hugging Face ``save_pretrained`` folder is its weights file
+  or its index), or an error listing the candidates when it holds several;
 * ``.metadata``: the DCP folder it indexes;
-* ``*.index.json`` (e.g. ``model.safetensors.index.json``): a sharded index, never a snapshot;
+* ``*.index.json`` (e.g. ``model.safetensors.index.json``), or any ``.json`` whose first
+  bytes hold a ``"weight_map"`` and no snapshot header: a sharded index, never a snapshot;
 * any other ``.json``: a statedict snapshot;
 * otherwise by the first bytes: a zip archive (``torch.save``, or TorchScript: refused), a
   pickle (a legacy ``torch.save`` file), a safetensors header (by name or by content).
 
-Nothing is read here beyond a file's first bytes; each format's module says what it reads
-and may unpickle. A ``pytest_statedict_load_checkpoint`` hook is a ``loader`` handed in by
-the caller (``runtime.checkpoint_loader()``): this layer never looks up the running session.
+Nothing is read here beyond a file's first bytes and a folder's listing; each format's
+module says what it reads and may unpickle. A ``pytest_statedict_load_checkpoint`` hook is
+a ``loader`` handed in by the caller (``runtime.checkpoint_loader()``): this layer never
+looks up the running session.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
+from ..schema import FORMAT_NAME
 from . import safetensors_file, torch_legacy, torch_zip
 from .dcp_folder import METADATA
 from .files import FORMATS_READ, magic_hex, open_regular, require_regular_file
@@ -41,31 +49,100 @@ def from_hook(path: Path, loader: CheckpointLoader | None) -> Any:
     return loader(path)
 
 
-def is_snapshot_name(path: Path) -> bool:
-    return path.suffix == ".json" and not path.name.endswith(INDEX_SUFFIX)
-
-
 def detect(path: Path) -> tuple[str, Path]:
-    """The format of ``path`` and the path its reader reads (a folder's index, ...)."""
+    """The format of ``path`` and the path its reader reads (a folder's checkpoint, ...)."""
     if path.is_dir():
         if (path / METADATA).exists():
             return DCP, path
-        indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
-        if len(indexes) == 1:
-            return INDEX, indexes[0]
-        raise CheckpointError(
-            path,
-            "is a directory but neither a torch.distributed.checkpoint folder (no .metadata) "
-            f"nor a sharded checkpoint with one *{INDEX_SUFFIX}",
-        )
+        path = folder_checkpoint(path)
     if path.name == METADATA:
         require_regular_file(path)
         return DCP, path.parent
-    if path.name.endswith(INDEX_SUFFIX):
+    if path.name.endswith(INDEX_SUFFIX) or (path.suffix == ".json" and looks_like_index(path)):
         return INDEX, path
     if path.suffix == ".json":
         return SNAPSHOT, path
     return file_format(path), path
+
+
+# Files a folder may hold a model's weights in (``save_pretrained``, ``torch.save``), and
+# the shards of a sharded one (``model-00001-of-00004.safetensors``), which its index reads.
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_SHARD = re.compile(r"-\d+-of-\d+\.[^.]+$")
+# The weights files of Hugging Face libraries (transformers ``model.safetensors`` and
+# ``pytorch_model.bin``, diffusers ``diffusion_pytorch_model.*``, PEFT ``adapter_model.*``):
+# a Trainer's checkpoint folder also holds ``optimizer.pt``, ``scheduler.pt``,
+# ``rng_state.pth`` and ``training_args.bin``, which are not the model.
+_WEIGHTS = re.compile(r"(^|_)model\.(safetensors|bin)(\.index\.json)?$")
+# Candidates named in an error before "and N more".
+SHOWN_CANDIDATES = 10
+
+
+def folder_checkpoint(folder: Path) -> Path:
+    """The one checkpoint a folder holds: its index, or its weights file.
+
+    Its indexes (``*.index.json``) and the checkpoint files beside them that are no shard
+    are the candidates; the Hugging Face weights names among them (``model.safetensors``,
+    ``pytorch_model.bin``, their indexes, ...) win over other files (``optimizer.pt``). One
+    candidate is the checkpoint; several are an error that lists them, for the caller to
+    name one (a Hub download often has ``model.safetensors`` and ``pytorch_model.bin``).
+    """
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(folder)
+            if (entry.name.endswith(INDEX_SUFFIX) or entry.name.endswith(CHECKPOINT_SUFFIXES))
+            and not _SHARD.search(entry.name)
+            and _is_regular(Path(entry.path))
+        )
+    except OSError as exc:
+        raise CheckpointError(folder, f"is a directory that cannot be listed ({exc})") from None
+    weights = [n for n in names if _WEIGHTS.search(n)]
+    candidates = weights or names
+    if len(candidates) == 1:
+        return folder / candidates[0]
+    if not candidates:
+        raise CheckpointError(
+            folder,
+            "is a directory holding no checkpoint: no torch.distributed.checkpoint .metadata, "
+            f"no sharded index *{INDEX_SUFFIX} and no {', '.join(CHECKPOINT_SUFFIXES)} file",
+        )
+    shown = ", ".join(candidates[:SHOWN_CANDIDATES])
+    if len(candidates) > SHOWN_CANDIDATES:
+        shown += f" and {len(candidates) - SHOWN_CANDIDATES} more"
+    raise CheckpointError(
+        folder,
+        f"is a directory holding {len(candidates)} checkpoints ({shown}): name the one to "
+        f"read, e.g. {folder / candidates[0]}",
+    )
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)  # a symlink: what it points to
+    except OSError:
+        return False
+
+
+# Bytes of a ``.json`` read to tell a sharded index from a snapshot: an index's "metadata"
+# (its total size) comes before its "weight_map"; a snapshot's header is its first line.
+INDEX_SNIFF_BYTES = 1 << 16
+
+
+def looks_like_index(path: Path) -> bool:
+    """A JSON file whose first bytes hold a ``"weight_map"`` and no snapshot header.
+
+    Anything that cannot be read here (a FIFO, a folder) is left to the snapshot reader,
+    whose errors name it.
+    """
+    if not _is_regular(path):
+        return False
+    try:
+        with open_regular(path) as f:
+            head = f.read(INDEX_SNIFF_BYTES)
+    except (OSError, CheckpointError):
+        return False
+    return b'"weight_map"' in head and FORMAT_NAME.encode() not in head
 
 
 def file_format(path: Path) -> str:
@@ -75,9 +152,12 @@ def file_format(path: Path) -> str:
         head = f.read(16)
     if head.startswith(torch_zip.ZIP_MAGIC):
         return TORCH_ZIP
+    # before the pickle's one-byte magic: a header of 0x..80 bytes starts with that byte too
+    if safetensors_file.looks_like_safetensors(head, size):
+        return SAFETENSORS
     if head.startswith(torch_legacy.PICKLE_MAGIC):
         return TORCH_LEGACY
-    if path.suffix == ".safetensors" or safetensors_file.looks_like_safetensors(head, size):
+    if path.suffix == ".safetensors":
         return SAFETENSORS
     raise CheckpointError(
         path,
