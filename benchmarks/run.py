@@ -37,6 +37,7 @@ CASES = {
     "files": "case_files",
     "roundtrip": "case_roundtrip",
     "fingerprint": "case_fingerprint",
+    "cli": "case_cli",
 }
 
 # Public names only: the package's module layout is not part of its contract.

@@ -402,3 +402,29 @@ def test_the_snapshot_verdict_speaks_transformers_rules(name: str, tmp_path: Pat
         assert_state_dict_matches(model, expected=renamed)
     assert "still loads" in str(refactored.value)
     assert ": NO" in str(refactored.value).split("still loads", 1)[1].splitlines()[0]
+
+
+def test_a_dynamic_quantized_model_is_judged_by_torchs_rules(tmp_path: Path) -> None:
+    """quantize_dynamic on a BERT: packed (weight, bias) entries only its modules load.
+
+    transformers' loader raises on them (``'tuple' object has no attribute 'dtype'``) and
+    from_pretrained cannot load such a model at all: ``auto`` applies torch's rules, and the
+    gate passes from the file and from a snapshot; the round-trip's resume check keeps the
+    packed decoder bias tied to ``cls.predictions.bias`` as the model does (issue 15).
+    """
+    from pytest_statedict import roundtrip, schema_of
+
+    model = torch.ao.quantization.quantize_dynamic(
+        tiny("BertForMaskedLM"), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    file = tmp_path / "quantized.pt"
+    torch.save(model.state_dict(), file)
+    snapshot = tmp_path / "quantized.json"
+    snapshot.write_text(schema_of(model).to_json())
+    for path in (file, snapshot):
+        assert_checkpoint_loads(model, path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[3, 4, 5]])).logits.sum().backward()
+    optimizer.step()
+    result = roundtrip(model, optimizer)
+    assert result.ok, str(result)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         SnapshotError,
         StateDictError,
         StateDictMismatch,
+        UnsupportedFormatError,
         UnsupportedObjectError,
     )
     from .extract import schema_of
@@ -30,6 +31,7 @@ __all__ = [
     "SnapshotError",
     "StateDictError",
     "StateDictMismatch",
+    "UnsupportedFormatError",
     "UnsupportedObjectError",
     "assert_checkpoint_loads",
     "assert_state_dict_matches",
@@ -48,6 +50,7 @@ _HOME = {
     "SnapshotError": "errors",
     "StateDictError": "errors",
     "StateDictMismatch": "errors",
+    "UnsupportedFormatError": "errors",
     "UnsupportedObjectError": "errors",
 }
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import StateDictError
+from .schema import Schema, TensorEntry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,6 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("path", help="a checkpoint file or folder, or a snapshot .json")
     show.add_argument("--json", action="store_true", help="print the schema as snapshot JSON")
     show.add_argument("--part", help="one entry of a general checkpoint, e.g. modelB_state_dict")
+    show.add_argument(
+        "--tree",
+        action="store_true",
+        help="group the keys by module (dotted prefixes), with elements and bytes per module",
+    )
     diff = commands.add_parser("diff", help="the schema diff of two checkpoints or snapshots")
     diff.add_argument("expected", help="the old checkpoint or snapshot (the reference)")
     diff.add_argument("actual", help="the new one, compared against the reference")
@@ -33,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "show":
-            return _show(args.path, as_json=args.json, part=args.part)
+            return _show(args.path, as_json=args.json, part=args.part, tree=args.tree)
         return _diff(
             args.expected,
             args.actual,
@@ -53,32 +59,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _show(path: str, *, as_json: bool, part: str | None) -> int:
-    from .extract import schema_of
+def _show(path: str, *, as_json: bool, part: str | None, tree: bool = False) -> int:
+    from .torch_free import schema_of_file
 
-    schema = schema_of(path, part=part)
+    schema = schema_of_file(path, part=part)
     if as_json:
         sys.stdout.write(schema.to_json())
         return 0
-    print(render_table(schema))
+    print(render_tree(schema) if tree else render_table(schema))
     return 0
 
 
-def render_table(schema: object) -> str:
+def render_table(schema: Schema) -> str:
     """Name, shape, dtype, kind and element count per key, aligned, then the totals."""
-    from .compare import UNKNOWN_CLASS
-    from .schema import Schema
-
-    assert isinstance(schema, Schema)
     rows = [("name", "shape", "dtype", "kind", "elements")]
     for t in schema.tensors:
         if t.kind == "object":
             rows.append((t.key, "", t.type or "", "object", ""))
             continue
-        kind = t.kind + (" (frozen)" if t.kind == "parameter" and t.requires_grad is False else "")
-        if t.tied_to:
-            kind += f" = {t.tied_to}"
-        rows.append((t.key, "x".join(map(str, t.shape or ())) or "()", t.dtype or "", kind,
+        rows.append((t.key, "x".join(map(str, t.shape or ())) or "()", t.dtype or "", _kind(t),
                      f"{t.numel:,}"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [
@@ -102,9 +101,17 @@ def render_table(schema: object) -> str:
         )
         + _human_bytes(totals["bytes"])
     )
+    return "\n".join(lines + _footer(schema))
+
+
+def _footer(schema: Schema) -> list[str]:
+    """Where it was saved, its optimizer, its other entries and the warnings."""
+    lines = []
     if schema.saved_on:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")
     if schema.optimizer is not None:
+        from .compare import UNKNOWN_CLASS
+
         opt = schema.optimizer
         cls = "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else opt.cls
         lines.append(
@@ -117,7 +124,96 @@ def render_table(schema: object) -> str:
     if schema.extras:
         lines.append("other entries: " + ", ".join(f"{k} ({v})" for k, v in schema.extras.items()))
     lines.extend(f"warning: {note}" for note in schema.notes)
-    return "\n".join(lines)
+    return lines
+
+
+class _Module:
+    """A dotted prefix of the keys: its own entries, its submodules and their sums."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, TensorEntry]] = []
+        self.children: dict[str, _Module] = {}
+        self.elements = 0
+        self.nbytes = 0
+
+    def add(self, path: list[str], entry: TensorEntry) -> None:
+        counted = entry.tied_to is None  # a tied storage counts once, as in the totals
+        node = self
+        for step in path[:-1]:
+            if counted:
+                node.elements += entry.numel
+                node.nbytes += entry.nbytes
+            node = node.children.setdefault(step, _Module())
+        if counted:
+            node.elements += entry.numel
+            node.nbytes += entry.nbytes
+        node.entries.append((path[-1], entry))
+
+
+def render_tree(schema: Schema) -> str:
+    """The keys grouped by module, like a torchinfo summary: each module (dotted prefix)
+    with the elements and bytes of all it holds, its tensors under it; then the totals by
+    role (trainable, frozen, buffers), where the schema knows them."""
+    root = _Module()
+    for t in schema.tensors:
+        root.add(t.key.split("."), t)
+    rows = [("module / key", "shape", "dtype", "kind", "elements", "size")]
+
+    def walk(node: _Module, depth: int) -> None:
+        indent = "  " * depth
+        for name, t in node.entries:
+            if t.kind == "object":
+                rows.append((indent + name, "", t.type or "", "object", "", ""))
+                continue
+            kind = _kind(t)
+            shape = "x".join(map(str, t.shape or ())) or "()"
+            rows.append((indent + name, shape, t.dtype or "", kind, f"{t.numel:,}",
+                         _human_bytes(t.nbytes)))  # fmt: skip
+        for name, child in node.children.items():
+            rows.append((indent + name, "", "", "module", f"{child.elements:,}",
+                         _human_bytes(child.nbytes)))  # fmt: skip
+            walk(child, depth + 1)
+
+    walk(root, 0)
+    numeric = {4, 5}
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = [
+        "  ".join(
+            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    totals = schema.totals
+    lines.append("")
+    lines.append(
+        f"total: {totals['elements']:,} elements in {totals['tensors']} tensors "
+        f"({len(schema.tensors)} keys), {_human_bytes(totals['bytes'])}"
+    )
+    lines.append(_roles(schema))
+    return "\n".join(lines + _footer(schema))
+
+
+def _kind(t: TensorEntry) -> str:
+    kind = t.kind + (" (frozen)" if t.kind == "parameter" and t.requires_grad is False else "")
+    return kind + (f" = {t.tied_to}" if t.tied_to else "")
+
+
+def _roles(schema: Schema) -> str:
+    """Trainable, frozen and buffer elements; only a schema of a live model knows them."""
+    counted = [t for t in schema.tensors if t.kind != "object" and t.tied_to is None]
+    if not any(t.kind in ("parameter", "buffer") for t in counted):
+        return (
+            "trainable / frozen / buffers: not recorded (a checkpoint file does not say which "
+            "tensors are parameters or require grad; a snapshot of a live model does)"
+        )
+    trainable = sum(t.numel for t in counted if t.kind == "parameter" and t.requires_grad)
+    frozen = sum(t.numel for t in counted if t.kind == "parameter" and not t.requires_grad)
+    buffers = sum(t.numel for t in counted if t.kind == "buffer")
+    other = sum(t.numel for t in counted if t.kind == "tensor")
+    text = f"trainable: {trainable:,}, frozen: {frozen:,}, buffers: {buffers:,} elements"
+    return text + (f", other tensors: {other:,}" if other else "")
 
 
 def _human_bytes(n: int) -> str:
@@ -133,10 +229,12 @@ def _diff(
     expected: str, actual: str, *, verbose: bool, parts: tuple[str | None, str | None]
 ) -> int:
     from .compare import diff_schemas
-    from .extract import schema_of
     from .report import render_diff
+    from .torch_free import schema_of_file
 
-    found = diff_schemas(schema_of(expected, part=parts[0]), schema_of(actual, part=parts[1]))
+    found = diff_schemas(
+        schema_of_file(expected, part=parts[0]), schema_of_file(actual, part=parts[1])
+    )
     if not found:
         print(f"no difference: {expected} and {actual} have the same schema")
         return 0

@@ -63,6 +63,14 @@ class CheckpointError(StateDictError):
         super().__init__(f"checkpoint {self.path}: {problem}")
 
 
+class UnsupportedFormatError(StateDictError):
+    """A model whose state a checkpoint format cannot hold (safetensors: quantized tensors,
+    ``_extra_state`` and other objects); the message names each key and why.
+
+    The ``statedict_roundtrip`` fixture skips that format with the message as the reason.
+    """
+
+
 class UnsupportedObjectError(StateDictError, TypeError):
     """An object the plugin cannot take a schema of."""
 

@@ -21,14 +21,27 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .compare import UNKNOWN_CLASS
 from .errors import CheckpointError, UnsupportedObjectError, hide_from_bad_input
+from .layout import (
+    MODEL_KEYS,
+    StorageViews,
+    Tensors,
+    flags,
+    hyperparams,
+    is_optimizer_state_dict,
+    optimizer_state_schema,
+    select_part,
+    state_specs,
+    type_name,
+    versions,
+)
+from .layout import is_state_dict as layout_is_state_dict
+from .layout import mapping_schema as layout_mapping_schema
 from .readers import dcp_folder, dispatch, hf_index, safetensors_file, snapshot_file
 from .readers.dispatch import CheckpointLoader
 from .runtime import checkpoint_loader
 from .schema import (
     Fingerprint,
-    ModuleVersion,
     OptimizerSchema,
     ParamGroup,
     ParamState,
@@ -36,16 +49,10 @@ from .schema import (
     StateSpec,
     TensorEntry,
     dtype_name,
-    module_version,
 )
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
-
-# Names under which the usual general checkpoints keep their parts (the PyTorch
-# "saving and loading a general checkpoint" recipe, Lightning, Hugging Face Trainer...).
-MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "model_state")
-OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_states")
 
 # Optimizer state that is elementwise: its shape must equal its parameter's. A mismatch
 # means the state was restored onto the wrong parameter (a reordered model). A 0-dim
@@ -55,6 +62,28 @@ ELEMENTWISE_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
      "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}
 )  # fmt: skip
+
+
+class _TorchTensors(Tensors):
+    """torch tensors, to the walks of ``layout``."""
+
+    types = (torch.Tensor,)
+
+    def entries(
+        self, state: Mapping[str, Any], kind_of: Any, *, values: bool
+    ) -> tuple[tuple[TensorEntry, ...], tuple[str, ...]]:
+        return _entries(state, kind_of, values=values)
+
+    def spec(self, tensor: Any) -> StateSpec:
+        return StateSpec(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype))
+
+    def hyperparam(self, tensor: Any) -> dict[str, Any]:
+        if tensor.numel() <= 16 and not tensor.is_meta:
+            return {"tensor": tensor.detach().cpu().tolist(), "dtype": dtype_name(tensor.dtype)}
+        return {"tensor_shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+
+
+TORCH_TENSORS = _TorchTensors()
 
 
 def schema_of(
@@ -225,28 +254,11 @@ def _object_schema(
 
 def _sharded_schema(index: Path, *, values: bool, loader: CheckpointLoader | None) -> Schema:
     """A Hugging Face sharded checkpoint: each shard's own schema, of the keys mapped to it."""
-    entries = []
-    locations: set[str] = set()
-    ordered = True
-    for shard in hf_index.read_index(index):
-        schema = _single_file_schema(
-            shard.path, values=values, weights_only=True, part=None, loader=loader
-        )
-        locations.update(schema.saved_on)
-        ordered = ordered and schema.ordered
-        missing = shard.keys - {t.key for t in schema.tensors}
-        if missing:
-            raise CheckpointError(
-                index,
-                f"keys it maps to {shard.name} are not in that shard: "
-                + ", ".join(sorted(missing)[:5]),
-            )
-        entries.extend(t for t in schema.tensors if t.key in shard.keys)
-    return Schema(
-        tensors=tuple(entries),
-        ordered=ordered,
-        saved_on=tuple(sorted(locations)),
-        source=str(index),
+    return hf_index.sharded_schema(
+        index,
+        lambda shard: _single_file_schema(
+            shard, values=values, weights_only=True, part=None, loader=loader
+        ),
     )
 
 
@@ -328,7 +340,7 @@ def module_schema(
         opt = optimizer_schema(optimizer, names=names)
     return Schema(
         tensors=entries,
-        versions=_versions(state),
+        versions=versions(state),
         non_persistent_buffers=tuple(non_persistent),
         optimizer=opt,
         source=f"{type(module).__name__} module",
@@ -338,98 +350,12 @@ def module_schema(
 
 def mapping_schema(obj: Mapping[Any, Any], *, values: bool = False) -> Schema:
     """A bare state_dict, an optimizer's, or a general checkpoint with parts of usual names."""
-    if is_optimizer_state_dict(obj):
-        return Schema(tensors=(), optimizer=optimizer_schema(obj))
-    if is_state_dict(obj):
-        entries, notes = _entries(obj, lambda key: "tensor", values=values)
-        return Schema(tensors=entries, versions=_versions(obj), notes=notes)
-    model_key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if model_key is None:
-        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and is_state_dict(v)]
-        model_key = nested[0] if len(nested) == 1 else None
-    opt_key = next(
-        (
-            k
-            for k in OPTIMIZER_KEYS
-            if is_optimizer_state_dict(obj.get(k))
-            or (isinstance(obj.get(k), list) and obj[k] and is_optimizer_state_dict(obj[k][0]))
-        ),
-        None,
-    )
-    if model_key is None and opt_key is None:
-        parts = [str(k) for k, v in obj.items() if is_state_dict(v) or is_optimizer_state_dict(v)]
-        if len(parts) > 1:
-            raise UnsupportedObjectError(
-                f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
-                f"choose one with part={parts[0]!r} (on the command line: statedict show "
-                f"--part {parts[0]}, statedict diff --expected-part/--actual-part {parts[0]})"
-            )
-        raise UnsupportedObjectError(
-            "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "
-            f"checkpoint with a model state_dict under one of {', '.join(MODEL_KEYS)}; its keys "
-            f"are {', '.join(map(repr, list(obj)[:8]))}"
-        )
-    model = mapping_schema(obj[model_key], values=values) if model_key else Schema(tensors=())
-    opt = None
-    if opt_key is not None:
-        raw = obj[opt_key]
-        opt = optimizer_schema(raw[0] if isinstance(raw, list) else raw)
-    extras = {str(k): _type_name(v) for k, v in obj.items() if k not in (model_key, opt_key)}
-    return replace(model, optimizer=opt, extras=extras)
-
-
-def select_part(obj: Any, part: str) -> Any:
-    """The entry at ``part`` ("a/b/0") of a nested checkpoint, or a clear error."""
-    current = obj
-    for step in part.split("/"):
-        if isinstance(current, Mapping) and step in current:
-            current = current[step]
-        elif isinstance(current, (list, tuple)) and step.isdigit() and int(step) < len(current):
-            current = current[int(step)]
-        else:
-            where = (
-                f"its keys are {', '.join(map(repr, list(current)[:10]))}"
-                if isinstance(current, Mapping)
-                else f"it is a {_type_name(current)}"
-            )
-            raise UnsupportedObjectError(
-                f"schema_of(): no part {part!r} ({step!r} not found: {where})"
-            )
-    return current
+    return layout_mapping_schema(obj, TORCH_TENSORS, values=values)
 
 
 def is_state_dict(obj: Any) -> bool:
     """Names to tensors (a few non-tensor entries such as ``_extra_state`` allowed)."""
-    if not isinstance(obj, Mapping):
-        return False
-    if not obj:
-        return True
-    saw_tensor = False
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            return False
-        if isinstance(value, torch.Tensor):
-            saw_tensor = True
-        elif isinstance(value, (Mapping, list)) and not key.endswith("_extra_state"):
-            return False
-    return saw_tensor
-
-
-def is_optimizer_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
-
-
-def _versions(state: Mapping[str, Any]) -> dict[str, ModuleVersion] | None:
-    """The module versions of ``_metadata`` but the default int 1, as torch keeps them."""
-    metadata = getattr(state, "_metadata", None)
-    if metadata is None:
-        return None
-    return {
-        prefix: module_version(version)
-        for prefix, meta in metadata.items()
-        if isinstance(meta, Mapping)
-        and not ((version := meta.get("version", 1)) == 1 and type(version) is int)
-    }
+    return layout_is_state_dict(obj, TORCH_TENSORS)
 
 
 def _entries(
@@ -439,17 +365,27 @@ def _entries(
 
     Runs once per tensor of models with thousands of them: each attribute is read once.
     """
-    views = _StorageViews()
+    views = StorageViews()
     entries = []
     strided = torch.strided
     fingerprints = _fingerprints(state) if values else {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            entries.append(TensorEntry(key=key, kind="object", type=_type_name(value)))
+            entries.append(
+                TensorEntry(
+                    key=key,
+                    kind="object",
+                    type=type_name(value),
+                    fingerprint=fingerprints.get(key),
+                )
+            )
             continue
         layout = value.layout
         storage = _storage_of(value) if layout == strided else None
-        tied_to = None if storage is None else views.add(storage, key, value)
+        tied_to = None
+        if storage is not None:
+            used = value.numel() * value.element_size()
+            tied_to = views.add(storage._cdata, storage.nbytes, key, used)
         kind = kind_of(key)
         entries.append(
             TensorEntry(
@@ -466,43 +402,6 @@ def _entries(
             )
         )
     return tuple(entries), views.waste_notes()
-
-
-class _StorageViews:
-    """Which keys use which storage, to find small views of big storages.
-
-    ``torch.save`` writes a tensor's whole storage: a 10-element slice of a 1M-element
-    tensor makes a 4 MB file. Worth a warning, not a failure.
-    """
-
-    # Report when the storage holds this many times the bytes its keys use, and more than:
-    RATIO, MIN_BYTES = 2, 1 << 16
-
-    def __init__(self) -> None:
-        # storage id -> [storage bytes, bytes its keys use, its keys]
-        self.storages: dict[int, list[Any]] = {}
-
-    def add(self, storage: Any, key: str, tensor: torch.Tensor) -> str | None:
-        """Record that ``key`` uses ``storage``; return the first key that used it before."""
-        used = tensor.numel() * tensor.element_size()
-        shared = self.storages.get(storage._cdata)
-        if shared is None:
-            self.storages[storage._cdata] = [storage.nbytes(), used, [key]]
-            return None
-        shared[1] += used
-        shared[2].append(key)
-        return shared[2][0]
-
-    def waste_notes(self) -> tuple[str, ...]:
-        notes = []
-        for size, used, keys in self.storages.values():
-            used = min(used, size)
-            if size - used > self.MIN_BYTES and size > self.RATIO * used:
-                notes.append(
-                    f"{', '.join(keys)}: a view of a {size:,}-byte storage; torch.save writes all "
-                    f"of it ({size - used:,} bytes more than the tensor holds): save a .clone()"
-                )
-        return tuple(notes)
 
 
 def _storage_of(tensor: torch.Tensor) -> Any:
@@ -528,7 +427,7 @@ def require_module(obj: Any, caller: str) -> nn.Module:
     elif callable(obj) and getattr(obj, "__name__", "") == "state_dict":
         hint = ": that is the bound method model.state_dict; pass the model itself"
     raise UnsupportedObjectError(
-        f"{caller} needs the model (a torch.nn.Module), not a {_type_name(obj)}{hint}"
+        f"{caller} needs the model (a torch.nn.Module), not a {type_name(obj)}{hint}"
     )
 
 
@@ -541,7 +440,7 @@ def nothing_to_check(obj: Any) -> UnsupportedObjectError:
     """
     hint = ""
     if isinstance(obj, nn.Module):
-        what = f"{_type_name(obj)} has nothing in its state_dict"
+        what = f"{type_name(obj)} has nothing in its state_dict"
         non_persistent = [name for name, _ in obj.named_buffers() if name not in obj.state_dict()]
         if non_persistent:
             what += f" (its buffers {', '.join(non_persistent[:5])} are non-persistent)"
@@ -575,13 +474,6 @@ def _unregistered_modules(model: nn.Module) -> list[str]:
             ):
                 found.append(f"{prefix}.{name}" if prefix else name)
     return found
-
-
-def _type_name(value: Any) -> str:
-    cls = type(value)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
 
 
 # ---- fingerprints ------------------------------------------------------------------------
@@ -626,12 +518,14 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
         t = t.resolve_conj().resolve_neg()
     if t.layout != torch.strided:
         t = t.to_dense()
-    if t.is_quantized:
+    quantization = b""
+    if t.is_quantized:  # the integers and the scale and zero point(s) that give them value
+        quantization = _quantization_bytes(t)
         t = t.int_repr()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return _fingerprint_of(_digests(t), _statistics_of([t])[0])
+    return _fingerprint_of(_digests(t, quantization), _statistics_of([t])[0])
 
 
 def _fingerprint_of(digests: tuple[str, tuple[str, ...]], stats: _Statistics) -> Fingerprint:
@@ -639,9 +533,9 @@ def _fingerprint_of(digests: tuple[str, tuple[str, ...]], stats: _Statistics) ->
     return Fingerprint(digest, *stats[:4], blocks, *stats[4:])
 
 
-def _digests(t: torch.Tensor) -> tuple[str, tuple[str, ...]]:
-    """xxh3-128 of a contiguous CPU tensor's bytes, and 8 hex digits of its running digest
-    at the end of each block.
+def _digests(t: torch.Tensor, tail: bytes = b"") -> tuple[str, tuple[str, ...]]:
+    """xxh3-128 of a contiguous CPU tensor's bytes (then ``tail``: a quantized tensor's
+    scale and zero points), and 8 hex digits of its running digest at the end of each block.
 
     One streaming pass, as fast as hashing the bytes at once (a separate hash a block, and
     a whole hash combined from them, would change every snapshot's ``xxh3``); the last
@@ -656,12 +550,69 @@ def _digests(t: torch.Tensor) -> tuple[str, tuple[str, ...]]:
     for start, end in _byte_ranges(tuple(t.shape), t.element_size()):
         update(data[start:end])  # releases the GIL while it hashes
         blocks.append(hexdigest()[:SHORT_HEX])
+    if tail:
+        update(tail)
     return hexdigest(), tuple(blocks)
 
 
 @functools.lru_cache(maxsize=4096)
 def _byte_ranges(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, int], ...]:
     return tuple((s * itemsize, e * itemsize) for s, e in Fingerprint.block_ranges(shape))
+
+
+def _quantization_bytes(t: torch.Tensor) -> bytes:
+    """A quantized tensor's scheme, scale(s), zero point(s) and axis, as bytes to hash."""
+    scheme = t.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        params = [torch.tensor([t.q_scale()], dtype=torch.float64),
+                  torch.tensor([t.q_zero_point()], dtype=torch.int64)]  # fmt: skip
+    else:
+        params = [t.q_per_channel_scales().cpu(), t.q_per_channel_zero_points().cpu(),
+                  torch.tensor([t.q_per_channel_axis()], dtype=torch.int64)]  # fmt: skip
+    out = str(scheme).encode()
+    for p in params:
+        p = p.contiguous()
+        out += bytes(_bytes_of(p))
+    return out
+
+
+def is_tensor_sequence(value: Any) -> bool:
+    """A tuple or list of tensors (and ``None``): a quantized module's packed weight and bias."""
+    return (
+        isinstance(value, (tuple, list))
+        and any(isinstance(v, torch.Tensor) for v in value)
+        and all(v is None or isinstance(v, torch.Tensor) for v in value)
+    )
+
+
+def sequence_fingerprint(values: tuple[Any, ...] | list[Any], key: str = "") -> Fingerprint:
+    """One fingerprint of a tuple of tensors: each one's hash, shape and dtype, hashed.
+
+    A dynamic-quantized ``Linear`` keeps its weight and bias as one ``(weight, bias)``
+    state_dict entry; without this a changed bias in it would not be seen. The statistics
+    are those of all the elements together (integers for quantized ones).
+    """
+    import xxhash
+
+    hasher = xxhash.xxh3_128()
+    flat = []
+    for i, value in enumerate(values):
+        if value is None:
+            hasher.update(b"None;")
+            continue
+        part = fingerprint(value, f"{key}[{i}]")
+        hasher.update(f"{part.xxh3}:{value.dtype}:{list(value.shape)};".encode())
+        plain = value.detach()
+        plain = plain.int_repr() if plain.is_quantized else plain
+        if plain.layout != torch.strided:
+            plain = plain.to_dense()
+        if plain.is_complex():
+            plain = torch.view_as_real(plain)
+        if plain.dtype not in _NO_ARITHMETIC:
+            flat.append(plain.reshape(-1).cpu().to(torch.float64))
+    both = torch.cat(flat) if flat else torch.empty(0, dtype=torch.float64)
+    lo, hi, mean, std = _statistics_of([both])[0][:4]  # no blocks: the parts' hashes, hashed
+    return Fingerprint(xxh3=hasher.hexdigest(), min=lo, max=hi, mean=mean, std=std)
 
 
 # Below this many bytes, hashing on a second thread saves less than starting it costs.
@@ -678,8 +629,13 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
     at a time, so memory stays at one tensor's temporaries.
     """
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    sequences = {k: v for k, v in state.items() if is_tensor_sequence(v)}
     for key, tensor in tensors.items():
         _require_values(tensor, key)  # before any work starts
+    for key, sequence in sequences.items():
+        for i, tensor in enumerate(sequence):
+            if tensor is not None:
+                _require_values(tensor, f"{key}[{i}]")
     in_place = {k: v.detach() for k, v in tensors.items() if _hashable_in_place(v)}
     if sum(t.nbytes for t in in_place.values()) < OVERLAP_MIN_BYTES:
         in_place = {}
@@ -718,7 +674,9 @@ def _fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
         raise failure[0]
     for key, stats in statistics.items():
         out[key] = _fingerprint_of(digests[key], stats)
-    return {key: out[key] for key in tensors}  # in the state_dict's order
+    for key, sequence in sequences.items():
+        out[key] = sequence_fingerprint(sequence, key)
+    return {key: out[key] for key in state if key in out}  # in the state_dict's order
 
 
 def _require_values(tensor: torch.Tensor, key: str) -> None:
@@ -977,21 +935,9 @@ def optimizer_schema(
     if not is_optimizer_state_dict(optimizer):
         raise UnsupportedObjectError(
             f"optimizer=: expected a torch.optim.Optimizer or its state_dict(), got a "
-            f"{_type_name(optimizer)}"
+            f"{type_name(optimizer)}"
         )
-    groups = tuple(
-        ParamGroup(
-            hyperparams=_hyperparams(group),
-            params=tuple(int(p) for p in group["params"]),
-            flags=_flags(group),
-        )
-        for group in optimizer["param_groups"]
-    )
-    state = tuple(
-        ParamState(param=int(index), entries=_state_specs(entries))
-        for index, entries in sorted(optimizer["state"].items(), key=lambda kv: int(kv[0]))
-    )
-    return OptimizerSchema(cls=UNKNOWN_CLASS, param_groups=groups, state=state)
+    return optimizer_state_schema(optimizer, TORCH_TENSORS)
 
 
 def _live_optimizer_schema(
@@ -1008,7 +954,7 @@ def _live_optimizer_schema(
             members.append(member)
             entries = optimizer.state.get(param)
             if entries:
-                states.append(ParamState(param=member, entries=_state_specs(entries)))
+                states.append(ParamState(param=member, entries=state_specs(entries, TORCH_TENSORS)))
                 for name, value in entries.items():
                     if (
                         name in ELEMENTWISE_STATE
@@ -1023,7 +969,11 @@ def _live_optimizer_schema(
                         )
             index += 1
         groups.append(
-            ParamGroup(hyperparams=_hyperparams(group), params=tuple(members), flags=_flags(group))
+            ParamGroup(
+                hyperparams=hyperparams(group, TORCH_TENSORS),
+                params=tuple(members),
+                flags=flags(group, TORCH_TENSORS),
+            )
         )
     cls = type(optimizer)
     return OptimizerSchema(
@@ -1032,59 +982,3 @@ def _live_optimizer_schema(
         state=tuple(states),
         problems=tuple(problems),
     )
-
-
-def _state_specs(entries: Mapping[str, Any]) -> dict[str, StateSpec]:
-    return {
-        str(name): StateSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype))
-        if isinstance(v, torch.Tensor)
-        else StateSpec(type=_type_name(v))
-        for name, v in entries.items()
-    }
-
-
-# Switches that choose an implementation, not the maths (torch adds them over releases):
-# comparing them would fail every optimizer snapshot on a torch upgrade, so they are kept
-# apart from the hyperparameters (``ParamGroup.flags``), for the report's notes only.
-IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-
-
-def _flags(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _jsonable(group[k]) for k in sorted(IMPLEMENTATION_FLAGS) if k in group}
-
-
-def _hyperparams(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        str(k): _jsonable(group[k])
-        for k in sorted(group, key=str)
-        if k != "params" and k not in IMPLEMENTATION_FLAGS
-    }
-
-
-# A hyperparameter is a number, a few numbers (betas) or a small dict: these bounds only
-# stop a checkpoint whose param_group nests without end or repeats one container through
-# shared references (1.4 KB of pickle expanding to 2^22 values) from costing the run.
-MAX_HYPERPARAM_DEPTH = 32
-MAX_HYPERPARAM_VALUES = 100_000
-
-
-def _jsonable(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
-    """Hyperparameters exactly, in a JSON-stable form (tuples as lists, tensors by value)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    budget = [MAX_HYPERPARAM_VALUES] if budget is None else budget
-    budget[0] -= 1
-    if depth > MAX_HYPERPARAM_DEPTH or budget[0] < 0:
-        raise UnsupportedObjectError(
-            f"schema_of(): an optimizer hyperparameter nests deeper than {MAX_HYPERPARAM_DEPTH} "
-            f"levels or holds more than {MAX_HYPERPARAM_VALUES:,} values: not a param_group"
-        )
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, budget, depth + 1) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, budget, depth + 1) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        if value.numel() <= 16 and not value.is_meta:
-            return {"tensor": value.detach().cpu().tolist(), "dtype": dtype_name(value.dtype)}
-        return {"tensor_shape": list(value.shape), "dtype": dtype_name(value.dtype)}
-    return {"object": _type_name(value)}

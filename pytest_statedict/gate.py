@@ -10,9 +10,11 @@ guard a release's layout as well as its gigabytes of weights would.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
 from .errors import (
     CheckpointError,
     SnapshotError,
+    StateDictError,
     StateDictMismatch,
     first_line,
     hide_from_bad_input,
@@ -40,7 +43,7 @@ from .readers import dispatch
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
 from .runtime import checkpoint_loader
-from .schema import Schema, TensorEntry
+from .schema import Schema, TensorEntry, dtype_name
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -61,6 +64,7 @@ def assert_checkpoint_loads(
     map_location: Any = "cpu",
     part: str | None = None,
     rules: str = "auto",
+    factory: Callable[[], nn.Module] | None = None,
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
@@ -71,22 +75,32 @@ def assert_checkpoint_loads(
     in a checkpoint holding several (``"modelB_state_dict"``). ``rules`` says whose idea of
     "loads" applies: ``"torch"`` (``load_state_dict``), ``"transformers"`` (``from_pretrained``:
     tied keys, keys to ignore, checkpoint conversions) or ``"auto"``, transformers' for a
-    transformers ``PreTrainedModel`` and torch's for anything else.
+    transformers ``PreTrainedModel`` and torch's for anything else. ``factory`` builds the
+    model to load into, for a model that cannot be copied onto the meta device.
     """
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
-    source, state, saved_on = checkpoint_state(Path(path), part=part, map_location=map_location)
+    source, state, saved_on, recorded_only = checkpoint_state(
+        Path(path), part=part, map_location=map_location, model=model
+    )
     mapping = compile_rename(rename)
     if mapping is not None:
         renamed = OrderedDict((mapping(k), v) for k, v in state.items())
         renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
         state = renamed
+    make_target = _loading_copy(model, factory)
     verdict = decide_load(
-        model, state, rules=rules, strict=strict, copy=meta_copy, torch_load=_try_load
+        model,
+        state,
+        rules=rules,
+        strict=strict,
+        copy=lambda _: make_target(),
+        torch_load=lambda target, loaded: _try_load(target, loaded, make_target),
     )
     missing, unexpected, shapes, error = (
         verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
     )  # fmt: skip
+    missing = [k for k in missing if k not in recorded_only]
     failed = bool(shapes or error or (strict and (missing or unexpected)))
     if not failed:
         return
@@ -160,32 +174,35 @@ SCHEMA_FORMATS = frozenset({dispatch.SNAPSHOT, dispatch.SAFETENSORS, dispatch.IN
 
 
 def checkpoint_state(
-    path: Path, *, part: str | None, map_location: Any
-) -> tuple[Path, OrderedDict[str, Any] | dict[str, Any], set[str]]:
-    """The checkpoint the gate reads (a folder's own file), the state_dict it loads, and the
-    devices its tensors were saved on.
+    path: Path, *, part: str | None, map_location: Any, model: nn.Module | None = None
+) -> tuple[Path, OrderedDict[str, Any] | dict[str, Any], set[str], set[str]]:
+    """The checkpoint the gate reads (a folder's own file), the state_dict it loads, the
+    devices its tensors were saved on, and the keys it records but cannot rebuild.
 
     A ``pytest_statedict_load_checkpoint`` hook's object if one claims ``path``; meta
     tensors of the recorded shapes and dtypes for a snapshot, a ``.safetensors`` file, a
     sharded index or a DCP folder (their schema is read from headers: O(tensors), no
     tensor data); else the ``torch.save`` file, memory-mapped, with the module versions
-    (``_metadata``) it kept.
+    (``_metadata``) it kept. ``model`` gives what a schema does not record and load hooks
+    read (see :func:`state_from_snapshot`).
     """
     loader = checkpoint_loader()
     custom = dispatch.from_hook(path, loader)
     if custom is not None:
-        return path, model_state(path, custom, part=part), set()
+        return path, model_state(path, custom, part=part), set(), set()
     fmt, where = dispatch.detect(path)
     if fmt in SCHEMA_FORMATS:
         schema = schema_of_file(where, part=part, loader=loader)
         try:
-            return where, state_from_snapshot(schema), set(schema.saved_on)
+            state = state_from_snapshot(schema, model)
         except SnapshotError as exc:
             if fmt == dispatch.SNAPSHOT:
                 raise
             raise CheckpointError(where, exc.problem) from None  # a checkpoint, not a snapshot
+        recorded_only = {entry.key for entry in schema.tensors} - set(state)
+        return where, state, set(schema.saved_on), recorded_only
     state, saved_on = load_state_dict_file(where, map_location=map_location, part=part)
-    return where, state, saved_on
+    return where, state, saved_on, set()
 
 
 def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = ()) -> LoadCheck:
@@ -197,18 +214,25 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
     cannot be copied, or a layout that cannot be rebuilt, leaves the layouts to decide.
     """
     name = type(model).__name__
+    make_target = _loading_copy(model, None)
     try:
-        target = meta_copy(model)
-    except Exception as exc:  # whatever a model's __deepcopy__ raises
-        return LoadCheck(name, None, f"{name} cannot be copied ({type(exc).__name__})")
+        target = make_target()
+    except StateDictError as exc:  # the layouts decide instead
+        why = type(exc.__context__).__name__ if exc.__context__ else "no copy"
+        return LoadCheck(name, None, f"{name} cannot be copied ({why})")
     try:
-        state = state_from_snapshot(expected)
+        state = state_from_snapshot(expected, model)
     except SnapshotError as exc:
         return LoadCheck(name, None, f"the expected layout cannot be rebuilt ({exc})")
     loader = "load_state_dict"
     try:
         verdict = decide_load(
-            model, state, rules="auto", strict=True, copy=lambda _: target, torch_load=_try_load
+            model,
+            state,
+            rules="auto",
+            strict=True,
+            copy=lambda _: target,
+            torch_load=lambda t, loaded: _try_load(t, loaded, make_target),
         )
         missing, unexpected, shapes, error = (
             verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
@@ -238,23 +262,48 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _loading_copy(
+    model: nn.Module, factory: Callable[[], nn.Module] | None
+) -> Callable[[], nn.Module]:
+    """What builds a model to load into: the user's ``factory``, or a meta copy."""
+    if factory is not None:
+        return factory
+    return lambda: meta_copy(model, caller="assert_checkpoint_loads()")
+
+
 def _try_load(
-    target: nn.Module, state: Any
+    target: nn.Module, state: Any, make_target: Callable[[], nn.Module]
 ) -> tuple[list[str], list[str], list[tuple[str, str, str]], str | None]:
-    """missing, unexpected, shape mismatches (key, checkpoint, model) and any other error."""
+    """missing, unexpected, shape mismatches (key, checkpoint, model) and any other error.
+
+    After shape mismatches the load is tried again, without those keys, into a fresh
+    ``make_target()``: the first load may have changed ``target`` half way.
+
+    A load hook may raise anything (a ``ValueError`` on a version it does not know, a
+    ``KeyError`` for an entry it expects): that is the load failing, reported with its
+    message, as torch's own ``RuntimeError`` is.
+    """
     shapes: list[tuple[str, str, str]] = []
     try:
         result = target.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
         shapes = [(k, _shape(c), _shape(m)) for k, c, m in _SIZE_MISMATCH.findall(str(exc))]
         if not shapes:
-            return [], [], [], str(exc).strip().splitlines()[-1]
+            return [], [], [], _last_line(exc)
         kept = OrderedDict((k, v) for k, v in state.items() if k not in {s[0] for s in shapes})
         kept._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
         try:
-            result = meta_copy(target).load_state_dict(kept, strict=False, assign=True)
+            result = make_target().load_state_dict(kept, strict=False, assign=True)
         except RuntimeError as again:
-            return [], [], shapes, str(again).strip().splitlines()[-1]
+            return [], [], shapes, _last_line(again)
+        except StateDictError:
+            raise
+        except Exception as again:
+            return [], [], shapes, first_line(again)
+    except StateDictError:
+        raise
+    except Exception as exc:  # a load hook's own error
+        return [], [], [], first_line(exc)
     bad = {s[0] for s in shapes}
     return (
         [k for k in result.missing_keys if k not in bad],
@@ -262,6 +311,14 @@ def _try_load(
         shapes,
         None,
     )
+
+
+def _last_line(exc: RuntimeError) -> str:
+    """torch's load errors end with the problem; any other error (a hook's) starts with it."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("Error(s) in loading state_dict") else lines[0]
 
 
 def _shape(text: str) -> str:
@@ -293,18 +350,124 @@ def _meta_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
     return tensor
 
 
-def state_from_snapshot(schema: Schema) -> OrderedDict[str, Any]:
-    """A state_dict of meta tensors shaped as a snapshot records, with its module versions."""
+def state_from_snapshot(schema: Schema, model: nn.Module | None = None) -> OrderedDict[str, Any]:
+    """A state_dict shaped as a snapshot records, with its module versions, to load.
+
+    Tensors are meta tensors, except where a load hook reads values: a tensor of at most
+    one element (quantized modules read ``scale`` and ``zero_point`` with ``float()``) is
+    built on the CPU, with its recorded value when the snapshot has values; a quantized
+    tensor (packed by its module's hook) is ``model``'s own when it has that key with the
+    recorded shape, dtype and qscheme, else an uninitialised one on the CPU, and so are
+    the other tensors of its module (a quantized conv packs its bias with it). An object
+    entry (``_extra_state``, a dynamic-quantized module's packed weights), whose contents
+    a snapshot does not record, is ``model``'s own; where the model has no such key, a
+    string stands in for it, which the load reports as unexpected. Sparse tensors are
+    left out (the caller counts them as present: the snapshot has them).
+    """
+    own = _own_entries(schema, model)
+    packing = {e.key.rpartition(".")[0] for e in schema.tensors if e.qscheme}
     state: OrderedDict[str, Any] = OrderedDict()
     for entry in schema.tensors:
-        if entry.kind == "object" or entry.layout or entry.qscheme:
-            continue  # no value to rebuild; the model's own default is loaded instead
-        state[entry.key] = _meta_tensor(schema, entry)
+        if entry.kind == "object":
+            # the model's own, or a stand-in its load reports as unexpected
+            state[entry.key] = own.get(entry.key, f"<{entry.type} recorded in the snapshot>")
+        elif entry.qscheme:
+            mine = own.get(entry.key)
+            if _same_quantized(mine, entry):
+                state[entry.key] = mine
+            else:
+                state[entry.key] = _quantized_tensor(schema, entry)
+        elif entry.layout:
+            continue  # a sparse layout: no tensor to rebuild, the key is in the snapshot
+        elif entry.key.rpartition(".")[0] in packing:  # packed with a quantized weight
+            mine = own.get(entry.key)
+            if _same_plain(mine, entry):
+                state[entry.key] = mine
+            else:
+                meta = _meta_tensor(schema, entry)
+                state[entry.key] = torch.zeros(meta.shape, dtype=meta.dtype)
+        elif math.prod(entry.shape or ()) <= 1:
+            state[entry.key] = _scalar_tensor(schema, entry)
+        else:
+            state[entry.key] = _meta_tensor(schema, entry)
     if schema.versions is not None:
+        keys = [entry.key for entry in schema.tensors]
         prefixes = {""} | {
-            key.rsplit(".", i)[0] for key in state for i in range(1, key.count(".") + 1)
+            key.rsplit(".", i)[0] for key in keys for i in range(1, key.count(".") + 1)
         }
         state._metadata = {  # type: ignore[attr-defined]
             p: {"version": schema.versions.get(p, 1)} for p in sorted(prefixes)
         }
     return state
+
+
+def _own_entries(schema: Schema, model: nn.Module | None) -> dict[str, Any]:
+    """The model's state_dict, when the snapshot has entries a load needs values of."""
+    if model is None or not any(e.kind == "object" or e.qscheme for e in schema.tensors):
+        return {}
+    return dict(model.state_dict())
+
+
+def _same_plain(value: Any, entry: TensorEntry) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and not value.is_quantized
+        and tuple(value.shape) == tuple(entry.shape or ())
+        and dtype_name(value.dtype) == entry.dtype
+    )
+
+
+def _same_quantized(value: Any, entry: TensorEntry) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.is_quantized
+        and tuple(value.shape) == tuple(entry.shape or ())
+        and dtype_name(value.dtype) == entry.dtype
+        and str(value.qscheme()).removeprefix("torch.") == entry.qscheme
+    )
+
+
+def _quantized_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
+    """An uninitialised quantized CPU tensor of the recorded shape, dtype and qscheme.
+
+    Quantized modules pack their weights as they load, which needs real memory (the
+    quantized weights of a deployment, a byte per element). Per-channel tensors are
+    quantized along their first dimension, as torch's quantized convs and linears are.
+    """
+    shape = tuple(entry.shape or ())
+    try:
+        dtype = getattr(torch, entry.dtype or "")
+        if entry.qscheme in ("per_tensor_affine", "per_tensor_symmetric"):
+            return torch._empty_affine_quantized(shape, scale=1.0, zero_point=0, dtype=dtype)
+        if entry.qscheme in ("per_channel_affine", "per_channel_symmetric",
+                             "per_channel_affine_float_qparams"):  # fmt: skip
+            channels = shape[0] if shape else 1
+            zero_dtype = torch.float if entry.qscheme.endswith("float_qparams") else torch.long
+            return torch._empty_per_channel_affine_quantized(
+                shape,
+                scales=torch.ones(channels, dtype=torch.double),
+                zero_points=torch.zeros(channels, dtype=zero_dtype),
+                axis=0,
+                dtype=dtype,
+            )
+        problem = f"unknown qscheme {entry.qscheme!r}"
+    except (RuntimeError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        problem = first_line(exc, 200)
+    raise SnapshotError(
+        schema.source or "<snapshot>",
+        f"{entry.key!r}: no quantized {entry.dtype}{list(shape)} tensor ({entry.qscheme}) can "
+        f"be built to load ({problem})",
+    )
+
+
+def _scalar_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
+    """A tensor of at most one element on the CPU, holding its recorded value if any."""
+    meta = _meta_tensor(schema, entry)
+    if entry.fingerprint is not None and not math.isnan(entry.fingerprint.min):
+        value: float = entry.fingerprint.min
+    else:  # no value recorded: one where a value is a float (a valid scale), else zero
+        value = 1.0 if meta.dtype.is_floating_point or meta.dtype.is_complex else 0
+    try:
+        return torch.full(meta.shape, value, dtype=meta.dtype)
+    except (RuntimeError, TypeError, OverflowError):
+        return torch.zeros(meta.shape, dtype=meta.dtype)

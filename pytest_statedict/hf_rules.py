@@ -97,6 +97,12 @@ def choose_rules(model: nn.Module, rules: str) -> tuple[str, list[str]]:
                 "loading rules, so pass rules='torch' (or 'auto')"
             )
         return "torch", []
+    quantized = _torch_quantized_module(model)
+    if rules == "auto" and quantized is not None:
+        return "torch", [
+            f"torch's rules were applied: {quantized} is a torch.ao quantized module, whose "
+            "packed weights only its own load_state_dict loads (from_pretrained does not)"
+        ]
     if transformers_version() < (5, 0) and not _has_v4_loader():
         import transformers
 
@@ -108,6 +114,14 @@ def choose_rules(model: nn.Module, rules: str) -> tuple[str, list[str]]:
             raise ValueError(f"assert_checkpoint_loads(rules='transformers'): {floor}")
         return "torch", [f"torch's rules were applied: {floor}"]
     return "transformers", []
+
+
+def _torch_quantized_module(model: nn.Module) -> str | None:
+    """The name of a ``torch.ao`` quantized module in ``model`` (``quantize_dynamic``), if any."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):
+            return name or type(module).__name__
+    return None
 
 
 def _has_v4_loader() -> bool:

@@ -457,14 +457,14 @@ def _entry_to_json(t: TensorEntry) -> dict[str, Any]:
     out: dict[str, Any] = {"key": t.key, "kind": t.kind}
     if t.kind == "object":
         out["type"] = t.type
-        return out
-    out["shape"] = list(t.shape or ())
-    out["dtype"] = t.dtype
-    for name in ("requires_grad", "tied_to", "layout", "qscheme"):
-        value = getattr(t, name)
-        if value is not None:
-            out[name] = value
-    if t.fingerprint is not None:
+    else:
+        out["shape"] = list(t.shape or ())
+        out["dtype"] = t.dtype
+        for name in ("requires_grad", "tied_to", "layout", "qscheme"):
+            value = getattr(t, name)
+            if value is not None:
+                out[name] = value
+    if t.fingerprint is not None:  # an object's: a quantized module's packed tensors
         f = t.fingerprint
         out["values"] = {
             "xxh3": f.xxh3,
@@ -649,7 +649,11 @@ class _SnapshotParser:
         if kind == "object":
             if not isinstance(item.get("type"), str):
                 raise self.fail(f'{key!r}: an object entry needs a string "type"', key)
-            return TensorEntry(key=key, kind=kind, type=item["type"])
+            unknown = set(item) - {"key", "kind", "type", "values"}
+            if unknown:
+                raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
+            values = self.fingerprint(key, item["values"]) if "values" in item else None
+            return TensorEntry(key=key, kind=kind, type=item["type"], fingerprint=values)
         unknown = set(item) - {
             "key", "kind", "shape", "dtype", "requires_grad", "tied_to", "layout", "qscheme",
             "values",

@@ -133,3 +133,65 @@ def test_diff_parts_of_a_checkpoint_holding_several_models(
     )
     assert main(["diff", str(multi), str(plain), "--expected-part", "modelA_state_dict"]) == 0
     assert main(["diff", str(plain), str(multi), "--actual-part", "modelB_state_dict"]) == 1
+
+
+def test_show_tree_groups_keys_by_module_with_sums(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Module rows sum what they hold (tied storage once); a file says no roles."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4)))
+    path = tmp_path / "model.pt"
+    state = model.state_dict()
+    state["1.1.bias"] = state["0.bias"]  # the same tensor twice: counted once
+    torch.save(state, path)
+    assert main(["show", "--tree", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["module", "/", "key", "shape", "dtype", "kind", "elements", "size"]
+    rows = {line.strip().split()[0] + f"@{len(line) - len(line.lstrip())}": line.split()
+            for line in out[2:] if line.strip()}  # fmt: skip
+    assert rows["0@0"] == ["0", "module", "16", "64", "B"]
+    assert rows["weight@2"][:5] == ["weight", "4x3", "float32", "tensor", "12"]
+    # 1 = BatchNorm (4+4+4+4+1) + Linear weight 16, its bias tied to 0.bias
+    assert rows["1@0"] == ["1", "module", "33", "136", "B"]
+    assert rows["0@2"] == ["0", "module", "17", "72", "B"]
+    assert rows["1@2"] == ["1", "module", "16", "64", "B"]
+    assert rows["bias@4"][3:6] == ["tensor", "=", "0.bias"]
+    total = next(line for line in out if line.startswith("total:"))
+    assert total == "total: 49 elements in 9 tensors (9 keys), 200 B"
+    assert "trainable / frozen / buffers: not recorded" in "\n".join(out)
+
+
+def test_show_tree_of_a_snapshot_counts_trainable_frozen_and_buffers(tmp_path: Path) -> None:
+    """Through the installed command, on a snapshot of a live model (which knows roles)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    snap = tmp_path / "model.json"
+    snap.write_text(schema_of(model).to_json())
+    done = subprocess.run([sys.executable, "-m", "pytest_statedict", "show", "--tree", str(snap)],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "trainable: 18, frozen: 16, buffers: 9 elements" in lines
+    assert any(line.split()[:5] == ["weight", "4x3", "float32", "parameter", "(frozen)"]
+               for line in lines)  # fmt: skip
+    assert any(line.split()[:4] == ["running_mean", "4", "float32", "buffer"] for line in lines)
+
+
+def test_show_tree_in_a_users_test_run(pytester: pytest.Pytester) -> None:
+    """A user's test calls the CLI on a checkpoint it saved: pytest passes, output checked."""
+    pytester.makepyfile(
+        """
+        import torch
+        from torch import nn
+        from pytest_statedict.cli import main
+
+        def test_tree(tmp_path, capsys):
+            torch.save(nn.Linear(2, 3).state_dict(), tmp_path / "m.pt")
+            assert main(["show", "--tree", str(tmp_path / "m.pt")]) == 0
+            out = capsys.readouterr().out
+            assert "total: 9 elements in 2 tensors (2 keys), 36 B" in out
+            assert "not recorded" in out
+        """
+    )
+    result = pytester.runpytest("-q")
+    result.assert_outcomes(passed=1)

@@ -318,6 +318,43 @@ def test_cli_in_a_subprocess_exits_2_on_every_payload(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_the_torch_free_reader_runs_no_payload(tmp_path: Path, payload: str) -> None:
+    """The CLI's own reader of torch.save archives (torch's weights-only rules without
+    torch) refuses each payload itself, or hands it to torch.load: a name torch's allowlist
+    is made of (``torch.load``), which torch then refuses. It never runs one."""
+    from pytest_statedict.readers.records import NeedsTorch
+    from pytest_statedict.torch_free import _read
+
+    marker = tmp_path / "pwned"
+    path = hostile_zip(tmp_path, PAYLOADS[payload](marker))
+    if payload == "torch.load of a payload file":
+        with pytest.raises(NeedsTorch):
+            _read(path, None)
+    else:
+        with pytest.raises(CheckpointError) as info:
+            _read(path, None)
+        assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def test_the_cli_refuses_a_payload_without_importing_torch(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = hostile_zip(tmp_path, PAYLOADS["os.system via GLOBAL (protocol 2)"](marker))
+    code = (
+        "import sys\nfrom pytest_statedict.cli import main\n"
+        f"code = main(['show', {str(path)!r}])\n"
+        "assert 'torch' not in sys.modules\nraise SystemExit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"statedict: checkpoint {path}: it needs arbitrary code")
+    assert "os.system" in result.stderr and "is blocked" in result.stderr
+    assert not marker.exists()
+
+
 # ---- foreign files named by a sharded index ------------------------------------------------
 
 
@@ -655,12 +692,12 @@ def test_the_cli_exits_2_on_any_error_without_a_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A crash is never "different" (exit 1): bad input or a bug, it exits 2."""
-    import pytest_statedict.extract
+    import pytest_statedict.torch_free
 
     def crash(*args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(pytest_statedict.extract, "schema_of", crash)
+    monkeypatch.setattr(pytest_statedict.torch_free, "schema_of_file", crash)
     good = tmp_path / "good.pt"
     torch.save({"w": torch.zeros(2)}, good)
     for args in (["diff", str(good), str(good)], ["show", str(good)]):

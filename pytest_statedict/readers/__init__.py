@@ -12,6 +12,8 @@ Where a format is read (each module's docstring says what it may unpickle and it
 * ``dcp_folder``: ``torch.distributed.checkpoint`` folders, from their ``.metadata``;
 * ``snapshot_file``: statedict snapshot ``.json`` files;
 * ``unpickling``: the one policy for every pickle (what may be unpickled, and how);
+* ``records``: what the torch-free unpicklers build instead of tensors, storages and DCP
+  metadata (the command line reads files without importing torch);
 * ``limits``: every size, depth and count a hostile file could blow up;
 * ``files``: what every reader checks first (a regular file, read within a bound).
 

@@ -1,6 +1,6 @@
 """``torch.distributed.checkpoint`` (DCP) folders: the schema from ``.metadata`` alone.
 
-``.metadata`` is a pickle. It is read whole (a regular file of at most
+``.metadata`` is a pickle. It is read, without torch, whole (a regular file of at most
 :data:`~.limits.MAX_PICKLE_BYTES`) and unpickled with the DCP allowlist of ``unpickling``
 (exact ``(module, qualname)`` pairs of DCP's own metadata classes, ``torch.Size``, torch
 dtypes and layouts, paths; never a dotted name, never another module's attribute), then
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
-from ..schema import Schema, TensorEntry, dtype_name
+from ..schema import Schema, TensorEntry
+from . import records
 from .files import read_bounded
 from .limits import MAX_DIM, MAX_DIMS, MAX_PICKLE_BYTES
 from .unpickling import unpickle_dcp_metadata
@@ -28,13 +29,10 @@ METADATA = ".metadata"
 
 def read_schema(folder: Path, *, part: str | None) -> Schema:
     """The schema of a DCP folder; ``part`` ("a/b") keeps the entries under that prefix."""
-    import torch
-    from torch.distributed.checkpoint import metadata as dcp
-
     data = read_bounded(folder / METADATA, MAX_PICKLE_BYTES, "DCP .metadata pickle")
     metadata = unpickle_dcp_metadata(data, folder)
     items = getattr(metadata, "state_dict_metadata", None)
-    if not isinstance(metadata, dcp.Metadata) or not isinstance(items, dict):
+    if not isinstance(metadata, records.Metadata) or not isinstance(items, dict):
         raise CheckpointError(folder, "its .metadata holds no DCP Metadata")
     prefix = f"{part.replace('/', '.')}." if part else ""
     entries = []
@@ -44,20 +42,18 @@ def read_schema(folder: Path, *, part: str | None) -> Schema:
         if not key.startswith(prefix):
             continue
         name = key[len(prefix) :]
-        if isinstance(meta, dcp.BytesStorageMetadata):
+        if isinstance(meta, records.BytesStorageMetadata):
             entries.append(TensorEntry(key=name, kind="object", type="bytes"))
             continue
         dtype = getattr(getattr(meta, "properties", None), "dtype", None)
         size = getattr(meta, "size", None)
         if not (
-            isinstance(meta, dcp.TensorStorageMetadata)
-            and isinstance(dtype, torch.dtype)
+            isinstance(meta, records.TensorStorageMetadata)
+            and isinstance(dtype, records.dtype)
             and _is_shape(size)
         ):
             raise CheckpointError(folder, f"its .metadata entry {key[:200]!r} is not valid")
-        entries.append(
-            TensorEntry(key=name, kind="tensor", shape=tuple(size), dtype=dtype_name(dtype))
-        )
+        entries.append(TensorEntry(key=name, kind="tensor", shape=tuple(size), dtype=dtype.name))
     if part and not entries:
         raise CheckpointError(folder, f"no entries under {part!r}")
     return Schema(tensors=tuple(entries), source=str(folder))

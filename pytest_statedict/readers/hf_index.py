@@ -10,10 +10,12 @@ naming itself or another index cannot loop).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, hide_from_bad_input
+from ..schema import Schema
 from .files import parse_json, read_bounded, require_regular_file
 from .limits import MAX_INDEX_BYTES
 
@@ -73,3 +75,29 @@ def read_index(index: Path) -> list[Shard]:
         require_regular_file(path)  # not a folder, a FIFO or a device
         shards.append(Shard(name=name, path=path, keys=frozenset(shard_keys)))
     return shards
+
+
+def sharded_schema(index: Path, shard_schema: Callable[[Path], Schema]) -> Schema:
+    """A sharded checkpoint's schema: of each shard (``shard_schema`` reads one), the
+    entries of the keys its index maps to it, in the order the index names the shards."""
+    entries = []
+    locations: set[str] = set()
+    ordered = True
+    for shard in read_index(index):
+        schema = shard_schema(shard.path)
+        locations.update(schema.saved_on)
+        ordered = ordered and schema.ordered
+        missing = shard.keys - {t.key for t in schema.tensors}
+        if missing:
+            raise CheckpointError(
+                index,
+                f"keys it maps to {shard.name} are not in that shard: "
+                + ", ".join(sorted(missing)[:5]),
+            )
+        entries.extend(t for t in schema.tensors if t.key in shard.keys)
+    return Schema(
+        tensors=tuple(entries),
+        ordered=ordered,
+        saved_on=tuple(sorted(locations)),
+        source=str(index),
+    )

@@ -9,6 +9,11 @@ whose declared size differs from its stored size or runs past the end of the fil
 :data:`~.limits.MAX_RECORDS` records are refused. The tensor bytes then stay on disk (memory
 mapped): time and memory grow with the number of tensors, not their bytes. A TorchScript
 archive (``torch.jit.save``) is recognised and refused with what to use instead.
+
+:func:`read_records` reads a checked archive without torch (the command line): its
+``data.pkl`` unpickled by ``unpickling.unpickle_torch_records``, each storage's persistent
+id resolved to a :class:`records.Storage` of its record (whose size it must fit), no tensor
+byte read.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, hide_from_bad_input
+from ..schema import DTYPE_ITEMSIZE
+from . import records
 from .files import open_regular
 from .limits import (
     MAX_CENTRAL_DIRECTORY_BYTES,
@@ -27,7 +34,7 @@ from .limits import (
     PICKLE_BYTES_BASE,
     PICKLE_BYTES_PER_RECORD,
 )
-from .unpickling import torch_load
+from .unpickling import torch_load, unpickle_torch_records
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -41,6 +48,11 @@ _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # ends with the name and extra field
 
 def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
     """Refuse what torch must not read; return the record of the archive's ``data.pkl``."""
+    return _checked_records(path, size)[0]
+
+
+def _checked_records(path: Path, size: int) -> tuple[zipfile.ZipInfo, list[zipfile.ZipInfo]]:
+    """The archive's ``data.pkl`` record and all its records, once checked."""
     _check_central_directory_size(path, size)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -82,7 +94,7 @@ def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
             f"checkpoint with {len(records):,} records may have ({allowed:,}): it holds far "
             "more than tensors",
         )
-    return data_pkl
+    return data_pkl, records
 
 
 def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | None:
@@ -92,17 +104,24 @@ def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | No
         return "is compressed (torch.save stores records uncompressed)"
     if record.file_size != record.compress_size:
         return f"declares {record.file_size:,} bytes but stores {record.compress_size:,}"
-    if not 0 <= record.header_offset < size:
+    data_start = _data_start(f, record, size)
+    if data_start is None:
         return "has no local header where the directory says"
-    f.seek(record.header_offset)
-    local = f.read(_LOCAL_HEADER.size)
-    if len(local) < _LOCAL_HEADER.size or not local.startswith(ZIP_MAGIC):
-        return "has no local header where the directory says"
-    name_length, extra_length = _LOCAL_HEADER.unpack(local)[-2:]
-    data_start = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
     if data_start + record.compress_size > size:
         return "runs past the end of the file"
     return None
+
+
+def _data_start(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> int | None:
+    """Where a record's bytes begin in the file: after its local header (None: no header)."""
+    if not 0 <= record.header_offset < size:
+        return None
+    f.seek(record.header_offset)
+    local = f.read(_LOCAL_HEADER.size)
+    if len(local) < _LOCAL_HEADER.size or not local.startswith(ZIP_MAGIC):
+        return None
+    name_length, extra_length = _LOCAL_HEADER.unpack(local)[-2:]
+    return int(record.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
 
 
 def _check_central_directory_size(path: Path, size: int) -> None:
@@ -155,3 +174,96 @@ def load(
         mmap=mmap,
         data_pickle=data_pickle,
     )
+
+
+def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
+    """What a checked archive holds, as ``load`` would return it but with
+    :mod:`.records` for its tensors, and its storages' saved locations: no torch, no
+    tensor byte read. Raises :class:`records.NeedsTorch` for what records cannot stand for.
+    """
+    data_pkl, infos = _checked_records(path, size)
+    # torch reads the records under the first one's folder (``archive/``): an archive whose
+    # first data.pkl lies elsewhere is torch's to make sense of
+    prefix = infos[0].filename.partition("/")[0] + "/"
+    if data_pkl.filename != f"{prefix}data.pkl":
+        raise records.NeedsTorch(f"an archive whose data.pkl is not under {prefix}")
+    by_name = {info.filename: info for info in infos}
+    storages: dict[Any, records.Storage] = {}
+    locations: set[str] = set()
+
+    with open_regular(path) as f:
+        f.seek(_data_start(f, data_pkl, size) or 0)
+        data = f.read(data_pkl.file_size)  # bounded by _checked_records, stored uncompressed
+
+        def storage(pid: Any) -> records.Storage:
+            """torch.load's persistent_load: a storage of the archive, by its key."""
+            if not isinstance(pid, tuple) or len(pid) != 5:
+                raise records.CorruptRecord("a persistent id that is no storage tuple")
+            _, storage_type, key, location, numel = pid
+            if key in storages:
+                return storages[key]
+            location = location.decode("ascii") if isinstance(location, bytes) else location
+            if not isinstance(storage_type, records.StorageType):
+                raise records.CorruptRecord(f"a storage of type {type(storage_type).__name__}")
+            if not (isinstance(numel, int) and numel >= 0 and isinstance(location, str)):
+                raise records.CorruptRecord("a storage's size or location is invalid")
+            info = by_name.get(f"{prefix}data/{key}")
+            if info is None:
+                raise records.CorruptRecord(f"no record data/{key} for a storage")
+            nbytes = numel * DTYPE_ITEMSIZE[storage_type.dtype]
+            if nbytes > info.file_size:
+                raise records.CorruptRecord(
+                    f"storage {key} claims {nbytes:,} bytes, its record holds {info.file_size:,}"
+                )
+            start = _data_start(f, info, size) or 0
+            storages[key] = records.Storage(str(key), storage_type.dtype, nbytes, location, start)
+            locations.add(location)
+            return storages[key]
+
+        return unpickle_torch_records(data, path, storage), locations
+
+
+def tensor_values(path: Path, tensor: records.Tensor) -> Any:
+    """A small tensor's values as ``tolist()`` gives them, read from the archive (a tensor
+    hyperparameter: a schema keeps those of at most 16 elements)."""
+    code = _STRUCT_CODES.get(tensor.dtype)
+    if code is None:
+        raise records.NeedsTorch(f"the values of a {tensor.dtype} tensor")
+    itemsize = DTYPE_ITEMSIZE[tensor.dtype]
+    order = ">" if _byteorder(path) == "big" else "<"
+    with open_regular(path) as f:
+
+        def element(offset: int) -> Any:
+            f.seek(tensor.storage.data_start + offset * itemsize)
+            raw = f.read(itemsize)
+            if tensor.dtype == "bfloat16":
+                (bits,) = struct.unpack(order + "H", raw)
+                return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+            values = struct.unpack(order + code, raw)
+            return complex(*values) if len(values) == 2 else values[0]
+
+        def nested(dim: int, offset: int) -> Any:
+            if dim == len(tensor.shape):
+                return element(offset)
+            step = tensor.stride[dim]
+            return [nested(dim + 1, offset + i * step) for i in range(tensor.shape[dim])]
+
+        return nested(0, tensor.offset)
+
+
+# struct codes of the dtypes whose values ``tensor_values`` reads (bfloat16: by hand).
+_STRUCT_CODES = {
+    "float64": "d", "float32": "f", "float16": "e", "bfloat16": "H", "int64": "q",
+    "int32": "i", "int16": "h", "int8": "b", "uint64": "Q", "uint32": "I", "uint16": "H",
+    "uint8": "B", "bool": "?", "complex128": "dd", "complex64": "ff",
+}  # fmt: skip
+
+
+def _byteorder(path: Path) -> str:
+    """The byte order an archive records (``little`` when it records none, as torch reads)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/byteorder")), None)
+            return archive.read(name).decode("ascii", "replace") if name else "little"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "little"

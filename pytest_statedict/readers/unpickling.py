@@ -7,27 +7,40 @@
   method, the foreign classes it names) from its opcodes, never by running it.
 * DCP ``.metadata`` pickles go through :func:`unpickle_dcp_metadata`: an unpickler that
   resolves exactly the ``(module, qualname)`` pairs of :data:`DCP_GLOBALS` and the torch
-  dtypes by their exact names. It never imports or looks up a name itself, so a dotted
-  qualname (``STACK_GLOBAL`` of ``torch.distributed.checkpoint.metadata`` +
-  ``os.system``) or any other module's attribute is refused before it exists.
+  dtypes by their exact names, to torch-free stand-ins (``records``): it imports no torch.
+  It never imports or looks up a name itself, so a dotted qualname (``STACK_GLOBAL`` of
+  ``torch.distributed.checkpoint.metadata`` + ``os.system``) or any other module's
+  attribute is refused before it exists.
+* The CLI reads a ``torch.save`` archive's ``data.pkl`` with :func:`unpickle_torch_records`
+  and no torch: torch's weights-only rules re-implemented (its opcodes, its allowlist, its
+  checks on BUILD, APPEND, SETITEM and persistent ids), building ``records`` where torch
+  would build tensors. What torch would refuse is refused with torch's words; what torch
+  may accept but a record cannot stand for raises ``records.NeedsTorch``, and the caller
+  reads the file with :func:`torch_load` instead.
+  It counts no operations: each reads at least one byte of a ``data.pkl`` that
+  ``torch_zip`` bounds by its number of records, as torch's own unpickler is bounded.
 
 Every failure is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
-import enum
+import _codecs
+import gc
 import io
 import os
+import pathlib
 import pickle
-import pickletools
+import sys
 import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, StateDictError, hide_from_bad_input
-from .limits import MAX_PICKLE_OPS
+from . import records
+from .limits import MAX_PICKLE_BYTES, MAX_PICKLE_OPS
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -57,38 +70,34 @@ DCP_GLOBALS = frozenset(
 _PATH_MODULES = frozenset({"pathlib", "pathlib._local"})
 _PATH_CLASSES = frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
 
-_resolved: dict[tuple[str, str], Any] = {}
-
-
-class _AddedLater:
-    """A class of :data:`DCP_GLOBALS` this torch lacks (``StorageMeta`` before torch 2.4):
-    a folder a newer torch wrote still gives its layout, which never needs these."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
+_DCP = "torch.distributed.checkpoint.metadata"
+# What each allowed global is to the DCP unpickler: torch-free records of DCP's classes
+# (``records``), never the classes themselves, so reading .metadata imports no torch.
+_DCP_OBJECTS: dict[tuple[str, str], Any] = {
+    (_DCP, "Metadata"): records.Metadata,
+    (_DCP, "TensorStorageMetadata"): records.TensorStorageMetadata,
+    (_DCP, "BytesStorageMetadata"): records.BytesStorageMetadata,
+    (_DCP, "ChunkStorageMetadata"): records.ChunkStorageMetadata,
+    (_DCP, "TensorProperties"): records.TensorProperties,
+    (_DCP, "MetadataIndex"): records.MetadataIndex,
+    (_DCP, "StorageMeta"): records.StorageMeta,
+    (_DCP, "_MEM_FORMAT_ENCODING"): records.memory_format_encoding,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): records.StorageInfo,
+    ("torch.serialization", "_get_layout"): records.layout,
+    ("torch", "Size"): records.Size,
+    ("collections", "OrderedDict"): OrderedDict,
+    **{("torch", name): value for name, value in records.DTYPES.items()},
+    **{
+        (module, name): getattr(pathlib, "Pure" + name.removeprefix("Pure"))
+        for module in _PATH_MODULES
+        for name in _PATH_CLASSES
+    },
+}
 
 
 def _dcp_objects() -> dict[tuple[str, str], Any]:
-    """The objects the DCP unpickler may return, resolved once from trusted names."""
-    if not _resolved:
-        import importlib
-        import pathlib
-
-        import torch
-
-        for module, name in DCP_GLOBALS:
-            found = getattr(importlib.import_module(module), name, None)
-            _resolved[module, name] = _AddedLater if found is None else found
-        for module in _PATH_MODULES:
-            for name in _PATH_CLASSES:
-                _resolved[module, name] = getattr(pathlib, "Pure" + name.removeprefix("Pure"))
-        for name, value in vars(torch).items():
-            if isinstance(value, torch.dtype):
-                _resolved["torch", name] = value
-    return _resolved
+    """The objects the DCP unpickler may return, by their trusted names."""
+    return _DCP_OBJECTS
 
 
 def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -145,14 +154,9 @@ class _AllowlistUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
 
 def _instance_types() -> frozenset[type]:
-    """The classes whose instances BUILD may set the state of: the allowed classes, but no
-    enum (its members are shared singletons, as are dtypes and layouts, which are no class
-    of the allowlist)."""
-    return frozenset(
-        found
-        for found in _dcp_objects().values()
-        if isinstance(found, type) and not issubclass(found, enum.Enum)
-    )
+    """The classes whose instances BUILD may set the state of: the allowed classes (dtypes
+    are shared instances, the enum and layouts are functions: none of them)."""
+    return frozenset(found for found in _dcp_objects().values() if isinstance(found, type))
 
 
 def unpickle_dcp_metadata(data: bytes, path: Path) -> Any:
@@ -162,6 +166,406 @@ def unpickle_dcp_metadata(data: bytes, path: Path) -> Any:
     except Exception as exc:  # a hostile stream may fail in any way the unpickler can
         raise CheckpointError(
             path, f"its .metadata cannot be read safely ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
+# ---- torch.save pickles, without torch ----------------------------------------------------
+
+# The opcodes torch's weights-only unpickler runs (protocol 2, what torch.save writes):
+# any other is refused, as torch refuses it ("Unsupported operand").
+_TORCH_OPCODES = frozenset(
+    op[0]
+    for op in (
+        pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.NEWOBJ, pickle.REDUCE, pickle.BUILD,
+        pickle.APPEND, pickle.APPENDS, pickle.SETITEM, pickle.SETITEMS, pickle.MARK,
+        pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.NONE,
+        pickle.NEWFALSE, pickle.NEWTRUE, pickle.EMPTY_TUPLE, pickle.EMPTY_LIST,
+        pickle.EMPTY_DICT, pickle.EMPTY_SET, pickle.BININT, pickle.BININT1, pickle.BININT2,
+        pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING, pickle.BINPERSID,
+        pickle.BINGET, pickle.LONG_BINGET, pickle.BINPUT, pickle.LONG_BINPUT, pickle.LONG1,
+    )
+)  # fmt: skip
+
+# torch renames Python 2 globals before it looks them up (torch._utils' copy of them).
+_IMPORT_MAPPING = {
+    "__builtin__": "builtins", "copy_reg": "copyreg", "Queue": "queue", "repr": "reprlib",
+    "_abcoll": "collections.abc", "UserDict": "collections", "UserList": "collections",
+    "UserString": "collections", "whichdb": "dbm", "StringIO": "io", "cStringIO": "io",
+}  # fmt: skip
+_NAME_MAPPING = {
+    ("__builtin__", "xrange"): ("builtins", "range"),
+    ("__builtin__", "reduce"): ("functools", "reduce"),
+    ("__builtin__", "intern"): ("sys", "intern"),
+    ("__builtin__", "unichr"): ("builtins", "chr"),
+    ("__builtin__", "unicode"): ("builtins", "str"),
+    ("__builtin__", "long"): ("builtins", "int"),
+    ("itertools", "izip"): ("builtins", "zip"),
+    ("itertools", "imap"): ("builtins", "map"),
+    ("itertools", "ifilter"): ("builtins", "filter"),
+    ("itertools", "ifilterfalse"): ("itertools", "filterfalse"),
+    ("itertools", "izip_longest"): ("itertools", "zip_longest"),
+    ("UserDict", "IterableUserDict"): ("collections", "UserDict"),
+    ("UserList", "UserList"): ("collections", "UserList"),
+    ("UserString", "UserString"): ("collections", "UserString"),
+    ("__builtin__", "basestring"): ("builtins", "str"),
+    ("exceptions", "StandardError"): ("builtins", "Exception"),
+    ("UserDict", "UserDict"): ("collections", "UserDict"),
+}
+# Modules torch refuses even when a user allowlists one of their names.
+_BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """``bytearray``, but never of a size a pickle merely claims (``bytearray(10**12)``)."""
+    if args and isinstance(args[0], int) and args[0] > MAX_PICKLE_BYTES:
+        raise records.CorruptRecord(f"a bytearray of {args[0]:,} bytes")
+    return bytearray(*args)
+
+
+# What each allowed global is to the records reader. Every other name of torch's default
+# allowlist (quantized, sparse, nested and meta tensors, tensor subclasses, the legacy
+# tensor classes...) and any torch name this list does not know raise NeedsTorch.
+_RECORD_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "collections.Counter": Counter,
+    "_codecs.encode": _codecs.encode,
+    "builtins.bytearray": _bytearray,
+    "builtins.set": set,
+    "builtins.complex": complex,
+    "torch.Size": records.Size,
+    "torch.device": records.device,
+    "torch._utils._rebuild_tensor_v2": records.rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": records.rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": records.rebuild_parameter,
+    "torch.storage.UntypedStorage": records.StorageType("UntypedStorage", "uint8"),
+    **{f"torch.{name}": value for name, value in records.DTYPES.items()},
+    **{
+        f"{module}.{name}": records.StorageType(name, dtype_name)
+        for name, dtype_name in records.STORAGE_DTYPES.items()
+        for module in ("torch", "torch.cuda")
+        if module == "torch" or not name.startswith("Q")  # no quantized CUDA storages
+    },
+}
+# The torch release whose weights-only allowlist first held a name (torch 2.3, the oldest
+# this package supports, holds the others). Where the installed torch is older, such a
+# name is torch's to refuse: the records reader hands the file over.
+_ALLOWED_SINCE: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(
+        ["collections.Counter", "torch.device", "torch.bfloat16", "torch.bool", "torch.uint8"]
+        + [f"torch.{n}" for n in ("qint8", "qint32", "quint8", "quint4x2", "quint2x4")]
+        + [f"torch.bits{n}" for n in ("8", "16", "1x8", "2x4", "4x2")],
+        (2, 4),
+    ),
+    **dict.fromkeys(
+        ["_codecs.encode", "builtins.bytearray", "builtins.complex", "builtins.set"]
+        + [f"torch.uint{n}" for n in (16, 32, 64)],
+        (2, 6),
+    ),
+    **dict.fromkeys(
+        ["torch.float4_e2m1fn_x2", "torch.float8_e8m0fnu"]
+        + [f"torch.{sign}int{n}" for sign in ("", "u") for n in range(1, 8)],
+        (2, 13),
+    ),
+}
+_installed: list[tuple[int, int]] = []
+
+
+def _installed_torch() -> tuple[int, int]:
+    """The installed torch's release, read from its metadata (no import); (99, 0) if none."""
+    if not _installed:
+        from importlib import metadata
+
+        try:
+            major, minor = metadata.version("torch").split(".")[:2]
+            _installed.append((int(major), int(minor)))
+        except (metadata.PackageNotFoundError, ValueError):
+            _installed.append((99, 0))
+    return _installed[0]
+
+
+# What REDUCE may call, and NEWOBJ create (torch: cls.__new__(cls, *args)).
+_CALLABLE = frozenset(
+    id(v) for v in _RECORD_GLOBALS.values() if callable(v) and not isinstance(v, records.dtype)
+)
+_NEW_OBJECTS = frozenset({OrderedDict, Counter, set, complex})
+# Outside torch, torch allows no more than these (and what a user allowlists).
+_NON_TORCH_ALLOWED = frozenset(k for k in _RECORD_GLOBALS if not k.startswith("torch."))
+
+
+def _user_allowed(full: str) -> bool:
+    """Whether this process allowlisted ``full`` for torch.load (``add_safe_globals``):
+    only possible once torch is imported, so never in a torch-free run."""
+    torch = sys.modules.get("torch")
+    get = getattr(getattr(torch, "serialization", None), "get_safe_globals", None)
+    if get is None:
+        return False
+    for allowed in get():
+        if isinstance(allowed, tuple):
+            allowed, name = allowed[0], allowed[-1]
+        else:
+            name = f"{getattr(allowed, '__module__', '')}.{getattr(allowed, '__qualname__', '')}"
+        if name == full:
+            return True
+    return False
+
+
+# The modules of torch's default allowlist whose names a newer torch adds to (dtypes,
+# storage and tensor classes), and the prefixes of its rebuild functions.
+_TORCH_ALLOWLIST_MODULES = frozenset(
+    {"torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse", "torch.storage"}
+)
+_TORCH_ALLOWLIST_NAMES = frozenset(
+    {"torch.nn.parameter.Parameter", "torch.serialization._get_layout"}
+)
+
+
+def _torch_may_allow(full: str) -> bool:
+    """A torch name of a kind torch's default allowlist holds (a dtype, a storage or tensor
+    class, a rebuild function, nested and distributed tensors' names), so torch.load is to
+    decide; any other (``torch.nn.modules.linear.Linear``, ``torch.os.system``) is refused."""
+    module, _, name = full.rpartition(".")
+    return (
+        module in _TORCH_ALLOWLIST_MODULES
+        or full in _TORCH_ALLOWLIST_NAMES
+        or (module in ("torch._utils", "torch._tensor") and name.startswith("_rebuild"))
+        or full.startswith(("torch.nested.", "torch.distributed."))
+    )
+
+
+def _refused(message: str) -> pickle.UnpicklingError:
+    """torch's refusal, worded as ``torch.load`` words it (``explain_refusal`` quotes the
+    last line that says ``error:`` or ``unsupported``, as it does torch's)."""
+    if "was not an allowed global by default" in message:
+        text = f"Weights only load failed.\n\tWeightsUnpickler error: {message}"
+    elif "whose module" in message:
+        text = f"Weights only load failed.\n\n{message}"
+    else:
+        text = (
+            "Weights only load failed.\nPlease file an issue with the following so that we can "
+            "make `weights_only=True` compatible with your use case: WeightsUnpickler error: "
+            f"\n\n{message}"
+        )
+    return pickle.UnpicklingError(text)
+
+
+def _torch_global(unpickler: Any) -> None:
+    module = unpickler.readline()[:-1].decode("utf-8")
+    name = unpickler.readline()[:-1].decode("utf-8")
+    if (module, name) in _NAME_MAPPING:
+        module, name = _NAME_MAPPING[module, name]
+    elif module in _IMPORT_MAPPING:
+        module = _IMPORT_MAPPING[module]
+    full = f"{module}.{name}"
+    if module in _BLOCKED_MODULES:
+        raise _refused(
+            f"Trying to load unsupported GLOBAL {full} whose module {module} is blocked."
+        )
+    found = _RECORD_GLOBALS.get(full)
+    if found is not None:
+        since = _ALLOWED_SINCE.get(full)
+        if since is not None and _installed_torch() < since:
+            raise records.NeedsTorch(f"the global {full}, which torch allows since {since}")
+        unpickler.append(found)
+        return
+    if _torch_may_allow(full) or _user_allowed(full):
+        raise records.NeedsTorch(f"the global {full}")
+    shown = full.removeprefix("builtins.")
+    raise _refused(
+        f"Unsupported global: GLOBAL {shown} was not an allowed global by default. Please use "
+        f"`torch.serialization.add_safe_globals([{shown}])` or the "
+        f"`torch.serialization.safe_globals([{shown}])` context manager to allowlist this "
+        "global if you trust this class/function."
+    )
+
+
+def _torch_newobj(unpickler: Any) -> None:
+    args = unpickler.stack.pop()
+    cls = unpickler.stack.pop()
+    if cls in _NEW_OBJECTS:
+        unpickler.append(cls.__new__(cls, *args))
+    elif id(cls) in _CALLABLE or isinstance(cls, (records.dtype, records.StorageType)):
+        raise records.NeedsTorch(f"NEWOBJ of {cls!r}")
+    else:
+        raise _refused(
+            "Can only create new object for nn.Parameter or classes allowlisted via "
+            f"`add_safe_globals` but got {cls}"
+        )
+
+
+def _torch_reduce(unpickler: Any) -> None:
+    args = unpickler.stack.pop()
+    func = unpickler.stack[-1]
+    if id(func) not in _CALLABLE:
+        if isinstance(func, (records.dtype, records.StorageType)):
+            raise records.CorruptRecord(f"{func!r} is not callable")
+        raise _refused(f"Trying to call reduce for unrecognized function {func}")
+    if not isinstance(args, tuple):
+        raise records.CorruptRecord("REDUCE arguments are not a tuple")
+    unpickler.stack[-1] = func(*args)
+
+
+def _torch_build(unpickler: Any) -> None:
+    state = unpickler.stack.pop()
+    inst = unpickler.stack[-1]
+    if type(inst) is OrderedDict:
+        inst.__dict__.update(state)  # a state_dict's _metadata
+    elif type(inst) in (records.Tensor, records.Parameter) or type(inst) in _NEW_OBJECTS:
+        raise records.NeedsTorch(f"BUILD of a {type(inst).__name__}")
+    else:
+        raise _refused(
+            "Can only build Tensor, Parameter, OrderedDict or types allowlisted via "
+            f"`add_safe_globals`, but got {type(inst)}"
+        )
+
+
+def _torch_append(unpickler: Any) -> None:
+    item = unpickler.stack.pop()
+    if type(unpickler.stack[-1]) is not list:
+        raise _refused(f"Can only append to lists, but got {type(unpickler.stack[-1])}")
+    unpickler.stack[-1].append(item)
+
+
+def _torch_appends(unpickler: Any) -> None:
+    items = unpickler.pop_mark()
+    if type(unpickler.stack[-1]) is not list:
+        raise _refused(f"Can only extend lists, but got {type(unpickler.stack[-1])}")
+    unpickler.stack[-1].extend(items)
+
+
+def _set_item_target(unpickler: Any, opcode: str) -> Any:
+    target = unpickler.stack[-1]
+    if type(target) not in (dict, OrderedDict, Counter):
+        raise _refused(
+            f"Can only {opcode} for dict, collections.OrderedDict, collections.Counter, but got "
+            f"{type(target)}"
+        )
+    return target
+
+
+def _torch_setitem(unpickler: Any) -> None:
+    value, key = unpickler.stack.pop(), unpickler.stack.pop()
+    _set_item_target(unpickler, "SETITEM")[key] = value
+
+
+def _torch_setitems(unpickler: Any) -> None:
+    items = unpickler.pop_mark()
+    target = _set_item_target(unpickler, "SETITEMS")
+    for i in range(0, len(items), 2):
+        target[items[i]] = items[i + 1]
+
+
+def _torch_persid(unpickler: Any) -> None:
+    pid = unpickler.stack.pop()
+    if type(pid) is not tuple and type(pid) is not int:
+        raise _refused(f"persistent_load id must be tuple or int, but got {type(pid)}")
+    if type(pid) is tuple and pid and _ascii(pid[0]) != "storage":
+        raise _refused(f"Only persistent_load of storage is allowed, but got {type(pid[0])}")
+    unpickler.append(unpickler.persistent_load(pid))
+
+
+def _torch_get(unpickler: Any, index: int) -> None:
+    if index not in unpickler.memo:
+        raise records.CorruptRecord(f"no memo entry {index}")
+    unpickler.append(unpickler.memo[index])
+
+
+def _torch_proto(unpickler: Any) -> None:
+    unpickler.proto = unpickler.read(1)[0]  # torch reads any protocol's opcodes it knows
+
+
+def _ascii(value: Any) -> Any:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+class _Unsupported(dict):  # type: ignore[type-arg]
+    """The dispatch table: an opcode torch does not run is refused as torch refuses it."""
+
+    def __missing__(self, code: int) -> Any:
+        def refuse(unpickler: Any) -> None:
+            raise _refused(f"Unsupported operand {code}")
+
+        return refuse
+
+
+class _WeightsOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+    """torch's weights-only unpickler, in pure Python and without torch (see module doc)."""
+
+    dispatch = _Unsupported(
+        {
+            code: handler
+            for code, handler in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+            if code in _TORCH_OPCODES
+        }
+    )
+    dispatch.update(
+        {
+            pickle.PROTO[0]: _torch_proto,
+            pickle.GLOBAL[0]: _torch_global,
+            pickle.NEWOBJ[0]: _torch_newobj,
+            pickle.REDUCE[0]: _torch_reduce,
+            pickle.BUILD[0]: _torch_build,
+            pickle.APPEND[0]: _torch_append,
+            pickle.APPENDS[0]: _torch_appends,
+            pickle.SETITEM[0]: _torch_setitem,
+            pickle.SETITEMS[0]: _torch_setitems,
+            pickle.BINPERSID[0]: _torch_persid,
+            pickle.BINGET[0]: lambda u: _torch_get(u, u.read(1)[0]),
+            pickle.LONG_BINGET[0]: lambda u: _torch_get(u, int.from_bytes(u.read(4), "little")),
+        }
+    )
+
+    def __init__(self, file: Any, persistent_load: Callable[[Any], Any]) -> None:
+        super().__init__(file, encoding="utf-8")
+        self._storage = persistent_load
+
+    def load(self) -> Any:
+        """pickle's loop, reading the stream directly (torch's opcodes have no frames, so
+        pickle's frame reader would only cost a call per byte read), with the cyclic garbage
+        collector off: it would walk every object made so far again and again, and a
+        pickle makes nothing it does not keep (its size is bounded by ``torch_zip``)."""
+        self.metastack: list[Any] = []
+        self.stack: list[Any] = []
+        self.append = self.stack.append
+        self.proto = 0
+        read = self.read = self._file_read
+        self.readline = self._file_readline
+        dispatch = self.dispatch
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:  # type: ignore[attr-defined]
+            return stop.value
+        finally:
+            if collecting:
+                gc.enable()
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._storage(pid)
+
+
+def unpickle_torch_records(data: bytes, path: Path, persistent_load: Callable[[Any], Any]) -> Any:
+    """A ``torch.save`` pickle (a bounded byte string), read as torch's weights-only
+    loader would read it, with ``records`` for tensors, storages and torch values.
+
+    ``persistent_load`` makes a :class:`records.Storage` of a storage's persistent id.
+    Raises :class:`records.NeedsTorch` where the records cannot stand for what torch makes.
+    """
+    try:
+        return _WeightsOnlyUnpickler(io.BytesIO(data), persistent_load).load()
+    except (records.NeedsTorch, StateDictError):
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(path, explain_refusal(data, exc)) from None
+    except Exception as exc:  # a damaged stream fails in many ways, as it does in torch.load
+        raise CheckpointError(
+            path,
+            f"torch.load could not read it, the file is truncated or corrupt "
+            f"({type(exc).__name__}: {_first_line(exc)})",
         ) from None
 
 
@@ -214,6 +618,8 @@ def torch_load(
 
 def pickle_globals(data: bytes) -> list[str]:
     """The globals a pickle refers to, read from its opcodes without unpickling it."""
+    import pickletools  # here: only a refused pickle is explained
+
     found: list[str] = []
     strings: list[str] = []
     try:

@@ -1,0 +1,275 @@
+"""The layout of what a checkpoint holds, whatever its tensors are made of.
+
+A loaded checkpoint is a state_dict, an optimizer's state_dict or a general checkpoint
+(``{"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": 3}``): which of them it
+is, where its parts are and what its param_groups say do not depend on what a tensor is.
+``extract`` walks torch tensors with these functions; ``torch_free`` walks the records the
+torch-free reader makes of a ``torch.save`` pickle (``readers.records``) with the same
+ones, so the two give the same schema. A :class:`Tensors` says what a tensor is and what
+the schema keeps of one. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from .errors import UnsupportedObjectError
+from .schema import (
+    ModuleVersion,
+    OptimizerSchema,
+    ParamGroup,
+    ParamState,
+    Schema,
+    StateSpec,
+    TensorEntry,
+    module_version,
+)
+
+# Names under which the usual general checkpoints keep their parts (the PyTorch
+# "saving and loading a general checkpoint" recipe, Lightning, Hugging Face Trainer...).
+MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "model_state")
+OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_states")
+
+# Switches that choose an implementation, not the maths (torch adds them over releases):
+# comparing them would fail every optimizer snapshot on a torch upgrade, so they are kept
+# apart from the hyperparameters (``ParamGroup.flags``), for the report's notes only.
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+# A hyperparameter is a number, a few numbers (betas) or a small dict: these bounds only
+# stop a checkpoint whose param_group nests without end or repeats one container through
+# shared references (1.4 KB of pickle expanding to 2^22 values) from costing the run.
+MAX_HYPERPARAM_DEPTH = 32
+MAX_HYPERPARAM_VALUES = 100_000
+
+KindOf = Callable[[str], str]
+
+
+class Tensors:
+    """What a tensor is to a walk, and what a schema keeps of one (subclassed per kind)."""
+
+    # the classes whose instances are tensors
+    types: tuple[type, ...] = ()
+
+    def entries(
+        self, state: Mapping[str, Any], kind_of: KindOf, *, values: bool
+    ) -> tuple[tuple[TensorEntry, ...], tuple[str, ...]]:
+        """A state_dict's entries, and notes on storage a save would waste."""
+        raise NotImplementedError
+
+    def spec(self, tensor: Any) -> StateSpec:
+        """The shape and dtype of an optimizer state tensor."""
+        raise NotImplementedError
+
+    def hyperparam(self, tensor: Any) -> dict[str, Any]:
+        """A tensor hyperparameter (a tensor ``lr``): its values when small, else its shape."""
+        raise NotImplementedError
+
+
+def type_name(value: Any) -> str:
+    cls = type(value)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def is_state_dict(obj: Any, tensors: Tensors) -> bool:
+    """Names to tensors (a few non-tensor entries such as ``_extra_state`` allowed)."""
+    if not isinstance(obj, Mapping):
+        return False
+    if not obj:
+        return True
+    saw_tensor = False
+    tensor_types = tensors.types
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, tensor_types):
+            saw_tensor = True
+        elif isinstance(value, (Mapping, list)) and not key.endswith("_extra_state"):
+            return False
+    return saw_tensor
+
+
+def is_optimizer_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
+
+
+def versions(state: Mapping[str, Any]) -> dict[str, ModuleVersion] | None:
+    """The module versions ``state_dict()`` records in ``_metadata``, as torch keeps them
+    (Phi-3's string ``"0.0.5"`` too), but the default int 1."""
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        return None
+    return {
+        prefix: module_version(version)
+        for prefix, meta in metadata.items()
+        if isinstance(meta, Mapping)
+        and not ((version := meta.get("version", 1)) == 1 and type(version) is int)
+    }
+
+
+def select_part(obj: Any, part: str) -> Any:
+    """The entry at ``part`` ("a/b/0") of a nested checkpoint, or a clear error."""
+    current = obj
+    for step in part.split("/"):
+        if isinstance(current, Mapping) and step in current:
+            current = current[step]
+        elif isinstance(current, (list, tuple)) and step.isdigit() and int(step) < len(current):
+            current = current[int(step)]
+        else:
+            where = (
+                f"its keys are {', '.join(map(repr, list(current)[:10]))}"
+                if isinstance(current, Mapping)
+                else f"it is a {type_name(current)}"
+            )
+            raise UnsupportedObjectError(
+                f"schema_of(): no part {part!r} ({step!r} not found: {where})"
+            )
+    return current
+
+
+def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = False) -> Schema:
+    """A bare state_dict, an optimizer's, or a general checkpoint with parts of usual names."""
+    if is_optimizer_state_dict(obj):
+        return Schema(tensors=(), optimizer=optimizer_state_schema(obj, tensors))
+    if is_state_dict(obj, tensors):
+        entries, notes = tensors.entries(obj, lambda key: "tensor", values=values)
+        return Schema(tensors=entries, versions=versions(obj), notes=notes)
+    model_key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if model_key is None:
+        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and is_state_dict(v, tensors)]
+        model_key = nested[0] if len(nested) == 1 else None
+    opt_key = next(
+        (
+            k
+            for k in OPTIMIZER_KEYS
+            if is_optimizer_state_dict(obj.get(k))
+            or (isinstance(obj.get(k), list) and obj[k] and is_optimizer_state_dict(obj[k][0]))
+        ),
+        None,
+    )
+    if model_key is None and opt_key is None:
+        parts = [
+            str(k)
+            for k, v in obj.items()
+            if is_state_dict(v, tensors) or is_optimizer_state_dict(v)
+        ]
+        if len(parts) > 1:
+            raise UnsupportedObjectError(
+                f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
+                f"choose one with part={parts[0]!r} (on the command line: statedict show "
+                f"--part {parts[0]}, statedict diff --expected-part/--actual-part {parts[0]})"
+            )
+        raise UnsupportedObjectError(
+            "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "
+            f"checkpoint with a model state_dict under one of {', '.join(MODEL_KEYS)}; its keys "
+            f"are {', '.join(map(repr, list(obj)[:8]))}"
+        )
+    model = (
+        mapping_schema(obj[model_key], tensors, values=values) if model_key else Schema(tensors=())
+    )
+    opt = None
+    if opt_key is not None:
+        raw = obj[opt_key]
+        opt = optimizer_state_schema(raw[0] if isinstance(raw, list) else raw, tensors)
+    extras = {str(k): type_name(v) for k, v in obj.items() if k not in (model_key, opt_key)}
+    return replace(model, optimizer=opt, extras=extras)
+
+
+def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> OptimizerSchema:
+    """An optimizer's ``state_dict()``: param_groups by index, its class unknown."""
+    from .compare import UNKNOWN_CLASS  # here: `statedict show` of a state_dict never needs it
+
+    groups = tuple(
+        ParamGroup(
+            hyperparams=hyperparams(group, tensors),
+            params=tuple(int(p) for p in group["params"]),
+            flags=flags(group, tensors),
+        )
+        for group in optimizer["param_groups"]
+    )
+    state = tuple(
+        ParamState(param=int(index), entries=state_specs(entries, tensors))
+        for index, entries in sorted(optimizer["state"].items(), key=lambda kv: int(kv[0]))
+    )
+    return OptimizerSchema(cls=UNKNOWN_CLASS, param_groups=groups, state=state)
+
+
+def state_specs(entries: Mapping[str, Any], tensors: Tensors) -> dict[str, StateSpec]:
+    return {
+        str(name): tensors.spec(v) if isinstance(v, tensors.types) else StateSpec(type=type_name(v))
+        for name, v in entries.items()
+    }
+
+
+def flags(group: Mapping[str, Any], tensors: Tensors) -> dict[str, Any]:
+    return {k: jsonable(group[k], tensors) for k in sorted(IMPLEMENTATION_FLAGS) if k in group}
+
+
+def hyperparams(group: Mapping[str, Any], tensors: Tensors) -> dict[str, Any]:
+    return {
+        str(k): jsonable(group[k], tensors)
+        for k in sorted(group, key=str)
+        if k != "params" and k not in IMPLEMENTATION_FLAGS
+    }
+
+
+def jsonable(value: Any, tensors: Tensors, budget: list[int] | None = None, depth: int = 0) -> Any:
+    """Hyperparameters exactly, in a JSON-stable form (tuples as lists, tensors by value)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    budget = [MAX_HYPERPARAM_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if depth > MAX_HYPERPARAM_DEPTH or budget[0] < 0:
+        raise UnsupportedObjectError(
+            f"schema_of(): an optimizer hyperparameter nests deeper than {MAX_HYPERPARAM_DEPTH} "
+            f"levels or holds more than {MAX_HYPERPARAM_VALUES:,} values: not a param_group"
+        )
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, tensors, budget, depth + 1) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, tensors, budget, depth + 1) for k, v in value.items()}
+    if isinstance(value, tensors.types):
+        return tensors.hyperparam(value)
+    return {"object": type_name(value)}
+
+
+class StorageViews:
+    """Which keys use which storage, to find small views of big storages.
+
+    ``torch.save`` writes a tensor's whole storage: a 10-element slice of a 1M-element
+    tensor makes a 4 MB file. Worth a warning, not a failure.
+    """
+
+    # Report when the storage holds this many times the bytes its keys use, and more than:
+    RATIO, MIN_BYTES = 2, 1 << 16
+
+    def __init__(self) -> None:
+        # storage identity -> [storage bytes, bytes its keys use, its keys]
+        self.storages: dict[Any, list[Any]] = {}
+
+    def add(
+        self, storage: Any, storage_bytes: Callable[[], int], key: str, used: int
+    ) -> str | None:
+        """Record that ``key`` uses ``used`` bytes of ``storage`` (its identity, whose size
+        ``storage_bytes`` tells); return the first key that used it before."""
+        shared = self.storages.get(storage)
+        if shared is None:
+            self.storages[storage] = [storage_bytes(), used, [key]]
+            return None
+        shared[1] += used
+        shared[2].append(key)
+        return shared[2][0]
+
+    def waste_notes(self) -> tuple[str, ...]:
+        notes = []
+        for size, used, keys in self.storages.values():
+            used = min(used, size)
+            if size - used > self.MIN_BYTES and size > self.RATIO * used:
+                notes.append(
+                    f"{', '.join(keys)}: a view of a {size:,}-byte storage; torch.save writes all "
+                    f"of it ({size - used:,} bytes more than the tensor holds): save a .clone()"
+                )
+        return tuple(notes)

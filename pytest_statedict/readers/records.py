@@ -1,0 +1,336 @@
+"""What the torch-free unpickler makes of a ``torch.save`` pickle: records, not tensors.
+
+``unpickling.unpickle_torch_records`` reads an archive's ``data.pkl`` with torch's
+weights-only rules but, where torch would build a tensor, a storage, a ``torch.Size``, a
+device or a dtype, it builds one of these plain records: a tensor's dtype, shape, strides,
+offset and storage, checked as ``Tensor.set_`` checks them, without a byte of its data.
+Each class is named as torch names the type it stands for (``torch.Tensor``,
+``torch.nn.parameter.Parameter``, ``torch.Size``...), so a schema that names a value's
+type (an ``extras`` entry, an optimizer state that is no tensor) names it as torch would.
+
+What these records cannot stand for (quantized, sparse, nested or meta tensors, tensor
+subclasses, a storage of a dtype this module does not know) raises :class:`NeedsTorch`:
+``torch.load`` reads that file. Invalid arguments (a stride past the storage's end, a
+negative offset) raise :class:`CorruptRecord`, as torch would fail on them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..schema import DTYPE_ITEMSIZE
+from .limits import MAX_DIM, MAX_DIMS
+
+
+class NeedsTorch(Exception):
+    """What the torch-free reader does not model, but torch's weights-only loader may
+    accept: the caller reads the file with ``torch.load`` instead."""
+
+
+class CorruptRecord(ValueError):
+    """Arguments torch's rebuild functions would fail on: the file is corrupt."""
+
+
+class dtype:  # named as torch names it
+    """A torch dtype by its name (``float32``), as the pickle names it (``torch.float32``)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+dtype.__module__ = "torch"
+
+# Dtypes a tensor may require gradients in (torch: floating point and complex); the
+# narrow floating types are left to torch.
+GRAD_DTYPES = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32"}
+)
+NO_GRAD_DTYPES = frozenset(
+    name for name in DTYPE_ITEMSIZE if "int" in name or name in ("bool", "bits8", "bits16")
+)
+DTYPES = {name: dtype(name) for name in DTYPE_ITEMSIZE}
+
+# The storage classes torch.save names (``torch.FloatStorage``) and their dtypes.
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+    "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "BFloat16Storage": "bfloat16", "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64", "QInt8Storage": "qint8", "QInt32Storage": "qint32",
+    "QUInt8Storage": "quint8", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+}  # fmt: skip
+
+
+class StorageType:
+    """A storage class named by a pickle (``torch.FloatStorage``, ``torch.UntypedStorage``)."""
+
+    __slots__ = ("dtype", "name")
+
+    def __init__(self, name: str, dtype_name: str) -> None:
+        self.name = name
+        self.dtype = dtype_name
+
+    def __repr__(self) -> str:
+        return f"StorageType(dtype=torch.{self.dtype})"
+
+
+class Storage:
+    """One storage of an archive (its record ``data/KEY``): what ``torch.load`` would map.
+
+    ``data_start`` is where its bytes begin in the file, for the few small tensors whose
+    values a schema keeps (a tensor hyperparameter).
+    """
+
+    __slots__ = ("data_start", "dtype", "key", "location", "nbytes")
+
+    def __init__(self, key: str, dtype_name: str, nbytes: int, location: str, data_start: int):
+        self.key = key
+        self.dtype = dtype_name
+        self.nbytes = nbytes
+        self.location = location
+        self.data_start = data_start
+
+
+Storage.__module__, Storage.__qualname__ = "torch.storage", "TypedStorage"
+
+
+class Tensor:
+    """A strided tensor: dtype, shape, strides and offset into its storage."""
+
+    __slots__ = ("dtype", "offset", "requires_grad", "shape", "storage", "stride")
+
+    def __init__(
+        self,
+        storage: Storage,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        dtype_name: str,
+        requires_grad: bool,
+    ) -> None:
+        self.storage = storage
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+        self.dtype = dtype_name
+        self.requires_grad = requires_grad
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+Tensor.__module__ = "torch"
+
+
+class Parameter(Tensor):
+    """An ``nn.Parameter``: a tensor with its ``requires_grad``."""
+
+    __slots__ = ()
+
+
+Parameter.__module__ = "torch.nn.parameter"
+
+
+class Size(tuple):  # type: ignore[type-arg]
+    """``torch.Size``: a tuple of non-negative dimensions."""
+
+    __slots__ = ()
+
+    def __new__(cls, dims: Any = ()) -> Size:
+        dims = tuple(dims)
+        if not all(_is_int(d) for d in dims):
+            raise CorruptRecord("torch.Size() takes an iterable of ints")
+        return super().__new__(cls, dims)
+
+
+Size.__module__ = "torch"
+
+
+class device:  # named as torch names it
+    """``torch.device``: a device type and index, as saved (never checked against this machine)."""
+
+    __slots__ = ("index", "type")
+
+    def __init__(self, type: Any, index: Any = None) -> None:
+        if not (isinstance(type, str) or _is_int(type)) or not (index is None or _is_int(index)):
+            raise CorruptRecord("torch.device() takes a device string and an optional index")
+        self.type = type
+        self.index = index
+
+
+device.__module__ = "torch"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or len(value) > MAX_DIMS:
+        raise CorruptRecord(f"the tensor's {what} is not a tuple of at most {MAX_DIMS} ints")
+    if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in value):
+        raise CorruptRecord(f"the tensor's {what} holds a negative or non-integer dimension")
+    return tuple(value)
+
+
+def _tensor(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    dtype_name: str,
+    metadata: Any,
+) -> Tensor:
+    """A tensor over ``storage``, checked as ``Tensor.set_`` checks it."""
+    if not isinstance(storage, Storage):
+        raise CorruptRecord(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
+    shape, strides = _dims(size, "size"), _dims(stride, "stride")
+    if len(shape) != len(strides):
+        raise CorruptRecord("mismatch in length of strides and shape")
+    if not _is_int(offset) or offset < 0:
+        raise CorruptRecord(f"invalid storage offset {offset!r}")
+    if not isinstance(requires_grad, bool):
+        raise CorruptRecord("requires_grad is not a bool")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CorruptRecord("the tensor's metadata is not a dict")
+    if requires_grad and dtype_name not in GRAD_DTYPES:
+        if dtype_name in NO_GRAD_DTYPES:
+            raise CorruptRecord("only Tensors of floating point and complex dtype can require "
+                                "gradients")  # fmt: skip
+        raise NeedsTorch(f"requires_grad on a {dtype_name} tensor")
+    itemsize = DTYPE_ITEMSIZE[dtype_name]
+    if all(shape):
+        needed = (
+            1 + offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+        ) * itemsize
+        if needed > storage.nbytes:
+            raise CorruptRecord(
+                f"sizes {list(shape)}, strides {list(strides)} and storage offset {offset} "
+                f"need {needed:,} bytes, out of bounds for a storage of {storage.nbytes:,}"
+            )
+    return Tensor(storage, offset, shape, strides, dtype_name, requires_grad)
+
+
+def rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    metadata: Any = None,
+) -> Tensor:
+    """``torch._utils._rebuild_tensor_v2``: a tensor of its storage's dtype."""
+    dtype_name = storage.dtype if isinstance(storage, Storage) else ""
+    return _tensor(storage, storage_offset, size, stride, requires_grad, dtype_name, metadata)
+
+
+def rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype_value: Any,
+    metadata: Any = None,
+) -> Tensor:
+    """``torch._utils._rebuild_tensor_v3``: a tensor of any dtype over an untyped storage."""
+    if not isinstance(dtype_value, dtype):
+        raise CorruptRecord("_rebuild_tensor_v3 takes a dtype")
+    return _tensor(storage, storage_offset, size, stride, requires_grad, dtype_value.name, metadata)
+
+
+def rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Parameter:
+    """``torch._utils._rebuild_parameter``: ``nn.Parameter(data, requires_grad)``."""
+    if not isinstance(data, Tensor) or not isinstance(requires_grad, bool):
+        raise CorruptRecord("_rebuild_parameter takes a tensor and a bool")
+    if requires_grad and data.dtype not in GRAD_DTYPES:
+        if data.dtype in NO_GRAD_DTYPES:
+            raise CorruptRecord("only Tensors of floating point and complex dtype can require "
+                                "gradients")  # fmt: skip
+        raise NeedsTorch(f"requires_grad on a {data.dtype} parameter")
+    return Parameter(data.storage, data.offset, data.shape, data.stride, data.dtype,
+                     requires_grad)  # fmt: skip
+
+
+# ---- DCP metadata ----------------------------------------------------------------------------
+
+
+class DCPRecord:
+    """An object of ``torch.distributed.checkpoint``'s metadata: its fields, as the pickle
+    sets them (a dict, or a dict and slots), never its class's code."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise CorruptRecord(f"the state of a {type(self).__name__} is not a dict")
+        self.__dict__.update(state)
+
+
+class Metadata(DCPRecord):
+    """``Metadata``: ``state_dict_metadata`` maps each key to its storage metadata."""
+
+
+class TensorStorageMetadata(DCPRecord):
+    """A tensor: ``properties`` (its dtype...), ``size`` and ``chunks``."""
+
+
+class BytesStorageMetadata(DCPRecord):
+    """A non-tensor entry, saved as pickled bytes."""
+
+
+class TensorProperties(DCPRecord):
+    """A tensor's dtype, layout, requires_grad, memory format and pinning: pickled as a
+    5-tuple by its ``__getstate__``."""
+
+    FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == len(self.FIELDS):
+            self.__dict__.update(zip(self.FIELDS, state, strict=True))
+        else:
+            super().__setstate__(state)
+
+
+class ChunkStorageMetadata(DCPRecord):
+    """Where a chunk of a tensor lies (offsets and sizes)."""
+
+
+class MetadataIndex(DCPRecord):
+    """The index of a chunk in ``storage_data``."""
+
+
+class StorageMeta(DCPRecord):
+    """Where and by whom the checkpoint was written."""
+
+
+class StorageInfo(DCPRecord):
+    """Where a chunk's bytes are (file, offset, length)."""
+
+
+def layout(name: Any) -> str:
+    """``torch.serialization._get_layout``: a layout by its name (``torch.strided``)."""
+    if not isinstance(name, str):
+        raise CorruptRecord("a layout is named by a string")
+    return name
+
+
+def memory_format_encoding(value: Any) -> int:
+    """``_MEM_FORMAT_ENCODING(value)``: DCP's enum of memory formats, by its value."""
+    if not _is_int(value):
+        raise CorruptRecord("a memory format encoding is an int")
+    return int(value)
