@@ -342,9 +342,9 @@ def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one(
     hashed_on: set[str] = set()
     digests = extract._digests
 
-    def recording(t: torch.Tensor) -> Any:
+    def recording(t: torch.Tensor, *tail: bytes) -> Any:
         hashed_on.add(threading.current_thread().name)
-        return digests(t)
+        return digests(t, *tail)
 
     monkeypatch.setattr(extract, "_digests", recording)
     schema = schema_of(state, values=True)
