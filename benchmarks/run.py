@@ -38,6 +38,8 @@ CASES = {
     "roundtrip": "case_roundtrip",
     "fingerprint": "case_fingerprint",
     "cli": "case_cli",
+    "releases": "case_releases",
+    "roundtrip_models": "case_roundtrip_models",
 }
 
 # Public names only: the package's module layout is not part of its contract.

@@ -6,9 +6,11 @@ Run it from anywhere, in an environment where pytest-statedict is installed:
 
 It copies examples/cnn to a temporary folder (the committed example is never touched),
 deletes the copy's snapshots, and runs pytest there step by step: the missing snapshots,
-writing them, a refactor caught with its diff, accepting it, and the refactor gate that
-``--statedict-update`` does not waive. Each step checks its exit code and output, and the
-demo exits non-zero if one doesn't behave as expected, so it doubles as an end-to-end test.
+writing them, a refactor caught with its diff, accepting it, the release gate that
+``--statedict-update`` does not waive, cutting a release with ``statedict record`` and
+``statedict history``, and a deliberate break recorded as expected to fail. Each step
+checks its exit code and output, and the demo exits non-zero if one doesn't behave as
+expected, so it doubles as an end-to-end test.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ PYTEST_FLAGS = ["-q", "--tb=short", "-p", "no:cacheprovider"]
 WIDTH = 88
 
 MAIN_SNAPSHOT = "tests/__statedict__/test_cnn/test_model_and_optimizer_layout/0.json"
-GATE_TEST = "tests/test_cnn.py::test_v1_checkpoints_still_load"
+GATE_TEST = "tests/test_cnn.py::test_releases[cnn-v1]"
+RETIRED = "cnn-v1: fc3 renamed to head in cnn-v2, v1 checkpoints retired"
+
+# Step 8 saves the release checkpoint as a training script would.
+SAVE_V2 = (
+    "import torch; from cnn_model import build, make_optimizer; model = build(); "
+    "torch.save({'model_state_dict': model.state_dict(), "
+    "'optimizer_state_dict': make_optimizer(model).state_dict()}, 'cnn-v2.pt')"
+)
 
 # The refactor of step 5: the classifier `fc3` becomes `head`, conv1 gets 8 channels.
 REFACTOR = [
@@ -90,6 +100,10 @@ class Demo:
     def pytest(self, *args: str) -> Run:
         print(f"\n$ pytest {' '.join(args)}".rstrip(), flush=True)
         return self._run([sys.executable, "-m", "pytest", *PYTEST_FLAGS, *args])
+
+    def python(self, code: str) -> Run:
+        print(f"\n$ python -c {code!r}", flush=True)
+        return self._run([sys.executable, "-c", code])
 
     def statedict(self, *args: str) -> Run:
         print(f"\n$ statedict {' '.join(args)}", flush=True)
@@ -301,7 +315,7 @@ def run_demo(project: Path) -> None:
         """
         The snapshots now hold the new layout. The v1 gate still fails: --statedict-update
         accepts snapshot changes, never a broken promise to load old checkpoints
-        (releases/cnn-v1.json is not a snapshot and is left alone).
+        (releases/cnn-v1.json is a release snapshot, not a test's: it is left alone).
         """
     )
     demo.ok("4 snapshots updated; only the v1 gate still fails")
@@ -315,6 +329,68 @@ def run_demo(project: Path) -> None:
     demo.show(digest(run.output))
     demo.expect(run, 0, pattern=r"^statedict: .*\b6 passed\b")
     demo.ok("the snapshots match and v1 checkpoints load into the refactored model")
+
+    # 8 --------------------------------------------------------------------------------------
+    demo.heading("Cut release cnn-v2: record its layout, read the changelog")
+    run = demo.python(SAVE_V2)
+    demo.expect(run, 0)
+    run = demo.statedict("record", "cnn-v2.pt", "--release", "cnn-v2")
+    demo.show(run.output)
+    demo.expect(run, 0, "recorded release cnn-v2 in releases/cnn-v2.json")
+    run = demo.statedict("history")
+    demo.show(run.output)
+    demo.expect(
+        run,
+        0,
+        "cnn-v2 (since cnn-v1):",
+        "fc3.weight -> head.weight",
+        "conv1.weight: [6, 3, 5, 5] -> [8, 3, 5, 5]",
+        "cnn-v1: the first release",
+    )
+    run = demo.pytest("-vv", "-k", "test_releases")
+    demo.show([line for line in run.output.splitlines() if "test_releases[" in line])
+    demo.show(digest(run.output))
+    demo.expect(
+        run,
+        0,
+        pattern=r"test_releases\[cnn-v2\] PASSED.*\n.*test_releases\[cnn-v1\] PASSED",
+    )
+    run = demo.statedict("record", "cnn-v2.pt", "--release", "cnn-v2")
+    demo.show(run.output)
+    demo.expect(run, 2, "release cnn-v2 is already recorded in releases/cnn-v2.json")
+    demo.ok(
+        "a few kB per release, one test per release (newest first), a release never "
+        "overwritten, and the changelog to write release notes from"
+    )
+
+    # 9 --------------------------------------------------------------------------------------
+    demo.heading("A deliberate break: retire v1 checkpoints, and say so")
+    demo.show(edit(project / "cnn_model.py", [(COMPAT_HOOK, "")]))
+    run = demo.pytest("--statedict-report=statedict.md")
+    demo.show(digest(run.output, max_lines=6, names=[GATE_TEST.split("::")[1]]))
+    demo.expect(run, 1, f"FAILED {GATE_TEST}", "release cnn-v1 no longer loads")
+    report = (project / "statedict.md").read_text(encoding="utf-8").splitlines()
+    print("\nstatedict.md, for the pull request or $GITHUB_STEP_SUMMARY (its first lines):")
+    demo.show([*report[:12], "..."])
+    ini = project / "pytest.ini"
+    print(f"\nrecord the break in pytest.ini: statedict_releases_expected_to_fail = {RETIRED}")
+    ini.write_text(
+        ini.read_text(encoding="utf-8") + f"statedict_releases_expected_to_fail =\n    {RETIRED}\n",
+        encoding="utf-8",
+    )
+    run = demo.pytest()
+    demo.show(
+        [line for line in run.output.splitlines() if "expected to fail" in line or "cnn-v1" in line]
+    )
+    demo.show(digest(run.output))
+    demo.expect(
+        run,
+        0,
+        "statedict: releases expected to fail",
+        f"{RETIRED} (fails, as expected)",
+        pattern=r"^statedict: .*releases: 1 passed, 1 xfailed",
+    )
+    demo.ok("the break is recorded with its reason and shown in every run, never dropped")
 
 
 def main(argv: list[str] | None = None) -> int:

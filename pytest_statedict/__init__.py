@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     )
     from .extract import schema_of
     from .gate import assert_checkpoint_loads
+    from .releases import record_release, statedict_releases
     from .round_trip import RoundTripResult, roundtrip
     from .schema import Schema
 
@@ -35,8 +36,10 @@ __all__ = [
     "UnsupportedObjectError",
     "assert_checkpoint_loads",
     "assert_state_dict_matches",
+    "record_release",
     "roundtrip",
     "schema_of",
+    "statedict_releases",
 ]
 
 _HOME = {
@@ -44,6 +47,8 @@ _HOME = {
     "assert_checkpoint_loads": "gate",
     "schema_of": "extract",
     "roundtrip": "round_trip",
+    "record_release": "releases",
+    "statedict_releases": "releases",
     "RoundTripResult": "round_trip",
     "Schema": "schema",
     "CheckpointError": "errors",

@@ -10,7 +10,7 @@ from .compare import Rename, SchemaDiff, compile_rename, diff_schemas, normalise
 from .errors import StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .report import render_diff
-from .runtime import current_session, key_normaliser, verbose
+from .runtime import current_session, key_normaliser, recorded_check, verbose
 from .schema import Schema
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -52,6 +52,26 @@ def assert_state_dict_matches(
         return
     if name is not None:
         raise TypeError("assert_state_dict_matches(): name= applies to snapshots (expected=None)")
+    _assert_matches_expected(
+        actual, expected, optimizer=optimizer, values=values, rtol=rtol, atol=atol,
+        ignore=ignore, rename=rename,
+    )  # fmt: skip
+
+
+@recorded_check("comparison", lambda actual, expected, **opts: describe(expected))
+def _assert_matches_expected(
+    actual: Any,
+    expected: Any,
+    *,
+    optimizer: Any,
+    values: bool,
+    rtol: float | None,
+    atol: float | None,
+    ignore: tuple[str, ...],
+    rename: Rename,
+) -> None:
+    """``assert_state_dict_matches`` against a given ``expected``: one recorded check."""
+    __tracebackhide__ = True
     actual_schema = prepared_schema(
         actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,8 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("--expected-part", metavar="PART", help="one entry of EXPECTED (see show)")
     diff.add_argument("--actual-part", metavar="PART", help="one entry of ACTUAL (see show)")
     diff.add_argument("-v", "--verbose", action="store_true", help="show every line")
+    _add_release_commands(commands)
     args = parser.parse_args(argv)
     try:
+        if args.command in RELEASE_COMMANDS:
+            return RELEASE_COMMANDS[args.command](args)
         if args.command == "show":
             return _show(args.path, as_json=args.json, part=args.part, tree=args.tree)
         return _diff(
@@ -241,6 +245,52 @@ def _diff(
     print(render_diff(found, title=f"{actual} differs from {expected}:", verbose=verbose,
                       rename_direction="expected->actual"))  # fmt: skip
     return 1
+
+
+# ---- release history: `statedict record` and `statedict history` ------------------------
+
+
+def _add_release_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    record = commands.add_parser(
+        "record", help="write a release snapshot of a checkpoint (never over an existing one)"
+    )
+    record.add_argument("checkpoint", help="the release's checkpoint file or folder")
+    record.add_argument("--release", required=True, metavar="NAME", help="e.g. v1.2.0")
+    record.add_argument("--part", help="one entry of a general checkpoint, e.g. model_state_dict")
+    record.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="the releases folder (default: statedict_releases_dir of the project's pytest "
+        "config, else tests/__statedict__/releases, below the rootdir)",
+    )
+    history = commands.add_parser(
+        "history", help="per release, the keys added, removed, renamed or reshaped"
+    )
+    history.add_argument("--dir", metavar="DIR", help="the releases folder (see record)")
+
+
+def _record(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .releases import project_dir, record_into
+
+    base, folder = (Path.cwd(), Path(args.dir)) if args.dir else project_dir()
+    path = record_into(folder, args.release, args.checkpoint, base=base, part=args.part)
+    print(f"recorded release {args.release} in {os.path.relpath(path)}: commit it")
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .releases import history, project_dir
+
+    folder = Path(args.dir) if args.dir else project_dir()[1]
+    print(history(folder))
+    return 0
+
+
+RELEASE_COMMANDS = {"record": _record, "history": _history}
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from .layout import (
     is_optimizer_state_dict,
     optimizer_state_schema,
     select_part,
-    state_specs,
     type_name,
     versions,
 )
@@ -954,19 +953,19 @@ def _live_optimizer_schema(
             members.append(member)
             entries = optimizer.state.get(param)
             if entries:
-                states.append(ParamState(param=member, entries=state_specs(entries, TORCH_TENSORS)))
-                for name, value in entries.items():
-                    if (
-                        name in ELEMENTWISE_STATE
-                        and isinstance(value, torch.Tensor)
-                        and value.dim() > 0
-                        and value.shape != param.shape
-                    ):
-                        problems.append(
-                            f"optimizer state {name!r} of {member!r} has shape "
-                            f"{list(value.shape)} but the parameter has shape "
-                            f"{list(param.shape)}: resuming would apply it to the wrong tensor"
-                        )
+                specs = _state_specs(entries)
+                states.append(ParamState(param=member, entries=specs))
+                shape = None
+                for name, spec in specs.items():
+                    # a 0-d state (NovoGrad's layer-wise exp_avg_sq) is per-tensor by design
+                    if name in ELEMENTWISE_STATE and spec.type is None and spec.shape:
+                        shape = tuple(param.shape) if shape is None else shape
+                        if spec.shape != shape:
+                            problems.append(
+                                f"optimizer state {name!r} of {member!r} has shape "
+                                f"{list(spec.shape)} but the parameter has shape "
+                                f"{list(shape)}: resuming would apply it to the wrong tensor"
+                            )
             index += 1
         groups.append(
             ParamGroup(
@@ -982,3 +981,25 @@ def _live_optimizer_schema(
         state=tuple(states),
         problems=tuple(problems),
     )
+
+
+# A StateSpec is frozen: the few (shape, dtype) pairs an optimizer repeats for thousands of
+# parameters are each made once and shared, keyed by torch.Size and torch.dtype (hashable).
+_tensor_specs: dict[tuple[Any, Any], StateSpec] = {}
+
+
+def _state_specs(entries: Mapping[str, Any]) -> dict[str, StateSpec]:
+    specs = {}
+    for name, v in entries.items():
+        if isinstance(v, torch.Tensor):
+            key = (v.shape, v.dtype)
+            spec = _tensor_specs.get(key)
+            if spec is None:
+                if len(_tensor_specs) >= 4096:
+                    _tensor_specs.clear()
+                spec = StateSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype))
+                _tensor_specs[key] = spec
+        else:
+            spec = StateSpec(type=type_name(v))
+        specs[str(name)] = spec
+    return specs

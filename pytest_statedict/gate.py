@@ -42,7 +42,7 @@ from .hf_rules import decide_load
 from .readers import dispatch
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .round_trip import meta_copy
-from .runtime import checkpoint_loader
+from .runtime import checkpoint_loader, recorded_check
 from .schema import Schema, TensorEntry, dtype_name
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -55,6 +55,7 @@ _SIZE_MISMATCH = re.compile(
 )
 
 
+@recorded_check("gate", lambda model, path, *args, **kwargs: os.fspath(path))
 def assert_checkpoint_loads(
     model: nn.Module,
     path: str | os.PathLike[str],

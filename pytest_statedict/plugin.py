@@ -42,6 +42,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated devices for the statedict_roundtrip marker, e.g. cpu,cuda "
         "(default: cpu plus the accelerator)",
     )
+    group.addoption(
+        "--statedict-report",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="write every statedict check of the run, with its outcome and diff, to PATH: "
+        ".json (docs/report-schema.md) or .md (for a pull request or $GITHUB_STEP_SUMMARY); "
+        "may be given twice",
+    )
+    parser.addini(
+        "statedict_releases_dir",
+        "folder (relative to the rootdir) of the release snapshots that statedict_releases() "
+        "tests and `statedict record --release` writes (default tests/__statedict__/releases)",
+        default="",
+    )
+    parser.addini(
+        "statedict_releases_expected_to_fail",
+        "releases expected to fail the release gate, one 'NAME: reason' per line",
+        type="linelist",
+        default=[],
+    )
     parser.addini(
         "statedict_snapshot_dir",
         "folder (relative to the rootdir) for statedict snapshots instead of __statedict__/ "
@@ -62,6 +83,16 @@ def pytest_configure(config: pytest.Config) -> None:
         "statedict_roundtrip(devices=None, formats=('torch',)): rerun the test once per "
         "(save device, load device, format), giving the statedict_roundtrip fixture that pair",
     )
+    config.addinivalue_line(
+        "markers",
+        "statedict_releases(gate): set by statedict_releases(): one test per release snapshot",
+    )
+    for path in config.getoption("statedict_report"):
+        if not path.endswith((".json", ".md")):
+            raise pytest.UsageError(
+                f"--statedict-report={path}: the report is written as JSON or Markdown by its "
+                "suffix, .json or .md"
+            )
     session = StateDictSession(config)
     config.stash[SESSION_KEY] = session
     SESSIONS.append(session)
@@ -103,7 +134,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Called for every test function of every run: the keyword lookup (marks of the
     # function, its class and module) is much cheaper than walking the markers.
-    if "statedict_roundtrip" not in metafunc.definition.keywords:
+    keywords = metafunc.definition.keywords
+    if "statedict_releases" in keywords:
+        releases = metafunc.definition.get_closest_marker("statedict_releases")
+        if releases is not None:
+            from .releases import parametrize_releases
+
+            parametrize_releases(metafunc, releases)
+    if "statedict_roundtrip" not in keywords:
         return
     marker = metafunc.definition.get_closest_marker("statedict_roundtrip")
     if marker is not None:
@@ -150,6 +188,15 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, Any, Any]:
     record = _session(item.config).take_phase_record()
     if record is not None:
         setattr(report, REPORT_KEY, record)
+        if report.failed and record["results"]:
+            # JUnit XML reads a test's properties from its teardown report, which copies
+            # the item's; a failure in teardown itself goes on its report too
+            from .run_report import junit_properties
+
+            properties = junit_properties(record["results"])
+            item.user_properties.extend(properties)
+            if report.when == "teardown":
+                report.user_properties.extend(properties)
     return report
 
 
@@ -163,6 +210,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = _session(session.config)
     if state.finish(session, exitstatus) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if state.report_paths and not hasattr(session.config, "workerinput"):
+        from .run_report import write_reports
+
+        # a report CI asked for and could not get fails the run
+        if not write_reports(state, int(session.exitstatus)) and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -191,15 +244,26 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 "the test module was renamed, keep them by moving the folder:\n"
                 f"  git mv {shlex.quote(state.relative(old))} {shlex.quote(state.relative(new))}"
             )
+    expected = [r for r in state.results if r["outcome"] in ("xfailed", "xpassed")]
+    if expected:
+        terminalreporter.section("statedict: releases expected to fail")
+        for r in expected:
+            if r["outcome"] == "xfailed":
+                terminalreporter.line(f"  {r['name']}: {r['reason']} (fails, as expected)")
+            else:
+                terminalreporter.line(
+                    f"  {r['name']}: loads again, though expected to fail ({r['reason']}): "
+                    "remove it from expected_to_fail"
+                )
     if state.problems:
         terminalreporter.section("statedict: errors")
         for problem in state.problems:
             terminalreporter.line(f"  {problem}")
+    for path in state.reports_written:
+        terminalreporter.write_line(f"statedict report written: {state.relative(path)}")
     line = state.summary_line()
     if line:
-        failed = bool(
-            state.counts["failed"] or state.roundtrip_counts["failed"] or state.fails_session
-        )
+        failed = state.any_failed or state.fails_session
         warned = not failed and bool(state.unused or state.incomplete or state.linked_roots)
         terminalreporter.write_line(line, red=failed, yellow=warned, green=not (failed or warned))
 

@@ -856,11 +856,13 @@ class RoundTripFixture:
         save, load, fmt = getattr(request, "param", ("cpu", "cpu", "torch"))
         for device in (save, load):
             if not device_available(device):
-                session.roundtrips["skipped"] += 1
-                pytest.skip(
+                reason = (
                     f"statedict round-trip {save}->{load}: device {device!r} is not available "
                     "on this machine"
                 )
+                label = RoundTripResult(save, load, fmt).label
+                session.check_finished("roundtrip", label, "skipped", reason=reason)
+                pytest.skip(reason)
         return cls(session, save, load, fmt)
 
     def __call__(
@@ -880,13 +882,19 @@ class RoundTripFixture:
             # the model cannot be stored in this format at all: not a failure of the
             # checkpointing under test, a combination that does not apply (as a device
             # this machine lacks)
-            self._session.roundtrips["skipped"] += 1
+            label = RoundTripResult(self.save_device, self.load_device, self.format).label
+            self._session.check_finished("roundtrip", label, "skipped", exc)
             pytest.skip(f"statedict round-trip {self.save_device}->{self.load_device}: {exc}")
-        except Exception:
+        except Exception as exc:
             # a pair that could not even be tried (a format's extra not installed, a model
             # that cannot be moved) failed: the summary must not drop it from its count
-            self._session.roundtrips["failed"] += 1
+            label = RoundTripResult(self.save_device, self.load_device, self.format).label
+            self._session.check_finished("roundtrip", label, "failed", exc)
             raise
-        self._session.roundtrips["passed" if result.ok else "failed"] += 1
-        result.assert_ok()
+        if result.ok:
+            self._session.check_finished("roundtrip", result.label, "passed")
+        else:
+            failure = StateDictMismatch(str(result), result)
+            self._session.check_finished("roundtrip", result.label, "failed", failure)
+            raise failure
         return result

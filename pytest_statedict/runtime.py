@@ -9,9 +9,10 @@ readers are handed the hook by their caller; nothing here imports torch or pytes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import StateDictError
 
@@ -19,6 +20,16 @@ from .errors import StateDictError
 SESSIONS: list[Any] = []
 
 CheckpointLoader = Callable[[Path], Any]
+CheckFunction = TypeVar("CheckFunction", bound=Callable[..., Any])
+
+# recorded checks the summary line counts after snapshots and round-trips: (kind, label),
+# and the outcomes a check's record can settle to besides written and updated
+CHECK_KINDS = (("gate", "gates"), ("release", "releases"), ("comparison", "comparisons"))
+OUTCOMES = ("passed", "failed", "xfailed", "xpassed", "skipped")
+
+# the kinds of the checks running now: a check made inside another (the release gate runs
+# the refactor gate) is part of it, not a check of its own in the run's records
+_RUNNING_CHECKS: list[str] = []
 
 
 def active_session() -> Any | None:
@@ -67,3 +78,56 @@ def verbose() -> bool:
     """Whether the running session asked for full reports (``-vv``)."""
     session = active_session()
     return session is not None and session.verbose
+
+
+def begin_check(kind: str) -> Any | None:
+    """A check starts: the session to record its outcome in, or None when it is not one.
+
+    Only a test's outermost check is recorded (see :func:`end_check`); outside a test there
+    is nothing to record it under.
+    """
+    session = active_session()
+    outermost = not _RUNNING_CHECKS
+    _RUNNING_CHECKS.append(kind)
+    if session is None or session.item is None or not outermost:
+        return None
+    return session
+
+
+def end_check() -> None:
+    _RUNNING_CHECKS.pop()
+
+
+def recorded_check(kind: str, name: Callable[..., str]) -> Callable[[CheckFunction], CheckFunction]:
+    """Record each call of a check function in the running test's records (the summary
+    line's counts, ``--statedict-report``, JUnit properties): passed when it returns, failed
+    with its message when it raises. ``name(*args, **kwargs)`` names the check (a path).
+    """
+
+    def decorate(check: CheckFunction) -> CheckFunction:
+        @functools.wraps(check)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            session = begin_check(kind)
+            try:
+                result = check(*args, **kwargs)
+            except Exception as exc:
+                end_check()
+                if session is not None:
+                    session.check_finished(kind, _named(name, args, kwargs), "failed", exc)
+                raise
+            end_check()
+            if session is not None:
+                session.check_finished(kind, _named(name, args, kwargs), "passed")
+            return result
+
+        return recorded  # type: ignore[return-value]
+
+    return decorate
+
+
+def _named(name: Callable[..., str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    try:
+        return name(*args, **kwargs)
+    except Exception:  # a call that did not bind: the check itself raised about it
+        return "?"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
 from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
-from .runtime import key_normaliser
+from .runtime import CHECK_KINDS, OUTCOMES, key_normaliser
 
 if TYPE_CHECKING:
     import pytest
@@ -89,17 +89,35 @@ class Attempt:
         self.discarded = False  # a rerun follows: its checks do not count
         self.checks: dict[str, str] = {}  # snapshot -> outcome
         self.roundtrips: Counter[str] = Counter()
+        # every check's record (see StateDictSession.check_finished), a snapshot's last one
+        self.results: dict[str, dict[str, Any]] = {}
         # files an earlier, discarded attempt wrote: still written, though now they pass
         self.written = written or {}
 
+    def settled(self, outcome: str, path: str | None = None) -> str:
+        """A check's outcome once its test's is known: a failure the test expected (inside
+        ``pytest.raises``) is a pass, and a file an earlier attempt wrote stays written."""
+        if outcome == "passed" and path is not None:
+            return self.written.get(path, outcome)
+        if outcome == "failed" and not self.failed:
+            return "passed"
+        return outcome
+
     def counts(self) -> Counter[str]:
-        outcomes = Counter(
-            self.written.get(path, outcome) if outcome == "passed" else outcome
-            for path, outcome in self.checks.items()
-        )
-        if not self.failed:
-            outcomes["passed"] += outcomes.pop("failed", 0)
-        return outcomes
+        return Counter(self.settled(outcome, path) for path, outcome in self.checks.items())
+
+    def add_results(self, results: Iterable[dict[str, Any]]) -> None:
+        for record in results:
+            key = record.get("path") or f"#{len(self.results)}"
+            self.results[key] = record
+
+    def settled_results(self, nodeid: str) -> list[dict[str, Any]]:
+        settled = []
+        for record in self.results.values():
+            record = {**record, "test": nodeid}
+            record["outcome"] = self.settled(record["outcome"], record.pop("path", None))
+            settled.append(record)
+        return settled
 
 
 class StateDictSession:
@@ -114,10 +132,16 @@ class StateDictSession:
         # settled counts of the run (checks, round-trip device pairs)
         self.counts: Counter[str] = Counter()
         self.roundtrip_counts: Counter[str] = Counter()
+        # every check's settled record, in the order the tests settled (the run report)
+        self.results: list[dict[str, Any]] = []
+        reports = config.getoption("statedict_report", None) or []
+        self.report_paths = [Path(config.invocation_params.dir, p) for p in reports]
+        self.reports_written: list[Path] = []
         # what the running phase did, until its report carries it away; round_trip.py
         # counts its device pairs into ``roundtrips``
         self.roundtrips: Counter[str] = Counter()
         self._checks: list[tuple[str, str]] = []  # (snapshot, outcome)
+        self._results: list[dict[str, Any]] = []  # the phase's check records
         self._used: list[str] = []
         self._missing: list[str] = []
         self._fixtures_ran: list[str] = []
@@ -292,7 +316,9 @@ class StateDictSession:
 
     def take_phase_record(self) -> dict[str, Any] | None:
         """What the phase that just ended did, for its report; None when nothing."""
-        if not (self._checks or self._used or self._fixtures_ran or self.roundtrips):
+        if not (
+            self._checks or self._used or self._fixtures_ran or self.roundtrips or self._results
+        ):
             return None
         record = {
             "checks": self._checks,
@@ -300,8 +326,10 @@ class StateDictSession:
             "missing": self._missing,
             "fixtures": self._fixtures_ran,
             "roundtrips": dict(self.roundtrips),
+            "results": self._results,
         }
         self._checks, self._used, self._missing, self._fixtures_ran = [], [], [], []
+        self._results = []
         self.roundtrips = Counter()
         return record
 
@@ -336,6 +364,7 @@ class StateDictSession:
             self.fixtures_ran.update(record["fixtures"])
             attempt.checks.update(record["checks"])
             attempt.roundtrips.update(record["roundtrips"])
+            attempt.add_results(record.get("results", ()))
         if report.when == "teardown":
             self._settle(nodeid)
 
@@ -349,6 +378,7 @@ class StateDictSession:
         if not attempt.failed:
             roundtrips["passed"] += roundtrips.pop("failed", 0)
         self.roundtrip_counts.update(roundtrips)
+        self.results.extend(attempt.settled_results(nodeid))
 
     def nodes_down(self, reason: str) -> None:
         """A worker crashed or was lost: its share of the run is unknown."""
@@ -356,6 +386,19 @@ class StateDictSession:
 
     def check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
         """Check ``actual`` against the current test's snapshot (written under the update flag)."""
+        __tracebackhide__ = True
+        recorded = len(self._results)
+        try:
+            self._check_snapshot(actual, name=name, **opts)
+        except Exception as exc:
+            # the failure's words go with its record (a check that failed before it had a
+            # file to record, e.g. an unsupported object, counts as no snapshot check)
+            failed = [r for r in self._results[recorded:] if r["outcome"] == "failed"]
+            if failed:
+                failed[-1].update(self._failure(exc))
+            raise
+
+    def _check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
         __tracebackhide__ = True
         from .assertions import complete_diff, prepared_schema
         from .compare import diff_schemas, normalise, without_ignored_members
@@ -448,6 +491,49 @@ class StateDictSession:
 
     def _checked(self, path: Path, outcome: str) -> None:
         self._checks.append((str(path), outcome))
+        self._results.append(
+            {
+                "kind": "snapshot",
+                "name": self.from_root(path),
+                "path": str(path),
+                "outcome": outcome,
+            }
+        )
+
+    def check_finished(
+        self, kind: str, name: str, outcome: str, exc: BaseException | None = None, **extra: Any
+    ) -> None:
+        """A check other than a snapshot's (a gate, a release, a comparison, a round-trip)
+        ended: its record goes with the phase's report, as a snapshot check's does."""
+        if kind == "roundtrip":
+            self.roundtrips[outcome] += 1
+        record = {"kind": kind, "name": name, "outcome": outcome, **extra}
+        if exc is not None:
+            record.update(self._failure(exc))
+        self._results.append(record)
+
+    def _failure(self, exc: BaseException) -> dict[str, Any]:
+        """A failed check's message, and its structured diff (for the run report and JUnit)."""
+        from .errors import first_line
+
+        if isinstance(exc, (AssertionError, StateDictError)):
+            message = str(exc)
+        else:  # not a verdict but an error on the way: its type says what happened
+            message = first_line(exc, 2000)
+        failure: dict[str, Any] = {"message": message}
+        diff = getattr(exc, "diff", None)
+        if diff is not None and type(diff).__name__ == "SchemaDiff":
+            from .run_report import diff_to_json
+
+            failure["diff"] = diff_to_json(diff)
+        return failure
+
+    def from_root(self, path: Path) -> str:
+        """A path as the run report names it: relative to the rootdir, with '/'."""
+        try:
+            return Path(os.path.relpath(path, self.config.rootpath)).as_posix()
+        except ValueError:
+            return str(path)
 
     def _write(self, owner: Owner, path: Path, text: str) -> None:
         __tracebackhide__ = True
@@ -706,6 +792,19 @@ class StateDictSession:
         unused = bool(self.unused) and not self.warn_unused and not self.update
         return unused or bool(self.problems)
 
+    def kind_counts(self, kind: str) -> Counter[str]:
+        """The settled outcomes of one kind of check (gates, releases, comparisons)."""
+        return Counter(r["outcome"] for r in self.results if r["kind"] == kind)
+
+    @property
+    def any_failed(self) -> bool:
+        """Whether a check of any kind failed (the summary line is then red)."""
+        return bool(
+            self.counts["failed"]
+            or self.roundtrip_counts["failed"]
+            or any(self.kind_counts(kind)["failed"] for kind, _ in CHECK_KINDS)
+        )
+
     def has_snapshots(self) -> bool:
         return any(record.snapshot_dir.is_dir() for record in self.modules.values())
 
@@ -729,6 +828,11 @@ class StateDictSession:
         ]
         if trips:
             line = (line + "; " if line else "statedict: ") + "round-trips: " + ", ".join(trips)
+        for kind, label in CHECK_KINDS:
+            counted = self.kind_counts(kind)
+            words = [f"{counted[k]} {k}" for k in OUTCOMES if counted[k]]
+            if words:
+                line = (line + "; " if line else "statedict: ") + f"{label}: " + ", ".join(words)
         if self.incomplete is not None and (line or self.has_snapshots()):
             why = f"unused snapshots not checked: {self.incomplete}"
             line = (line + "; " if line else "statedict: ") + why

@@ -103,7 +103,7 @@ def test_demo_runs_end_to_end() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     headings = re.findall(r"^── (\d+)\. (.+?) ─", output, re.M)
-    assert [int(n) for n, _ in headings] == list(range(1, 8)), output
+    assert [int(n) for n, _ in headings] == list(range(1, 10)), output
     for expected in (
         "pytest with no snapshots yet",
         "pytest --statedict-update: write the snapshots",
@@ -112,9 +112,11 @@ def test_demo_runs_end_to_end() -> None:
         "A refactor",
         "pytest --statedict-update: accept the new layout",
         "Keep v1 checkpoints loading",
+        "Cut release cnn-v2",
+        "A deliberate break",
     ):
         assert any(expected in title for _, title in headings), (expected, headings)
-    assert output.count("✔ as expected") == 7, output
+    assert output.count("✔ as expected") == 9, output
     assert "fc3.weight -> head.weight" in output
     assert output.rstrip().endswith("demo complete: every step behaved as expected"), output
     # the demo worked on its own copy

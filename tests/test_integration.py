@@ -198,3 +198,30 @@ def test_xdist_reports_snapshots_of_a_deleted_test_file(pytester: pytest.Pyteste
     match_lines(
         result, ["*__statedict__/test_gone/test_widths?0?/0.json", "statedict: 2 passed, 1 unused"]
     )
+
+
+def test_numpy_is_a_dependency_so_torch_imports_quietly() -> None:
+    """torch without numpy warns "Failed to initialize NumPy" on every import, the user's own
+    test modules' included (no filter of the plugin's could reach those): the plugin brings
+    numpy, and a plain install's run prints nothing of it."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    plain = [Requirement(r) for r in requires("pytest-statedict") or []]
+    assert any(r.name == "numpy" and r.marker is None for r in plain)
+
+
+def test_a_run_with_the_plugin_prints_no_numpy_warning(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_model="""
+        import torch
+        from torch import nn
+
+        def test_model(statedict_snapshot):
+            statedict_snapshot.assert_match(nn.Linear(2, 3))
+        """
+    )
+    result = pytester.runpytest_subprocess("--statedict-update", "-W", "always")
+    result.assert_outcomes(passed=1)
+    assert "NumPy" not in result.stdout.str() + result.stderr.str()

@@ -146,7 +146,7 @@ def test_factory_rescues_the_gate_and_round_trip_in_a_users_tests(
     result.assert_outcomes(passed=4)
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=4)
-    match_lines(result, ["statedict: 1 passed; round-trips: 2 passed"])
+    match_lines(result, ["statedict: 1 passed; round-trips: 2 passed; gates: 2 passed"])
 
 
 # ---- 2. quantized modules ----------------------------------------------------------------

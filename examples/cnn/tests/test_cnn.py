@@ -7,17 +7,14 @@ optimizer, accept the new layout with ``pytest --statedict-update`` and commit t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from cnn_model import build, make_optimizer, train_step
+import torch
+from cnn_model import Net, build, make_optimizer, train_step
 
-from pytest_statedict import assert_checkpoint_loads, assert_state_dict_matches
+from pytest_statedict import assert_state_dict_matches, statedict_releases
 
-RELEASES = Path(__file__).resolve().parent.parent / "releases"
-
-# The configuration the v1 checkpoints were trained with.
-V1_CONFIG = {"width": 6, "hidden": 120, "num_classes": 10}
+# How each release's checkpoints were configured (releases not listed: the defaults).
+RELEASE_CONFIGS = {"cnn-v1": {"width": 6, "hidden": 120, "num_classes": 10}}
 
 
 def test_model_and_optimizer_layout() -> None:
@@ -52,11 +49,15 @@ def test_checkpoint_roundtrip(statedict_roundtrip) -> None:
     statedict_roundtrip(model, optimizer)
 
 
-def test_v1_checkpoints_still_load() -> None:
-    """The refactor gate: today's model, built as v1 was, loads v1's layout strictly.
+def build_as_released(release: str) -> Net:
+    """Today's model, configured as ``release`` was, on the meta device (no memory)."""
+    with torch.device("meta"):
+        return build(**RELEASE_CONFIGS.get(release, {}))
 
-    ``releases/cnn-v1.json`` is the schema of the released v1 checkpoint (a few kB of JSON
-    instead of the weights), written with ``statedict show --json cnn-v1.pt``.
-    ``pytest --statedict-update`` never changes it.
-    """
-    assert_checkpoint_loads(build(**V1_CONFIG), RELEASES / "cnn-v1.json")
+
+# The release gate: one test per release snapshot in releases/ (pytest.ini's
+# statedict_releases_dir), newest first: today's model must still load each release's
+# layout through its own load_state_dict, and its optimizer state. A release snapshot is
+# a few kB of JSON written at release time with `statedict record CKPT --release NAME`;
+# `pytest --statedict-update` never changes it.
+test_releases = statedict_releases(build_as_released, optimizer=make_optimizer)

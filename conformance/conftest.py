@@ -1,0 +1,106 @@
+"""The sweep's table: architectures x operations, printed after the run.
+
+``--sweep-table=PATH`` also writes it as Markdown, with the first line of every failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # architectures.py, beside this file
+
+MARK = {"passed": "ok", "skipped": "skip", "failed": "FAIL"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--sweep-table", metavar="PATH", help="write the sweep's table as Markdown")
+    parser.addoption("--sweep-live", metavar="PATH", help="append each row's outcome as it comes")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = _live_path
+    row = dict(report.user_properties).get("sweep_row")
+    if path is None or row is None or (report.passed and report.when != "call"):
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{row[0]} | {row[1]} | {report.outcome} | {_detail(report)}\n")
+
+
+_live_path: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _live_path
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        _live_path = config.getoption("--sweep-live")
+
+
+def _detail(report: pytest.TestReport) -> str:
+    """The first line of a failure, or a skip's reason."""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        text = crash.message if crash is not None else str(report.longrepr)
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        return " / ".join(lines[:3])[:300]  # a mismatch's headline, its first section
+    return ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "row" in callspec.params:
+            item.user_properties.append(("sweep_row", tuple(callspec.params["row"])))
+
+
+def _outcomes(terminalreporter: pytest.TerminalReporter) -> dict[tuple[str, str], tuple[str, str]]:
+    """(architecture, operation) -> (outcome, first line of the failure or skip reason)."""
+    cells: dict[tuple[str, str], tuple[str, str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            row = dict(getattr(report, "user_properties", ())).get("sweep_row")
+            if row is None or not hasattr(report, "when"):
+                continue
+            if report.when != "call" and report.passed:
+                continue
+            outcome = report.outcome if report.when == "call" or not report.passed else "passed"
+            if outcome == "passed" and tuple(row) in cells:
+                continue
+            cells[tuple(row)] = (outcome, _detail(report))
+    return cells
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    cells = _outcomes(terminalreporter)
+    if not cells:
+        return
+    archs = list(dict.fromkeys(a for a, _ in cells))
+    ops = list(dict.fromkeys(o for _, o in cells))
+    tr = terminalreporter
+    tr.section("conformance sweep: architectures x operations")
+    width = max(len(a) for a in archs)
+    tr.write_line(" " * width + " " + " ".join(f"{i:>4}" for i in range(len(ops))))
+    for i, op in enumerate(ops):
+        tr.write_line(f"{'':>{width}}  {i}: {op}")
+    for a in archs:
+        marks = [MARK.get(cells.get((a, o), ("-", ""))[0], "-") for o in ops]
+        tr.write_line(f"{a:<{width}} " + " ".join(f"{m:>4}" for m in marks))
+    tr.write_line("")
+    for op in ops:
+        counts = {k: sum(1 for (a, o), (r, _) in cells.items() if o == op and r == k) for k in MARK}
+        tr.write_line(f"{op:<22} " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    path = tr.config.getoption("--sweep-table")
+    if path:
+        lines = ["| architecture | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
+        for a in archs:
+            marks = [MARK.get(cells.get((a, o), ("-", ""))[0], "-") for o in ops]
+            lines.append(f"| {a} | " + " | ".join(marks) + " |")
+        lines += ["", "| architecture | operation | outcome | detail |", "|---|---|---|---|"]
+        for (a, o), (r, d) in cells.items():
+            if r != "passed":
+                lines.append(f"| {a} | {o} | {r} | {d.replace('|', '/')} |")
+        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")

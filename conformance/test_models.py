@@ -1,0 +1,430 @@
+"""The conformance sweep: every architecture of ``architectures.py`` through every operation.
+
+One test, parametrized as (architecture, operation), so that pytest's output is the table
+(``conftest.py`` also prints it as a grid). A row passes, or is skipped with a reason a
+user would accept (the model is above the sweep's size cap; an operation that does not
+apply). Everything else, a crash from inside torch included, is a failure.
+
+Each architecture is built once per worker (the rows of one architecture run together on
+one worker: ``--dist loadgroup``), seeded, with its optimizer stepped once from fixed
+gradients, and reused by its operations, none of which changes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from architectures import MAX_PARAMS, Architecture, all_architectures
+from torch import nn
+
+from pytest_statedict import (
+    CheckpointError,
+    Schema,
+    StateDictError,
+    StateDictMismatch,
+    assert_checkpoint_loads,
+    assert_state_dict_matches,
+    roundtrip,
+    schema_of,
+)
+from pytest_statedict.cli import main as statedict_main
+
+ARCHITECTURES = {a.name: a for a in all_architectures()}
+
+MODEL_OPS = (
+    "schema",
+    "json",
+    "twin",
+    "refactor",
+    "roundtrip_torch",
+    "roundtrip_safetensors",
+    "file_schema",
+    "show",
+    "file_gate",
+    "snapshot_gate",
+)
+# Optimizer and scheduler rows train one small MLP: the model-level operations are the
+# model rows' job; these check what the optimizer (or scheduler) adds.
+OPTIMIZER_OPS = (
+    "schema",
+    "json",
+    "twin",
+    "roundtrip_torch",
+    "roundtrip_safetensors",
+    "file_schema",
+)
+SCHEDULER_OPS = ("roundtrip_torch", "roundtrip_safetensors")
+
+
+def operations(arch: Architecture) -> tuple[str, ...]:
+    group = arch.name.split("/")[0]
+    if group in ("optim", "timm-optim"):
+        return OPTIMIZER_OPS
+    if group == "sched":
+        return SCHEDULER_OPS
+    ops = MODEL_OPS
+    if arch.hf and not arch.quantized:
+        ops += ("pretrained_schema",)
+    if arch.wrapper_prefix:
+        ops += ("prefix_rename",)
+    return ops
+
+
+ROWS = [(a, op) for a in ARCHITECTURES.values() for op in operations(a)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "row" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "row",
+            [
+                pytest.param(
+                    (a.name, op), id=f"{a.name}-{op}", marks=pytest.mark.xdist_group(a.name)
+                )
+                for a, op in ROWS
+            ],
+        )
+
+
+# ---------------------------------------------------------------------- the subject
+
+
+@dataclass
+class Subject:
+    """One architecture, built, its optimizer stepped once, and its files on disk."""
+
+    arch: Architecture
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    folder: Path
+    _torch_file: Path | None = None
+    _snapshot: Path | None = None
+    unsafe_file: str | None = None  # why torch.load(weights_only=True) refuses torch_file
+
+    @property
+    def torch_file(self) -> Path:
+        """``torch.save(model.state_dict())``: what a plain training script writes."""
+        if self._torch_file is None:
+            self._torch_file = self.folder / "model.pt"
+            torch.save(self.model.state_dict(), self._torch_file)
+            try:
+                torch.load(self._torch_file, weights_only=True)
+            except Exception as exc:  # a dynamic-quantized LSTM pickles torch.ScriptObject
+                lines = str(exc).splitlines()
+                found = [x for x in lines if "Unsupported global" in x] or lines[:1]
+                self.unsafe_file = found[0].split(" was not an allowed")[0].strip()[:200]
+        return self._torch_file
+
+    @contextlib.contextmanager
+    def reading_file(self) -> Any:
+        """An operation on ``torch_file``; where torch itself refuses to load it with
+        weights_only=True, the right answer is a CheckpointError saying so (then a skip)."""
+        self.torch_file  # noqa: B018 (writes it, and learns whether it is safe to load)
+        if self.unsafe_file is None:
+            yield
+            return
+        with pytest.raises((CheckpointError, AssertionError), match="arbitrary code"):
+            yield
+        pytest.skip(
+            "torch.load(weights_only=True) refuses this model's torch.save file too "
+            f"({self.unsafe_file}); the plugin refuses it by name"
+        )
+
+    @property
+    def snapshot(self) -> Path:
+        """The snapshot the plugin writes for ``assert_match(model, optimizer=...)``."""
+        if self._snapshot is None:
+            self._snapshot = self.folder / "snapshot.json"
+            text = schema_of(self.model, optimizer=self.optimizer).to_json()
+            self._snapshot.write_text(text, encoding="utf-8")
+        return self._snapshot
+
+
+def parameter_count(arch: Architecture) -> int:
+    """Counted on the meta device (nothing allocated); a real build where meta cannot."""
+    try:
+        with torch.device("meta"):
+            model = arch.build()
+    except Exception:  # quantized builders calibrate with real data: build for real
+        model = arch.build()
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(arch: Architecture) -> tuple[nn.Module, Any, Any]:
+    """The model, seeded, and its optimizer (default AdamW) after one step from fixed grads."""
+    torch.manual_seed(0)
+    model = arch.build()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if arch.optimizer is not None:
+        optimizer = arch.optimizer(model)
+    elif params:
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    else:  # a quantized model: its weights are packed, not parameters
+        optimizer = None
+    scheduler = arch.scheduler(optimizer) if arch.scheduler is not None else None
+    if optimizer is not None:
+        one_step(model, optimizer)
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(1.0)
+            else:
+                scheduler.step()
+    return model, optimizer, scheduler
+
+
+def one_step(model: nn.Module, optimizer: Any) -> None:
+    """One optimizer step from gradients fixed by a seed (no forward pass: none is needed).
+
+    The loss is sum(c * p + p^2 / 2) over the parameters, c from a seeded generator: the
+    same gradients for a model and its twin, and a closure for the optimizers that need
+    one (LBFGS) or differentiate it again (timm's AdaHessian). Sparse embeddings get a
+    sparse gradient from a real lookup (SparseAdam takes nothing else).
+    """
+    generator = torch.Generator().manual_seed(1)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    coefficients = [torch.randn(p.shape, generator=generator).to(p.dtype) for p in params]
+    second_order = getattr(optimizer, "is_second_order", False)
+    sparse = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        if sparse:
+            loss = sum(m(torch.tensor([1, 3, 5])).square().sum() for m in sparse)
+        else:
+            loss = sum(
+                (c * p).sum() + 0.5 * p.square().sum()
+                for p, c in zip(params, coefficients, strict=True)
+            )
+        loss.backward(create_graph=second_order)
+        return loss
+
+    if isinstance(optimizer, torch.optim.LBFGS):
+        optimizer.step(closure)
+    else:
+        closure()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+_CACHE: dict[str, Subject | str] = {}
+
+
+@pytest.fixture
+def subject(row: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Subject:
+    name = row[0]
+    arch = ARCHITECTURES[name]
+    cached = _CACHE.get(name)
+    if cached is None:
+        _CACHE.clear()  # one architecture at a time: rows of one run together
+        if MAX_PARAMS:
+            count = parameter_count(arch)
+            if count > MAX_PARAMS:
+                _CACHE[name] = (
+                    f"{count / 1e6:.1f}M parameters, above the sweep's cap of "
+                    f"{MAX_PARAMS / 1e6:g}M (STATEDICT_SWEEP_MAX_PARAMS=0 runs it)"
+                )
+        if name not in _CACHE:
+            model, optimizer, scheduler = build(arch)
+            folder = tmp_path_factory.mktemp(re.sub(r"\W+", "_", name))
+            _CACHE[name] = Subject(arch, model, optimizer, scheduler, folder)
+        cached = _CACHE[name]
+    if isinstance(cached, str):
+        pytest.skip(cached)
+    return cached
+
+
+# ------------------------------------------------------------------------- the test
+
+
+def test_conformance(row: tuple[str, str], subject: Subject) -> None:
+    OPERATIONS[row[1]](subject)
+
+
+def op_schema(s: Subject) -> None:
+    """schema_of(model, optimizer=) after one step records every key, shape and state."""
+    schema = schema_of(s.model, optimizer=s.optimizer)
+    state = s.model.state_dict()
+    assert [t.key for t in schema] == list(state)
+    for entry in schema:
+        value = state[entry.key]
+        if isinstance(value, torch.Tensor):
+            assert entry.shape == tuple(value.shape), entry.key
+    params = {id(p): p for p in s.model.parameters()}
+    assert schema.totals["parameters"] == sum(p.numel() for p in params.values())
+    if s.optimizer is not None:
+        assert schema.optimizer is not None
+        assert schema.optimizer.cls.endswith(type(s.optimizer).__name__)
+        stateful = [p for p in s.optimizer.state if s.optimizer.state[p]]
+        assert len(schema.optimizer.state) == len(stateful)
+
+
+def op_json(s: Subject) -> None:
+    """Snapshot text -> parse -> text is the identity (plain and with values)."""
+    for values in (False, True):
+        text = schema_of(s.model, optimizer=s.optimizer, values=values).to_json()
+        assert Schema.from_json(text).to_json() == text
+    path = s.snapshot
+    assert schema_of(path).to_json() == path.read_text(encoding="utf-8")
+
+
+def op_twin(s: Subject) -> None:
+    """A twin rebuilt with the same seed and step matches, values and optimizer included."""
+    twin, twin_optimizer, _ = build(s.arch)
+    # values: module against module (a Schema or snapshot path as expected= takes no
+    # values=: see sweep-findings); the optimizer against the original's schema
+    assert_state_dict_matches(twin, s.model, values=True)
+    expected = schema_of(s.model, optimizer=s.optimizer)
+    assert_state_dict_matches(twin, expected, optimizer=twin_optimizer)
+
+
+def renamed_module(model: nn.Module) -> tuple[str, str, list[str]]:
+    """Rename one submodule of ``model`` in place, as a refactor would; return its old and
+    new names and the state_dict keys that move with it.
+
+    The submodule is the owner of the middle key of the state_dict (walking up past
+    parametrizations and private holders such as quantized ``_packed_params``).
+    """
+    keys = list(model.state_dict())
+    for key in keys[len(keys) // 2 :] + keys[: len(keys) // 2]:
+        parts = key.split(".")[:-1]
+        for end in range(len(parts), 0, -1):
+            path = parts[:end]
+            if path[-1].startswith("_") or "parametrizations" in path:
+                continue
+            parent = model.get_submodule(".".join(path[:-1]))
+            old = path[-1]
+            if old not in parent._modules:
+                continue
+            new = f"{old}_renamed"
+            parent._modules = {(new if k == old else k): v for k, v in parent._modules.items()}
+            prefix = ".".join(path) + "."
+            moved = [k for k in keys if k.startswith(prefix)]
+            return ".".join(path), ".".join([*path[:-1], new]), moved
+    raise AssertionError(f"no renamable submodule in {type(model).__name__}")
+
+
+def op_refactor(s: Subject) -> None:
+    """A renamed submodule is caught by key: by the snapshot check and by the file gate."""
+    torch.manual_seed(0)
+    refactored = s.arch.build()
+    old, _, moved = renamed_module(refactored)
+    assert moved, old
+    with pytest.raises(StateDictMismatch) as caught:
+        assert_state_dict_matches(refactored, s.snapshot)
+    message = str(caught.value)
+    assert any(k in message for k in moved), f"snapshot check does not name {old}:\n{message}"
+    with s.reading_file(), pytest.raises(AssertionError) as caught:
+        assert_checkpoint_loads(refactored, s.torch_file)
+    message = str(caught.value)
+    assert any(k in message for k in moved), f"file gate does not name {old}:\n{message}"
+
+
+def _roundtrip(s: Subject, format: str) -> None:
+    try:
+        result = roundtrip(s.model, s.optimizer, format=format, scheduler=s.scheduler)
+    except StateDictError as exc:
+        if format == "safetensors" and "safetensors" in str(exc):
+            # a named refusal of what the format cannot hold is an answer, not a crash
+            pytest.skip(str(exc).splitlines()[0])
+        raise
+    assert result.ok, str(result)
+
+
+def op_roundtrip_torch(s: Subject) -> None:
+    _roundtrip(s, "torch")
+
+
+def op_roundtrip_safetensors(s: Subject) -> None:
+    _roundtrip(s, "safetensors")
+
+
+def op_file_schema(s: Subject) -> None:
+    """A torch.save file reads back as the model's schema and matches the model (for the
+    optimizer rows, a general checkpoint matches the model and its optimizer)."""
+    if s.arch.optimizer is not None:
+        path = s.folder / "checkpoint.pt"
+        checkpoint = {
+            "model_state_dict": s.model.state_dict(),
+            "optimizer_state_dict": s.optimizer.state_dict(),
+        }
+        torch.save(checkpoint, path)
+        schema = schema_of(path)
+        assert schema.optimizer is not None
+        assert len(schema.optimizer.state) == sum(1 for v in s.optimizer.state.values() if v)
+        assert [t.key for t in schema] == list(s.model.state_dict())
+        assert_state_dict_matches(s.model, path, optimizer=s.optimizer)
+        return
+    with s.reading_file():
+        assert [t.key for t in schema_of(s.torch_file)] == list(s.model.state_dict())
+        assert_state_dict_matches(s.model, s.torch_file)
+
+
+def op_pretrained_schema(s: Subject) -> None:
+    """save_pretrained's folder through schema_of: it reads, and every key it holds is the
+    model's with the same shape and dtype. (Keys save_pretrained leaves out, the tied
+    ones, are issue 15's loading rules, not checked here.)"""
+    folder = s.folder / "pretrained"
+    if not folder.exists():
+        s.model.save_pretrained(folder)
+    schema = schema_of(folder)
+    model = schema_of(s.model).by_key()
+    foreign = [t.key for t in schema if t.key not in model]
+    assert not foreign, f"keys save_pretrained wrote that the model does not have: {foreign[:5]}"
+    for t in schema:
+        assert (t.shape, t.dtype) == (model[t.key].shape, model[t.key].dtype), t.key
+
+
+def op_show(s: Subject) -> None:
+    """`statedict show` prints the layer table of the file and of the snapshot."""
+    first = next(iter(s.model.state_dict()))
+    for path in (s.snapshot, s.torch_file):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            rc = statedict_main(["show", str(path)])
+        if path == s.torch_file and s.unsafe_file is not None:
+            with s.reading_file():
+                assert rc == 0, out.getvalue()
+        assert rc == 0, out.getvalue()
+        assert first in out.getvalue(), out.getvalue()
+
+
+def op_file_gate(s: Subject) -> None:
+    """The model's own torch.save file loads into it."""
+    with s.reading_file():
+        assert_checkpoint_loads(s.model, s.torch_file)
+
+
+def op_snapshot_gate(s: Subject) -> None:
+    """The model's own snapshot loads into it."""
+    assert_checkpoint_loads(s.model, s.snapshot)
+
+
+def op_prefix_rename(s: Subject) -> None:
+    """A wrapper's prefix: the bare model's snapshot matches with rename=, and without it
+    the check fails naming the prefix; the bare model's file passes the gate with rename=."""
+    prefix = s.arch.wrapper_prefix
+    assert prefix is not None
+    bare = s.model.get_submodule(prefix.rstrip("."))
+    bare_schema = schema_of(bare)
+    strip = [(f"^{re.escape(prefix)}", "")]
+    assert_state_dict_matches(s.model, bare_schema, rename=strip)
+    with pytest.raises(StateDictMismatch) as caught:
+        assert_state_dict_matches(s.model, bare_schema)
+    assert prefix in str(caught.value)
+    bare_file = s.folder / "bare.pt"
+    torch.save(bare.state_dict(), bare_file)
+    assert_checkpoint_loads(s.model, bare_file, rename=lambda key: prefix + key)
+
+
+OPERATIONS = {
+    name.removeprefix("op_"): f for name, f in globals().items() if name.startswith("op_")
+}
+assert set(OPERATIONS) >= {op for _, op in ROWS}
