@@ -5,9 +5,11 @@ byte written before timing), in one fresh process, arms interleaved:
 
 * raw: ``xxhash.xxh3_128(t.reshape(-1).view(torch.uint8).numpy())`` over every tensor
   (zero-copy), the hardware's ceiling for an exact hash;
-* ours: ``schema_of(state_dict, values=True)`` (xxh3-128 plus min/max/mean/std per tensor;
-  the hashing runs on a worker thread while the statistics are taken, so its CPU time,
-  all threads, is reported beside the wall time);
+* ours: ``schema_of(state_dict, values=True)`` (xxh3-128 streamed with its running digest
+  kept at the end of each of 8 blocks, plus min/max/mean/std, each block's mean and one to
+  three short hashes of a sample per tensor, see ``docs/fingerprints.md``; the hashing runs
+  on a worker thread while the statistics are taken, so its CPU time, all threads, is
+  reported beside the wall time);
 * with ``diagnostics``: ``torch.aminmax`` and ``torch.std_mean`` over every whole tensor,
   what statistics over all the values would cost (the package takes them over a sample).
 

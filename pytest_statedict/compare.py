@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import StateDictError, hide_from_bad_input
-from .schema import ModuleVersion, OptimizerSchema, Schema, StateSpec, TensorEntry
+from .schema import Fingerprint, ModuleVersion, OptimizerSchema, Schema, StateSpec, TensorEntry
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -481,15 +481,108 @@ def _entry_changes(
             )
     elif e.fingerprint != a.fingerprint:
         assert e.fingerprint is not None and a.fingerprint is not None
+        ef, af = e.fingerprint, a.fingerprint
         changes.append(
             Change(
                 e.key,
                 "values",
-                f"xxh3 {e.fingerprint.xxh3[:12]} mean {e.fingerprint.mean:.6g}",
-                f"xxh3 {a.fingerprint.xxh3[:12]} mean {a.fingerprint.mean:.6g}",
+                f"xxh3 {ef.xxh3[:12]} mean {ef.mean:.6g}",
+                "; ".join(
+                    [
+                        f"xxh3 {af.xxh3[:12]} mean {af.mean:.6g}",
+                        *_where_values_changed(ef, af, e.shape or (), e.dtype or ""),
+                        _how_values_changed(ef, af, e.shape or (), e.dtype or ""),
+                    ]
+                ),
             )
         )
     return changes
+
+
+def _where_values_changed(
+    e: Fingerprint, a: Fingerprint, shape: tuple[int, ...], dtype: str
+) -> list[str]:
+    """The first block whose running digest differs, in elements and rows, with its mean
+    on both sides, and the later blocks whose means differ.
+
+    Blocks before the first are proven unchanged; from it on every running digest differs,
+    so a later block is known changed only by its mean. Nothing when a side has no blocks
+    (a snapshot written before them): the hash alone then says that values changed.
+    """
+    ranges = Fingerprint.block_ranges(shape)
+    if not e.blocks or len(e.blocks) != len(a.blocks) or len(ranges) != len(e.blocks):
+        return []
+    first = next(
+        (i for i, (x, y) in enumerate(zip(e.blocks, a.blocks, strict=True)) if x != y), None
+    )
+    if first is None:
+        return []  # the 8-digit digests collided, or a hand-edited snapshot
+    span = _span(ranges[first], shape)
+    if first == len(ranges) - 1:
+        where = [f"changed only in {span}" + (", all before unchanged" if first else "")]
+    elif first == 0:
+        where = [f"first change in {span}"]
+    else:
+        where = [f"first change in {span}, none in elements 0-{ranges[first][0] - 1}"]
+    if len(e.block_means) == len(a.block_means) == len(ranges):
+        means = [(_short(x), _short(y)) for x, y in zip(e.block_means, a.block_means, strict=True)]
+        label = "sampled block mean" if _sampled(shape, dtype) else "block mean"
+        where.append("{} {} -> {}".format(label, *means[first]))
+        later = [
+            _span(ranges[i], shape) for i in range(first + 1, len(ranges)) if _differ(*means[i])
+        ]
+        if later:
+            where.append("block means differ too in " + ", ".join(later))
+    return where
+
+
+def _span(block: tuple[int, int], shape: tuple[int, ...]) -> str:
+    """``elements 768-1023 (rows 12-15 of [64, 64])``: a block in flat elements and rows."""
+    start, end = block
+    span = f"element {start}" if end - start == 1 else f"elements {start}-{end - 1}"
+    if len(shape) >= 2 and shape[0]:
+        row = math.prod(shape) // shape[0]
+        r0, r1 = start // row, (end - 1) // row
+        span += (f" (row {r0}" if r0 == r1 else f" (rows {r0}-{r1}") + f" of {list(shape)})"
+    return span
+
+
+def _short(x: float) -> str:
+    return f"{x:.6g}"  # as a snapshot keeps a block mean
+
+
+def _differ(x: str, y: str) -> bool:
+    return x != y and not (x == y == "nan")
+
+
+def _sampled(shape: tuple[int, ...], dtype: str) -> bool:
+    """Whether the statistics read a sample, not every number (a complex element is two)."""
+    return math.prod(shape) * (2 if dtype.startswith("complex") else 1) > Fingerprint.SAMPLE
+
+
+def _how_values_changed(e: Fingerprint, a: Fingerprint, shape: tuple[int, ...], dtype: str) -> str:
+    """What the statistics and the sample's hashes tell of the change.
+
+    Floating-point values can differ in bits and not as numbers (-0.0 and 0.0, two NaN
+    payloads): no statistic shows that, the sample's hashes do. A change outside the
+    sample of a big tensor leaves them, and likely the statistics, as they were.
+    """
+    sampled = _sampled(shape, dtype)
+    if e.sample_numbers is not None and a.sample_numbers is not None:
+        if sampled and e.sample_bits is not None and e.sample_bits == a.sample_bits:
+            return (
+                f"the change lies outside the {Fingerprint.SAMPLE} sampled elements, "
+                "so no statistic shows it"
+            )
+        if e.sample_numbers == a.sample_numbers and (not sampled or e.sample_bits is not None):
+            if e.sample_signs is not None and e.sample_signs == a.sample_signs:
+                kind = "a NaN payload"
+            else:
+                kind = "a signed zero (-0.0 vs 0.0)"
+            scope = " in the sampled elements" if sampled else ""
+            return f"values equal as numbers but their bits differ{scope}: {kind}"
+    moved = [m for m in a.close_to(e, rtol=0.0, atol=0.0) if not m.startswith("mean")]
+    return ", ".join(moved) if moved else "min, max and std unchanged"
 
 
 def _same_kind(a: str, b: str) -> bool:

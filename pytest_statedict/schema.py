@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import SnapshotError, StaleSnapshotError, hide_from_bad_input
 from .readers.limits import MAX_DIM, MAX_DIMS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
@@ -125,13 +125,50 @@ class Fingerprint:
     The hash (xxh3-128 of the raw bytes) alone decides equality: the statistics are derived
     from the same bytes (and may carry NaN, which equals nothing); they let a tolerant
     (``rtol``/``atol``) comparison be made without storing the tensor.
+
+    The other fields only say *where* and *how* values changed, so they take no part in
+    equality; a snapshot written before them compares by hash as before (see
+    ``docs/fingerprints.md``):
+
+    * ``blocks``: the running xxh3-128 of the bytes, 8 hex digits of it taken at the end of
+      each of at most :attr:`BLOCKS` blocks (:meth:`block_ranges`), from the one pass that
+      computes ``xxh3``. The first digest that differs names the first block that changed
+      and proves every block before it unchanged.
+    * ``block_means``: the mean of each block's elements in the statistics' sample (all of
+      them up to :attr:`SAMPLE` elements), to show how that block changed.
+    * ``sample_numbers`` (floating point): 8 hex digits of xxh3 of the sample's numbers with
+      ``-0.0`` made ``0.0`` and every NaN one NaN; ``sample_bits``, when the sample is not
+      the whole tensor, of its bytes as stored; ``sample_signs``, when it holds a NaN, of its
+      numbers with every NaN one NaN but zeros' signs kept. Bits that differ under equal
+      numbers are a signed zero or a NaN payload, which no statistic can show.
     """
+
+    # At most this many blocks, and this many elements in the statistics' sample.
+    BLOCKS: ClassVar[int] = 8
+    SAMPLE: ClassVar[int] = 1 << 14
 
     xxh3: str
     min: float = field(compare=False)
     max: float = field(compare=False)
     mean: float = field(compare=False)
     std: float = field(compare=False)
+    blocks: tuple[str, ...] = field(default=(), compare=False)
+    block_means: tuple[float, ...] = field(default=(), compare=False)
+    sample_numbers: str | None = field(default=None, compare=False)
+    sample_bits: str | None = field(default=None, compare=False)
+    sample_signs: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def block_ranges(cls, shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The (start, end) flat element indices of each block of a tensor of ``shape``.
+
+        Equal runs of elements, whole leading-dimension rows when a tensor has at least
+        :attr:`BLOCKS` of them (so that a report can name rows), the last run shorter.
+        """
+        n = math.prod(shape)
+        unit = n // shape[0] if len(shape) >= 2 and shape[0] >= cls.BLOCKS else 1
+        per = -(-(n // unit) // cls.BLOCKS) * unit if n else 1
+        return [(start, min(start + per, n)) for start in range(0, n, per)]
 
     def close_to(self, other: Fingerprint, rtol: float, atol: float) -> list[str]:
         """Statistics of ``self`` (actual) not within tolerance of ``other`` (expected).
@@ -495,7 +532,19 @@ def _entry_to_json(t: TensorEntry) -> dict[str, Any]:
             "mean": _json_float(f.mean),
             "std": _json_float(f.std),
         }
+        if f.blocks:
+            out["values"]["blocks"] = list(f.blocks)
+        if f.block_means:
+            out["values"]["block_means"] = [_json_float(_short_float(m)) for m in f.block_means]
+        for name in ("sample_numbers", "sample_bits", "sample_signs"):
+            if getattr(f, name) is not None:
+                out["values"][name] = getattr(f, name)
     return out
+
+
+def _short_float(x: float) -> float:
+    """6 significant digits: a block mean shows how a block moved, in few snapshot bytes."""
+    return float(f"{x:.6g}")
 
 
 def _json_float(x: float) -> float | str:
@@ -737,7 +786,34 @@ class _SnapshotParser:
                 stats[stat] = float(raw)
             except ValueError:
                 raise self.fail(f'{key!r}: "values.{stat}" must be a number', key) from None
-        return Fingerprint(xxh3=values["xxh3"], **stats)
+        blocks = values.get("blocks", [])
+        if not (
+            isinstance(blocks, list)
+            and len(blocks) <= Fingerprint.BLOCKS
+            and all(isinstance(b, str) for b in blocks)
+        ):
+            raise self.fail(
+                f'{key!r}: "values.blocks" must be a list of at most {Fingerprint.BLOCKS} strings',
+                key,
+            )
+        means = values.get("block_means", [])
+        if not (isinstance(means, list) and len(means) in (0, len(blocks))):
+            raise self.fail(f'{key!r}: "values.block_means" needs one number a block', key)
+        try:
+            if any(isinstance(m, bool) or not isinstance(m, (int, float, str)) for m in means):
+                raise ValueError
+            block_means = tuple(float(m) for m in means)
+        except ValueError:
+            raise self.fail(f'{key!r}: "values.block_means" must hold numbers', key) from None
+        hashes = {}
+        for name in ("sample_numbers", "sample_bits", "sample_signs"):
+            raw = values.get(name)
+            if raw is not None and not isinstance(raw, str):
+                raise self.fail(f'{key!r}: "values.{name}" must be a string', key)
+            hashes[name] = raw
+        return Fingerprint(
+            xxh3=values["xxh3"], **stats, blocks=tuple(blocks), block_means=block_means, **hashes
+        )
 
     def optimizer(self, data: Any) -> OptimizerSchema:
         if not isinstance(data, dict) or not isinstance(data.get("class"), str):

@@ -6,7 +6,7 @@ import json
 import math
 import warnings
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import astuple, replace
 from typing import Any
 
 import pytest
@@ -337,16 +337,16 @@ def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one(
     }
 
     def whole(f: Any) -> tuple[Any, ...]:  # Fingerprint equality looks at the hash alone
-        return (f.xxh3, f.min, f.max, f.mean, f.std)
+        return astuple(f)
 
     hashed_on: set[str] = set()
-    bytes_of = extract._bytes_of
+    digests = extract._digests
 
-    def recording(t: torch.Tensor) -> Any:
+    def recording(t: torch.Tensor, *tail: bytes) -> Any:
         hashed_on.add(threading.current_thread().name)
-        return bytes_of(t)
+        return digests(t, *tail)
 
-    monkeypatch.setattr(extract, "_bytes_of", recording)
+    monkeypatch.setattr(extract, "_digests", recording)
     schema = schema_of(state, values=True)
     assert hashed_on == {"statedict-xxh3", threading.main_thread().name}  # both paths ran
     assert {t.key: whole(t.fingerprint) for t in schema.tensors} == {
@@ -365,7 +365,7 @@ def test_a_failure_on_the_hashing_thread_reaches_the_caller(
         assert threading.current_thread().name == "statedict-xxh3"
         raise MemoryError("cannot map")
 
-    monkeypatch.setattr(extract, "_bytes_of", broken)
+    monkeypatch.setattr(extract, "_digests", broken)
     with pytest.raises(MemoryError, match="cannot map"):
         schema_of({"big": torch.zeros(extract.OVERLAP_MIN_BYTES // 4)}, values=True)
 
@@ -376,7 +376,7 @@ def test_a_meta_tensor_is_refused_before_any_hashing(monkeypatch: pytest.MonkeyP
     def never(t: torch.Tensor) -> bytes:
         raise AssertionError("hashed before the meta tensor was refused")
 
-    monkeypatch.setattr(extract, "_bytes_of", never)
+    monkeypatch.setattr(extract, "_digests", never)
     state = {"big": torch.zeros(1 << 23), "meta": torch.empty(3, device="meta")}
     with pytest.raises(UnsupportedObjectError, match="'meta' is on the meta device"):
         schema_of(state, values=True)
