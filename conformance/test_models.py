@@ -27,8 +27,8 @@ from torch import nn
 from pytest_statedict import (
     CheckpointError,
     Schema,
-    StateDictError,
     StateDictMismatch,
+    UnsupportedFormatError,
     assert_checkpoint_loads,
     assert_state_dict_matches,
     roundtrip,
@@ -330,11 +330,11 @@ def op_refactor(s: Subject) -> None:
 def _roundtrip(s: Subject, format: str) -> None:
     try:
         result = roundtrip(s.model, s.optimizer, format=format, scheduler=s.scheduler)
-    except StateDictError as exc:
-        if format == "safetensors" and "safetensors" in str(exc):
-            # a named refusal of what the format cannot hold is an answer, not a crash
-            pytest.skip(str(exc).splitlines()[0])
-        raise
+    except UnsupportedFormatError as exc:
+        # a named refusal of what the format cannot hold (safetensors: quantized tensors and
+        # objects; torch with weights_only=True: TorchScript objects) is an answer, as the
+        # statedict_roundtrip fixture skips that pair
+        pytest.skip(str(exc).splitlines()[0])
     assert result.ok, str(result)
 
 
@@ -368,18 +368,20 @@ def op_file_schema(s: Subject) -> None:
 
 
 def op_pretrained_schema(s: Subject) -> None:
-    """save_pretrained's folder through schema_of: it reads, and every key it holds is the
-    model's with the same shape and dtype. (Keys save_pretrained leaves out, the tied
-    ones, are issue 15's loading rules, not checked here.)"""
+    """save_pretrained's folder through schema_of and the gate: it reads, every key it holds
+    that the model has keeps its shape and dtype, and the folder loads into the model by
+    transformers' rules (tied keys left out, legacy layouts that transformers 5 writes and
+    converts on load: MoE experts one by one, the ViT family's attention names)."""
     folder = s.folder / "pretrained"
     if not folder.exists():
         s.model.save_pretrained(folder)
     schema = schema_of(folder)
+    assert len(schema.tensors) > 0
     model = schema_of(s.model).by_key()
-    foreign = [t.key for t in schema if t.key not in model]
-    assert not foreign, f"keys save_pretrained wrote that the model does not have: {foreign[:5]}"
     for t in schema:
-        assert (t.shape, t.dtype) == (model[t.key].shape, model[t.key].dtype), t.key
+        if t.key in model:
+            assert (t.shape, t.dtype) == (model[t.key].shape, model[t.key].dtype), t.key
+    assert_checkpoint_loads(s.model, folder)
 
 
 def op_show(s: Subject) -> None:
