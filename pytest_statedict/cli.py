@@ -83,15 +83,7 @@ def render_table(schema: Schema) -> str:
             continue
         rows.append((t.key, "x".join(map(str, t.shape or ())) or "()", t.dtype or "", _kind(t),
                      f"{t.numel:,}"))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [
-        "  ".join(
-            (cell.rjust(widths[i]) if i == 4 else cell.ljust(widths[i]))
-            for i, cell in enumerate(row)
-        ).rstrip()
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows, numeric={4})
     totals = schema.totals
     lines.append("")
     known = any(t.kind == "parameter" for t in schema.tensors)
@@ -180,15 +172,7 @@ def render_tree(schema: Schema) -> str:
 
     walk(root, 0)
     numeric = {4, 5}
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    lines = [
-        "  ".join(
-            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ).rstrip()
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows, numeric)
     totals = schema.totals
     lines.append("")
     lines.append(
@@ -218,6 +202,20 @@ def _roles(schema: Schema) -> str:
     other = sum(t.numel for t in counted if t.kind == "tensor")
     text = f"trainable: {trainable:,}, frozen: {frozen:,}, buffers: {buffers:,} elements"
     return text + (f", other tensors: {other:,}" if other else "")
+
+
+def _aligned(rows: list[tuple[str, ...]], numeric: set[int]) -> list[str]:
+    """The rows as columns (numbers right-aligned), a rule under the first (the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def _human_bytes(n: int) -> str:
