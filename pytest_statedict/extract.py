@@ -31,6 +31,7 @@ from .layout import (
     is_optimizer_state_dict,
     optimizer_state_schema,
     select_part,
+    state_specs,
     type_name,
     versions,
 )
@@ -63,6 +64,9 @@ ELEMENTWISE_STATE = frozenset(
 )  # fmt: skip
 
 
+_tensor_specs: dict[tuple[Any, Any], StateSpec] = {}
+
+
 class _TorchTensors(Tensors):
     """torch tensors, to the walks of ``layout``."""
 
@@ -74,7 +78,18 @@ class _TorchTensors(Tensors):
         return _entries(state, kind_of, values=values)
 
     def spec(self, tensor: Any) -> StateSpec:
-        return StateSpec(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype))
+        # A StateSpec is frozen: the few (shape, dtype) pairs an optimizer repeats for
+        # thousands of parameters are each made once and shared, keyed by torch.Size and
+        # torch.dtype (hashable)
+        key = (tensor.shape, tensor.dtype)
+        spec = _tensor_specs.get(key)
+        if spec is None:
+            if len(_tensor_specs) >= 4096:
+                _tensor_specs.clear()
+            spec = _tensor_specs[key] = StateSpec(
+                shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype)
+            )
+        return spec
 
     def hyperparam(self, tensor: Any) -> dict[str, Any]:
         if tensor.numel() <= 16 and not tensor.is_meta:
@@ -953,7 +968,7 @@ def _live_optimizer_schema(
             members.append(member)
             entries = optimizer.state.get(param)
             if entries:
-                specs = _state_specs(entries)
+                specs = state_specs(entries, TORCH_TENSORS)
                 states.append(ParamState(param=member, entries=specs))
                 shape = None
                 for name, spec in specs.items():
@@ -981,25 +996,3 @@ def _live_optimizer_schema(
         state=tuple(states),
         problems=tuple(problems),
     )
-
-
-# A StateSpec is frozen: the few (shape, dtype) pairs an optimizer repeats for thousands of
-# parameters are each made once and shared, keyed by torch.Size and torch.dtype (hashable).
-_tensor_specs: dict[tuple[Any, Any], StateSpec] = {}
-
-
-def _state_specs(entries: Mapping[str, Any]) -> dict[str, StateSpec]:
-    specs = {}
-    for name, v in entries.items():
-        if isinstance(v, torch.Tensor):
-            key = (v.shape, v.dtype)
-            spec = _tensor_specs.get(key)
-            if spec is None:
-                if len(_tensor_specs) >= 4096:
-                    _tensor_specs.clear()
-                spec = StateSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype))
-                _tensor_specs[key] = spec
-        else:
-            spec = StateSpec(type=type_name(v))
-        specs[str(name)] = spec
-    return specs
