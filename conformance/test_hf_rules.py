@@ -31,7 +31,7 @@ from pytest_statedict.hf_rules import (  # noqa: E402
     transformers_load,
     transformers_version,
 )
-from pytest_statedict.round_trip import meta_copy  # noqa: E402
+from pytest_statedict.model_copy import meta_copy  # noqa: E402
 
 V5 = transformers_version() >= (5, 0)
 if not V5 and not _has_v4_loader():

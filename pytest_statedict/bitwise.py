@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -169,3 +170,36 @@ def _describe_bit_difference(e: torch.Tensor, a: torch.Tensor) -> str:
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
+
+
+def compare_states(
+    expected: Mapping[str, Any], actual: Mapping[str, Any]
+) -> tuple[list[str], int, int]:
+    """Every key's difference between two state_dicts, and the tensors and bytes compared.
+
+    A key on one side only is a mismatch of its own (missing or unexpected after loading).
+    """
+    mismatches = [f"{key}: missing after loading" for key in expected if key not in actual]
+    mismatches += [f"{key}: unexpected after loading" for key in actual if key not in expected]
+    tensors = nbytes = 0
+    for key, e in expected.items():
+        if key not in actual:
+            continue
+        problem = difference(e, actual[key])
+        if problem:
+            mismatches.append(f"{key}: {problem}")
+        if isinstance(e, torch.Tensor):
+            tensors += 1
+            nbytes += e.numel() * e.element_size()
+    return mismatches, tensors, nbytes
+
+
+def on_cpu(obj: Any) -> Any:
+    """``obj`` (an optimizer state_dict, ...) with every tensor in it copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [on_cpu(v) for v in obj]
+    return obj

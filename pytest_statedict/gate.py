@@ -39,9 +39,9 @@ from .extract import (
     schema_of_file,
 )
 from .hf_rules import decide_load
+from .model_copy import meta_copy
 from .readers import dispatch
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
-from .round_trip import meta_copy
 from .runtime import checkpoint_loader, recorded_check
 from .schema import Schema, TensorEntry, dtype_name
 

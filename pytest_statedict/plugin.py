@@ -16,7 +16,7 @@ from .runtime import SESSIONS, active_session
 from .session import REPORT_KEY, StateDictSession
 
 if TYPE_CHECKING:
-    from .round_trip import RoundTripFixture
+    from .roundtrip_fixture import RoundTripFixture
 
 SESSION_KEY = pytest.StashKey[StateDictSession]()
 
@@ -145,7 +145,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     marker = metafunc.definition.get_closest_marker("statedict_roundtrip")
     if marker is not None:
-        from .round_trip import parametrize_roundtrip
+        from .roundtrip_fixture import parametrize_roundtrip
 
         parametrize_roundtrip(metafunc, marker)
 
@@ -306,6 +306,6 @@ def statedict_snapshot(request: pytest.FixtureRequest) -> Any:
 @pytest.fixture
 def statedict_roundtrip(request: pytest.FixtureRequest) -> RoundTripFixture:
     """Run the save/load round-trip for this test's device pair (cpu -> cpu by default)."""
-    from .round_trip import RoundTripFixture
+    from .roundtrip_fixture import RoundTripFixture
 
     return RoundTripFixture.for_request(request, _session(request.config))

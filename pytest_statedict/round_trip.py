@@ -9,10 +9,8 @@ assigned (``load_state_dict(strict=True, assign=True)``), so the model's own
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
-import random
 import tempfile
 import time
 from collections import OrderedDict
@@ -22,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import torch
 from torch import nn
 
-from .bitwise import difference
+from . import resume_check
+from .bitwise import compare_states, difference, on_cpu
 from .errors import (
     CheckpointError,
     StateDictError,
@@ -36,9 +34,18 @@ from .errors import (
     hide_from_bad_input,
 )
 from .extract import require_module, schema_of
+from .model_copy import (
+    attribute_tensors,
+    copy_module,
+    materialised_copy,
+    meta_copy,
+    restore_tied_keys,
+    retie,
+    tied_parameter_groups,
+)
 
 if TYPE_CHECKING:
-    from .session import StateDictSession
+    pass
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -177,8 +184,8 @@ def _on_device(model: nn.Module, device: str) -> nn.Module:
     target = torch.device(device)
     if all(_same_device(d, target) for d in devices):
         return model
-    memo = {id(t): t.detach().clone() for t in _attribute_tensors(model) if not t.is_leaf}
-    return _deepcopy(model, memo, "roundtrip()").to(target)
+    memo = {id(t): t.detach().clone() for t in attribute_tensors(model) if not t.is_leaf}
+    return copy_module(model, memo, "roundtrip()").to(target)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -291,7 +298,7 @@ def _load_and_compare(
     if format == "safetensors":
         # safetensors keeps neither tied names nor module versions (no _metadata): both
         # come back from the saved side, as a torch.save file would give them
-        _restore_tied_keys(original, state)
+        restore_tied_keys(original, state)
         state = OrderedDict(state)
         state._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
     assign = factory is None
@@ -303,7 +310,7 @@ def _load_and_compare(
         result.mismatches.append(f"load_state_dict(strict=True) failed: {said}")
         return None, extra
     if factory is None:
-        _retie(original, fresh)
+        retie(original, fresh)
     _compare_state(expected, fresh.state_dict(), result)
     _compare_ties(original, fresh, result)
     return fresh, extra
@@ -342,9 +349,13 @@ def _dcp_roundtrip(
     fresh = (
         factory().to(load_device)  # type: ignore[misc]
         if factory is not None
-        else _materialised_copy(original, load_device)
+        else materialised_copy(original, load_device)
     )
-    fresh_opt = _rebuild_optimizer(original, optimizer, fresh) if optimizer is not None else None
+    fresh_opt = (
+        resume_check.rebuild_optimizer(original, optimizer, fresh)
+        if optimizer is not None
+        else None
+    )
     # one process, no process group: torch >= 2.7 says so with no_dist, older ones assume it
     single = {"no_dist": True} if "no_dist" in inspect.signature(dcp.save).parameters else {}
     try:
@@ -371,113 +382,13 @@ def _dcp_roundtrip(
     return fresh, loaded
 
 
-def _materialised_copy(model: nn.Module, device: str) -> nn.Module:
-    """A copy with uninitialised tensors on ``device``, tied as the original is."""
-    fresh = meta_copy(model).to_empty(device=device)
-    _retie(model, fresh, only_shared_storage=False)
-    return fresh
-
-
-def meta_copy(model: nn.Module, *, caller: str = "roundtrip()") -> nn.Module:
-    """A deep copy of the module structure whose parameters and buffers are on meta.
-
-    Costs no memory for tensors, and keeps ties: a tensor shared by two modules maps to
-    one meta tensor. Tensors held as plain attributes (legacy ``weight_norm``'s recomputed
-    ``weight``, caches) become meta tensors too: they are no state, and a non-leaf one
-    cannot be deep-copied at all. A model that still cannot be copied is refused with a
-    message naming ``factory=``, the way to build the copy by the user's own code.
-    """
-    memo: dict[int, Any] = {}
-    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
-    tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
-    for tensor in tensors:
-        if id(tensor) in memo:
-            continue
-        empty = torch.empty_like(tensor, device="meta")
-        if isinstance(tensor, nn.Parameter):
-            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = empty
-    for tensor in _attribute_tensors(model):
-        memo.setdefault(id(tensor), torch.empty_like(tensor, device="meta"))
-    return _deepcopy(model, memo, caller)
-
-
-def _attribute_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    """Tensors a module holds as plain attributes, outside its parameters and buffers."""
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor):
-                yield value
-
-
-def _deepcopy(model: nn.Module, memo: dict[int, Any], caller: str) -> nn.Module:
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as exc:  # whatever a module's __deepcopy__ or a tensor's raises
-        raise StateDictError(
-            f"{caller}: {type(model).__name__} cannot be copied to load into "
-            f"({first_line(exc, 300)}); pass factory=<a function that builds a fresh "
-            f"{type(model).__name__}> and the checkpoint is loaded into what it returns"
-        ) from None
-
-
-def _parameter_groups(model: nn.Module) -> list[list[str]]:
-    """Names that share one Parameter object (tied weights), for groups of two or more."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
-def _restore_tied_keys(original: nn.Module, state: dict[str, Any]) -> None:
-    """safetensors stores a tied tensor under one of its names; give it back its others.
-
-    This is what ``safetensors.torch.load_model`` relies on the model's own tying for.
-    """
-    for names in _parameter_groups(original):
-        present = [n for n in names if n in state]
-        if present:
-            for name in names:
-                state.setdefault(name, state[present[0]])
-
-
-def _retie(original: nn.Module, fresh: nn.Module, *, only_shared_storage: bool = True) -> None:
-    """Make the fresh copy's parameters tied where the original's are.
-
-    ``assign=True`` and ``to_empty`` make one Parameter per key. After a load, only keys
-    whose loaded tensors share storage (the file stored them as one) are re-tied, so a load
-    that really broke a tie (two copies) is still reported.
-    """
-    for names in _parameter_groups(original):
-        first = fresh.get_parameter(names[0])
-        for name in names[1:]:
-            other = fresh.get_parameter(name)
-            if other is first or (only_shared_storage and _storage(other) != _storage(first)):
-                continue
-            owner, _, attr = name.rpartition(".")
-            setattr(fresh.get_submodule(owner), attr, first)
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int]:
-    return t.untyped_storage().data_ptr(), t.storage_offset()
-
-
 def _compare_state(
     expected: Mapping[str, Any], actual: Mapping[str, Any], result: RoundTripResult
 ) -> None:
-    for key in expected:
-        if key not in actual:
-            result.mismatches.append(f"{key}: missing after loading")
-    for key in actual:
-        if key not in expected:
-            result.mismatches.append(f"{key}: unexpected after loading")
-    for key, e in expected.items():
-        if key not in actual:
-            continue
-        _record(result, key, difference(e, actual[key]))
-        if isinstance(e, torch.Tensor):
-            result.tensors_compared += 1
-            result.bytes_compared += e.numel() * e.element_size()
+    mismatches, tensors, nbytes = compare_states(expected, actual)
+    result.mismatches.extend(mismatches)
+    result.tensors_compared += tensors
+    result.bytes_compared += nbytes
 
 
 def _record(result: RoundTripResult, key: str, problem: str | None) -> None:
@@ -486,7 +397,7 @@ def _record(result: RoundTripResult, key: str, problem: str | None) -> None:
 
 
 def _compare_ties(original: nn.Module, fresh: nn.Module, result: RoundTripResult) -> None:
-    for names in _parameter_groups(original):
+    for names in tied_parameter_groups(original):
         loaded = [fresh.get_parameter(n) for n in names]
         if any(p is not loaded[0] for p in loaded[1:]):
             result.mismatches.append(
@@ -531,402 +442,19 @@ def _compare_optimizer(
             + ")"
         )
         return
-    fresh_opt = _rebuild_optimizer(model, optimizer, fresh_model)
+    fresh_opt = resume_check.rebuild_optimizer(model, optimizer, fresh_model)
     try:
         fresh_opt.load_state_dict(loaded_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         result.mismatches.append(f"optimizer.load_state_dict failed: {exc}")
         return
     _record(result, "optimizer after load_state_dict",
-            difference(_cpu(expected), _cpu(fresh_opt.state_dict())))  # fmt: skip
+            difference(on_cpu(expected), on_cpu(fresh_opt.state_dict())))  # fmt: skip
     if check_resume:
-        _check_resume(model, optimizer, fresh_model, fresh_opt, result, factory)
-
-
-def _rebuild_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, fresh: nn.Module
-) -> torch.optim.Optimizer:
-    """The same optimizer class and groups over the fresh model's parameters, matched by name."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    groups = []
-    for group in optimizer.param_groups:
-        groups.append(
-            {**group, "params": [fresh.get_parameter(names[id(p)]) for p in group["params"]]}
+        mismatches, result.resume = resume_check.check_resume(
+            model, optimizer, fresh_model, fresh_opt, factory
         )
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return type(optimizer)(groups, **defaults)
-
-
-def _check_resume(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    fresh: nn.Module,
-    fresh_opt: torch.optim.Optimizer,
-    result: RoundTripResult,
-    factory: Callable[[], nn.Module] | None,
-) -> None:
-    """One more step from the same gradients: the original (a copy) and the reloaded.
-
-    Its cost is one optimizer step on each side, a copy of the model and optimizer, and
-    one more comparison; ``result.resume`` states it. Both steps see the same gradients
-    and the same random numbers (torch's and Python's generators seeded alike), so an
-    optimizer that draws random numbers resumes exactly when its state_dict holds all it
-    keeps. A step that needs what the check cannot give (second-order gradients) is
-    skipped, with the reason.
-    """
-    if getattr(optimizer, "is_second_order", False):
-        result.resume = (
-            f"skipped: {type(optimizer).__name__} is a second-order optimizer, its step needs "
-            "gradients from backward(create_graph=True); its state was compared exactly"
-        )
-        return
-    started = time.perf_counter()
-    outside = _state_outside_state_dict(optimizer, fresh_opt)
-    stepped = _representatives(model, optimizer)
-    twin_model, twin_opt = _resume_twin(model, optimizer, factory)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), _python_random_kept():
-        try:
-            _step(twin_opt, _gradients(twin_model, stepped, optimizer))
-        except Exception:
-            # an optimizer that assumes every parameter has a gradient: give all of them one
-            stepped = None
-            twin_model, twin_opt = _resume_twin(model, optimizer, factory)
-            _step(twin_opt, _gradients(twin_model, stepped, optimizer))
-        _step(fresh_opt, _gradients(fresh, stepped, optimizer))
-    before = len(result.mismatches)
-    _compare_state(
-        {f"after one more step: {k}": v for k, v in twin_model.state_dict().items()},
-        {f"after one more step: {k}": v for k, v in fresh.state_dict().items()},
-        result,
-    )
-    _record(result, "optimizer after one more step",
-            difference(_cpu(twin_opt.state_dict()), _cpu(fresh_opt.state_dict())))  # fmt: skip
-    if len(result.mismatches) > before:
-        result.mismatches.append("resuming from the checkpoint does not continue training exactly")
-        if outside:
-            result.mismatches.append(
-                f"{type(optimizer).__name__} keeps state outside its state_dict, which a "
-                f"checkpoint does not carry: {', '.join(outside)}"
-            )
-    total = sum(len(group["params"]) for group in optimizer.param_groups)
-    which = (
-        f"{len(stepped)} of {total} parameters (one per group, dtype and shape)"
-        if stepped is not None and len(stepped) < total
-        else "every parameter"
-    )
-    result.resume = (
-        f"one more optimizer step on a copy and on the reloaded model, over {which}, "
-        f"{time.perf_counter() - started:.2f} s (check_resume=False skips it)"
-    )
-
-
-def _representatives(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
-    """The parameters the resume step gives a gradient: one per param group, dtype and
-    shape, which prove the optimizer's arithmetic on every kind of state it keeps at a
-    fraction of a full step's cost (the loaded state of every parameter was already
-    compared bit for bit). Optimizers skip a parameter without a gradient."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    seen: set[tuple[Any, ...]] = set()
-    chosen = set()
-    for index, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            kind = (index, p.dtype, tuple(p.shape), p.device, p.requires_grad)
-            if kind not in seen and id(p) in names:
-                seen.add(kind)
-                chosen.add(names[id(p)])
-    return chosen
-
-
-def _gradients(
-    model: nn.Module, names: set[str] | None, optimizer: torch.optim.Optimizer
-) -> dict[torch.Tensor, torch.Tensor]:
-    """Fixed gradients for ``names`` (every trainable parameter when None): the same values
-    on both sides, a fresh tensor each (an optimizer may change its gradients in place)."""
-    sparse = isinstance(optimizer, torch.optim.SparseAdam)
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and (names is None or name in names):
-            grad = _fixed_gradient(p)
-            grads[p] = grad.to_sparse() if sparse else grad
-    return grads
-
-
-def _fixed_gradient(p: torch.Tensor) -> torch.Tensor:
-    """A gradient of varied values that costs a few passes over memory (no random draws)."""
-    pattern = torch.arange(p.numel(), dtype=torch.float64, device=p.device)
-    pattern.mul_(0.6180339887498949).frac_().sub_(0.5)
-    return pattern.to(p.dtype).reshape(p.shape)
-
-
-def _step(optimizer: torch.optim.Optimizer, grads: Mapping[torch.Tensor, torch.Tensor]) -> None:
-    """``optimizer.step()`` from ``grads``, with the closure LBFGS-like optimizers require."""
-    torch.manual_seed(0)
-    random.seed(0)
-    for p, g in grads.items():
-        p.grad = g
-    closure = inspect.signature(optimizer.step).parameters.get("closure")
-    with torch.no_grad():
-        if closure is not None and closure.default is inspect.Parameter.empty:
-
-            def same_loss() -> torch.Tensor:
-                # re-evaluated by a line search: the same gradients, the same loss
-                for p, g in grads.items():
-                    p.grad = g.clone()
-                return torch.tensor(1.0)
-
-            optimizer.step(same_loss)
-        else:
-            optimizer.step()
-
-
-@contextmanager
-def _python_random_kept() -> Iterator[None]:
-    """Python's ``random`` module state as it was (``_step`` seeds it)."""
-    state = random.getstate()
-    try:
-        yield
-    finally:
-        random.setstate(state)
-
-
-def _state_outside_state_dict(
-    optimizer: torch.optim.Optimizer, reloaded: torch.optim.Optimizer
-) -> list[str]:
-    """Attributes in which the optimizer differs from its reloaded twin: what
-    ``state_dict`` leaves out (a random generator, a step counter kept on the object)."""
-    kept = {"state", "param_groups", "defaults"}
-    differ = []
-    theirs = vars(reloaded)
-    for name, value in vars(optimizer).items():
-        if name in kept or name.startswith("_") or name not in theirs:
-            continue
-        other = theirs[name]
-        if isinstance(value, random.Random) and isinstance(other, random.Random):
-            same = value.getstate() == other.getstate()
-        elif isinstance(value, torch.Generator) and isinstance(other, torch.Generator):
-            same = torch.equal(value.get_state(), other.get_state())
-        elif isinstance(value, (int, float, str, bool, type(None))):
-            same = value == other
-        else:
-            continue
-        if not same:
-            differ.append(f"{name} ({type(value).__module__}.{type(value).__qualname__})")
-    return differ
-
-
-def _resume_twin(
-    model: nn.Module, optimizer: torch.optim.Optimizer, factory: Callable[[], nn.Module] | None
-) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The original model and optimizer, copied to take one more step in their place.
-
-    A deep copy, with two repairs. A non-leaf tensor held as a plain attribute (legacy
-    ``weight_norm``'s ``weight``, recomputed from its parameters) is copied detached: it
-    cannot be deep-copied. A quantized module's packed weights, a TorchScript object that
-    ``deepcopy`` re-packs from the *original's* tensors, are packed again from the copy's
-    own, so that what shares storage in the model (a dynamic-quantized decoder whose packed
-    bias is a tied parameter) shares it in the copy, as it does in the reloaded model:
-    otherwise one more step moves the parameter and not its packed twin, a false mismatch.
-    Where no copy can be made, ``factory`` builds one, loaded from the model's state.
-    """
-    memo = {id(t): t.detach().clone() for t in _attribute_tensors(model) if not t.is_leaf}
-    try:
-        twin_model, twin_opt = copy.deepcopy((model, optimizer), memo)
-    except Exception as exc:  # whatever a module's or an optimizer's __deepcopy__ raises
-        if factory is None:
-            raise StateDictError(
-                f"roundtrip(): the resume check steps a copy of {type(model).__name__} and "
-                f"its optimizer, and they cannot be copied ({first_line(exc, 300)}); pass "
-                "factory=<a function that builds a fresh model>, or check_resume=False"
-            ) from None
-        devices = [t.device for t in model.state_dict().values() if isinstance(t, torch.Tensor)]
-        twin_model = factory().to(devices[0] if devices else "cpu")
-        # one deepcopy of the whole state keeps what shares storage sharing it
-        twin_model.load_state_dict(copy.deepcopy(model.state_dict()), strict=True, assign=True)
-        _retie(model, twin_model)
-        twin_opt = _rebuild_optimizer(model, optimizer, twin_model)
-        twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        return twin_model, twin_opt
-    _repack(model, twin_model)
-    # Optimizer.__getstate__ keeps only defaults, state and param_groups: the data the
-    # class set up beside them (LBFGS's flat list of parameters and its cache) is copied
-    # with the same memo, so that it names the copy's parameters. Never a function: an LR
-    # scheduler's ``step`` wrapper is bound to the original and would step it.
-    for name in set(vars(optimizer)) - set(vars(twin_opt)):
-        value = vars(optimizer)[name]
-        if not callable(value):
-            setattr(twin_opt, name, copy.deepcopy(value, memo))
-    return twin_model, twin_opt
-
-
-def _packed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Quantized modules whose weight and bias live packed in a TorchScript object."""
-    for name, module in model.named_modules():
-        if (
-            hasattr(module, "_weight_bias")
-            and hasattr(module, "set_weight_bias")
-            and any(isinstance(v, torch._C.ScriptObject) for v in vars(module).values())
-        ):
-            yield name, module
-
-
-def _repack(original: nn.Module, twin: nn.Module) -> None:
-    """Pack the twin's quantized weights from the twin's tensors (see ``_resume_twin``)."""
-    packed = list(_packed_modules(original))
-    if not packed:
-        return
-    own: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
-    for name, t in original.named_parameters(remove_duplicate=False):
-        own[(*_storage(t), tuple(t.shape))] = twin.get_parameter(name)
-    for name, t in original.named_buffers(remove_duplicate=False):
-        own[(*_storage(t), tuple(t.shape))] = twin.get_buffer(name)
-
-    def twin_of(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        shared = own.get((*_storage(t), tuple(t.shape)))
-        return shared.detach() if shared is not None else t.detach().clone()
-
-    for name, module in packed:
-        weight, bias = module._weight_bias()  # type: ignore[operator]
-        twin.get_submodule(name).set_weight_bias(twin_of(weight), twin_of(bias))  # type: ignore[operator]
-
-
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    return obj
+        result.mismatches.extend(mismatches)
 
 
 # ---- pytest: the marker and the fixture ---------------------------------------------------
-
-
-def default_devices() -> list[str]:
-    """cpu plus the accelerator; ``cuda`` when there is none, so CPU-only CI shows the skips."""
-    accelerator = None
-    if hasattr(torch, "accelerator"):
-        try:
-            current = torch.accelerator.current_accelerator()
-        except RuntimeError:  # torch 2.6 raises where there is none, later ones return None
-            current = None
-        accelerator = current.type if current is not None else None
-    elif torch.cuda.is_available():
-        accelerator = "cuda"
-    return ["cpu", accelerator or "cuda"]
-
-
-def device_available(device: str) -> bool:
-    d = torch.device(device)
-    if d.type == "cpu":
-        return True
-    if d.type == "cuda":
-        return torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
-    if d.type == "mps":
-        return torch.backends.mps.is_available()
-    module = getattr(torch, d.type, None)
-    is_available = getattr(module, "is_available", None)
-    return bool(is_available()) if callable(is_available) else False
-
-
-def parametrize_roundtrip(metafunc: pytest.Metafunc, marker: pytest.Mark) -> None:
-    name = metafunc.definition.name
-    if "statedict_roundtrip" not in metafunc.fixturenames:
-        raise pytest.UsageError(
-            f"{name}: the statedict_roundtrip marker parametrizes the statedict_roundtrip "
-            "fixture; add `statedict_roundtrip` to the test's arguments"
-        )
-    # devices named on the marker win; --statedict-devices replaces the default
-    explicit = marker.kwargs.get("devices") or (marker.args[0] if marker.args else None)
-    option = metafunc.config.getoption("statedict_devices")
-    if explicit:
-        devices, source = list(explicit), f"{name}: statedict_roundtrip(devices=...)"
-    elif option:
-        devices = [d.strip() for d in option.split(",") if d.strip()]
-        source = "--statedict-devices"
-    else:
-        devices, source = default_devices(), "statedict_roundtrip"
-    formats = list(marker.kwargs.get("formats", ("torch",)))
-    for device in devices:
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise pytest.UsageError(f"{source}: unknown device {device!r}") from None
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise pytest.UsageError(
-                f"{name}: statedict_roundtrip: unknown format {fmt!r} (one of {', '.join(FORMATS)})"
-            )
-    combos = [(s, d, f) for f in formats for s in devices for d in devices]
-    ids = [f"{s}->{d}" + ("" if f == "torch" else f"-{f}") for s, d, f in combos]
-    metafunc.parametrize("statedict_roundtrip", combos, ids=ids, indirect=True)
-
-
-class RoundTripFixture:
-    """``statedict_roundtrip(model, optimizer=None, **opts)``: one round-trip, asserted exact.
-
-    ``save_device``, ``load_device`` and ``format`` tell the test its combination (build
-    the model on ``save_device``).
-    """
-
-    def __init__(
-        self, session: StateDictSession, save_device: str, load_device: str, format: str
-    ) -> None:
-        self._session = session
-        self.save_device = save_device
-        self.load_device = load_device
-        self.format = format
-
-    @classmethod
-    def for_request(
-        cls, request: pytest.FixtureRequest, session: StateDictSession
-    ) -> RoundTripFixture:
-        save, load, fmt = getattr(request, "param", ("cpu", "cpu", "torch"))
-        for device in (save, load):
-            if not device_available(device):
-                reason = (
-                    f"statedict round-trip {save}->{load}: device {device!r} is not available "
-                    "on this machine"
-                )
-                label = RoundTripResult(save, load, fmt).label
-                session.check_finished("roundtrip", label, "skipped", reason=reason)
-                pytest.skip(reason)
-        return cls(session, save, load, fmt)
-
-    def __call__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **opts: Any
-    ) -> RoundTripResult:
-        __tracebackhide__ = True
-        try:
-            result = roundtrip(
-                model,
-                optimizer,
-                save_device=self.save_device,
-                load_device=self.load_device,
-                format=self.format,
-                **opts,
-            )
-        except UnsupportedFormatError as exc:
-            # the model cannot be stored in this format at all: not a failure of the
-            # checkpointing under test, a combination that does not apply (as a device
-            # this machine lacks)
-            label = RoundTripResult(self.save_device, self.load_device, self.format).label
-            self._session.check_finished("roundtrip", label, "skipped", exc)
-            pytest.skip(f"statedict round-trip {self.save_device}->{self.load_device}: {exc}")
-        except Exception as exc:
-            # a pair that could not even be tried (a format's extra not installed, a model
-            # that cannot be moved) failed: the summary must not drop it from its count
-            label = RoundTripResult(self.save_device, self.load_device, self.format).label
-            self._session.check_finished("roundtrip", label, "failed", exc)
-            raise
-        if result.ok:
-            self._session.check_finished("roundtrip", result.label, "passed")
-        else:
-            failure = StateDictMismatch(str(result), result)
-            self._session.check_finished("roundtrip", result.label, "failed", failure)
-            raise failure
-        return result

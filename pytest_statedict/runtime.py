@@ -12,9 +12,22 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import StateDictError
+
+
+class CheckRecorder(Protocol):
+    """What a check needs of the running session: a place to record its outcome.
+
+    The session implements it; the checks see only this, so that no check imports the
+    session (the assertion drives, the session stores).
+    """
+
+    def check_finished(
+        self, kind: str, name: str, outcome: str, exc: BaseException | None = None, **extra: Any
+    ) -> None: ...
+
 
 # a stack: pytester runs pytest inside pytest, and the inner run is the one that counts
 SESSIONS: list[Any] = []

@@ -14,7 +14,7 @@ from torch import nn
 
 from pytest_statedict import StateDictMismatch, roundtrip
 from pytest_statedict.bitwise import difference, tensor_difference
-from pytest_statedict.round_trip import meta_copy
+from pytest_statedict.model_copy import meta_copy
 
 ALL_DTYPES = [
     getattr(torch, name)

@@ -27,7 +27,7 @@ from pytest_statedict import (
     schema_of,
 )
 from pytest_statedict.gate import load_check, state_from_snapshot
-from pytest_statedict.round_trip import meta_copy
+from pytest_statedict.model_copy import meta_copy
 from pytest_statedict.schema import Schema
 
 quantized = pytest.mark.skipif(
