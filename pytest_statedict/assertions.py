@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from .compare import Rename, SchemaDiff, compile_rename, diff_schemas, normalise
-from .errors import StateDictMismatch, hide_from_bad_input
+from .compare import (
+    Rename,
+    SchemaDiff,
+    compile_rename,
+    diff_schemas,
+    normalise,
+    without_ignored_members,
+)
+from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
+from .readers.snapshot_file import read_snapshot_text
 from .report import render_diff
-from .runtime import current_session, key_normaliser, recorded_check, verbose
+from .runtime import SnapshotStore, current_session, key_normaliser, recorded_check, verbose
 from .schema import Schema
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -39,16 +48,12 @@ def assert_state_dict_matches(
     __tracebackhide__ = True
     ignore = tuple(ignore)  # used on both sides and by the diff: a generator would run dry
     if expected is None:
-        current_session().check_snapshot(
-            actual,
-            name=name,
-            optimizer=optimizer,
-            values=values,
-            rtol=rtol,
-            atol=atol,
-            ignore=ignore,
-            rename=rename,
-        )
+        store = current_session()
+        with store.snapshot_check():
+            _check_snapshot(
+                store, actual, name=name, optimizer=optimizer, values=values, rtol=rtol,
+                atol=atol, ignore=ignore, rename=rename,
+            )  # fmt: skip
         return
     if name is not None:
         raise TypeError("assert_state_dict_matches(): name= applies to snapshots (expected=None)")
@@ -88,6 +93,92 @@ def _assert_matches_expected(
                 verbose=verbose(),
             ),
             diff,
+        )
+
+
+def _check_snapshot(
+    store: SnapshotStore,
+    actual: Any,
+    *,
+    name: str | None,
+    optimizer: Any,
+    values: bool,
+    rtol: float | None,
+    atol: float | None,
+    ignore: tuple[str, ...],
+    rename: Rename,
+) -> None:
+    """``assert_state_dict_matches`` against the running test's snapshot ``name``.
+
+    Without ``--statedict-update`` nothing is written: a missing snapshot fails with the
+    command that creates it. With it, a missing or changed snapshot is (re)written, unless
+    the change is a problem no update can accept (an inconsistent optimizer state).
+    """
+    __tracebackhide__ = True
+    slot = store.claim_snapshot(name)
+    actual_schema = prepared_schema(
+        actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore
+    )
+    problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
+    # ignored keys' optimizer members stay out of the file (the diff drops them too)
+    text = without_ignored_members(actual_schema, ignore).to_json()
+    if not slot.exists:
+        if store.update:
+            store.write_snapshot(slot, text)
+            _fail_on_problems(problems, slot.path)
+            return
+        store.snapshot_missing(slot)
+        raise StateDictMismatch(
+            f"no statedict snapshot {slot.shown} yet: nothing was written. Create it with\n"
+            f"  {slot.accept}\nand commit it."
+        )
+    moved = slot.source != slot.path  # read under its 0.1.0 name
+    try:
+        current = read_snapshot_text(
+            slot.source, lambda problem: SnapshotError(slot.shown, problem)
+        )
+        if current == text and not problems and (not moved or not store.update):
+            store.record_snapshot(slot, "passed")
+            return
+        expected = normalise(Schema.from_json(current, slot.shown), rename=key_normaliser())
+    except SnapshotError:
+        if store.update:
+            store.rewrite_snapshot(slot, text)
+            return
+        store.record_snapshot(slot, "failed")
+        raise
+    diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
+    if not diff:
+        if store.update and (moved or (rtol is None and atol is None)):
+            # same schema, other text (an older writer) or an old name: refresh it, or
+            # it would show up in the next unrelated pull request
+            store.rewrite_snapshot(slot, text)
+            return
+        store.record_snapshot(slot, "passed")
+        return
+    if store.update and not diff.problems:
+        store.rewrite_snapshot(slot, text)
+        return
+    store.record_snapshot(slot, "failed")
+    complete_diff(diff, actual, expected, actual_schema, rename=rename, ignore=ignore)
+    raise StateDictMismatch(
+        render_diff(
+            diff,
+            title=f"state_dict does not match snapshot {slot.shown}",
+            verbose=store.verbose,
+            accept_hint=None if diff.problems else slot.accept,
+        ),
+        diff,
+    )
+
+
+def _fail_on_problems(problems: Iterable[str], path: Path) -> None:
+    __tracebackhide__ = True
+    problems = list(problems)
+    if problems:
+        raise StateDictMismatch(
+            f"snapshot {path} was written, but the optimizer state is inconsistent:\n  "
+            + "\n  ".join(problems)
         )
 
 
@@ -164,9 +255,6 @@ def describe(obj: Any) -> str:
 
 class SnapshotFixture:
     """The ``statedict_snapshot`` fixture: ``statedict_snapshot.assert_match(obj, name=...)``."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
 
     def assert_match(self, obj: Any, name: str | None = None, **opts: Any) -> None:
         """Same options as :func:`assert_state_dict_matches` (``optimizer``, ``values``, ...)."""

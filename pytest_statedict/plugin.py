@@ -300,7 +300,7 @@ def statedict_snapshot(request: pytest.FixtureRequest) -> Any:
     """Check objects against this test's snapshots: ``statedict_snapshot.assert_match(model)``."""
     from .assertions import SnapshotFixture
 
-    return SnapshotFixture(_session(request.config))
+    return SnapshotFixture()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from .compare import OptimizerVerdict, SchemaDiff
 
@@ -188,3 +189,64 @@ def optimizer_load_verdict(verdict: OptimizerVerdict) -> str:
     if verdict.exact:
         return f"{head} yes, every state on its own parameter"
     return f"{head} yes, but it would not resume exactly: {'; '.join(verdict.reasons)}"
+
+
+def diff_to_json(diff: SchemaDiff) -> dict[str, Any]:
+    """A schema diff as plain JSON: every difference, none cut short."""
+    verdict = diff.optimizer_verdict
+    return {
+        "removed": [_entry_json(t) for t in diff.removed],
+        "added": [_entry_json(t) for t in diff.added],
+        "renamed": [{"from": old, "to": new} for old, new in diff.renames],
+        "changed": [
+            {
+                "key": c.key,
+                "attribute": c.attribute,
+                "expected": _plain_json(c.expected),
+                "actual": _plain_json(c.actual),
+            }
+            for c in diff.changed
+        ],
+        "moved": [{"key": k, "from": a, "to": b} for k, a, b in diff.moved],
+        "prefix": None
+        if diff.prefix is None
+        else {"how": diff.prefix[0], "prefix": diff.prefix[1]},
+        "module_versions": [{"module": m, "from": a, "to": b} for m, a, b in diff.versions],
+        "non_persistent_buffers": {
+            "removed": list(diff.non_persistent[0]),
+            "added": list(diff.non_persistent[1]),
+        },
+        "checkpoint_entries": list(diff.extras),
+        "optimizer": list(diff.optimizer),
+        "optimizer_problems": list(diff.problems),
+        "loads_strict": diff.loads_strict,
+        "load_verdict": load_verdict(diff),
+        "optimizer_verdict": None
+        if verdict is None
+        else {
+            "loads": verdict.loads,
+            "exact": verdict.exact,
+            "reasons": list(verdict.reasons),
+            "text": optimizer_load_verdict(verdict),
+        },
+        "notes": list(diff.notes),
+    }
+
+
+def _entry_json(entry: Any) -> dict[str, Any]:
+    return {
+        "key": entry.key,
+        "kind": entry.kind,
+        "shape": None if entry.shape is None else list(entry.shape),
+        "dtype": entry.dtype,
+        "description": entry.describe(),
+    }
+
+
+def _plain_json(value: Any) -> Any:
+    """A JSON value for an attribute's old or new value (shapes become lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_plain_json(v) for v in value]
+    return str(value)

@@ -19,14 +19,10 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import storage
 from .runtime import CHECK_KINDS, OUTCOMES
-
-if TYPE_CHECKING:
-    from .compare import SchemaDiff
-    from .session import StateDictSession
 
 REPORT_FORMAT = "pytest-statedict-report"
 REPORT_VERSION = 1
@@ -41,70 +37,24 @@ KINDS = (
 SNAPSHOT_OUTCOMES = ("passed", "failed", "written", "updated")
 ALL_OUTCOMES = (*SNAPSHOT_OUTCOMES, *(o for o in OUTCOMES if o not in SNAPSHOT_OUTCOMES))
 
+
+class RunState(Protocol):
+    """What the report reads of the run: its settled records and its end (the session)."""
+
+    results: list[dict[str, Any]]
+    unused: list[Path]
+    deleted: list[Path]
+    incomplete: str | None
+    problems: list[str]
+    report_paths: list[Path]
+    reports_written: list[Path]
+
+    def summary_line(self) -> str | None: ...
+    def from_root(self, path: Path) -> str: ...
+    def relative(self, path: Path) -> str: ...
+
+
 _TRUNCATED = re.compile(r"^\s+\.\.\. and \d+ more", re.M)
-
-
-def diff_to_json(diff: SchemaDiff) -> dict[str, Any]:
-    """A schema diff as plain JSON: every difference, none cut short."""
-    from .report import load_verdict, optimizer_load_verdict
-
-    verdict = diff.optimizer_verdict
-    return {
-        "removed": [_entry(t) for t in diff.removed],
-        "added": [_entry(t) for t in diff.added],
-        "renamed": [{"from": old, "to": new} for old, new in diff.renames],
-        "changed": [
-            {
-                "key": c.key,
-                "attribute": c.attribute,
-                "expected": _plain(c.expected),
-                "actual": _plain(c.actual),
-            }
-            for c in diff.changed
-        ],
-        "moved": [{"key": k, "from": a, "to": b} for k, a, b in diff.moved],
-        "prefix": None
-        if diff.prefix is None
-        else {"how": diff.prefix[0], "prefix": diff.prefix[1]},
-        "module_versions": [{"module": m, "from": a, "to": b} for m, a, b in diff.versions],
-        "non_persistent_buffers": {
-            "removed": list(diff.non_persistent[0]),
-            "added": list(diff.non_persistent[1]),
-        },
-        "checkpoint_entries": list(diff.extras),
-        "optimizer": list(diff.optimizer),
-        "optimizer_problems": list(diff.problems),
-        "loads_strict": diff.loads_strict,
-        "load_verdict": load_verdict(diff),
-        "optimizer_verdict": None
-        if verdict is None
-        else {
-            "loads": verdict.loads,
-            "exact": verdict.exact,
-            "reasons": list(verdict.reasons),
-            "text": optimizer_load_verdict(verdict),
-        },
-        "notes": list(diff.notes),
-    }
-
-
-def _entry(entry: Any) -> dict[str, Any]:
-    return {
-        "key": entry.key,
-        "kind": entry.kind,
-        "shape": None if entry.shape is None else list(entry.shape),
-        "dtype": entry.dtype,
-        "description": entry.describe(),
-    }
-
-
-def _plain(value: Any) -> Any:
-    """A JSON value for an attribute's old or new value (shapes become lists)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return str(value)
 
 
 def full_text(record: dict[str, Any]) -> str:
@@ -139,7 +89,7 @@ def junit_properties(results: list[dict[str, Any]]) -> list[tuple[str, str]]:
 # ---- the report --------------------------------------------------------------------------
 
 
-def build_report(state: StateDictSession, exit_status: int) -> dict[str, Any]:
+def build_report(state: RunState, exit_status: int) -> dict[str, Any]:
     """The run's report as a JSON-able dict (schema: docs/report-schema.md)."""
     checks = [_check(r) for r in state.results]
     counts: dict[str, dict[str, int]] = {}
@@ -255,7 +205,7 @@ def _longest_backtick_run(text: str) -> int:
     return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
-def write_reports(state: StateDictSession, exit_status: int) -> bool:
+def write_reports(state: RunState, exit_status: int) -> bool:
     """Write every ``--statedict-report`` file; False (and a problem in the summary) when
     one cannot be written."""
     report = build_report(state, exit_status)

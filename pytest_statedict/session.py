@@ -20,13 +20,14 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
-from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
-from .runtime import CHECK_KINDS, OUTCOMES, key_normaliser
+from .errors import SnapshotError, StateDictError, hide_from_bad_input
+from .runtime import CHECK_KINDS, OUTCOMES, SnapshotSlot
 
 if TYPE_CHECKING:
     import pytest
@@ -384,28 +385,29 @@ class StateDictSession:
         """A worker crashed or was lost: its share of the run is unknown."""
         self.incomplete = self.incomplete or reason
 
-    def check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
-        """Check ``actual`` against the current test's snapshot (written under the update flag)."""
+    @contextmanager
+    def snapshot_check(self) -> Iterator[None]:
+        """A snapshot check runs inside: a failure's words go with its record.
+
+        A check that failed before it had a file to record (an unsupported object) counts
+        as no snapshot check.
+        """
         __tracebackhide__ = True
         recorded = len(self._results)
         try:
-            self._check_snapshot(actual, name=name, **opts)
+            yield
         except Exception as exc:
-            # the failure's words go with its record (a check that failed before it had a
-            # file to record, e.g. an unsupported object, counts as no snapshot check)
             failed = [r for r in self._results[recorded:] if r["outcome"] == "failed"]
             if failed:
                 failed[-1].update(self._failure(exc))
             raise
 
-    def _check_snapshot(self, actual: Any, *, name: str | None, **opts: Any) -> None:
-        __tracebackhide__ = True
-        from .assertions import complete_diff, prepared_schema
-        from .compare import diff_schemas, normalise, without_ignored_members
-        from .readers.snapshot_file import read_snapshot_text
-        from .report import render_diff
-        from .schema import Schema
+    def claim_snapshot(self, name: str | None) -> SnapshotSlot:
+        """The snapshot file the running test (or fixture) asks for under ``name``.
 
+        A test that asks for one file twice is refused; a file found only under its 0.1.0
+        name is read from there (and moved under ``--statedict-update``).
+        """
         item = self.item
         assert item is not None
         owner = self.current_owner()
@@ -419,77 +421,54 @@ class StateDictSession:
             )
         asked.add(key)
         self._use(key)
-        rtol, atol = opts.pop("rtol"), opts.pop("atol")
-        actual_schema = prepared_schema(actual, **opts)
-        problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
-        # ignored keys' optimizer members stay out of the file (the diff drops them too)
-        text = without_ignored_members(actual_schema, opts["ignore"]).to_json()
-        accept = f"pytest --statedict-update {_shell_quoted(item.nodeid)}"
-
         source = path
         if legacy is not None and not _exists(path) and storage.exists_as_named(legacy, owner.root):
-            source = legacy  # a 0.1.0 name: read it, and move it under --statedict-update
+            source = legacy
             self._use(str(legacy))
-        if not _exists(source):
-            if self.update:
-                self._write(owner, path, text)
-                self._checked(path, "written")
-                self._fail_on_problems(problems, path)
-                return
-            self._checked(path, "failed")
-            self._missing.append(key)
-            raise StateDictMismatch(
-                f"no statedict snapshot {self.relative(path)} yet: nothing was written. "
-                "Create it with\n"
-                f"  {accept}\nand commit it."
-            )
-        try:
-            current = read_snapshot_text(
-                source, lambda problem: SnapshotError(self.relative(source), problem)
-            )
-            if current == text and not problems and (source is path or not self.update):
-                self._checked(path, "passed")
-                return
-            expected = normalise(
-                Schema.from_json(current, self.relative(source)), rename=key_normaliser()
-            )
-        except SnapshotError:
-            if self.update:
-                self._rewrite(owner, path, source, text)
-                return
-            self._checked(path, "failed")
-            raise
-        diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=opts["ignore"])
-        if not diff:
-            if self.update and (source is not path or (rtol is None and atol is None)):
-                # same schema, other text (an older writer) or an old name: refresh it, or
-                # it would show up in the next unrelated pull request
-                self._rewrite(owner, path, source, text)
-                return
-            self._checked(path, "passed")
-            return
-        if self.update and not diff.problems:
-            self._rewrite(owner, path, source, text)
-            return
-        self._checked(path, "failed")
-        complete_diff(
-            diff, actual, expected, actual_schema, rename=opts["rename"], ignore=opts["ignore"]
+        return SnapshotSlot(
+            path=path,
+            source=source,
+            root=owner.root,
+            shown=self.relative(source),
+            accept=f"pytest --statedict-update {_shell_quoted(item.nodeid)}",
+            exists=_exists(source),
         )
-        raise StateDictMismatch(
-            render_diff(
-                diff,
-                title=f"state_dict does not match snapshot {self.relative(source)}",
-                verbose=self.verbose,
-                accept_hint=None if diff.problems else accept,
-            ),
-            diff,
-        )
+
+    def write_snapshot(self, slot: SnapshotSlot, text: str) -> None:
+        """Write a missing snapshot (under ``--statedict-update`` only)."""
+        __tracebackhide__ = True
+        self._write(slot, text)
+        self.record_snapshot(slot, "written")
+
+    def rewrite_snapshot(self, slot: SnapshotSlot, text: str) -> None:
+        """Update a snapshot; one read under its 0.1.0 name moves to its name now."""
+        __tracebackhide__ = True
+        self._write(slot, text)
+        if slot.source != slot.path:
+            try:
+                storage.remove_snapshot(
+                    slot.source,
+                    slot.root,
+                    base=self.root_base(slot.root),
+                    display=self.relative(slot.source),
+                )
+            except SnapshotError:
+                self.record_snapshot(slot, "failed")
+                raise
+        self.record_snapshot(slot, "updated")
+
+    def snapshot_missing(self, slot: SnapshotSlot) -> None:
+        """The test asked for a snapshot that does not exist (and nothing was written)."""
+        self.record_snapshot(slot, "failed")
+        self._missing.append(str(slot.path))
 
     def _use(self, key: str) -> None:
         self.used.add(key)
         self._used.append(key)
 
-    def _checked(self, path: Path, outcome: str) -> None:
+    def record_snapshot(self, slot: SnapshotSlot, outcome: str) -> None:
+        """A snapshot check's outcome: passed, failed, written or updated."""
+        path = slot.path
         self._checks.append((str(path), outcome))
         self._results.append(
             {
@@ -523,7 +502,7 @@ class StateDictSession:
         failure: dict[str, Any] = {"message": message}
         diff = getattr(exc, "diff", None)
         if diff is not None and type(diff).__name__ == "SchemaDiff":
-            from .run_report import diff_to_json
+            from .report import diff_to_json
 
             failure["diff"] = diff_to_json(diff)
         return failure
@@ -535,41 +514,19 @@ class StateDictSession:
         except ValueError:
             return str(path)
 
-    def _write(self, owner: Owner, path: Path, text: str) -> None:
+    def _write(self, slot: SnapshotSlot, text: str) -> None:
         __tracebackhide__ = True
         try:
             storage.write_snapshot(
-                path, text, owner.root, base=self.root_base(owner.root), display=self.relative(path)
+                slot.path,
+                text,
+                slot.root,
+                base=self.root_base(slot.root),
+                display=self.relative(slot.path),
             )
         except SnapshotError:
-            self._checked(path, "failed")
+            self.record_snapshot(slot, "failed")
             raise
-
-    def _rewrite(self, owner: Owner, path: Path, source: Path, text: str) -> None:
-        """Update a snapshot; one read under its 0.1.0 name moves to its name now."""
-        __tracebackhide__ = True
-        self._write(owner, path, text)
-        if source is not path:
-            try:
-                storage.remove_snapshot(
-                    source,
-                    owner.root,
-                    base=self.root_base(owner.root),
-                    display=self.relative(source),
-                )
-            except SnapshotError:
-                self._checked(path, "failed")
-                raise
-        self._checked(path, "updated")
-
-    def _fail_on_problems(self, problems: Iterable[str], path: Path) -> None:
-        __tracebackhide__ = True
-        problems = list(problems)
-        if problems:
-            raise StateDictMismatch(
-                f"snapshot {path} was written, but the optimizer state is inconsistent:\n  "
-                + "\n  ".join(problems)
-            )
 
     def current_owner(self) -> Owner:
         """The fixture being set up, if it is wider than a test, else the running test."""
