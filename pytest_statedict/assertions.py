@@ -7,17 +7,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .compare import (
-    Rename,
-    SchemaDiff,
-    compile_rename,
-    diff_schemas,
-    normalise,
-    without_ignored_members,
-)
+from .compare import SchemaDiff, diff_schemas
 from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .readers.snapshot_file import read_snapshot_text
+from .rename import Rename, compile_rename, normalise, without_ignored_members
 from .report import render_diff
 from .runtime import SnapshotStore, current_session, key_normaliser, recorded_check, verbose
 from .schema import Schema

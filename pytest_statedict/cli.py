@@ -106,7 +106,7 @@ def _footer(schema: Schema) -> list[str]:
     if schema.saved_on:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")
     if schema.optimizer is not None:
-        from .compare import UNKNOWN_CLASS
+        from .schema import UNKNOWN_CLASS
 
         opt = schema.optimizer
         cls = "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else opt.cls

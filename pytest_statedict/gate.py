@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compare import LoadCheck, Rename, _matches, compile_rename, diff_schemas
+from .compare import LoadCheck, diff_schemas
 from .errors import (
     CheckpointError,
     SnapshotError,
@@ -41,6 +41,7 @@ from .extract import (
 from .hf_rules import decide_load
 from .model_copy import meta_copy
 from .readers import dispatch
+from .rename import Rename, compile_rename, matches_any
 from .report import SECTION_LIMIT, load_refusals, suggest_rename
 from .runtime import checkpoint_loader, recorded_check
 from .schema import Schema, TensorEntry, dtype_name
@@ -249,7 +250,7 @@ def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = 
     missing = [k for k in missing if k not in present]
 
     def kept(keys: list[str]) -> int:
-        return sum(not _matches(k, ignore) for k in keys)
+        return sum(not matches_any(k, ignore) for k in keys)
 
     reasons = load_refusals(kept(unexpected), kept(missing), kept([s[0] for s in shapes]))
     return LoadCheck(name, not reasons, ", ".join(reasons), loader)

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import UnsupportedObjectError
 from .schema import (
+    UNKNOWN_CLASS,
     ModuleVersion,
     OptimizerSchema,
     ParamGroup,
@@ -180,8 +181,6 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
 
 def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> OptimizerSchema:
     """An optimizer's ``state_dict()``: param_groups by index, its class unknown."""
-    from .compare import UNKNOWN_CLASS  # here: `statedict show` of a state_dict never needs it
-
     groups = tuple(
         ParamGroup(
             hyperparams=hyperparams(group, tensors),

@@ -38,7 +38,7 @@ from .runtime import active_session, begin_check, end_check
 if TYPE_CHECKING:
     from torch import nn
 
-    from .compare import Rename
+    from .rename import Rename
     from .schema import Schema
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
@@ -410,7 +410,7 @@ class ReleaseGate:
         False hands the release to the gate itself (a real load through the model's own
         ``load_state_dict``), which decides, and words the failure.
         """
-        from .compare import compile_rename
+        from .rename import compile_rename
 
         layout = self._model_layout(model)
         if layout is None:
@@ -441,8 +441,9 @@ class ReleaseGate:
 
     def _optimizer_problem(self, model: nn.Module, release: Release, schema: Schema) -> str:
         """Why the release's optimizer state would not load (or resume) today, or ''."""
-        from .compare import compile_rename, diff_schemas, normalise
+        from .compare import diff_schemas
         from .extract import schema_of
+        from .rename import compile_rename, normalise
         from .report import SECTION_LIMIT, optimizer_load_verdict
 
         assert schema.optimizer is not None

@@ -6,7 +6,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .compare import OptimizerVerdict, SchemaDiff
+from .compare import SchemaDiff
+from .optimizer_diff import OptimizerVerdict
 
 # Lines shown per section before "... and N more" (all of them under ``-vv``).
 SECTION_LIMIT = 12

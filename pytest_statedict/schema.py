@@ -29,6 +29,8 @@ FORMAT_NAME = "pytest-statedict"
 FORMAT_VERSION = 1
 
 KINDS = ("parameter", "buffer", "tensor", "object")
+# The class of an optimizer known only by its state_dict (a checkpoint file).
+UNKNOWN_CLASS = "unknown"
 TOP_LEVEL_FIELDS = {
     "format", "version", "totals", "ordered", "tensors", "versions", "non_persistent_buffers",
     "extras", "optimizer",

@@ -14,7 +14,8 @@ from pytest_statedict import (
     assert_state_dict_matches,
     schema_of,
 )
-from pytest_statedict.compare import compile_rename, diff_schemas, normalise
+from pytest_statedict.compare import diff_schemas
+from pytest_statedict.rename import compile_rename, normalise
 from pytest_statedict.report import render_diff, suggest_rename
 
 

@@ -33,11 +33,11 @@ from pytest_statedict import (
     schema_of,
 )
 from pytest_statedict.cli import main as statedict_main
-from pytest_statedict.compare import (
+from pytest_statedict.compare import diff_schemas
+from pytest_statedict.optimizer_diff import (
     ADDED_HYPERPARAMS,
     EMPTY_STATE_ENTRIES,
     RETYPED_STATE_ENTRIES,
-    diff_schemas,
 )
 from pytest_statedict.report import render_diff
 from pytest_statedict.schema import Schema, StateSpec

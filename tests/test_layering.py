@@ -1,7 +1,8 @@
 """The package's import graph: readers at the bottom, and no circle anywhere.
 
-Every import counts, function-level ones included: a lazy import is still a dependency,
-and a circle through one breaks the day someone moves it to the top of the module.
+Every import counts, function-level and ``TYPE_CHECKING`` ones included: a lazy import is
+still a dependency, a circle through one breaks the day someone moves it to the top of the
+module, and a type checker follows the ``TYPE_CHECKING`` ones as an import.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def imports_of(path: Path) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
-    for node in runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -45,20 +46,6 @@ def imports_of(path: Path) -> set[str]:
     return {m for m in found if m in modules and m != name}
 
 
-def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node but those under ``if TYPE_CHECKING:`` (imports for type checkers only)."""
-    nodes: list[ast.AST] = []
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
-            stack.extend(node.orelse)
-            continue
-        nodes.append(node)
-        stack.extend(ast.iter_child_nodes(node))
-    return nodes
-
-
 def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
 
@@ -68,6 +55,17 @@ def test_the_graph_sees_every_import() -> None:
     assert f"{NAME}.readers.dispatch" in edges[f"{NAME}.extract"]
     assert f"{NAME}.readers.unpickling" in edges[f"{NAME}.readers.torch_zip"]
     assert f"{NAME}.runtime" in edges[f"{NAME}.round_trip"]  # a function-level import
+    assert f"{NAME}.assertions" in edges[NAME]  # an import under TYPE_CHECKING
+
+
+def test_no_module_imports_another_ones_private_names() -> None:
+    """A name another module needs is that module's public surface, not its ``_detail``."""
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or node.module in modules):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module_name(path)} imports {private} from {node.module}"
 
 
 def test_readers_import_nothing_above_them() -> None:
