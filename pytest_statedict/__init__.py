@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         SnapshotError,
         StateDictError,
         StateDictMismatch,
+        StateDictWarning,
         UnsupportedFormatError,
         UnsupportedObjectError,
     )
@@ -32,6 +33,7 @@ __all__ = [
     "SnapshotError",
     "StateDictError",
     "StateDictMismatch",
+    "StateDictWarning",
     "UnsupportedFormatError",
     "UnsupportedObjectError",
     "assert_checkpoint_loads",
@@ -55,6 +57,7 @@ _HOME = {
     "SnapshotError": "errors",
     "StateDictError": "errors",
     "StateDictMismatch": "errors",
+    "StateDictWarning": "errors",
     "UnsupportedFormatError": "errors",
     "UnsupportedObjectError": "errors",
 }

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .compare import SchemaDiff, diff_schemas
 from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
@@ -15,6 +17,7 @@ from .rename import Rename, compile_rename, normalise, without_ignored_members
 from .report import render_diff
 from .runtime import SnapshotStore, current_session, key_normaliser, recorded_check, verbose
 from .schema import Schema
+from .verdict import model_verdict, needs_a_load
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -80,6 +83,10 @@ def _assert_matches_expected(
     diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
     if diff:
         complete_diff(diff, actual, expected_schema, actual_schema, rename=rename, ignore=ignore)
+    else:
+        refused = refused_load(actual, expected_schema, rename=rename, ignore=ignore)
+        diff = refused if refused is not None else diff
+    if diff or diff.model_verdict is not None:
         raise StateDictMismatch(
             render_diff(
                 diff,
@@ -142,6 +149,16 @@ def _check_snapshot(
         store.record_snapshot(slot, "failed")
         raise
     diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
+    refused = None if diff else refused_load(actual, expected, rename=rename, ignore=ignore)
+    if refused is not None:
+        store.record_snapshot(slot, "failed")
+        raise StateDictMismatch(
+            render_diff(
+                refused, title=f"state_dict does not match snapshot {slot.shown}",
+                verbose=store.verbose,
+            ),
+            refused,
+        )  # fmt: skip
     if not diff:
         if store.update and (moved or (rtol is None and atol is None)):
             # same schema, other text (an older writer) or an old name: refresh it, or
@@ -205,21 +222,36 @@ def complete_diff(
 ) -> None:
     """Fill in what a mismatch's report says beyond the differences (the caller has the model).
 
-    The strict-load verdict is decided as the refactor gate decides it, through a live
-    model's own ``load_state_dict``: the layouts alone would call a refactor that its load
-    hooks convert breaking. Only the model's real keys can be loaded, so a check that
+    The load verdict is decided as the refactor gate decides it (:mod:`.verdict`), through
+    a live model's own ``load_state_dict``: the layouts alone would call a refactor that its
+    load hooks convert breaking. Only the model's real keys can be loaded, so a check that
     renames keys (``rename=`` or a normalising hook) keeps the layouts' verdict.
     """
-    from torch import nn
-
-    from .gate import load_check
-
     diff.notes.extend(flag_notes(expected, actual_schema))
     if not isinstance(actual, nn.Module) or not expected.tensors:
         return
     if rename is not None or key_normaliser() is not None:
         return
-    diff.load_check = load_check(actual, expected, ignore=ignore)
+    diff.model_verdict = model_verdict(actual, expected, ignore=ignore)
+
+
+def refused_load(
+    actual: Any, expected: Schema, *, rename: Rename, ignore: tuple[str, ...]
+) -> SchemaDiff | None:
+    """Equal layouts that today's model still refuses to load, as a diff to report, or None.
+
+    Equal keys and shapes load, unless the model's own load code says otherwise about a
+    checkpoint that recorded no module versions (:func:`~.verdict.needs_a_load`): then
+    its load decides, as the gate's would, and a NO fails the match.
+    """
+    if rename is not None or key_normaliser() is not None or not expected.tensors:
+        return None
+    if not needs_a_load(actual, expected):
+        return None
+    verdict = model_verdict(actual, expected, ignore=ignore)
+    if verdict.loads is not False:
+        return None
+    return SchemaDiff(model_verdict=verdict)
 
 
 def flag_notes(expected: Schema, actual: Schema) -> list[str]:

@@ -10,9 +10,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import StateDictError
 from .schema import Schema, TensorEntry
+
+if TYPE_CHECKING:
+    from .compare import ModelVerdict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("--expected-part", metavar="PART", help="one entry of EXPECTED (see show)")
     diff.add_argument("--actual-part", metavar="PART", help="one entry of ACTUAL (see show)")
     diff.add_argument("-v", "--verbose", action="store_true", help="show every line")
+    diff.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="a function that builds today's model (e.g. mypkg.models:make_model): the old "
+        "checkpoint is then loaded through it, as the gate loads it, to say whether it loads",
+    )
     _add_release_commands(commands)
     args = parser.parse_args(argv)
     try:
@@ -49,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.actual,
             verbose=args.verbose,
             parts=(args.expected_part, args.actual_part),
+            model=args.model,
         )
     except StateDictError as exc:
         print(f"statedict: {exc}", file=sys.stderr)
@@ -228,21 +239,75 @@ def _human_bytes(n: int) -> str:
 
 
 def _diff(
-    expected: str, actual: str, *, verbose: bool, parts: tuple[str | None, str | None]
+    expected: str,
+    actual: str,
+    *,
+    verbose: bool,
+    parts: tuple[str | None, str | None],
+    model: str | None = None,
 ) -> int:
     from .compare import diff_schemas
     from .report import render_diff
     from .torch_free import schema_of_file
 
-    found = diff_schemas(
-        schema_of_file(expected, part=parts[0]), schema_of_file(actual, part=parts[1])
-    )
-    if not found:
+    old, new = schema_of_file(expected, part=parts[0]), schema_of_file(actual, part=parts[1])
+    if model is None:
+        found = diff_schemas(old, new)
+        if found:
+            found.model_verdict = _no_model()
+    else:
+        from .param_names import positions_named
+        from .verdict import model_verdict, needs_a_load
+
+        today, today_optimizer = build_model(model)
+        # today's model names today's positions (the file is what it saves)
+        found = diff_schemas(old, positions_named(new, today, today_optimizer))
+        if found or needs_a_load(today, old):
+            found.model_verdict = model_verdict(today, old)
+    refused = found.model_verdict is not None and found.model_verdict.loads is False
+    if not found and not refused:
         print(f"no difference: {expected} and {actual} have the same schema")
         return 0
     print(render_diff(found, title=f"{actual} differs from {expected}:", verbose=verbose,
                       rename_direction="expected->actual"))  # fmt: skip
     return 1
+
+
+def _no_model() -> ModelVerdict:
+    from .compare import ModelVerdict
+
+    return ModelVerdict(
+        "", None, "no model to load into (--model MODULE:FUNCTION loads it through today's)"
+    )
+
+
+def build_model(spec: str) -> tuple[Any, Any]:
+    """The model (and optimizer) that ``MODULE:FUNCTION`` builds: ``FUNCTION()`` returns a
+    module, or a ``(module, optimizer)`` pair. The working directory is importable, as it
+    is for ``python -m``."""
+    import importlib
+
+    from torch import nn
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise StateDictError(f"--model {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for name in attribute.split("."):
+            target = getattr(target, name)
+    except (ImportError, AttributeError) as exc:
+        raise StateDictError(f"--model {spec!r}: cannot be imported ({exc})") from None
+    built = target()
+    model, optimizer = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
+    if not isinstance(model, nn.Module):
+        raise StateDictError(
+            f"--model {spec!r}: it returned a {type(model).__name__}, not a torch.nn.Module "
+            "(or a (module, optimizer) pair)"
+        )
+    return model, optimizer
 
 
 # ---- release history: `statedict record` and `statedict history` ------------------------
@@ -255,6 +320,13 @@ def _add_release_commands(commands: argparse._SubParsersAction) -> None:  # type
     record.add_argument("checkpoint", help="the release's checkpoint file or folder")
     record.add_argument("--release", required=True, metavar="NAME", help="e.g. v1.2.0")
     record.add_argument("--part", help="one entry of a general checkpoint, e.g. model_state_dict")
+    record.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="a function that builds the release's model (or a (model, optimizer) pair): it "
+        "names the positions of the checkpoint's optimizer state, so that the release gate "
+        "checks by name which parameter each state belongs to",
+    )
     record.add_argument(
         "--dir",
         metavar="DIR",
@@ -273,7 +345,16 @@ def _record(args: argparse.Namespace) -> int:
     from .releases import project_dir, record_into
 
     base, folder = (Path.cwd(), Path(args.dir)) if args.dir else project_dir()
-    path = record_into(folder, args.release, args.checkpoint, base=base, part=args.part)
+    model, optimizer = build_model(args.model) if args.model else (None, None)
+    path = record_into(
+        folder,
+        args.release,
+        args.checkpoint,
+        base=base,
+        part=args.part,
+        names_from=model,
+        names_optimizer=optimizer,
+    )
     print(f"recorded release {args.release} in {os.path.relpath(path)}: commit it")
     return 0
 

@@ -47,22 +47,27 @@ class Change:
 
 
 @dataclass(frozen=True)
-class LoadCheck:
-    """How a live model answered the strict-load question, filled in by a caller that has it.
+class ModelVerdict:
+    """How today's model answered "does the old checkpoint load?" (see :mod:`.verdict`).
 
-    The layouts alone cannot see a model's own conversion (a ``_load_from_state_dict``
-    keyed on ``_version``, a load pre-hook): the caller loads the expected layout through
-    the model's ``load_state_dict`` on a meta copy, as the refactor gate does. ``loads``
-    is None when that could not be done (``reason`` says why) and the layouts decide;
-    otherwise ``reason`` says what the real load refused.
+    The layouts alone cannot see a model's own load code (a ``_load_from_state_dict`` keyed
+    on ``_version`` that converts, or refuses; a load pre-hook): the expected layout is
+    loaded through the model's ``load_state_dict`` on a meta copy, as the refactor gate
+    does. ``loads`` is None when that could not be done (``reason`` says why) and the
+    layouts decide; otherwise ``reason`` says what the load refused, counted as the
+    deciding ``loader`` counts.
     """
 
     model: str  # the model's class name
     loads: bool | None
     reason: str = ""
-    # whose loader answered: the model's own load_state_dict, or transformers' from_pretrained
-    # rules for a PreTrainedModel (hf_rules)
-    loader: str = "load_state_dict"
+    # the rules that decided, as a report names them: "load_state_dict(strict=True)", or
+    # transformers' from_pretrained rules for a PreTrainedModel (hf_rules)
+    loader: str = "load_state_dict(strict=True)"
+
+    @property
+    def by_transformers(self) -> bool:
+        return "from_pretrained" in self.loader
 
 
 @dataclass
@@ -86,7 +91,7 @@ class SchemaDiff:
     # not differences: how the load verdict was decided (filled in by a caller that has the
     # model), and what the report says beside them (the order of tolerant value changes;
     # implementation flags, from the caller)
-    load_check: LoadCheck | None = None
+    model_verdict: ModelVerdict | None = None
     notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -117,10 +122,10 @@ class SchemaDiff:
 
         ``load_state_dict`` refuses missing keys, unexpected keys and shape mismatches; a
         dtype change is converted on copy, so it still loads (with converted values). A
-        real load through the model (``load_check``) outranks the layouts.
+        real load through the model (``model_verdict``) outranks the layouts.
         """
-        if self.load_check is not None and self.load_check.loads is not None:
-            return self.load_check.loads
+        if self.model_verdict is not None and self.model_verdict.loads is not None:
+            return self.model_verdict.loads
         return self.layouts_load_strict
 
     @property
@@ -199,7 +204,8 @@ def diff_schemas(
     diff.optimizer = diff_optimizers(old_opt, new_opt)
     if old_opt is not None and new_opt is not None:
         reshaped = {c.key for c in diff.changed if c.attribute == "shape"}
-        diff.optimizer_verdict = optimizer_verdict(old_opt, new_opt, reshaped)
+        shapes_now = {t.key: t.shape for t in actual.tensors}
+        diff.optimizer_verdict = optimizer_verdict(old_opt, new_opt, reshaped, shapes_now)
     if actual.optimizer is not None:
         diff.problems = list(actual.optimizer.problems)
     return diff

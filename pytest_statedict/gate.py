@@ -10,24 +10,24 @@ guard a release's layout as well as its gigabytes of weights would.
 
 from __future__ import annotations
 
-import math
+import inspect
 import os
 import re
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .compare import LoadCheck, diff_schemas
+from .compare import SchemaDiff, diff_schemas
 from .errors import (
     CheckpointError,
     SnapshotError,
     StateDictError,
     StateDictMismatch,
-    first_line,
+    StateDictWarning,
     hide_from_bad_input,
 )
 from .extract import (
@@ -36,24 +36,20 @@ from .extract import (
     model_state,
     module_schema,
     require_module,
+    schema_of,
     schema_of_file,
 )
-from .hf_rules import decide_load
-from .model_copy import meta_copy
+from .hf_rules import LoadVerdict
+from .meta_state import state_from_snapshot
 from .readers import dispatch
-from .rename import Rename, compile_rename, matches_any
-from .report import SECTION_LIMIT, load_refusals, suggest_rename
+from .rename import Rename, compile_rename, matches_any, normalise
+from .report import SECTION_LIMIT, model_verdict_line, optimizer_load_verdict, suggest_rename
 from .runtime import checkpoint_loader, recorded_check
-from .schema import Schema, TensorEntry, dtype_name
+from .schema import Schema
+from .verdict import load_into, summarised
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
-
-_SIZE_MISMATCH = re.compile(
-    r"size mismatch for (\S+): copying a param with shape (.+?) from "
-    r"checkpoint, the shape in current model is (.+?)\.$",
-    re.M,
-)
 
 
 @recorded_check("gate", lambda model, path, *args, **kwargs: os.fspath(path))
@@ -67,6 +63,9 @@ def assert_checkpoint_loads(
     part: str | None = None,
     rules: str = "auto",
     factory: Callable[[], nn.Module] | None = None,
+    optimizer: Any = None,
+    convert: Callable[..., Mapping[str, Any]] | None = None,
+    ignore: Iterable[str] = (),
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
@@ -79,85 +78,104 @@ def assert_checkpoint_loads(
     tied keys, keys to ignore, checkpoint conversions) or ``"auto"``, transformers' for a
     transformers ``PreTrainedModel`` and torch's for anything else. ``factory`` builds the
     model to load into, for a model that cannot be copied onto the meta device.
+
+    ``optimizer`` (today's optimizer, or a function of the model that builds it) checks the
+    checkpoint's optimizer state too: that it loads, and that every state lands on its own
+    parameter (by name where the checkpoint names them, else by position, which is said).
+    ``convert`` is the project's own conversion of old checkpoints, ``fn(state_dict)`` or
+    ``fn(state_dict, model)``, applied before ``rename``; keys matching an ``ignore`` glob
+    count on neither side.
     """
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
+    ignore = tuple(ignore)
     source, state, saved_on, recorded_only = checkpoint_state(
         Path(path), part=part, map_location=map_location, model=model
     )
-    mapping = compile_rename(rename)
-    if mapping is not None:
-        renamed = OrderedDict((mapping(k), v) for k, v in state.items())
-        renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
-        state = renamed
-    make_target = _loading_copy(model, factory)
-    verdict = decide_load(
-        model,
-        state,
-        rules=rules,
-        strict=strict,
-        copy=lambda _: make_target(),
-        torch_load=lambda target, loaded: _try_load(target, loaded, make_target),
+    state = _converted(state, convert, model)
+    state = _renamed(state, compile_rename(rename))
+    loaded = load_into(model, state, rules=rules, strict=strict, factory=factory)
+    verdict = summarised(model, loaded, strict=strict, ignore=ignore, present=recorded_only)
+    diff = diff_schemas(mapping_schema(state), module_schema(model))
+    diff.model_verdict = verdict
+    name = type(model).__name__
+    if verdict.loads:
+        title = f"checkpoint {_shown(source)} loads into {name}, but its optimizer state does not:"
+        lines = ["  " + model_verdict_line(verdict, diff)]
+    else:
+        title = f"checkpoint {_shown(source)} does not load into {name} with {loaded.how}:"
+        lines = _load_failure(model, loaded, diff, recorded_only, ignore, strict)
+    optimizer_lines = []
+    if optimizer is not None:
+        optimizer_lines = _optimizer_failure(model, optimizer, source, rename, ignore, diff)
+    if not verdict.loads or optimizer_lines:
+        lines += optimizer_lines
+        if any(loc != "cpu" for loc in saved_on):
+            lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
+        raise StateDictMismatch("\n".join([title, *lines]), diff)
+
+
+def _converted(
+    state: Mapping[str, Any], convert: Callable[..., Mapping[str, Any]] | None, model: nn.Module
+) -> Mapping[str, Any]:
+    """``convert(state)`` or ``convert(state, model)``, keeping the module versions of a
+    conversion that returns a plain dict (their ``_load_from_state_dict`` reads them)."""
+    if convert is None:
+        return state
+    try:
+        wants_model = len(inspect.signature(convert).parameters) >= 2
+    except (TypeError, ValueError):
+        wants_model = False
+    converted = convert(state, model) if wants_model else convert(state)
+    if not isinstance(converted, Mapping):
+        raise StateDictError(
+            f"assert_checkpoint_loads(convert=...): the conversion returned a "
+            f"{type(converted).__name__}, not the state_dict to load"
+        )
+    metadata = getattr(converted, "_metadata", getattr(state, "_metadata", None))
+    kept = OrderedDict(converted)
+    kept._metadata = metadata  # type: ignore[attr-defined]
+    return kept
+
+
+def _renamed(state: Mapping[str, Any], mapping: Callable[[str], str] | None) -> Mapping[str, Any]:
+    if mapping is None:
+        return state
+    renamed = OrderedDict((mapping(k), v) for k, v in state.items())
+    renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return renamed
+
+
+def _load_failure(
+    model: nn.Module,
+    loaded: LoadVerdict,
+    diff: SchemaDiff,
+    recorded_only: set[str],
+    ignore: tuple[str, ...],
+    strict: bool,
+) -> list[str]:
+    """The model half of a failed gate: the verdict line, then every key and the way out."""
+    assert diff.model_verdict is not None
+
+    def kept(keys: list[str]) -> list[str]:
+        return [k for k in keys if not matches_any(k, ignore)]
+
+    missing = kept([k for k in loaded.missing if k not in recorded_only])
+    unexpected = kept(loaded.unexpected)
+    shapes = [s for s in loaded.shapes if not matches_any(s[0], ignore)]
+    lines = ["  " + model_verdict_line(diff.model_verdict, diff)]
+    lines.extend(f"  {note}" for note in loaded.notes)
+    if loaded.error:
+        lines.append(f"  its load_state_dict raised: {loaded.error}")
+    lines += _section("missing (in the model, not in the checkpoint)", missing)
+    lines += _section("unexpected (in the checkpoint, not in the model)", unexpected)
+    lines += _section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+    lines += _section(
+        "accepted by transformers' rules (strict load_state_dict refuses)", loaded.accepted
     )
-    missing, unexpected, shapes, error = (
-        verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
-    )  # fmt: skip
-    missing = [k for k in missing if k not in recorded_only]
-    failed = bool(shapes or error or (strict and (missing or unexpected)))
-    if not failed:
-        return
-    lines = [
-        f"checkpoint {_shown(source)} does not load into {type(model).__name__} with {verdict.how}:"
-    ]
-    lines.extend(f"  {note}" for note in verdict.notes)
-    if error:
-        lines.append(f"  its load_state_dict raised: {error}")
-
-    def section(heading: str, items: list[str]) -> None:
-        if items:
-            lines.append(f"  {heading} ({len(items)}):")
-            lines.extend(f"    {i}" for i in items[:SECTION_LIMIT])
-            if len(items) > SECTION_LIMIT:
-                lines.append(f"    ... and {len(items) - SECTION_LIMIT} more")
-
-    section("missing (in the model, not in the checkpoint)", missing)
-    section("unexpected (in the checkpoint, not in the model)", unexpected)
-    section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
-    section("accepted by transformers' rules (strict load_state_dict refuses)", verdict.accepted)
-    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    new_buffers = [k for k in missing if k in buffers]
-    if new_buffers:
-        # a buffer added since the checkpoint is often derived state (a mask, a cache) that
-        # need not be saved at all: then it is no reason to break every old checkpoint
-        lines.append(
-            f"  missing buffer(s) {', '.join(new_buffers[:5])}"
-            + (", ..." if len(new_buffers) > 5 else "")
-            + ": if not needed in checkpoints, register with "
-            "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
-        )
-    if verdict.unmatched is None:
-        diff = diff_schemas(mapping_schema(state), module_schema(model))
-    else:  # what transformers' rules left unmatched on each side
-        diff = diff_schemas(*(mapping_schema(side) for side in verdict.unmatched))
-    if diff.prefix:
-        how, prefix = diff.prefix
-        fix = (
-            f"rename=[(r'^', {prefix!r})]"
-            if how == "added"
-            else f"rename=[(r'^{re.escape(prefix)}', '')]"
-        )
-        lines.append(
-            f"  the model's keys have the prefix {prefix!r} {how} relative to the checkpoint "
-            f"(a wrapper such as DataParallel or torch.compile): {fix}"
-        )
-    elif diff.renames:
-        lines.append("  likely renamed (same shape and dtype):")
-        lines.extend(f"    {old} -> {new}" for old, new in diff.renames[:SECTION_LIMIT])
-        lines.append(
-            "  to load it as it is, pass the checkpoint's keys through "
-            + suggest_rename(diff.renames, "expected->actual")
-        )
-    if unexpected and not shapes and not error:
+    lines += _new_buffer_hint(model, missing)
+    lines += _rename_hint(loaded, diff)
+    if strict and unexpected and not shapes and not loaded.error:
         lines.append(
             "  with strict=False it would load, silently dropping "
             f"{len(unexpected)} checkpoint key(s) ({', '.join(unexpected[:5])}"
@@ -165,9 +183,110 @@ def assert_checkpoint_loads(
             + ")"
             + (f" and leaving {len(missing)} model key(s) uninitialised" if missing else "")
         )
-    if any(loc != "cpu" for loc in saved_on):
-        lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
-    raise StateDictMismatch("\n".join(lines), diff)
+    return lines
+
+
+def _section(heading: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    lines = [f"  {heading} ({len(items)}):", *(f"    {i}" for i in items[:SECTION_LIMIT])]
+    if len(items) > SECTION_LIMIT:
+        lines.append(f"    ... and {len(items) - SECTION_LIMIT} more")
+    return lines
+
+
+def _new_buffer_hint(model: nn.Module, missing: list[str]) -> list[str]:
+    """A buffer added since the checkpoint is often derived state (a mask, a cache) that
+    need not be saved at all: then it is no reason to break every old checkpoint."""
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    new_buffers = [k for k in missing if k in buffers]
+    if not new_buffers:
+        return []
+    return [
+        f"  missing buffer(s) {', '.join(new_buffers[:5])}"
+        + (", ..." if len(new_buffers) > 5 else "")
+        + ": if not needed in checkpoints, register with "
+        "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
+    ]
+
+
+def _rename_hint(loaded: LoadVerdict, diff: SchemaDiff) -> list[str]:
+    """A wrapper's prefix, or the likely renames as a ready ``rename=``."""
+    if loaded.unmatched is not None:  # what transformers' rules left unmatched on each side
+        diff = diff_schemas(*(mapping_schema(side) for side in loaded.unmatched))
+    if diff.prefix:
+        how, prefix = diff.prefix
+        fix = (
+            f"rename=[(r'^', {prefix!r})]"
+            if how == "added"
+            else f"rename=[(r'^{re.escape(prefix)}', '')]"
+        )
+        return [
+            f"  the model's keys have the prefix {prefix!r} {how} relative to the checkpoint "
+            f"(a wrapper such as DataParallel or torch.compile): {fix}"
+        ]
+    if not diff.renames:
+        return []
+    return [
+        "  likely renamed (same shape and dtype):",
+        *(f"    {old} -> {new}" for old, new in diff.renames[:SECTION_LIMIT]),
+        "  to load it as it is, pass the checkpoint's keys through "
+        + suggest_rename(diff.renames, "expected->actual"),
+    ]
+
+
+def _optimizer_failure(
+    model: nn.Module,
+    optimizer: Any,
+    source: Path,
+    rename: Rename,
+    ignore: tuple[str, ...],
+    diff: SchemaDiff,
+) -> list[str]:
+    """The optimizer half of the gate, from the optimizer state the checkpoint holds."""
+    today = optimizer(model) if callable(optimizer) else optimizer
+    expected = schema_of_file(source)
+    if expected.optimizer is None:
+        return [
+            f"  optimizer= was given, but {_shown(source)} holds no optimizer state (a "
+            "general checkpoint keeps it under optimizer_state_dict, optimizer or optim)"
+        ]
+    return optimizer_failure(
+        model, today, expected, rename=rename, ignore=ignore, shown=_shown(source), diff=diff
+    )
+
+
+def optimizer_failure(
+    model: nn.Module,
+    today: Any,
+    expected: Schema,
+    *,
+    rename: Rename,
+    ignore: tuple[str, ...],
+    shown: str,
+    diff: SchemaDiff,
+) -> list[str]:
+    """Why ``expected``'s optimizer state would not load or resume into ``today``'s, as
+    report lines (none when it would), with the verdict filled into ``diff``.
+
+    Judged as the snapshot check judges it (:func:`~.optimizer_diff.optimizer_verdict`):
+    the gate and the release gate call this. A verdict that could check positions only
+    passes with a :class:`StateDictWarning` that says so, never silently.
+    """
+    expected = normalise(expected, rename=compile_rename(rename))
+    judged = diff_schemas(expected, schema_of(model, optimizer=today), ignore=ignore)
+    verdict = judged.optimizer_verdict
+    if verdict is None:
+        return []
+    diff.optimizer, diff.optimizer_verdict = judged.optimizer, verdict
+    if verdict.loads and verdict.exact is None:
+        warnings.warn(
+            StateDictWarning(f"checkpoint {shown}: {optimizer_load_verdict(verdict)}"),
+            stacklevel=4,
+        )
+    if verdict.loads and verdict.exact is not False:
+        return []
+    return ["  " + optimizer_load_verdict(verdict), *_section("optimizer", judged.optimizer)]
 
 
 # Formats whose schema comes from a header or an index, never from tensor data: the gate
@@ -207,269 +326,9 @@ def checkpoint_state(
     return where, state, saved_on, set()
 
 
-def load_check(model: nn.Module, expected: Schema, *, ignore: tuple[str, ...] = ()) -> LoadCheck:
-    """Does a checkpoint of ``expected``'s layout load into ``model`` with strict=True?
-
-    Decided as the gate decides it, through the model's own ``load_state_dict`` on a meta
-    copy, so that its conversion hooks count: a report must not call a refactor breaking
-    that the gate passes. Keys matching ``ignore`` count on neither side. A model that
-    cannot be copied, or a layout that cannot be rebuilt, leaves the layouts to decide.
-    """
-    name = type(model).__name__
-    make_target = _loading_copy(model, None)
-    try:
-        target = make_target()
-    except StateDictError as exc:  # the layouts decide instead
-        why = type(exc.__context__).__name__ if exc.__context__ else "no copy"
-        return LoadCheck(name, None, f"{name} cannot be copied ({why})")
-    try:
-        state = state_from_snapshot(expected, model)
-    except SnapshotError as exc:
-        return LoadCheck(name, None, f"the expected layout cannot be rebuilt ({exc})")
-    loader = "load_state_dict"
-    try:
-        verdict = decide_load(
-            model,
-            state,
-            rules="auto",
-            strict=True,
-            copy=lambda _: target,
-            torch_load=lambda t, loaded: _try_load(t, loaded, make_target),
-        )
-        missing, unexpected, shapes, error = (
-            verdict.missing, verdict.unexpected, verdict.shapes, verdict.error
-        )  # fmt: skip
-        if verdict.rules == "transformers":
-            loader = verdict.how
-    except Exception as exc:  # a load hook's own error: torch's load would raise it too
-        error = f"{type(exc).__name__}: {exc}"
-    if error:
-        return LoadCheck(name, False, f"it raises: {error}", loader)
-    # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
-    present = {entry.key for entry in expected.tensors}
-    missing = [k for k in missing if k not in present]
-
-    def kept(keys: list[str]) -> int:
-        return sum(not matches_any(k, ignore) for k in keys)
-
-    reasons = load_refusals(kept(unexpected), kept(missing), kept([s[0] for s in shapes]))
-    return LoadCheck(name, not reasons, ", ".join(reasons), loader)
-
-
 def _shown(path: Path) -> str:
     """The path relative to the working directory when it is below it."""
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def _loading_copy(
-    model: nn.Module, factory: Callable[[], nn.Module] | None
-) -> Callable[[], nn.Module]:
-    """What builds a model to load into: the user's ``factory``, or a meta copy."""
-    if factory is not None:
-        return factory
-    return lambda: meta_copy(model, caller="assert_checkpoint_loads()")
-
-
-def _try_load(
-    target: nn.Module, state: Any, make_target: Callable[[], nn.Module]
-) -> tuple[list[str], list[str], list[tuple[str, str, str]], str | None]:
-    """missing, unexpected, shape mismatches (key, checkpoint, model) and any other error.
-
-    After shape mismatches the load is tried again, without those keys, into a fresh
-    ``make_target()``: the first load may have changed ``target`` half way.
-
-    A load hook may raise anything (a ``ValueError`` on a version it does not know, a
-    ``KeyError`` for an entry it expects): that is the load failing, reported with its
-    message, as torch's own ``RuntimeError`` is.
-    """
-    shapes: list[tuple[str, str, str]] = []
-    try:
-        result = target.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        shapes = [(k, _shape(c), _shape(m)) for k, c, m in _SIZE_MISMATCH.findall(str(exc))]
-        if not shapes:
-            return [], [], [], _last_line(exc)
-        kept = OrderedDict((k, v) for k, v in state.items() if k not in {s[0] for s in shapes})
-        kept._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
-        try:
-            result = make_target().load_state_dict(kept, strict=False, assign=True)
-        except RuntimeError as again:
-            return [], [], shapes, _last_line(again)
-        except StateDictError:
-            raise
-        except Exception as again:
-            return [], [], shapes, first_line(again)
-    except StateDictError:
-        raise
-    except Exception as exc:  # a load hook's own error
-        return [], [], [], first_line(exc)
-    bad = {s[0] for s in shapes}
-    return (
-        [k for k in result.missing_keys if k not in bad],
-        list(result.unexpected_keys),
-        shapes,
-        None,
-    )
-
-
-def _last_line(exc: RuntimeError) -> str:
-    """torch's load errors end with the problem; any other error (a hook's) starts with it."""
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    return lines[-1] if lines[0].startswith("Error(s) in loading state_dict") else lines[0]
-
-
-def _shape(text: str) -> str:
-    return text.replace("torch.Size(", "").rstrip(")")
-
-
-QUANTIZED_DTYPES = frozenset(
-    {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
-)
-
-
-def _meta_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
-    """The meta tensor a snapshot entry describes, or an error naming the snapshot and key."""
-    problem = None
-    try:
-        dtype = getattr(torch, entry.dtype or "float32")
-        if dtype in QUANTIZED_DTYPES:  # a quantized tensor is recorded with its qscheme
-            problem = "a quantized dtype without a qscheme"
-        else:
-            tensor = torch.empty(entry.shape or (), dtype=dtype, device="meta")
-    except (RuntimeError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-        problem = first_line(exc, 200)
-    if problem:
-        raise SnapshotError(
-            schema.source or "<snapshot>",
-            f"{entry.key!r}: no {entry.dtype}{list(entry.shape or ())} tensor can be built to "
-            f"load ({problem})",
-        )
-    return tensor
-
-
-def state_from_snapshot(schema: Schema, model: nn.Module | None = None) -> OrderedDict[str, Any]:
-    """A state_dict shaped as a snapshot records, with its module versions, to load.
-
-    Tensors are meta tensors, except where a load hook reads values: a tensor of at most
-    one element (quantized modules read ``scale`` and ``zero_point`` with ``float()``) is
-    built on the CPU, with its recorded value when the snapshot has values; a quantized
-    tensor (packed by its module's hook) is ``model``'s own when it has that key with the
-    recorded shape, dtype and qscheme, else an uninitialised one on the CPU, and so are
-    the other tensors of its module (a quantized conv packs its bias with it). An object
-    entry (``_extra_state``, a dynamic-quantized module's packed weights), whose contents
-    a snapshot does not record, is ``model``'s own; where the model has no such key, a
-    string stands in for it, which the load reports as unexpected. Sparse tensors are
-    left out (the caller counts them as present: the snapshot has them).
-    """
-    own = _own_entries(schema, model)
-    packing = {e.key.rpartition(".")[0] for e in schema.tensors if e.qscheme}
-    state: OrderedDict[str, Any] = OrderedDict()
-    for entry in schema.tensors:
-        if entry.kind == "object":
-            # the model's own, or a stand-in its load reports as unexpected
-            state[entry.key] = own.get(entry.key, f"<{entry.type} recorded in the snapshot>")
-        elif entry.qscheme:
-            mine = own.get(entry.key)
-            if _same_quantized(mine, entry):
-                state[entry.key] = mine
-            else:
-                state[entry.key] = _quantized_tensor(schema, entry)
-        elif entry.layout:
-            continue  # a sparse layout: no tensor to rebuild, the key is in the snapshot
-        elif entry.key.rpartition(".")[0] in packing:  # packed with a quantized weight
-            mine = own.get(entry.key)
-            if _same_plain(mine, entry):
-                state[entry.key] = mine
-            else:
-                meta = _meta_tensor(schema, entry)
-                state[entry.key] = torch.zeros(meta.shape, dtype=meta.dtype)
-        elif math.prod(entry.shape or ()) <= 1:
-            state[entry.key] = _scalar_tensor(schema, entry)
-        else:
-            state[entry.key] = _meta_tensor(schema, entry)
-    if schema.versions is not None:
-        keys = [entry.key for entry in schema.tensors]
-        prefixes = {""} | {
-            key.rsplit(".", i)[0] for key in keys for i in range(1, key.count(".") + 1)
-        }
-        state._metadata = {  # type: ignore[attr-defined]
-            p: {"version": schema.versions.get(p, 1)} for p in sorted(prefixes)
-        }
-    return state
-
-
-def _own_entries(schema: Schema, model: nn.Module | None) -> dict[str, Any]:
-    """The model's state_dict, when the snapshot has entries a load needs values of."""
-    if model is None or not any(e.kind == "object" or e.qscheme for e in schema.tensors):
-        return {}
-    return dict(model.state_dict())
-
-
-def _same_plain(value: Any, entry: TensorEntry) -> bool:
-    return (
-        isinstance(value, torch.Tensor)
-        and not value.is_quantized
-        and tuple(value.shape) == tuple(entry.shape or ())
-        and dtype_name(value.dtype) == entry.dtype
-    )
-
-
-def _same_quantized(value: Any, entry: TensorEntry) -> bool:
-    return (
-        isinstance(value, torch.Tensor)
-        and value.is_quantized
-        and tuple(value.shape) == tuple(entry.shape or ())
-        and dtype_name(value.dtype) == entry.dtype
-        and str(value.qscheme()).removeprefix("torch.") == entry.qscheme
-    )
-
-
-def _quantized_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
-    """An uninitialised quantized CPU tensor of the recorded shape, dtype and qscheme.
-
-    Quantized modules pack their weights as they load, which needs real memory (the
-    quantized weights of a deployment, a byte per element). Per-channel tensors are
-    quantized along their first dimension, as torch's quantized convs and linears are.
-    """
-    shape = tuple(entry.shape or ())
-    try:
-        dtype = getattr(torch, entry.dtype or "")
-        if entry.qscheme in ("per_tensor_affine", "per_tensor_symmetric"):
-            return torch._empty_affine_quantized(shape, scale=1.0, zero_point=0, dtype=dtype)
-        if entry.qscheme in ("per_channel_affine", "per_channel_symmetric",
-                             "per_channel_affine_float_qparams"):  # fmt: skip
-            channels = shape[0] if shape else 1
-            zero_dtype = torch.float if entry.qscheme.endswith("float_qparams") else torch.long
-            return torch._empty_per_channel_affine_quantized(
-                shape,
-                scales=torch.ones(channels, dtype=torch.double),
-                zero_points=torch.zeros(channels, dtype=zero_dtype),
-                axis=0,
-                dtype=dtype,
-            )
-        problem = f"unknown qscheme {entry.qscheme!r}"
-    except (RuntimeError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-        problem = first_line(exc, 200)
-    raise SnapshotError(
-        schema.source or "<snapshot>",
-        f"{entry.key!r}: no quantized {entry.dtype}{list(shape)} tensor ({entry.qscheme}) can "
-        f"be built to load ({problem})",
-    )
-
-
-def _scalar_tensor(schema: Schema, entry: TensorEntry) -> torch.Tensor:
-    """A tensor of at most one element on the CPU, holding its recorded value if any."""
-    meta = _meta_tensor(schema, entry)
-    if entry.fingerprint is not None and not math.isnan(entry.fingerprint.min):
-        value: float = entry.fingerprint.min
-    else:  # no value recorded: one where a value is a float (a valid scale), else zero
-        value = 1.0 if meta.dtype.is_floating_point or meta.dtype.is_complex else 0
-    try:
-        return torch.full(meta.shape, value, dtype=meta.dtype)
-    except (RuntimeError, TypeError, OverflowError):
-        return torch.zeros(meta.shape, dtype=meta.dtype)

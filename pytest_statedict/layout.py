@@ -36,6 +36,8 @@ OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_state
 # Switches that choose an implementation, not the maths (torch adds them over releases):
 # comparing them would fail every optimizer snapshot on a torch upgrade, so they are kept
 # apart from the hyperparameters (``ParamGroup.flags``), for the report's notes only.
+# A group's members: its parameters, and their names where torch saved them.
+NOT_HYPERPARAMS = frozenset({"params", "param_names"})
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
 # A hyperparameter is a number, a few numbers (betas) or a small dict: these bounds only
@@ -180,17 +182,33 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
 
 
 def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> OptimizerSchema:
-    """An optimizer's ``state_dict()``: param_groups by index, its class unknown."""
+    """An optimizer's ``state_dict()``: its class unknown, its members by index, or by name
+    where the optimizer was built from ``model.named_parameters()`` (torch 2.6 and newer
+    save their names as each group's ``param_names``)."""
+    names: dict[int, str] = {}
+    for group in optimizer["param_groups"]:
+        given = group.get("param_names")
+        if (
+            isinstance(given, (list, tuple))
+            and len(given) == len(group["params"])
+            and all(isinstance(n, str) for n in given)
+        ):
+            names.update(zip((int(p) for p in group["params"]), given, strict=True))
+    named = len(names) == sum(len(g["params"]) for g in optimizer["param_groups"])
+
+    def member(index: Any) -> str | int:
+        return names.get(int(index), int(index)) if named else int(index)
+
     groups = tuple(
         ParamGroup(
             hyperparams=hyperparams(group, tensors),
-            params=tuple(int(p) for p in group["params"]),
+            params=tuple(member(p) for p in group["params"]),
             flags=flags(group, tensors),
         )
         for group in optimizer["param_groups"]
     )
     state = tuple(
-        ParamState(param=int(index), entries=state_specs(entries, tensors))
+        ParamState(param=member(index), entries=state_specs(entries, tensors))
         for index, entries in sorted(optimizer["state"].items(), key=lambda kv: int(kv[0]))
     )
     return OptimizerSchema(cls=UNKNOWN_CLASS, param_groups=groups, state=state)
@@ -211,7 +229,7 @@ def hyperparams(group: Mapping[str, Any], tensors: Tensors) -> dict[str, Any]:
     return {
         str(k): jsonable(group[k], tensors)
         for k in sorted(group, key=str)
-        if k != "params" and k not in IMPLEMENTATION_FLAGS
+        if k not in NOT_HYPERPARAMS and k not in IMPLEMENTATION_FLAGS
     }
 
 

@@ -8,11 +8,11 @@ module says what torch would do, and where it would go wrong.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .schema import UNKNOWN_CLASS, OptimizerSchema, StateSpec
+from .schema import ELEMENTWISE_STATE, UNKNOWN_CLASS, OptimizerSchema, StateSpec
 
 __all__ = [
     "ADDED_HYPERPARAMS",
@@ -147,9 +147,17 @@ def _landings(old: Sequence[str | int], new: Sequence[str | int], limit: int = 3
 
 
 def optimizer_verdict(
-    expected: OptimizerSchema, actual: OptimizerSchema, reshaped: Iterable[str] = ()
+    expected: OptimizerSchema,
+    actual: OptimizerSchema,
+    reshaped: Iterable[str] = (),
+    shapes_now: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> OptimizerVerdict:
-    """What ``optimizer.load_state_dict(yesterday's state)`` would do today (see the class)."""
+    """What ``optimizer.load_state_dict(yesterday's state)`` would do today (see the class).
+
+    By name where both sides name their parameters; by position otherwise, as torch itself
+    loads: ``shapes_now`` (today's tensors' shapes by key) tells what each saved state
+    lands on, and a state that does not fit fails the next step.
+    """
     old_sizes = [len(g.params) for g in expected.param_groups]
     new_sizes = [len(g.params) for g in actual.param_groups]
     if len(old_sizes) != len(new_sizes):
@@ -165,8 +173,8 @@ def optimizer_verdict(
     ]
     if sizes:
         return OptimizerVerdict(False, False, tuple(sizes))
-    if uses_names(expected) != uses_names(actual):
-        return OptimizerVerdict(True, None)
+    if not (uses_names(expected) and uses_names(actual)):
+        return _positional_verdict(expected, actual, shapes_now or {})
     old = [p for g in expected.param_groups for p in g.params]
     new = [p for g in actual.param_groups for p in g.params]
     reasons = []
@@ -189,6 +197,80 @@ def optimizer_verdict(
             f"the state saved for {names} would keep the old shape (the next step fails)"
         )
     return OptimizerVerdict(True, not reasons, tuple(reasons))
+
+
+def _positional_verdict(
+    expected: OptimizerSchema,
+    actual: OptimizerSchema,
+    shapes_now: Mapping[str, tuple[int, ...] | None],
+) -> OptimizerVerdict:
+    """The verdict where one side names no parameters: the state saved at position ``i``
+    lands on today's parameter ``i``, so its per-element state must have that shape.
+
+    Today's shape at a position is its named parameter's, else the per-element state
+    today's optimizer keeps there. Which parameter a state was saved for cannot be known,
+    and the verdict says so (``exact`` None) rather than pass as if it had been checked.
+    """
+    new = [p for g in actual.param_groups for p in g.params]
+    position = {p: i for i, p in enumerate(q for g in expected.param_groups for q in g.params)}
+    state_now = {s.param: s for s in actual.state}
+
+    def shape_now(i: int) -> tuple[int, ...] | None:
+        member = new[i]
+        if isinstance(member, str) and shapes_now.get(member) is not None:
+            return shapes_now[member]
+        kept = state_now.get(member)
+        return _elementwise_shape(kept.entries) if kept is not None else None
+
+    misfits: list[str] = []
+    checked = unchecked = 0
+    for saved in expected.state:
+        old_shape = _elementwise_shape(saved.entries)
+        i = position.get(saved.param)
+        if old_shape is None or i is None:
+            continue  # no per-element state (a step count fits any parameter)
+        now = shape_now(i)
+        if now is None:
+            unchecked += 1
+        elif tuple(now) != tuple(old_shape):
+            misfits.append(f"position {i} ({new[i]!r}): saved {list(old_shape)}, now {list(now)}")
+        else:
+            checked += 1
+    if misfits:
+        more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+        return OptimizerVerdict(
+            True,
+            False,
+            (
+                f"by position, the state saved for {len(misfits)} parameter"
+                f"{'s' * (len(misfits) > 1)} does not fit the parameter now at its position "
+                f"({'; '.join(misfits[:3])}{more}): the next step fails",
+            ),
+        )
+    who = "the saved state" if not uses_names(expected) else "today's optimizer"
+    if checked:
+        note = (
+            f"the state saved at {checked} position{'s' * (checked > 1)} fits the shape of "
+            "today's parameter there"
+        )
+    else:
+        note = "no saved per-parameter state had a shape to check"
+    if unchecked:
+        note += f" ({unchecked} not checked: no shape known there today)"
+    return OptimizerVerdict(
+        True,
+        None,
+        (f"{note}; which parameter each state was saved for cannot be checked: {who} names "
+         "no parameters",),
+    )  # fmt: skip
+
+
+def _elementwise_shape(entries: Mapping[str, StateSpec]) -> tuple[int, ...] | None:
+    """The shape of a parameter's per-element state (``exp_avg``...): the parameter's own."""
+    for name, spec in entries.items():
+        if name in ELEMENTWISE_STATE and spec.type is None and spec.shape:
+            return spec.shape
+    return None
 
 
 # Hyperparameters a torch release added to a param_group with a default that keeps the old

@@ -222,15 +222,29 @@ def record_release(
 
 
 def record_into(
-    folder: Path, name: str, obj: Any, optimizer: Any = None, *, base: Path, part: str | None
+    folder: Path,
+    name: str,
+    obj: Any,
+    optimizer: Any = None,
+    *,
+    base: Path,
+    part: str | None,
+    names_from: nn.Module | None = None,
+    names_optimizer: Any = None,
 ) -> Path:
     """Write ``obj``'s release snapshot ``name`` into ``folder`` (``base``: the folder it
-    is named from, see :func:`~pytest_statedict.storage.linked_root`)."""
+    is named from, see :func:`~pytest_statedict.storage.linked_root`). ``names_from``, the
+    release's model (with ``names_optimizer``, its optimizer), names the positions of a
+    checkpoint's optimizer state (see :mod:`.param_names`)."""
     __tracebackhide__ = True
     from .extract import schema_of
 
     check_name(name)
     schema = schema_of(obj, optimizer=optimizer, part=part)
+    if names_from is not None:
+        from .param_names import positions_named
+
+        schema = positions_named(schema, names_from, names_optimizer)
     if not schema.tensors:
         raise StateDictError(
             f"release {name}: {obj!r} has no tensors: a release snapshot guards a model's layout"
@@ -434,17 +448,17 @@ class ReleaseGate:
         state, a load hook). Kept for the model built once."""
         if model is self._model and self._layout is not NOT_GIVEN:
             return self._layout  # type: ignore[no-any-return]
-        layout = _plain_layout(model)
+        from .verdict import plain_layout
+
+        layout = plain_layout(model)
         if model is self._model:
             self._layout = layout
         return layout
 
     def _optimizer_problem(self, model: nn.Module, release: Release, schema: Schema) -> str:
         """Why the release's optimizer state would not load (or resume) today, or ''."""
-        from .compare import diff_schemas
-        from .extract import schema_of
-        from .rename import compile_rename, normalise
-        from .report import SECTION_LIMIT, optimizer_load_verdict
+        from .compare import SchemaDiff
+        from .gate import optimizer_failure
 
         assert schema.optimizer is not None
         if self.optimizer is NOT_GIVEN:
@@ -455,17 +469,18 @@ class ReleaseGate:
             )
         if self.optimizer is None:
             return ""
-        today = self.optimizer(model)
-        expected = normalise(schema, rename=compile_rename(self.rename))
-        diff = diff_schemas(expected, schema_of(model, optimizer=today))
-        verdict = diff.optimizer_verdict
-        if verdict is None or (verdict.loads and verdict.exact is not False):
+        lines = optimizer_failure(
+            model,
+            self.optimizer(model),
+            schema,
+            rename=self.rename,
+            ignore=(),
+            shown=f"release {release.name}",
+            diff=SchemaDiff(),
+        )
+        if not lines:
             return ""
-        lines = [f"  release {release.name}'s optimizer state: {optimizer_load_verdict(verdict)}"]
-        lines += [f"    {line}" for line in diff.optimizer[:SECTION_LIMIT]]
-        if len(diff.optimizer) > SECTION_LIMIT:
-            lines.append(f"    ... and {len(diff.optimizer) - SECTION_LIMIT} more")
-        return "\n".join(lines)
+        return "\n".join([f"  release {release.name}'s optimizer state:", *lines])
 
 
 def _takes_argument(factory: Callable[..., Any]) -> bool:
@@ -480,44 +495,6 @@ def _takes_argument(factory: Callable[..., Any]) -> bool:
     )
 
 
-def _plain_layout(model: nn.Module) -> dict[str, tuple[int, ...]] | None:
-    from torch import nn
-
-    base = nn.Module
-    if type(model).load_state_dict is not base.load_state_dict:
-        return None
-    plain = {base._load_from_state_dict, *_only_filling_in()}
-    layout: dict[str, tuple[int, ...]] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        cls = type(module)
-        if (
-            cls._load_from_state_dict not in plain
-            or cls.get_extra_state is not base.get_extra_state
-            or cls.set_extra_state is not base.set_extra_state
-            or module._load_state_dict_pre_hooks
-            or getattr(module, "_load_state_dict_post_hooks", None)
-        ):
-            return None
-        dot = f"{prefix}." if prefix else ""
-        for name, param in module._parameters.items():
-            if param is not None:
-                layout[dot + name] = tuple(param.shape)
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                layout[dot + name] = tuple(buffer.shape)
-    return layout
-
-
-def _only_filling_in() -> tuple[Any, ...]:
-    """torch's own load code that can only make a checkpoint with every key load *more*:
-    BatchNorm's fills in a ``num_batches_tracked`` that a version-1 checkpoint lacks. A
-    layout the gate passes from keys and shapes loads through it the same."""
-    from torch import nn
-
-    norm = getattr(nn.modules.batchnorm, "_NormBase", None)
-    return (norm._load_from_state_dict,) if norm is not None else ()
-
-
 _BUILDABLE: dict[str | None, bool] = {}
 
 
@@ -527,7 +504,7 @@ def _buildable(dtype: str | None) -> bool:
     if known is None:
         import torch
 
-        from .gate import QUANTIZED_DTYPES
+        from .meta_state import QUANTIZED_DTYPES
 
         value = getattr(torch, dtype or "float32", None)
         known = _BUILDABLE[dtype] = isinstance(value, torch.dtype) and (

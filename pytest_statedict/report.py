@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .compare import SchemaDiff
+from .compare import ModelVerdict, SchemaDiff
 from .optimizer_diff import OptimizerVerdict
 
 # Lines shown per section before "... and N more" (all of them under ``-vv``).
@@ -132,35 +132,23 @@ def _prefix_change(src: str, dst: str) -> tuple[str, str] | None:
 
 
 def load_verdict(diff: SchemaDiff) -> str:
-    """Would a checkpoint of the expected layout load, ``strict=True``, and how that is known.
+    """Would a checkpoint of the expected layout load, and how that is known: the one line
+    every surface prints for the model's half of the verdict.
 
-    A real load through a live model's own ``load_state_dict`` (``diff.load_check``)
-    outranks the layouts: its conversion hooks may accept an old layout, or refuse one
-    whose keys all match. Where the two agree, the layouts' reasons are the clearer words.
+    A real load through today's model (``diff.model_verdict``) decides whenever there was
+    one, with the deciding loader's own counts (transformers' for a ``PreTrainedModel``;
+    torch's own hooks fill in what they fill in); the layouts decide only where no model
+    could be asked (a file against a file), and the line says so.
     """
+    check = diff.model_verdict
+    if check is not None and check.loads is not None:
+        return model_verdict_line(check, diff)
     head = "an old checkpoint still loads with load_state_dict(strict=True)"
-    check = diff.load_check
-    if check is not None and check.loads is not None and check.loads != diff.layouts_load_strict:
-        # the model's own load_state_dict disagrees with its layout: say so, and who decided
-        if check.loader != "load_state_dict":
-            head = "an old checkpoint still loads with from_pretrained"
-            through = f"by {check.loader} for {check.model}"
-            why = "its tied keys, keys to ignore and checkpoint conversions accept the old layout"
-        else:
-            through = f"through {check.model}'s own load_state_dict"
-            why = "its load hooks convert the old layout"
-        if check.loads:
-            return f"{head}: yes, {through} ({why})"
-        return f"{head}: NO, {through} ({check.reason})"
     fallback = None
-    if check is not None and check.loads is None:
+    if check is not None:
         fallback = f"decided from the layouts: {check.reason}"
     if diff.layouts_load_strict:
-        note = ""
-        if diff.versions:
-            note = " (module versions changed: their _load_from_state_dict decides)"
-        elif any(c.attribute == "dtype" for c in diff.changed):
-            note = " (dtypes changed: values are converted on load)"
+        note = _layout_note(diff)
         if fallback:
             note = f"{note} ({fallback})"
         return f"{head}: yes{note}"
@@ -171,6 +159,41 @@ def load_verdict(diff: SchemaDiff) -> str:
     if fallback:
         reasons.append(fallback)
     return f"{head}: NO ({', '.join(reasons)})"
+
+
+def model_verdict_line(check: ModelVerdict, diff: SchemaDiff | None = None) -> str:
+    """The verdict of a real load; where it disagrees with the layouts (``diff``), who decided.
+
+    The same model, the same checkpoint and the same loader give the same line on every
+    surface, whatever else each one reports.
+    """
+    if check.by_transformers:
+        head = "an old checkpoint still loads with from_pretrained"
+        through = f"by {check.loader} for {check.model}"
+        why = "its tied keys, keys to ignore and checkpoint conversions accept the old layout"
+    else:
+        head = f"an old checkpoint still loads with {check.loader}"
+        through = f"through {check.model}'s own load_state_dict"
+        why = "its load hooks convert the old layout"
+    layouts = None if diff is None else diff.layouts_load_strict
+    if check.loads:
+        if layouts is False:
+            return f"{head}: yes, {through} ({why})"
+        note = _layout_note(diff) if diff is not None else ""
+        return f"{head}: yes{note}"
+    if layouts is True or check.reason.startswith("it raises"):
+        return f"{head}: NO, {through} ({check.reason})"
+    return f"{head}: NO ({check.reason})"
+
+
+def _layout_note(diff: SchemaDiff | None) -> str:
+    if diff is None:
+        return ""
+    if diff.versions:
+        return " (module versions changed: their _load_from_state_dict decides)"
+    if any(c.attribute == "dtype" for c in diff.changed):
+        return " (dtypes changed: values are converted on load)"
+    return ""
 
 
 def load_refusals(unexpected: int, missing: int, shapes: int) -> list[str]:
@@ -186,7 +209,7 @@ def optimizer_load_verdict(verdict: OptimizerVerdict) -> str:
     if not verdict.loads:
         return f"{head} NO, it raises ValueError ({'; '.join(verdict.reasons)})"
     if verdict.exact is None:
-        return f"{head} yes, by position (one side has no parameter names to check them by)"
+        return f"{head} yes, by position: {'; '.join(verdict.reasons)}"
     if verdict.exact:
         return f"{head} yes, every state on its own parameter"
     return f"{head} yes, but it would not resume exactly: {'; '.join(verdict.reasons)}"

@@ -31,6 +31,12 @@ FORMAT_VERSION = 1
 KINDS = ("parameter", "buffer", "tensor", "object")
 # The class of an optimizer known only by its state_dict (a checkpoint file).
 UNKNOWN_CLASS = "unknown"
+# Optimizer state kept per element of its parameter, so shaped as the parameter is: a
+# state of another shape would be applied to the wrong tensor on resume.
+ELEMENTWISE_STATE = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
+     "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}
+)  # fmt: skip
 TOP_LEVEL_FIELDS = {
     "format", "version", "totals", "ordered", "tensors", "versions", "non_persistent_buffers",
     "extras", "optimizer",

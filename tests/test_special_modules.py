@@ -26,9 +26,10 @@ from pytest_statedict import (
     roundtrip,
     schema_of,
 )
-from pytest_statedict.gate import load_check, state_from_snapshot
+from pytest_statedict.meta_state import state_from_snapshot
 from pytest_statedict.model_copy import meta_copy
 from pytest_statedict.schema import Schema
+from pytest_statedict.verdict import model_verdict
 
 quantized = pytest.mark.skipif(
     importlib.util.find_spec("torch.ao.quantization") is None
@@ -76,7 +77,7 @@ def test_weight_norm_and_parametrizations_round_trip_and_pass_the_gate(
         assert result.tensors_compared >= 2 * len(model.state_dict())
     assert_checkpoint_loads(model, _checkpoint(tmp_path, model))
     assert_checkpoint_loads(model, _snapshot(tmp_path, model))
-    check = load_check(model, schema_of(model))
+    check = model_verdict(model, schema_of(model))
     assert check.loads is True, check.reason
 
 
@@ -197,7 +198,7 @@ def test_quantized_models_pass_the_file_and_snapshot_gate(
     model = build()  # type: ignore[operator]
     assert_checkpoint_loads(model, _checkpoint(tmp_path, model))
     assert_checkpoint_loads(model, _snapshot(tmp_path, model, values=values))
-    check = load_check(model, schema_of(model))
+    check = model_verdict(model, schema_of(model))
     assert check.loads is True, check.reason
 
 

@@ -1,0 +1,255 @@
+"""The verdict on one pair: does an old checkpoint load into today's model?
+
+Every surface asks this one question (the snapshot check, ``assert_state_dict_matches``
+against a file, ``assert_checkpoint_loads``, the release gate, ``statedict diff --model``
+and so the run report) and gets its answer here, so that they print the same verdict for
+the same pair. The load goes through the model's own ``load_state_dict`` (or transformers'
+``from_pretrained`` rules, :mod:`.hf_rules`) on a meta-device copy: conversion hooks count,
+hooks that refuse count, the counts are the deciding loader's, and the user's model is
+never touched. The optimizer's half of the verdict is :mod:`.optimizer_diff`'s (a schema
+question: torch's optimizer load looks at nothing else).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from .compare import ModelVerdict
+from .errors import SnapshotError, StateDictError, first_line
+from .hf_rules import LoadVerdict, decide_load
+from .meta_state import state_from_snapshot
+from .model_copy import meta_copy
+from .rename import matches_any
+from .report import load_refusals
+from .schema import Schema
+
+__all__ = [
+    "has_load_code",
+    "load_into",
+    "model_verdict",
+    "needs_a_load",
+    "plain_layout",
+    "summarised",
+]
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape (.+?) from "
+    r"checkpoint, the shape in current model is (.+?)\.$",
+    re.M,
+)
+
+
+def load_into(
+    model: nn.Module,
+    state: Mapping[str, Any],
+    *,
+    rules: str = "auto",
+    strict: bool = True,
+    factory: Callable[[], nn.Module] | None = None,
+    caller: str = "assert_checkpoint_loads()",
+) -> LoadVerdict:
+    """Load ``state`` into a copy of ``model`` under ``rules``: what it refused, key by key.
+
+    The copy is a meta copy (or ``factory()``); the model is never touched.
+    """
+    make_target = _loading_copy(model, factory, caller)
+    return decide_load(
+        model,
+        state,
+        rules=rules,
+        strict=strict,
+        copy=lambda _: make_target(),
+        torch_load=lambda target, loaded: _try_load(target, loaded, make_target),
+    )
+
+
+def summarised(
+    model: nn.Module,
+    verdict: LoadVerdict,
+    *,
+    strict: bool = True,
+    ignore: tuple[str, ...] = (),
+    present: frozenset[str] | set[str] = frozenset(),
+) -> ModelVerdict:
+    """A load's outcome as the verdict every surface prints: yes, or NO with the deciding
+    loader's own counts. ``present``: keys the checkpoint holds but no tensor was rebuilt
+    for (extra state, sparse): not missing. Keys matching ``ignore`` count on neither side."""
+    name = type(model).__name__
+    loader = verdict.how
+    if verdict.error:
+        return ModelVerdict(name, False, f"it raises: {verdict.error}", loader)
+
+    def kept(keys: list[str]) -> int:
+        return sum(not matches_any(k, ignore) for k in keys)
+
+    missing = [k for k in verdict.missing if k not in present]
+    reasons = load_refusals(
+        kept(verdict.unexpected) if strict else 0,
+        kept(missing) if strict else 0,
+        kept([s[0] for s in verdict.shapes]),
+    )
+    return ModelVerdict(name, not reasons, ", ".join(reasons), loader)
+
+
+def model_verdict(
+    model: nn.Module,
+    expected: Schema,
+    *,
+    ignore: tuple[str, ...] = (),
+    rules: str = "auto",
+) -> ModelVerdict:
+    """Does a checkpoint of ``expected``'s layout load into ``model`` with strict=True?
+
+    Decided as the gate decides it, through the model's own ``load_state_dict`` on a meta
+    copy, so that its conversion hooks count (and hooks that refuse): a report must not call
+    a refactor breaking that the gate passes, nor pass what the gate refuses. A model that
+    cannot be copied, or a layout that cannot be rebuilt, leaves the layouts to decide
+    (``loads`` is None, and ``reason`` says why).
+    """
+    name = type(model).__name__
+    make_target = _loading_copy(model, None, "assert_state_dict_matches()")
+    try:
+        target = make_target()
+    except StateDictError as exc:  # the layouts decide instead
+        why = type(exc.__context__).__name__ if exc.__context__ else "no copy"
+        return ModelVerdict(name, None, f"{name} cannot be copied ({why})")
+    try:
+        state = state_from_snapshot(expected, model)
+    except SnapshotError as exc:
+        return ModelVerdict(name, None, f"the expected layout cannot be rebuilt ({exc})")
+    try:
+        verdict = decide_load(
+            model,
+            state,
+            rules=rules,
+            strict=True,
+            copy=lambda _: target,
+            torch_load=lambda t, loaded: _try_load(t, loaded, make_target),
+        )
+    except Exception as exc:  # a load hook's own error: torch's load would raise it too
+        return ModelVerdict(name, False, f"it raises: {type(exc).__name__}: {exc}")
+    # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
+    present = {entry.key for entry in expected.tensors}
+    return summarised(model, verdict, ignore=ignore, present=present)
+
+
+def needs_a_load(model: Any, expected: Schema) -> bool:
+    """Whether equal layouts still need the model's own load to say "loads".
+
+    A checkpoint that recorded no module versions (a ``.safetensors`` file, a bare
+    state_dict) reaches every ``_load_from_state_dict`` with ``version=None``: code of the
+    model's own may refuse it (torchvision's MNASNet does) or convert it. Where the model
+    has no such code, or the versions were recorded, equal layouts load.
+    """
+    return isinstance(model, nn.Module) and expected.versions is None and has_load_code(model)
+
+
+def has_load_code(model: nn.Module) -> bool:
+    """Whether code of the model's own runs on load (see :func:`plain_layout`)."""
+    return plain_layout(model) is None
+
+
+def _loading_copy(
+    model: nn.Module, factory: Callable[[], nn.Module] | None, caller: str
+) -> Callable[[], nn.Module]:
+    """What builds a model to load into: the user's ``factory``, or a meta copy."""
+    if factory is not None:
+        return factory
+    return lambda: meta_copy(model, caller=caller)
+
+
+def _try_load(
+    target: nn.Module, state: Any, make_target: Callable[[], nn.Module]
+) -> tuple[list[str], list[str], list[tuple[str, str, str]], str | None]:
+    """missing, unexpected, shape mismatches (key, checkpoint, model) and any other error.
+
+    After shape mismatches the load is tried again, without those keys, into a fresh
+    ``make_target()``: the first load may have changed ``target`` half way.
+
+    A load hook may raise anything (a ``ValueError`` on a version it does not know, a
+    ``KeyError`` for an entry it expects): that is the load failing, reported with its
+    message, as torch's own ``RuntimeError`` is.
+    """
+    shapes: list[tuple[str, str, str]] = []
+    try:
+        result = target.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        shapes = [(k, _shape(c), _shape(m)) for k, c, m in _SIZE_MISMATCH.findall(str(exc))]
+        if not shapes:
+            return [], [], [], _last_line(exc)
+        kept = OrderedDict((k, v) for k, v in state.items() if k not in {s[0] for s in shapes})
+        kept._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+        try:
+            result = make_target().load_state_dict(kept, strict=False, assign=True)
+        except RuntimeError as again:
+            return [], [], shapes, _last_line(again)
+        except StateDictError:
+            raise
+        except Exception as again:
+            return [], [], shapes, first_line(again)
+    except StateDictError:
+        raise
+    except Exception as exc:  # a load hook's own error
+        return [], [], [], first_line(exc)
+    bad = {s[0] for s in shapes}
+    return (
+        [k for k in result.missing_keys if k not in bad],
+        list(result.unexpected_keys),
+        shapes,
+        None,
+    )
+
+
+def _last_line(exc: RuntimeError) -> str:
+    """torch's load errors end with the problem; any other error (a hook's) starts with it."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("Error(s) in loading state_dict") else lines[0]
+
+
+def _shape(text: str) -> str:
+    return text.replace("torch.Size(", "").rstrip(")")
+
+
+def plain_layout(model: nn.Module) -> dict[str, tuple[int, ...]] | None:
+    """Key -> shape of what ``load_state_dict`` expects, or None when the model has load
+    code of its own (a ``load_state_dict`` or ``_load_from_state_dict`` override, extra
+    state, a load hook): then only a real load can say what it accepts."""
+    base = nn.Module
+    if type(model).load_state_dict is not base.load_state_dict:
+        return None
+    plain = {base._load_from_state_dict, *_only_filling_in()}
+    layout: dict[str, tuple[int, ...]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        cls = type(module)
+        if (
+            cls._load_from_state_dict not in plain
+            or cls.get_extra_state is not base.get_extra_state
+            or cls.set_extra_state is not base.set_extra_state
+            or module._load_state_dict_pre_hooks
+            or getattr(module, "_load_state_dict_post_hooks", None)
+        ):
+            return None
+        dot = f"{prefix}." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                layout[dot + name] = tuple(param.shape)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                layout[dot + name] = tuple(buffer.shape)
+    return layout
+
+
+def _only_filling_in() -> tuple[Any, ...]:
+    """torch's own load code that can only make a checkpoint with every key load *more*:
+    BatchNorm's fills in a ``num_batches_tracked`` that a version-1 checkpoint lacks. A
+    layout the gate passes from keys and shapes loads through it the same."""
+    norm = getattr(nn.modules.batchnorm, "_NormBase", None)
+    return (norm._load_from_state_dict,) if norm is not None else ()
