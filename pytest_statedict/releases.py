@@ -480,7 +480,8 @@ class ReleaseGate:
         )
         if not lines:
             return ""
-        return "\n".join([f"  release {release.name}'s optimizer state:", *lines])
+        head = f"  release {release.name}'s optimizer state: {lines[0].strip()}"
+        return "\n".join([head, *lines[1:]])
 
 
 def _takes_argument(factory: Callable[..., Any]) -> bool:
