@@ -77,6 +77,19 @@ def test_readers_import_nothing_above_them() -> None:
             assert not above, f"{module} imports {sorted(above)}"
 
 
+def test_formats_sit_between_readers_and_extract() -> None:
+    """Formats wrap readers and build schemas with ``layout``; ``extract`` (torch) is above."""
+    below = BELOW_READERS | {f"{NAME}.layout"}
+    for module, imported in graph().items():
+        if module.startswith(f"{NAME}.formats"):
+            above = {
+                m
+                for m in imported
+                if not m.startswith((f"{NAME}.readers", f"{NAME}.formats")) and m not in below
+            }
+            assert not above, f"{module} imports {sorted(above)}"
+
+
 def test_the_import_graph_has_no_cycle() -> None:
     edges = graph()
     done: set[str] = set()
