@@ -16,6 +16,7 @@ which reader reads a path is the format registry's choice, in ``pytest_statedict
 * ``files``: what every reader checks first (a regular file, read within a bound).
 
 Readers import only ``errors``, ``schema``, each other, the standard library and (lazily,
-inside functions) torch: they return raw objects or schema entries, and ``extract`` builds
-schemas from them. This package imports nothing at start-up.
+inside functions) torch: they return raw objects or schema entries, which the formats
+(``pytest_statedict.formats``, one per reader) and ``extract`` make schemas of. This
+package imports nothing at start-up.
 """
