@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from .checkpoint_files import load_state_dict_file, model_state
 from .compare import SchemaDiff, diff_schemas
 from .errors import (
     CheckpointError,
@@ -30,18 +31,12 @@ from .errors import (
     StateDictWarning,
     hide_from_bad_input,
 )
-from .extract import (
-    load_state_dict_file,
-    mapping_schema,
-    model_state,
-    module_schema,
-    require_module,
-    schema_of,
-    schema_of_file,
-)
+from .extract import mapping_schema, module_schema, require_module, schema_of
+from .formats import registry
+from .formats.reading import from_hook
+from .formats.snapshot import SNAPSHOT
 from .hf_rules import LoadVerdict
 from .meta_state import state_from_snapshot
-from .readers import dispatch
 from .rename import Rename, compile_rename, matches_any, normalise
 from .report import SECTION_LIMIT, model_verdict_line, optimizer_load_verdict, suggest_rename
 from .runtime import checkpoint_loader, recorded_check
@@ -245,7 +240,7 @@ def _optimizer_failure(
 ) -> list[str]:
     """The optimizer half of the gate, from the optimizer state the checkpoint holds."""
     today = optimizer(model) if callable(optimizer) else optimizer
-    expected = schema_of_file(source)
+    expected = schema_of(source)
     if expected.optimizer is None:
         return [
             f"  optimizer= was given, but {_shown(source)} holds no optimizer state (a "
@@ -289,11 +284,6 @@ def optimizer_failure(
     return ["  " + optimizer_load_verdict(verdict), *_section("optimizer", judged.optimizer)]
 
 
-# Formats whose schema comes from a header or an index, never from tensor data: the gate
-# loads meta tensors built from that schema, as it does from a snapshot.
-SCHEMA_FORMATS = frozenset({dispatch.SNAPSHOT, dispatch.SAFETENSORS, dispatch.INDEX, dispatch.DCP})
-
-
 def checkpoint_state(
     path: Path, *, part: str | None, map_location: Any, model: nn.Module | None = None
 ) -> tuple[Path, OrderedDict[str, Any] | dict[str, Any], set[str], set[str]]:
@@ -301,23 +291,22 @@ def checkpoint_state(
     devices its tensors were saved on, and the keys it records but cannot rebuild.
 
     A ``pytest_statedict_load_checkpoint`` hook's object if one claims ``path``; meta
-    tensors of the recorded shapes and dtypes for a snapshot, a ``.safetensors`` file, a
-    sharded index or a DCP folder (their schema is read from headers: O(tensors), no
-    tensor data); else the ``torch.save`` file, memory-mapped, with the module versions
-    (``_metadata``) it kept. ``model`` gives what a schema does not record and load hooks
-    read (see :func:`state_from_snapshot`).
+    tensors of the recorded shapes and dtypes for a format whose schema is read first
+    (``schema_first``: a snapshot, a ``.safetensors`` file, a sharded index, a DCP folder;
+    O(tensors), no tensor data); else the file loaded by its format (a ``torch.save`` file
+    memory-mapped, with the module versions, ``_metadata``, it kept). ``model`` gives what
+    a schema does not record and load hooks read (see :func:`state_from_snapshot`).
     """
-    loader = checkpoint_loader()
-    custom = dispatch.from_hook(path, loader)
+    custom = from_hook(path, checkpoint_loader())
     if custom is not None:
         return path, model_state(path, custom, part=part), set(), set()
-    fmt, where = dispatch.detect(path)
-    if fmt in SCHEMA_FORMATS:
-        schema = schema_of_file(where, part=part, loader=loader)
+    fmt, where = registry.detect(path)
+    if fmt.schema_first:
+        schema = schema_of(where, part=part)
         try:
-            state = state_from_snapshot(schema, model)
+            state: OrderedDict[str, Any] | dict[str, Any] = state_from_snapshot(schema, model)
         except SnapshotError as exc:
-            if fmt == dispatch.SNAPSHOT:
+            if fmt.name == SNAPSHOT:
                 raise
             raise CheckpointError(where, exc.problem) from None  # a checkpoint, not a snapshot
         recorded_only = {entry.key for entry in schema.tensors} - set(state)

@@ -14,7 +14,10 @@ def pytest_statedict_load_checkpoint(path: Path) -> Any:
 
     Return a state_dict (or a general checkpoint dict) for ``path``, or None to let the
     plugin read it (``torch.save`` archives, ``.safetensors``, snapshots). Called first for
-    every file the plugin reads while a pytest session runs.
+    every file the plugin reads while a pytest session runs. To read a file type everywhere
+    (``statedict show``, ``schema_of`` outside pytest, from its header without loading it),
+    register a checkpoint format instead: the entry-point group ``pytest_statedict.formats``
+    (``docs/extending.md``).
     """
 
 

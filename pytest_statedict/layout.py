@@ -3,10 +3,10 @@
 A loaded checkpoint is a state_dict, an optimizer's state_dict or a general checkpoint
 (``{"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": 3}``): which of them it
 is, where its parts are and what its param_groups say do not depend on what a tensor is.
-``extract`` walks torch tensors with these functions; ``torch_free`` walks the records the
-torch-free reader makes of a ``torch.save`` pickle (``readers.records``) with the same
-ones, so the two give the same schema. A :class:`Tensors` says what a tensor is and what
-the schema keeps of one. This module imports no torch.
+``extract`` walks torch tensors with these functions; ``formats.torch_zip`` walks the
+records the torch-free reader makes of a ``torch.save`` pickle (``readers.records``) with
+the same ones, so the two give the same schema. A :class:`Tensors` says what a tensor is
+and what the schema keeps of one. This module imports no torch.
 """
 
 from __future__ import annotations

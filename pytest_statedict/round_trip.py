@@ -265,13 +265,13 @@ def _load_and_compare(
     result: RoundTripResult,
 ) -> tuple[nn.Module | None, dict[str, Any]]:
     """Load the file into a fresh model and compare its state_dict with the original's."""
-    from .readers import dispatch
+    from .formats import reading
     from .runtime import checkpoint_loader
 
     loader = checkpoint_loader()
     if format == "torch":
         try:
-            saved, locations = dispatch.load_file(path, loader=loader, map_location=load_device)
+            saved, locations = reading.load_file(path, loader=loader, map_location=load_device)
         except CheckpointError:
             refused = weights_only_refusals(original.state_dict())
             if not refused:
@@ -290,7 +290,7 @@ def _load_and_compare(
         state = load_file(str(path), device=str(load_device))
         extra_path = path.with_name("extra.pt")
         extra = (
-            dispatch.load_file(extra_path, loader=loader, map_location=load_device)[0]
+            reading.load_file(extra_path, loader=loader, map_location=load_device)[0]
             if extra_path.exists()
             else {}
         )

@@ -32,7 +32,9 @@ KINDS = ("parameter", "buffer", "tensor", "object")
 # The class of an optimizer known only by its state_dict (a checkpoint file).
 UNKNOWN_CLASS = "unknown"
 # Optimizer state kept per element of its parameter, so shaped as the parameter is: a
-# state of another shape would be applied to the wrong tensor on resume.
+# state of another shape was restored onto the wrong parameter (a reordered model). A 0-d
+# state under one of these names is per-tensor by design (NovoGrad's ``exp_avg_sq``, a
+# layer-wise second moment), never a misplaced elementwise one.
 ELEMENTWISE_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
      "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}

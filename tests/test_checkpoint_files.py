@@ -17,7 +17,7 @@ import torch.serialization
 from torch import nn
 
 from pytest_statedict import CheckpointError, schema_of
-from pytest_statedict.readers.dispatch import load_file
+from pytest_statedict.formats.reading import load_file
 
 
 @contextmanager

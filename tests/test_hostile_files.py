@@ -324,16 +324,16 @@ def test_the_torch_free_reader_runs_no_payload(tmp_path: Path, payload: str) -> 
     torch) refuses each payload itself, or hands it to torch.load: a name torch's allowlist
     is made of (``torch.load``), which torch then refuses. It never runs one."""
     from pytest_statedict.readers.records import NeedsTorch
-    from pytest_statedict.torch_free import _read
+    from pytest_statedict.torch_free import read_without_torch
 
     marker = tmp_path / "pwned"
     path = hostile_zip(tmp_path, PAYLOADS[payload](marker))
     if payload == "torch.load of a payload file":
         with pytest.raises(NeedsTorch):
-            _read(path, None)
+            read_without_torch(path, None)
     else:
         with pytest.raises(CheckpointError) as info:
-            _read(path, None)
+            read_without_torch(path, None)
         assert str(path) in str(info.value)
     assert not marker.exists()
 

@@ -52,7 +52,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_every_import() -> None:
     edges = graph()
-    assert f"{NAME}.readers.dispatch" in edges[f"{NAME}.extract"]
+    assert f"{NAME}.formats.reading" in edges[f"{NAME}.extract"]
     assert f"{NAME}.readers.unpickling" in edges[f"{NAME}.readers.torch_zip"]
     assert f"{NAME}.runtime" in edges[f"{NAME}.round_trip"]  # a function-level import
     assert f"{NAME}.assertions" in edges[NAME]  # an import under TYPE_CHECKING
@@ -72,6 +72,19 @@ def test_readers_import_nothing_above_them() -> None:
     for module, imported in graph().items():
         if module.startswith(f"{NAME}.readers"):
             above = {m for m in imported if not m.startswith(f"{NAME}.readers")} - BELOW_READERS
+            assert not above, f"{module} imports {sorted(above)}"
+
+
+def test_formats_sit_between_readers_and_extract() -> None:
+    """Formats wrap readers and build schemas with ``layout``; ``extract`` (torch) is above."""
+    below = BELOW_READERS | {f"{NAME}.layout"}
+    for module, imported in graph().items():
+        if module.startswith(f"{NAME}.formats"):
+            above = {
+                m
+                for m in imported
+                if not m.startswith((f"{NAME}.readers", f"{NAME}.formats")) and m not in below
+            }
             assert not above, f"{module} imports {sorted(above)}"
 
 

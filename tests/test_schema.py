@@ -15,7 +15,7 @@ from torch import nn
 
 from pytest_statedict import Schema, SnapshotError, UnsupportedObjectError, schema_of
 from pytest_statedict.errors import StaleSnapshotError
-from pytest_statedict.extract import fingerprint
+from pytest_statedict.fingerprint import fingerprint
 from pytest_statedict.schema import TensorEntry
 
 
@@ -296,7 +296,7 @@ def test_fingerprints_need_no_numpy() -> None:
     code = (
         "import sys; sys.modules['numpy'] = None\n"
         "import torch\n"
-        "from pytest_statedict.extract import fingerprint\n"
+        "from pytest_statedict.fingerprint import fingerprint\n"
         "print(fingerprint(torch.arange(10.0)).xxh3)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -305,7 +305,7 @@ def test_fingerprints_need_no_numpy() -> None:
 
 
 def test_big_tensor_fingerprint_hashes_everything_and_samples_statistics() -> None:
-    from pytest_statedict.extract import STAT_SAMPLE
+    from pytest_statedict.fingerprint import STAT_SAMPLE
 
     t = torch.linspace(-1, 1, 3 * STAT_SAMPLE)
     f = fingerprint(t)
@@ -323,9 +323,9 @@ def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one(
     """Over OVERLAP_MIN_BYTES the hashing runs on a worker thread: same results."""
     import threading
 
-    import pytest_statedict.extract as extract
+    import pytest_statedict.fingerprint as fingerprints
 
-    big = torch.randn(extract.OVERLAP_MIN_BYTES // 4 + 7)
+    big = torch.randn(fingerprints.OVERLAP_MIN_BYTES // 4 + 7)
     state = {
         "big": big,
         "param": nn.Parameter(torch.randn(300, 300)),
@@ -340,13 +340,13 @@ def test_fingerprints_hashed_on_a_second_thread_equal_one_by_one(
         return astuple(f)
 
     hashed_on: set[str] = set()
-    digests = extract._digests
+    digests = fingerprints.tensor_digests
 
     def recording(t: torch.Tensor, *tail: bytes) -> Any:
         hashed_on.add(threading.current_thread().name)
         return digests(t, *tail)
 
-    monkeypatch.setattr(extract, "_digests", recording)
+    monkeypatch.setattr(fingerprints, "tensor_digests", recording)
     schema = schema_of(state, values=True)
     assert hashed_on == {"statedict-xxh3", threading.main_thread().name}  # both paths ran
     assert {t.key: whole(t.fingerprint) for t in schema.tensors} == {
@@ -359,24 +359,24 @@ def test_a_failure_on_the_hashing_thread_reaches_the_caller(
 ) -> None:
     import threading
 
-    import pytest_statedict.extract as extract
+    import pytest_statedict.fingerprint as fingerprints
 
     def broken(t: torch.Tensor) -> bytes:
         assert threading.current_thread().name == "statedict-xxh3"
         raise MemoryError("cannot map")
 
-    monkeypatch.setattr(extract, "_digests", broken)
+    monkeypatch.setattr(fingerprints, "tensor_digests", broken)
     with pytest.raises(MemoryError, match="cannot map"):
-        schema_of({"big": torch.zeros(extract.OVERLAP_MIN_BYTES // 4)}, values=True)
+        schema_of({"big": torch.zeros(fingerprints.OVERLAP_MIN_BYTES // 4)}, values=True)
 
 
 def test_a_meta_tensor_is_refused_before_any_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pytest_statedict.extract as extract
+    import pytest_statedict.fingerprint as fingerprints
 
     def never(t: torch.Tensor) -> bytes:
         raise AssertionError("hashed before the meta tensor was refused")
 
-    monkeypatch.setattr(extract, "_digests", never)
+    monkeypatch.setattr(fingerprints, "tensor_digests", never)
     state = {"big": torch.zeros(1 << 23), "meta": torch.empty(3, device="meta")}
     with pytest.raises(UnsupportedObjectError, match="'meta' is on the meta device"):
         schema_of(state, values=True)

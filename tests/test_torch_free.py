@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from pytest_statedict import CheckpointError
-from pytest_statedict.extract import schema_of_file as torch_schema_of_file
+from pytest_statedict.extract import schema_of as torch_schema_of_file
 from pytest_statedict.readers import records
 from pytest_statedict.schema import Schema
-from pytest_statedict.torch_free import _read, schema_of_file
+from pytest_statedict.torch_free import read_without_torch, schema_of_file
 
 # ---- the corpus --------------------------------------------------------------------------
 
@@ -230,32 +230,32 @@ def test_torch_free_schema_equals_the_torch_one(
     expected = torch_schema_of_file(path, part=part)
     if name in NEEDS_TORCH:
         with pytest.raises(records.NeedsTorch):
-            _read(path, part)
+            read_without_torch(path, part)
     else:
-        assert everything(_read(path, part)) == everything(expected)
+        assert everything(read_without_torch(path, part)) == everything(expected)
     assert everything(schema_of_file(path, part=part)) == everything(expected)
 
 
 def test_the_corpus_covers_what_it_claims(corpus: dict[str, tuple[Path, str | None]]) -> None:
     """The cases the agreement test relies on are really in the files."""
-    views = _read(corpus["views"][0], None).by_key()
+    views = read_without_torch(corpus["views"][0], None).by_key()
     assert views["row"].tied_to == "base" and views["same_again"].tied_to == "base"
     assert views["empty"].tied_to is None
-    notes = _read(corpus["views"][0], None).notes
+    notes = read_without_torch(corpus["views"][0], None).notes
     assert len(notes) == 1 and "slice_of_big" in notes[0]
-    module = _read(corpus["module"][0], None)
+    module = read_without_torch(corpus["module"][0], None)
     assert module.versions == {"bn": 2}
-    general = _read(corpus["general"][0], None)
+    general = read_without_torch(corpus["general"][0], None)
     assert general.extras["size"] == "torch.Size" and general.extras["device"] == "torch.device"
     assert general.extras["dtype"] == "torch.dtype" and general.extras["counts"] == (
         "collections.Counter"
     )
     assert general.optimizer is not None and len(general.optimizer.state) == 5
-    hyper = _read(corpus["tensor_hyperparams"][0], None).optimizer
+    hyper = read_without_torch(corpus["tensor_hyperparams"][0], None).optimizer
     assert hyper is not None
     assert hyper.param_groups[0].hyperparams["betas"][1]["tensor"] == pytest.approx(0.99)
-    assert _read(corpus["saved_on_cuda"][0], None).saved_on == ("cuda:0",)
-    dtypes = {t.key: t.dtype for t in _read(corpus["dtypes"][0], None)}
+    assert read_without_torch(corpus["saved_on_cuda"][0], None).saved_on == ("cuda:0",)
+    dtypes = {t.key: t.dtype for t in read_without_torch(corpus["dtypes"][0], None)}
     assert dtypes == {str(d).removeprefix("torch."): str(d).removeprefix("torch.") for d in DTYPES}
 
 
@@ -330,7 +330,7 @@ def test_a_refused_pickle_imports_no_torch_and_is_explained(tmp_path: Path) -> N
     with pytest.raises(CheckpointError) as by_torch:
         torch_schema_of_file(path)
     with pytest.raises(CheckpointError) as by_records:
-        _read(path, None)
+        read_without_torch(path, None)
     assert str(by_records.value) == str(by_torch.value)
     assert "torch.nn.modules.linear.Linear" in str(by_records.value)
     assert "whole pickled module" in shown.stderr
@@ -367,7 +367,7 @@ def test_refusals_are_torchs(tmp_path: Path, case: str) -> None:
     with pytest.raises(CheckpointError) as by_torch:
         torch_schema_of_file(path)
     with pytest.raises(CheckpointError) as by_records:
-        _read(path, None)
+        read_without_torch(path, None)
     assert str(by_records.value) == str(by_torch.value)
 
 
@@ -386,7 +386,7 @@ def test_corrupt_archives_are_refused_like_torch(
     with pytest.raises(CheckpointError, match="could not read it"):
         torch_schema_of_file(path)
     with pytest.raises(CheckpointError, match="could not read it, the file is truncated"):
-        _read(path, None)
+        read_without_torch(path, None)
 
 
 def test_user_allowlisted_globals_go_to_torch(tmp_path: Path) -> None:
@@ -396,7 +396,7 @@ def test_user_allowlisted_globals_go_to_torch(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(1), "when": _When()}, path)
     with torch.serialization.safe_globals([_When]):
         with pytest.raises(records.NeedsTorch):
-            _read(path, None)
+            read_without_torch(path, None)
         schema = schema_of_file(path)
     assert schema.extras == {} and schema.by_key()["when"].type == f"{__name__}._When"
 
@@ -465,7 +465,7 @@ def test_a_safetensors_header_whose_length_starts_like_a_pickle(tmp_path: Path) 
     renamed = tmp_path / "odd.bin"  # found by content, not by name
     renamed.write_bytes(path.read_bytes())
     for p in (path, renamed):
-        assert [t.shape for t in _read(p, None)] == [(2,)]
+        assert [t.shape for t in read_without_torch(p, None)] == [(2,)]
         assert [t.shape for t in torch_schema_of_file(p)] == [(2,)]
 
 
@@ -478,10 +478,10 @@ def test_names_an_older_torch_refuses_are_handed_to_it(
 
     path = tmp_path / "dtype.pt"
     torch.save({"w": torch.ones(1), "dtype": torch.bfloat16}, path)
-    assert _read(path, None).extras == {}  # a state_dict with one object entry
+    assert read_without_torch(path, None).extras == {}  # a state_dict with one object entry
     monkeypatch.setattr(unpickling, "_installed", [(2, 3)])
     with pytest.raises(records.NeedsTorch, match="since"):
-        _read(path, None)
+        read_without_torch(path, None)
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.ones(1, dtype=torch.bfloat16)}, plain)  # BFloat16Storage: 2.3 too
-    assert [t.dtype for t in _read(plain, None)] == ["bfloat16"]
+    assert [t.dtype for t in read_without_torch(plain, None)] == ["bfloat16"]

@@ -14,16 +14,16 @@ from conftest import match_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pytest_statedict.fingerprint as fingerprints
 from pytest_statedict import (
     Schema,
     StateDictMismatch,
     assert_state_dict_matches,
-    extract,
     schema_of,
 )
 from pytest_statedict.compare import diff_schemas
 from pytest_statedict.errors import SnapshotError
-from pytest_statedict.extract import STAT_SAMPLE, fingerprint
+from pytest_statedict.fingerprint import STAT_SAMPLE, fingerprint
 from pytest_statedict.schema import Fingerprint
 
 
@@ -133,7 +133,7 @@ def test_block_means_are_the_means_of_each_blocks_sampled_numbers(make: object) 
 
 
 def test_a_run_of_the_sample_split_between_blocks_is_planned() -> None:
-    plan = extract._block_plan(17 * 1000, extract._byte_ranges((17, 1000), 4), 4)
+    plan = fingerprints.block_plan(17 * 1000, fingerprints.byte_ranges((17, 1000), 4), 4)
     assert plan.moves, "the shape above exercises a run across a block's end"
     assert sum(plan.counts) == STAT_SAMPLE
 
@@ -174,7 +174,7 @@ def test_tensors_fingerprinted_together_equal_one_by_one() -> None:
     state = {f"norm{i}": torch.randn(64) for i in range(40)}
     state |= {f"tiny{i}": torch.tensor([float(i), -0.0]) for i in range(3)}
     state["nan"] = torch.tensor([1.0, math.nan])
-    state["big"] = torch.randn(extract.OVERLAP_MIN_BYTES // 4)
+    state["big"] = torch.randn(fingerprints.OVERLAP_MIN_BYTES // 4)
     together = {e.key: repr(astuple(e.fingerprint)) for e in schema_of(state, values=True)}
     assert list(together) == list(state)
     assert together == {key: repr(astuple(fingerprint(t))) for key, t in state.items()}

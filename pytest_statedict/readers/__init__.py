@@ -1,10 +1,8 @@
 """The file readers: one module per checkpoint format, below everything else in the package.
 
-Where a format is read (each module's docstring says what it may unpickle and its limits):
+Where a format is read (each module's docstring says what it may unpickle and its limits;
+which reader reads a path is the format registry's choice, in ``pytest_statedict.formats``):
 
-* ``dispatch``: which reader reads a path (by name and by content), and the raw load of a
-  single checkpoint file; the ``pytest_statedict_load_checkpoint`` hook is handed in by the
-  caller, never looked up here;
 * ``torch_zip``: ``torch.save`` zip archives (and TorchScript archives, recognised and refused);
 * ``torch_legacy``: legacy (pre-1.6) ``torch.save`` pickles;
 * ``safetensors_file``: ``.safetensors`` files, from their JSON header;
@@ -18,6 +16,7 @@ Where a format is read (each module's docstring says what it may unpickle and it
 * ``files``: what every reader checks first (a regular file, read within a bound).
 
 Readers import only ``errors``, ``schema``, each other, the standard library and (lazily,
-inside functions) torch: they return raw objects or schema entries, and ``extract`` builds
-schemas from them. This package imports nothing at start-up.
+inside functions) torch: they return raw objects or schema entries, which the formats
+(``pytest_statedict.formats``, one per reader) and ``extract`` make schemas of. This
+package imports nothing at start-up.
 """

@@ -12,7 +12,7 @@ bytes metadata. No tensor data is read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import CheckpointError, hide_from_bad_input
 from ..schema import Schema, TensorEntry
@@ -59,7 +59,7 @@ def read_schema(folder: Path, *, part: str | None) -> Schema:
     return Schema(tensors=tuple(entries), source=str(folder))
 
 
-def _is_shape(size: Any) -> bool:
+def _is_shape(size: Any) -> TypeGuard[tuple[int, ...]]:
     return (
         isinstance(size, tuple)
         and len(size) <= MAX_DIMS

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, hide_from_bad_input
-from ..schema import Schema
+from ..schema import Schema, TensorEntry
 from .files import parse_json, read_bounded, require_regular_file
 from .limits import MAX_INDEX_BYTES
 
@@ -80,7 +80,7 @@ def read_index(index: Path) -> list[Shard]:
 def sharded_schema(index: Path, shard_schema: Callable[[Path], Schema]) -> Schema:
     """A sharded checkpoint's schema: of each shard (``shard_schema`` reads one), the
     entries of the keys its index maps to it, in the order the index names the shards."""
-    entries = []
+    entries: list[TensorEntry] = []
     locations: set[str] = set()
     ordered = True
     for shard in read_index(index):

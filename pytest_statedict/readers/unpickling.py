@@ -514,6 +514,10 @@ class _WeightsOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined,mis
         }
     )
 
+    # the file's own read and readline, which pickle's __init__ keeps (typeshed omits them)
+    _file_read: Callable[[int], bytes]
+    _file_readline: Callable[[], bytes]
+
     def __init__(self, file: Any, persistent_load: Callable[[Any], Any]) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage = persistent_load
