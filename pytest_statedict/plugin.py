@@ -14,6 +14,7 @@ import pytest
 
 from .runtime import SESSIONS, active_session
 from .session import REPORT_KEY, StateDictSession
+from .unused import renamed_modules
 
 if TYPE_CHECKING:
     from .roundtrip_fixture import RoundTripFixture
@@ -238,7 +239,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 "--statedict-update`"
                 + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
             )
-        for old, new in state.renamed_modules():
+        for old, new in renamed_modules(state):
             terminalreporter.line(
                 f"The snapshots of {state.relative(old)} match tests that have none yet: if "
                 "the test module was renamed, keep them by moving the folder:\n"

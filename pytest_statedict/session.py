@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import storage
 from .errors import SnapshotError, StateDictError, hide_from_bad_input
 from .runtime import CHECK_KINDS, OUTCOMES, SnapshotSlot
+from .unused import find_unused
 
 if TYPE_CHECKING:
     import pytest
@@ -581,96 +582,9 @@ class StateDictSession:
 
     # ---- end of session --------------------------------------------------------------
 
-    def find_unused(self) -> list[Path]:
-        """Files in folders of test files that ran whole that no test asked for.
-
-        A file belongs to a test (its folder); it is unused if that test no longer exists,
-        or if the test passed without asking for it. Deselected, skipped and failed tests
-        never make a file unused. A fixture's folder has unused files only if the fixture
-        was set up in this run. Test files sharing a folder (``x.py`` and a doctest
-        ``x.txt``) are judged together.
-        """
-        by_folder: dict[Path, list[ModuleRecord]] = defaultdict(list)
-        for record in self.modules.values():
-            by_folder[record.snapshot_dir].append(record)
-        unused = []
-        for folder, records in by_folder.items():
-            if not all(map(self.ran_whole, records)):
-                continue
-            files = self._listed(folder, records[0].root)
-            if not files:
-                continue
-            owners: dict[str, list[str]] = defaultdict(list)
-            for record in records:
-                for dirname, nodeid in record.tests():
-                    owners[dirname].append(nodeid)
-            if any(n not in self.outcomes for nodeids in owners.values() for n in nodeids):
-                continue  # not every test reported: the module did not run whole
-            doctests = tuple(f".{record.path.stem}." for record in records)
-            for path in files:
-                name = path.parent.name
-                if str(path) in self.used:
-                    continue
-                if storage.is_fixture_dirname(name):
-                    if str(path.parent) in self.fixtures_ran:
-                        unused.append(path)
-                    continue
-                nodeids = owners.get(name, ())
-                if not nodeids and any(prefix in f".{name}" for prefix in doctests):
-                    continue  # a --doctest-modules doctest (``<module>.<function>``) not collected
-                if all(self.outcomes.get(n) == "passed" for n in nodeids):
-                    unused.append(path)
-        return unused + self.find_orphans()
-
-    def _listed(self, folder: Path, root: Path) -> list[Path]:
-        if self._linked(root):
-            return []
-        try:
-            return storage.snapshot_files(folder, root)
-        except SnapshotError as exc:
-            self.problems.append(str(exc))
-            return []
-
-    def find_orphans(self) -> list[Path]:
-        """Snapshots of test files that no longer exist, in folders collected whole.
-
-        ``__statedict__/<module>/`` with no file of that stem beside it (``<module>.py`` or
-        a doctest ``<module>.txt``, deleted or renamed) can never be asked for again. Only
-        folders that the run collected as a whole (a folder named on the command line, or
-        below one) are looked at, and only in the default layout (beside the test files).
-        """
-        if self.snapshot_root is not None:
-            return []
-        orphans = []
-        for directory in sorted(map(Path, self.directories)):
-            snapshots = directory / storage.SNAPSHOT_DIRNAME
-            if (
-                not self.collected_whole(directory)
-                or self._linked(snapshots)
-                or not snapshots.is_dir()
-            ):
-                continue
-            stems = {Path(name).stem for name in os.listdir(directory)}
-            owned = {storage.module_dirname(s) for s in stems} | {
-                storage.legacy_name(s) for s in stems
-            }
-            for folder in sorted(snapshots.iterdir()):
-                if folder.is_dir() and folder.name not in owned:
-                    orphans.extend(self._listed(folder, snapshots))
-        return orphans
-
     def root_base(self, root: Path) -> Path:
         """The folder a snapshot root is named from: the rootdir, or the test file's folder."""
         return self.config.rootpath if self.snapshot_root is not None else root.parent
-
-    def _linked(self, root: Path) -> bool:
-        """Whether a snapshot root is reached through a symlink: then nothing in it is listed
-        (it could be anywhere), and the summary says so.
-        """
-        link = storage.linked_root(root, self.root_base(root))
-        if link is not None:
-            self.linked_roots[root] = link
-        return link is not None
 
     def collected_whole(self, directory: Path) -> bool:
         """Whether a folder named on the command line (no ``::``, no file) holds ``directory``."""
@@ -698,7 +612,7 @@ class StateDictSession:
         if self.incomplete is not None:
             return bool(self.problems)
         try:
-            self.unused = self.find_unused()
+            self.unused = find_unused(self)
         except OSError as exc:
             self.problems.append(f"statedict: cannot look for unused snapshots ({exc})")
             self.unused = []
@@ -715,27 +629,6 @@ class StateDictSession:
                     self.deleted.append(path)
             self.unused = [p for p in self.unused if p not in self.deleted]
         return self.fails_session
-
-    def renamed_modules(self) -> list[tuple[Path, Path]]:
-        """(old folder, new folder) of test modules that look renamed: unused snapshots in one
-        folder, and missing ones of the same ``<test>/<leaf>`` under a folder not there yet.
-
-        Renaming a test module orphans its snapshots and leaves the renamed tests without
-        any; the two lists in the summary are the same files, which a move keeps.
-        """
-        unused: dict[Path, set[Path]] = defaultdict(set)
-        for path in self.unused:
-            unused[path.parent.parent].add(path.relative_to(path.parent.parent))
-        missing: dict[Path, set[Path]] = defaultdict(set)
-        for path in map(Path, self.missing):
-            missing[path.parent.parent].add(path.relative_to(path.parent.parent))
-        return [
-            (old, new)
-            for new, wanted in sorted(missing.items())
-            if not _exists(new)
-            for old, leaves in sorted(unused.items())
-            if old != new and wanted & leaves
-        ]
 
     def _root_of(self, path: Path) -> Path:
         """The snapshot root above a listed file: the ini folder or its ``__statedict__``."""
