@@ -259,7 +259,7 @@ def flag_notes(expected: Schema, actual: Schema) -> list[str]:
     (torch defaults them differently across releases), but a clue (``fused`` on a new GPU)."""
     if expected.optimizer is None or actual.optimizer is None:
         return []
-    notes = []
+    notes: list[str] = []
     pairs = zip(expected.optimizer.param_groups, actual.optimizer.param_groups, strict=False)
     for i, (old, new) in enumerate(pairs):
         notes.extend(

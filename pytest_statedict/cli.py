@@ -215,7 +215,7 @@ def _roles(schema: Schema) -> str:
     return text + (f", other tensors: {other:,}" if other else "")
 
 
-def _aligned(rows: list[tuple[str, ...]], numeric: set[int]) -> list[str]:
+def _aligned(rows: Sequence[tuple[str, ...]], numeric: set[int]) -> list[str]:
     """The rows as columns (numbers right-aligned), a rule under the first (the header)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [

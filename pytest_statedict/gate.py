@@ -84,11 +84,10 @@ def assert_checkpoint_loads(
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
     ignore = tuple(ignore)
-    source, state, saved_on, recorded_only = checkpoint_state(
+    source, saved, saved_on, recorded_only = checkpoint_state(
         Path(path), part=part, map_location=map_location, model=model
     )
-    state = _converted(state, convert, model)
-    state = _renamed(state, compile_rename(rename))
+    state = _renamed(_converted(saved, convert, model), compile_rename(rename))
     loaded = load_into(model, state, rules=rules, strict=strict, factory=factory)
     verdict = summarised(model, loaded, strict=strict, ignore=ignore, present=recorded_only)
     diff = diff_schemas(mapping_schema(state), module_schema(model))

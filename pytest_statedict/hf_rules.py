@@ -36,6 +36,9 @@ RULES = ("auto", "torch", "transformers")
 
 # what a load attempt returns: missing, unexpected, shape mismatches (key, checkpoint, model)
 # and any other error, as the gate's torch load does
+# A transformers PreTrainedModel: typed loosely, transformers being optional (and untyped)
+HFModel = Any
+
 LoadOutcome = tuple[list[str], list[str], list[tuple[str, str, str]], "str | None"]
 
 
@@ -158,7 +161,7 @@ def decide_load(
     return transformers_load(copy(model), state, strict=strict)
 
 
-def transformers_load(target: nn.Module, state: Mapping[str, Any], *, strict: bool) -> LoadVerdict:
+def transformers_load(target: HFModel, state: Mapping[str, Any], *, strict: bool) -> LoadVerdict:
     """What ``from_pretrained(..., output_loading_info=True)`` reports for ``state``.
 
     ``target`` is a meta copy of the model, loaded in place; ``state`` is a checkpoint's
@@ -238,7 +241,7 @@ def transformers_load(target: nn.Module, state: Mapping[str, Any], *, strict: bo
     )
 
 
-def transformers4_load(target: nn.Module, state: Mapping[str, Any], *, strict: bool) -> LoadVerdict:
+def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: bool) -> LoadVerdict:
     """The same for transformers 4.50 to 4.x, whose loader decides on keys before any data.
 
     Its ``_load_pretrained_model`` steps, in its order, by its own functions: the
@@ -291,7 +294,7 @@ def transformers4_load(target: nn.Module, state: Mapping[str, Any], *, strict: b
             accepted.append(f"{key}: renamed to {name} by transformers' key renaming ({why})")
     groups = find_tied_parameters(target)
     for key in sorted(set(model_keys) - set(loaded) - set(missing)):
-        group = next((g for g in groups if key in g), [])
+        group: list[str] = next((g for g in groups if key in g), [])
         source = next((k for k in group if k in loaded), "a tied key")
         accepted.append(
             f"{key}: missing, tied to {source} (transformers' tied parameters, shared in the model)"
@@ -334,7 +337,7 @@ def _shape(size: Any) -> str:
     return str(list(size))
 
 
-def _tie_source(target: nn.Module, key: str) -> str:
+def _tie_source(target: HFModel, key: str) -> str:
     """The key a tie took ``key``'s tensor from: its declared source, or (when the source
     was the missing one) the declared target, as ``tie_weights`` swaps them."""
     ties = target.all_tied_weights_keys
@@ -346,7 +349,7 @@ def _tie_source(target: nn.Module, key: str) -> str:
     return "a tied key"
 
 
-def _source_names(target: nn.Module, state: Mapping[str, Any], model_keys: Mapping[str, Any]):
+def _source_names(target: HFModel, state: Mapping[str, Any], model_keys: Mapping[str, Any]):
     """Each checkpoint key -> (the model key it loads into, converter pattern), by transformers.
 
     The same two calls of ``rename_source_key`` that ``convert_and_load_state_dict_in_model``
@@ -373,7 +376,7 @@ def _source_names(target: nn.Module, state: Mapping[str, Any], model_keys: Mappi
 
 
 def _renamed(
-    target: nn.Module,
+    target: HFModel,
     names: Mapping[str, tuple[str, str | None]],
     renamings: list[Any],
     converters: list[Any],
@@ -423,7 +426,7 @@ def _patterns(transform: Any, side: str) -> str:
     return " | ".join(f"'{p}'" for p in patterns)
 
 
-def _ignored(target: nn.Module, keys: set[str], side: str) -> list[str]:
+def _ignored(target: HFModel, keys: set[str], side: str) -> list[str]:
     """Why ``_adjust_missing_and_unexpected_keys`` dropped each key: the pattern and its source."""
     declared = (
         target._keys_to_ignore_on_load_missing

@@ -46,12 +46,12 @@ def meta_copy(model: nn.Module, *, caller: str = "roundtrip()") -> nn.Module:
     message naming ``factory=``, the way to build the copy by the user's own code.
     """
     memo: dict[int, Any] = {}
-    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors: list[torch.Tensor] = [t for _, t in model.named_parameters(remove_duplicate=False)]
     tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
     for tensor in tensors:
         if id(tensor) in memo:
             continue
-        empty = torch.empty_like(tensor, device="meta")
+        empty: torch.Tensor = torch.empty_like(tensor, device="meta")
         if isinstance(tensor, nn.Parameter):
             empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = empty
@@ -117,4 +117,5 @@ def retie(original: nn.Module, fresh: nn.Module, *, only_shared_storage: bool = 
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int]:
-    return t.untyped_storage().data_ptr(), t.storage_offset()
+    """Where a tensor's data starts: equal for two tensors that share it (a tie)."""
+    return t.untyped_storage().data_ptr(), int(t.storage_offset())

@@ -76,9 +76,9 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
     for p in list(state_old) + [p for p in state_new if p not in state_old]:
         old_state, new_state = state_old.get(p), state_new.get(p)
         if old_state is None or new_state is None:
-            have = old_state or new_state
-            assert have is not None
-            what = ", ".join(f"{n} {v.describe()}" for n, v in have.entries.items())
+            kept = old_state or new_state
+            assert kept is not None
+            what = ", ".join(f"{n} {v.describe()}" for n, v in kept.entries.items())
             lines.append(f"state of {p!r}: {'removed' if new_state is None else 'added'} ({what})")
             continue
         for name in list(old_state.entries) + [
@@ -149,7 +149,7 @@ def _landings(old: Sequence[str | int], new: Sequence[str | int], limit: int = 3
 def optimizer_verdict(
     expected: OptimizerSchema,
     actual: OptimizerSchema,
-    reshaped: Iterable[str] = (),
+    reshaped: Iterable[str | int] = (),
     shapes_now: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> OptimizerVerdict:
     """What ``optimizer.load_state_dict(yesterday's state)`` would do today (see the class).
@@ -185,6 +185,7 @@ def optimizer_verdict(
             f"({_landings(old, new)})"
         )
     # an empty saved state (a fresh optimizer) stands for the state a trained one would have
+    reshaped = set(reshaped)
     with_state = {s.param for s in expected.state} or set(new)
     stale = [
         p for o, p in zip(old, new, strict=True) if o == p and p in reshaped and p in with_state

@@ -146,7 +146,11 @@ def _renamed_versions(
         if module and module not in below:  # no kept keys below it
             parent = _nearest_with_keys(module, below)
             moved = _moved_module(parent, below[parent], kept) if parent is not None else None
-            new = module if moved is None else _below(moved, _relative(module, parent))
+            new = (
+                module
+                if moved is None or parent is None
+                else _below(moved, _relative(module, parent))
+            )
             if matches_any(f"{new}.", patterns) or matches_any(f"{module}.", patterns):
                 continue
             out[new] = version

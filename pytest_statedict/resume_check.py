@@ -65,7 +65,7 @@ def check_resume(
         )
     started = time.perf_counter()
     outside = _state_outside_state_dict(optimizer, fresh_opt)
-    stepped = _representatives(model, optimizer)
+    stepped: set[str] | None = _representatives(model, optimizer)
     twin_model, twin_opt = _resume_twin(model, optimizer, factory)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), _python_random_kept():
@@ -126,7 +126,7 @@ def _gradients(
     """Fixed gradients for ``names`` (every trainable parameter when None): the same values
     on both sides, a fresh tensor each (an optimizer may change its gradients in place)."""
     sparse = isinstance(optimizer, torch.optim.SparseAdam)
-    grads = {}
+    grads: dict[torch.Tensor, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.requires_grad and (names is None or name in names):
             grad = _fixed_gradient(p)
@@ -151,8 +151,9 @@ def _step(optimizer: torch.optim.Optimizer, grads: Mapping[torch.Tensor, torch.T
     with torch.no_grad():
         if closure is not None and closure.default is inspect.Parameter.empty:
 
-            def same_loss() -> torch.Tensor:
-                # re-evaluated by a line search: the same gradients, the same loss
+            def same_loss() -> Any:
+                # re-evaluated by a line search: the same gradients, the same loss (a
+                # tensor, as a training loop's closure returns: some optimizers call .item())
                 for p, g in grads.items():
                     p.grad = g.clone()
                 return torch.tensor(1.0)
@@ -252,21 +253,27 @@ def _packed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def _place(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    """Where a tensor's data is, and its shape: what a packed weight shares with its twin."""
+    return (*storage_key(t), tuple(t.shape))
+
+
 def _repack(original: nn.Module, twin: nn.Module) -> None:
     """Pack the twin's quantized weights from the twin's tensors (see ``_resume_twin``)."""
     packed = list(_packed_modules(original))
     if not packed:
         return
     own: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+    t: torch.Tensor
     for name, t in original.named_parameters(remove_duplicate=False):
-        own[(*storage_key(t), tuple(t.shape))] = twin.get_parameter(name)
+        own[_place(t)] = twin.get_parameter(name)
     for name, t in original.named_buffers(remove_duplicate=False):
-        own[(*storage_key(t), tuple(t.shape))] = twin.get_buffer(name)
+        own[_place(t)] = twin.get_buffer(name)
 
     def twin_of(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
             return None
-        shared = own.get((*storage_key(t), tuple(t.shape)))
+        shared = own.get(_place(t))
         return shared.detach() if shared is not None else t.detach().clone()
 
     for name, module in packed:

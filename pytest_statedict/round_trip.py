@@ -361,7 +361,7 @@ def _dcp_roundtrip(
     try:
         dcp.save(saved, checkpoint_id=checkpoint, **single)
         template_model, template_optim = get_state_dict(fresh, [fresh_opt] if fresh_opt else [])
-        template = {"model": template_model}
+        template: dict[str, Any] = {"model": template_model}
         if fresh_opt is not None:
             template["optim"] = template_optim
         dcp.load(template, checkpoint_id=checkpoint, **single)
@@ -444,7 +444,7 @@ def _compare_optimizer(
         return
     fresh_opt = resume_check.rebuild_optimizer(model, optimizer, fresh_model)
     try:
-        fresh_opt.load_state_dict(loaded_state)
+        fresh_opt.load_state_dict(dict(loaded_state))
     except (RuntimeError, ValueError, KeyError) as exc:
         result.mismatches.append(f"optimizer.load_state_dict failed: {exc}")
         return

@@ -672,7 +672,7 @@ class _SnapshotParser:
             raise self.fail(f'not a statedict snapshot (no "format": "{FORMAT_NAME}" header)')
         version = data.get("version")
         if not _is_int(version) or version != FORMAT_VERSION:
-            newer = _is_int(version) and version > FORMAT_VERSION
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise StaleSnapshotError(
                 self.path,
                 f"written in snapshot format version {version!r}, this plugin reads version "
@@ -775,7 +775,7 @@ class _SnapshotParser:
         return TensorEntry(
             key=key,
             kind=kind,
-            shape=tuple(shape),
+            shape=tuple(shape or ()),
             dtype=dtype,
             requires_grad=requires_grad,
             tied_to=item.get("tied_to"),
@@ -815,14 +815,18 @@ class _SnapshotParser:
             block_means = tuple(float(m) for m in means)
         except ValueError:
             raise self.fail(f'{key!r}: "values.block_means" must hold numbers', key) from None
-        hashes = {}
+        hashes: dict[str, str | None] = {}
         for name in ("sample_numbers", "sample_bits", "sample_signs"):
             raw = values.get(name)
             if raw is not None and not isinstance(raw, str):
                 raise self.fail(f'{key!r}: "values.{name}" must be a string', key)
             hashes[name] = raw
         return Fingerprint(
-            xxh3=values["xxh3"], **stats, blocks=tuple(blocks), block_means=block_means, **hashes
+            xxh3=values["xxh3"],
+            **stats,  # type: ignore[arg-type]  # the four statistics, each a float
+            blocks=tuple(blocks),
+            block_means=block_means,
+            **hashes,  # type: ignore[arg-type]  # the three sample hashes, each a str or None
         )
 
     def optimizer(self, data: Any) -> OptimizerSchema:

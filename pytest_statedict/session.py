@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import storage
 from .errors import SnapshotError, StateDictError, hide_from_bad_input
 from .runtime import CHECK_KINDS, OUTCOMES, SnapshotSlot
-from .unused import find_unused
+from .unused import ModuleRecord, find_unused
 
 if TYPE_CHECKING:
     import pytest
@@ -39,40 +38,6 @@ __tracebackhide__ = hide_from_bad_input
 REPORT_KEY = "statedict"  # the attribute of a TestReport that carries a phase's record
 # exit codes of a run that went to its end: only then can a file be judged unused
 FINISHED_EXIT_CODES = (0, 1, 5)  # OK, TESTS_FAILED, NO_TESTS_COLLECTED
-# pytest-repeat's ids: ``test_x[2-5]``, ``test_x[a-2-5]`` (it parametrizes last)
-_REPEAT_ID = re.compile(r"(?:\[|-)(\d+)-\d+\]$")
-
-
-class ModuleRecord:
-    """A test file's collected tests, to decide whether it ran whole.
-
-    Any collected file is one: a ``.py`` module, a doctest ``.txt``/``.md``/``.rst``.
-    Collection only files each item under its file (the plugin is loaded into every run,
-    most of which never use it); names are worked out at the end, and only for files that
-    have snapshot files.
-    """
-
-    def __init__(self, path: Path, snapshot_dir: Path, root: Path) -> None:
-        self.path = path
-        self.snapshot_dir = snapshot_dir
-        self.root = root
-        self.items: list[pytest.Item] = []
-        self.merged_tests: list[tuple[str, str]] = []  # from xdist workers
-        self.partial = False
-
-    def tests(self) -> list[tuple[str, str]]:
-        """(test folder name, node id) of every collected test, 0.1.0 folder names too.
-
-        pytest-repeat's repetitions are several tests of one folder.
-        """
-        pairs = list(self.merged_tests)
-        for item in self.items:
-            parts = _test_parts(item)
-            pairs.append((storage.test_dirname(parts), item.nodeid))
-            legacy = storage.legacy_name(".".join(parts))
-            if legacy != pairs[-1][0]:
-                pairs.append((legacy, item.nodeid))
-        return pairs
 
 
 class Owner(NamedTuple):
@@ -536,7 +501,7 @@ class StateDictSession:
             return self._fixture_owner(*entry)
         item = self.item
         assert item is not None
-        parts = _test_parts(item)
+        parts = storage.item_parts(item)
         folder = self.module_dir(item.path) / storage.test_dirname(parts)
         legacy = self.module_dir(item.path, legacy=True) / storage.legacy_name(".".join(parts))
         return Owner(folder, None if legacy == folder else legacy, self.root_for(item.path))
@@ -728,30 +693,6 @@ def _cut_short(session: pytest.Session, exitstatus: int) -> str | None:
 def _exists(path: Path) -> bool:
     """Whether anything is there (a broken symlink too: it is not a missing snapshot)."""
     return os.path.lexists(path)
-
-
-def _test_parts(item: pytest.Item) -> list[str]:
-    """The names from the module down to the test: ``["TestA", "test_x[id]"]``.
-
-    pytest-repeat's repetitions (``test_x[a-2-5]``) are one test to a snapshot: the same
-    code asked the same question, so they share ``test_x[a]``'s files.
-    """
-    import pytest
-
-    parts = []
-    for node in item.listchain():
-        if isinstance(node, pytest.Module):
-            parts = []
-        else:
-            parts.append(node.name)
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and "__pytest_repeat_step_number" in callspec.params:
-        step = callspec.params["__pytest_repeat_step_number"]
-        match = _REPEAT_ID.search(parts[-1])
-        if match and int(match.group(1)) == step + 1:
-            name = parts[-1][: match.start()]
-            parts[-1] = name + "]" if match.group(0).startswith("-") else name
-    return parts
 
 
 def _param_id(request: Any) -> str:

@@ -29,8 +29,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SnapshotError, hide_from_bad_input
+
+if TYPE_CHECKING:
+    import pytest
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -279,3 +283,31 @@ def remove_snapshot(path: Path, root: Path, *, base: Path, display: str | None =
             folder.rmdir()
         except OSError:
             break
+
+
+# pytest-repeat's ids: ``test_x[2-5]``, ``test_x[a-2-5]`` (it parametrizes last)
+REPEAT_ID = re.compile(r"(?:\[|-)(\d+)-\d+\]$")
+
+
+def item_parts(item: pytest.Item) -> list[str]:
+    """The names from the module down to the test: ``["TestA", "test_x[id]"]``.
+
+    pytest-repeat's repetitions (``test_x[a-2-5]``) are one test to a snapshot: the same
+    code asked the same question, so they share ``test_x[a]``'s files.
+    """
+    import pytest
+
+    parts: list[str] = []
+    for node in item.listchain():
+        if isinstance(node, pytest.Module):
+            parts = []
+        else:
+            parts.append(node.name)
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "__pytest_repeat_step_number" in callspec.params:
+        step = callspec.params["__pytest_repeat_step_number"]
+        match = REPEAT_ID.search(parts[-1])
+        if match and int(match.group(1)) == step + 1:
+            name = parts[-1][: match.start()]
+            parts[-1] = name + "]" if match.group(0).startswith("-") else name
+    return parts

@@ -10,29 +10,57 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import storage
 from .errors import SnapshotError
 
-__all__ = ["FinishedRun", "find_orphans", "find_unused", "renamed_modules"]
+if TYPE_CHECKING:
+    import pytest
+
+__all__ = ["FinishedRun", "ModuleRecord", "find_orphans", "find_unused", "renamed_modules"]
 
 
-class TestFile(Protocol):
-    """A collected test file, as the session records it."""
+class ModuleRecord:
+    """A test file's collected tests, to decide whether it ran whole.
 
-    path: Path
-    snapshot_dir: Path
-    root: Path
+    Any collected file is one: a ``.py`` module, a doctest ``.txt``/``.md``/``.rst``.
+    Collection only files each item under its file (the plugin is loaded into every run,
+    most of which never use it); names are worked out at the end, and only for files that
+    have snapshot files.
+    """
 
-    def tests(self) -> list[tuple[str, str]]: ...
+    def __init__(self, path: Path, snapshot_dir: Path, root: Path) -> None:
+        self.path = path
+        self.snapshot_dir = snapshot_dir
+        self.root = root
+        self.items: list[pytest.Item] = []
+        self.merged_tests: list[tuple[str, str]] = []  # from xdist workers
+        self.partial = False
+
+    def tests(self) -> list[tuple[str, str]]:
+        """(test folder name, node id) of every collected test, 0.1.0 folder names too.
+
+        pytest-repeat's repetitions are several tests of one folder.
+        """
+        pairs = list(self.merged_tests)
+        for item in self.items:
+            parts = storage.item_parts(item)
+            pairs.append((storage.test_dirname(parts), item.nodeid))
+            legacy = storage.legacy_name(".".join(parts))
+            if legacy != pairs[-1][0]:
+                pairs.append((legacy, item.nodeid))
+        return pairs
 
 
 class FinishedRun(Protocol):
     """What the session recorded of a run that went to its end."""
 
-    modules: dict[str, TestFile]
+    @property
+    def modules(self) -> Mapping[str, ModuleRecord]: ...
+
     outcomes: dict[str, str]
     used: set[str]
     missing: set[str]
@@ -43,7 +71,7 @@ class FinishedRun(Protocol):
     problems: list[str]
     linked_roots: dict[Path, Path]
 
-    def ran_whole(self, record: TestFile) -> bool: ...
+    def ran_whole(self, record: ModuleRecord) -> bool: ...
     def collected_whole(self, directory: Path) -> bool: ...
     def root_base(self, root: Path) -> Path: ...
 
@@ -57,7 +85,7 @@ def find_unused(run: FinishedRun) -> list[Path]:
     was set up in this run. Test files sharing a folder (``x.py`` and a doctest
     ``x.txt``) are judged together.
     """
-    by_folder: dict[Path, list[TestFile]] = defaultdict(list)
+    by_folder: dict[Path, list[ModuleRecord]] = defaultdict(list)
     for record in run.modules.values():
         by_folder[record.snapshot_dir].append(record)
     unused = []

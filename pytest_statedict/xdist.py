@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from .session import FINISHED_EXIT_CODES, ModuleRecord, StateDictSession
+from .session import FINISHED_EXIT_CODES, StateDictSession
+from .unused import ModuleRecord
 
 OUTPUT_KEY = "statedict"
 
