@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateDictError
-from .schema import Schema, TensorEntry
+from .schema import Schema
+from .schema_entries import TensorEntry
 
 if TYPE_CHECKING:
     from .compare import ModelVerdict
@@ -117,7 +118,7 @@ def _footer(schema: Schema) -> list[str]:
     if schema.saved_on:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")
     if schema.optimizer is not None:
-        from .schema import UNKNOWN_CLASS
+        from .schema_entries import UNKNOWN_CLASS
 
         opt = schema.optimizer
         cls = "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else opt.cls

@@ -24,7 +24,8 @@ from .rename import (
     same_kind,
     without_members,
 )
-from .schema import Fingerprint, ModuleVersion, Schema, TensorEntry
+from .schema import Schema
+from .schema_entries import Fingerprint, ModuleVersion, TensorEntry
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input

@@ -37,12 +37,12 @@ from .layout import (
 from .layout import is_state_dict as layout_is_state_dict
 from .layout import mapping_schema as layout_mapping_schema
 from .runtime import checkpoint_loader
-from .schema import (
+from .schema import Schema
+from .schema_entries import (
     ELEMENTWISE_STATE,
     OptimizerSchema,
     ParamGroup,
     ParamState,
-    Schema,
     StateSpec,
     TensorEntry,
     dtype_name,

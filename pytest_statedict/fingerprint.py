@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedObjectError
-from .schema import Fingerprint
+from .schema_entries import Fingerprint
 
 __all__ = [
     "OVERLAP_MIN_BYTES",

@@ -16,13 +16,13 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import UnsupportedObjectError
-from .schema import (
+from .schema import Schema
+from .schema_entries import (
     UNKNOWN_CLASS,
     ModuleVersion,
     OptimizerSchema,
     ParamGroup,
     ParamState,
-    Schema,
     StateSpec,
     TensorEntry,
     module_version,

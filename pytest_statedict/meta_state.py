@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .errors import SnapshotError, first_line
-from .schema import Schema, TensorEntry, dtype_name
+from .schema import Schema
+from .schema_entries import TensorEntry, dtype_name
 
 __all__ = ["QUANTIZED_DTYPES", "state_from_snapshot"]
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .schema import ELEMENTWISE_STATE, UNKNOWN_CLASS, OptimizerSchema, StateSpec
+from .schema_entries import ELEMENTWISE_STATE, UNKNOWN_CLASS, OptimizerSchema, StateSpec
 
 __all__ = [
     "ADDED_HYPERPARAMS",

@@ -17,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from .errors import StateDictError
-from .schema import ELEMENTWISE_STATE, OptimizerSchema, Schema
+from .schema import Schema
+from .schema_entries import ELEMENTWISE_STATE, OptimizerSchema
 
 __all__ = ["positions_named"]
 

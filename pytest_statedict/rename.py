@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from .errors import StateDictError
-from .schema import ModuleVersion, OptimizerSchema, Schema, TensorEntry
+from .schema import Schema
+from .schema_entries import ModuleVersion, OptimizerSchema, TensorEntry
 
 __all__ = [
     "Rename",

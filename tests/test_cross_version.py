@@ -40,7 +40,8 @@ from pytest_statedict.optimizer_diff import (
     RETYPED_STATE_ENTRIES,
 )
 from pytest_statedict.report import render_diff
-from pytest_statedict.schema import Schema, StateSpec
+from pytest_statedict.schema import Schema
+from pytest_statedict.schema_entries import StateSpec
 
 RELEASE = torch.__version__.split("+")[0]
 SHARED = os.environ.get("STATEDICT_CROSS_VERSION_DIR")

@@ -23,7 +23,7 @@ from pytest_statedict import Schema, SnapshotError, roundtrip, schema_of
 from pytest_statedict.bitwise import tensor_difference
 from pytest_statedict.compare import diff_schemas
 from pytest_statedict.fingerprint import fingerprint
-from pytest_statedict.schema import DTYPE_ITEMSIZE, TensorEntry
+from pytest_statedict.schema_entries import DTYPE_ITEMSIZE, TensorEntry
 from pytest_statedict.storage import atomic_write, sanitise
 
 TORCH_DTYPES = sorted(

@@ -837,7 +837,7 @@ def test_json_that_would_build_millions_of_containers_is_refused_before_parsing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(limits, "MAX_JSON_CONTAINERS", 1000)
-    from pytest_statedict import schema as schema_module
+    from pytest_statedict import snapshot_format as schema_module
     from pytest_statedict.readers import files
 
     monkeypatch.setattr(files, "MAX_JSON_CONTAINERS", 1000)

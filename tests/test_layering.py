@@ -17,7 +17,12 @@ import pytest_statedict
 PACKAGE = Path(pytest_statedict.__file__).parent
 NAME = "pytest_statedict"
 # What a reader may import from the package, besides the other readers.
-BELOW_READERS = {f"{NAME}.errors", f"{NAME}.schema"}
+BELOW_READERS = {
+    f"{NAME}.errors",
+    f"{NAME}.schema",
+    f"{NAME}.schema_entries",
+    f"{NAME}.snapshot_format",
+}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from pytest_statedict import Schema, SnapshotError, UnsupportedObjectError, schema_of
 from pytest_statedict.errors import StaleSnapshotError
 from pytest_statedict.fingerprint import fingerprint
-from pytest_statedict.schema import TensorEntry
+from pytest_statedict.schema_entries import TensorEntry
 
 
 class Tiny(nn.Module):

@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from pytest_statedict import schema as schema_module
+from pytest_statedict import snapshot_format as schema_module
 from pytest_statedict import schema_of
-from pytest_statedict.schema import Fingerprint, ParamState, StateSpec, TensorEntry
+from pytest_statedict.schema_entries import Fingerprint, ParamState, StateSpec, TensorEntry
 
 # keys as odd as users make them: quotes, backslashes, control and non-ASCII characters
 TEXT = st.text(max_size=12)

@@ -24,7 +24,7 @@ from pytest_statedict import (
 from pytest_statedict.compare import diff_schemas
 from pytest_statedict.errors import SnapshotError
 from pytest_statedict.fingerprint import STAT_SAMPLE, fingerprint
-from pytest_statedict.schema import Fingerprint
+from pytest_statedict.schema_entries import Fingerprint
 
 
 def values_line(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> str:

@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_statedict import CheckpointError, Schema
-from pytest_statedict.formats import Loaded, NeedsLoading, NestedSchema
-from pytest_statedict.schema import TensorEntry
+from pytest_statedict import CheckpointError
+from pytest_statedict.formats import Loaded, NeedsLoading, NestedSchema, Schema, TensorEntry
 
 MAGIC = b"TOYCKPT1\n"
 

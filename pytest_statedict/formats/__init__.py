@@ -18,7 +18,18 @@ imports its protocol from here: ``from pytest_statedict.formats import Checkpoin
 
 from __future__ import annotations
 
+from ..schema import Schema
+from ..schema_entries import TensorEntry
 from .base import CheckpointFormat, Loaded, NeedsLoading, NestedSchema
 from .registry import ENTRY_POINT_GROUP
 
-__all__ = ["ENTRY_POINT_GROUP", "CheckpointFormat", "Loaded", "NeedsLoading", "NestedSchema"]
+# what a format's read_schema builds: a Schema of TensorEntry rows
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "CheckpointFormat",
+    "Loaded",
+    "NeedsLoading",
+    "NestedSchema",
+    "Schema",
+    "TensorEntry",
+]

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
 from ..readers import hf_index as reader
-from ..schema import FORMAT_NAME, Schema
+from ..schema import Schema
+from ..snapshot_format import FORMAT_NAME
 from .base import Loaded, NestedSchema
 
 __all__ = ["FORMAT", "INDEX", "ShardedIndex"]

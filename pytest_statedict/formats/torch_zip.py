@@ -20,7 +20,8 @@ from ..errors import hide_from_bad_input
 from ..layout import KindOf, StorageViews, Tensors, mapping_schema, type_name
 from ..readers import records
 from ..readers import torch_zip as reader
-from ..schema import Schema, StateSpec, TensorEntry
+from ..schema import Schema
+from ..schema_entries import StateSpec, TensorEntry
 from .base import Loaded, NeedsLoading, NestedSchema, object_schema, unsupported_object
 
 __all__ = ["FORMAT", "SMALL_TENSOR", "TORCH_ZIP", "RecordTensors", "TorchZipFile"]

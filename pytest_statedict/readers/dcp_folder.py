@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from ..errors import CheckpointError, hide_from_bad_input
-from ..schema import Schema, TensorEntry
+from ..schema import Schema
+from ..schema_entries import TensorEntry
 from . import records
 from .files import read_bounded
 from .limits import MAX_DIM, MAX_DIMS, MAX_PICKLE_BYTES

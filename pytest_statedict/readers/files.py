@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, StateDictError, hide_from_bad_input
-from ..schema import json_containers, json_depth
+from ..snapshot_format import json_containers, json_depth
 from .limits import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, hide_from_bad_input
-from ..schema import Schema, TensorEntry
+from ..schema import Schema
+from ..schema_entries import TensorEntry
 from .files import parse_json, read_bounded, require_regular_file
 from .limits import MAX_INDEX_BYTES
 

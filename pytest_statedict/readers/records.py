@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..schema import DTYPE_ITEMSIZE
+from ..schema_entries import DTYPE_ITEMSIZE
 from .limits import MAX_DIM, MAX_DIMS
 
 

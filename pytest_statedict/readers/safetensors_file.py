@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
-from ..schema import DTYPE_ITEMSIZE, Schema, TensorEntry
+from ..schema import Schema
+from ..schema_entries import DTYPE_ITEMSIZE, TensorEntry
 from .files import open_regular, parse_json, require_regular_file
 from .limits import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointError, hide_from_bad_input
-from ..schema import DTYPE_ITEMSIZE
+from ..schema_entries import DTYPE_ITEMSIZE
 from . import records
 from .files import open_regular
 from .limits import (
