@@ -100,7 +100,9 @@ class Tolerances:
             )
 
 
-def _parsed(per_key: Mapping[str, Mapping[str, float]] | None) -> tuple[tuple[str, Tolerance | None], ...]:
+def _parsed(
+    per_key: Mapping[str, Mapping[str, float]] | None,
+) -> tuple[tuple[str, Tolerance | None], ...]:
     if per_key is None:
         return ()
     if not isinstance(per_key, Mapping):
@@ -129,8 +131,7 @@ def _tolerance(pattern: object, entry: object) -> Tolerance | None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or not math.isfinite(value) or value < 0:
             raise StateDictError(
-                f"tolerances[{pattern!r}][{name!r}] is {value!r}: it must be a finite "
-                "number >= 0"
+                f"tolerances[{pattern!r}][{name!r}] is {value!r}: it must be a finite number >= 0"
             )
     if not entry:
         return None

@@ -3,8 +3,9 @@
 Readers, extraction and the checks need four things from a pytest run: the session object
 of the test that is running, the ``pytest_statedict_load_checkpoint`` hook, the
 ``pytest_statedict_normalize_key`` hooks and the ``pytest_statedict_compare_entry`` hooks.
-They get them here, from a stack the plugin pushes onto at ``pytest_configure``, so that none of them imports the session (no import circles):
-readers are handed the hook by their caller; nothing here imports torch or pytest.
+They get them here, from a stack the plugin pushes onto at ``pytest_configure``, so that
+none of them imports the session (no import circles): readers are handed the hook by their
+caller; nothing here imports torch or pytest.
 """
 
 from __future__ import annotations
