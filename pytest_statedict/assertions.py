@@ -11,7 +11,7 @@ from torch import nn
 
 from .compare import SchemaDiff, diff_schemas
 from .comparison import CustomComparison, EntryComparison, Tolerances, custom_comparison
-from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
+from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .readers.snapshot_file import read_snapshot_text
 from .rename import Rename, compile_rename, normalise, without_ignored_members
@@ -60,6 +60,11 @@ def assert_state_dict_matches(
     ignore = tuple(ignore)  # used on both sides and by the diff: a generator would run dry
     # refused before anything is read: a bad tolerance is the call's mistake, not the data's
     by_key = Tolerances(rtol, atol, tolerances)
+    if by_key.per_key and not values:
+        raise StateDictError(
+            "tolerances= holds keys' values to a tolerance, but values are compared only "
+            "with values=True: pass it, or drop tolerances="
+        )
     custom = custom_comparison(compare, entry_comparison())
     if expected is None:
         store = current_session()

@@ -41,12 +41,16 @@ def pytest_statedict_normalize_key(key: str) -> str | None:
 def pytest_statedict_compare_entry(key: str, expected: Any, actual: Any) -> Any:
     """Compare one key's two entries your own way, or return None to leave it to the plugin.
 
-    ``expected`` and ``actual`` are the key's :class:`~pytest_statedict.schema.TensorEntry`
-    (shape, dtype, kind, ... and ``fingerprint``, the value statistics, when recorded), asked
-    for every key both sides hold, under its compared name. Return True or ``[]`` to accept
-    the key as equal, whatever the built-in comparison would say; a list of strings to report
-    those differences (``changed`` lines of that key, and the check fails); None for no
-    opinion (the built-in comparison runs, with ``rtol``/``atol``/``tolerances=``). The first
-    implementation that answers other than None decides (pluggy's order, last registered
-    first); a ``compare=`` given to the call is asked before any hook.
+    ``expected`` and ``actual`` are the key's entries
+    (:class:`~pytest_statedict.schema.TensorEntry`: shape, dtype, kind, ... and
+    ``fingerprint``, the value statistics, when recorded). It is asked for every key both
+    sides hold, under its compared name, whenever the two sides are compared (a snapshot
+    whose file is already what would be written is not). Return True or ``[]`` to accept
+    the key as equal, whatever the built-in comparison would say (shape and dtype
+    included); a list of strings to report those differences (``changed`` lines of that
+    key, and the check fails); None for no opinion (the built-in comparison runs, with
+    ``rtol``/``atol``/``tolerances=``). The first implementation that answers other than
+    None decides (``firstresult``: pluggy's order, last registered first, as a raising
+    ``pytest_statedict_load_checkpoint``); a ``compare=`` given to the call is asked
+    before any hook.
     """

@@ -159,12 +159,15 @@ import pytest
 def test_tolerance(tol):
     assert_state_dict_matches(model(), baseline(), values=True, tolerances=tol)
 
+def test_tolerances_without_values():
+    assert_state_dict_matches(model(), baseline(), tolerances={"enc.*": {"atol": 1e-3}})
+
 def test_compare_returns_a_bare_string():
     assert_state_dict_matches(model(), baseline(), compare=lambda key, e, a: "differs")
 """,
     )
     result = pytester.runpytest()
-    result.assert_outcomes(failed=8)
+    result.assert_outcomes(failed=9)
     match_lines(
         result,
         [
@@ -176,6 +179,8 @@ def test_compare_returns_a_bare_string():
             "*StateDictError: tolerances['enc.*']['atol'] is True: *",
             "*StateDictError: tolerances['enc.*'] must be a mapping such as *",
             "*StateDictError: tolerances= must be a mapping of key globs to *, not list",
+            "*StateDictError: tolerances= holds keys' values to a tolerance, but values are "
+            "compared only with values=True: pass it, or drop tolerances=",
             "*StateDictError: compare= returned 'differs' for key 'enc.weight': it must return *",
         ],
     )
