@@ -50,7 +50,7 @@ def pytest_statedict_compare_entry(key: str, expected: Any, actual: Any) -> Any:
     included); a list of strings to report those differences (``changed`` lines of that
     key, and the check fails); None for no opinion (the built-in comparison runs, with
     ``rtol``/``atol``/``tolerances=``). The first implementation that answers other than
-    None decides (``firstresult``: pluggy's order, last registered first, as a raising
+    None decides (``firstresult``: pluggy's order, last registered first, as for
     ``pytest_statedict_load_checkpoint``); a ``compare=`` given to the call is asked
     before any hook.
     """
