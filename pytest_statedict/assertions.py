@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .compare import SchemaDiff, diff_schemas
-from .errors import SnapshotError, StateDictMismatch, hide_from_bad_input
+from .comparison import CustomComparison, EntryComparison, Tolerances, custom_comparison
+from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
 from .readers.snapshot_file import read_snapshot_text
 from .rename import Rename, compile_rename, normalise, without_ignored_members
 from .report import render_diff
-from .runtime import SnapshotStore, current_session, key_normaliser, recorded_check, verbose
+from .runtime import (
+    SnapshotStore,
+    current_session,
+    entry_comparison,
+    key_normaliser,
+    recorded_check,
+    verbose,
+)
 from .schema import Schema
 from .verdict import model_verdict, needs_a_load
 
@@ -34,29 +42,43 @@ def assert_state_dict_matches(
     atol: float | None = None,
     ignore: Iterable[str] = (),
     rename: Rename = None,
+    tolerances: Mapping[str, Mapping[str, float]] | None = None,
+    compare: EntryComparison | None = None,
 ) -> None:
     """Check a state_dict's schema against the current test's snapshot, or against ``expected``.
 
     ``actual`` and ``expected`` may each be a module, a state_dict, a checkpoint path, a
     snapshot path or a :class:`Schema`. ``ignore`` holds glob patterns of keys to leave
     out; ``rename`` (a mapping, a callable or ``[(regex, replacement), ...]``) is applied to
-    actual's keys first. Raises :class:`StateDictMismatch` listing every difference.
+    actual's keys first. ``tolerances`` maps key globs to ``{"rtol": .., "atol": ..}`` (the
+    first glob that matches a key wins; other keys keep ``rtol``/``atol``); ``compare``,
+    ``fn(key, expected_entry, actual_entry)``, decides a key before the
+    ``pytest_statedict_compare_entry`` hooks and the built-in comparison do (see
+    ``docs/comparison.md``). Raises :class:`StateDictMismatch` listing every difference.
     """
     __tracebackhide__ = True
     ignore = tuple(ignore)  # used on both sides and by the diff: a generator would run dry
+    # refused before anything is read: a bad tolerance is the call's mistake, not the data's
+    by_key = Tolerances(rtol, atol, tolerances)
+    if by_key.per_key and not values:
+        raise StateDictError(
+            "tolerances= holds keys' values to a tolerance, but values are compared only "
+            "with values=True: pass it, or drop tolerances="
+        )
+    custom = custom_comparison(compare, entry_comparison())
     if expected is None:
         store = current_session()
         with store.snapshot_check():
             _check_snapshot(
-                store, actual, name=name, optimizer=optimizer, values=values, rtol=rtol,
-                atol=atol, ignore=ignore, rename=rename,
+                store, actual, name=name, optimizer=optimizer, values=values,
+                tolerances=by_key, compare=custom, ignore=ignore, rename=rename,
             )  # fmt: skip
         return
     if name is not None:
         raise TypeError("assert_state_dict_matches(): name= applies to snapshots (expected=None)")
     _assert_matches_expected(
-        actual, expected, optimizer=optimizer, values=values, rtol=rtol, atol=atol,
-        ignore=ignore, rename=rename,
+        actual, expected, optimizer=optimizer, values=values, tolerances=by_key,
+        compare=custom, ignore=ignore, rename=rename,
     )  # fmt: skip
 
 
@@ -67,8 +89,8 @@ def _assert_matches_expected(
     *,
     optimizer: Any,
     values: bool,
-    rtol: float | None,
-    atol: float | None,
+    tolerances: Tolerances,
+    compare: CustomComparison | None,
     ignore: tuple[str, ...],
     rename: Rename,
 ) -> None:
@@ -80,7 +102,9 @@ def _assert_matches_expected(
     expected_schema = normalise(
         schema_of(expected, values=values), rename=key_normaliser(), ignore=ignore
     )
-    diff = diff_schemas(expected_schema, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
+    diff = diff_schemas(
+        expected_schema, actual_schema, tolerances=tolerances, ignore=ignore, compare=compare
+    )
     if diff:
         complete_diff(diff, actual, expected_schema, actual_schema, rename=rename, ignore=ignore)
     else:
@@ -104,8 +128,8 @@ def _check_snapshot(
     name: str | None,
     optimizer: Any,
     values: bool,
-    rtol: float | None,
-    atol: float | None,
+    tolerances: Tolerances,
+    compare: CustomComparison | None,
     ignore: tuple[str, ...],
     rename: Rename,
 ) -> None:
@@ -113,7 +137,9 @@ def _check_snapshot(
 
     Without ``--statedict-update`` nothing is written: a missing snapshot fails with the
     command that creates it. With it, a missing or changed snapshot is (re)written, unless
-    the change is a problem no update can accept (an inconsistent optimizer state).
+    the change is a problem no update can accept (an inconsistent optimizer state). A
+    snapshot that differs only by what a tolerance or a custom comparison accepts is kept:
+    rewriting it would move the baseline a tolerance at a time.
     """
     __tracebackhide__ = True
     slot = store.claim_snapshot(name)
@@ -124,6 +150,7 @@ def _check_snapshot(
     # ignored keys' optimizer members stay out of the file (the diff drops them too)
     text = without_ignored_members(actual_schema, ignore).to_json()
     if not slot.exists:
+        tolerances.refuse_unmatched(actual_schema.by_key())  # no diff will see the globs
         if store.update:
             store.write_snapshot(slot, text)
             _fail_on_problems(problems, slot.path)
@@ -139,6 +166,7 @@ def _check_snapshot(
             slot.source, lambda problem: SnapshotError(slot.shown, problem)
         )
         if current == text and not problems and (not moved or not store.update):
+            tolerances.refuse_unmatched(actual_schema.by_key())  # nor here
             store.record_snapshot(slot, "passed")
             return
         expected = normalise(Schema.from_json(current, slot.shown), rename=key_normaliser())
@@ -148,7 +176,9 @@ def _check_snapshot(
             return
         store.record_snapshot(slot, "failed")
         raise
-    diff = diff_schemas(expected, actual_schema, rtol=rtol, atol=atol, ignore=ignore)
+    diff = diff_schemas(
+        expected, actual_schema, tolerances=tolerances, ignore=ignore, compare=compare
+    )
     refused = None if diff else refused_load(actual, expected, rename=rename, ignore=ignore)
     if refused is not None:
         store.record_snapshot(slot, "failed")
@@ -160,7 +190,7 @@ def _check_snapshot(
             refused,
         )  # fmt: skip
     if not diff:
-        if store.update and (moved or (rtol is None and atol is None)):
+        if store.update and (moved or not (tolerances.given or diff.accepted)):
             # same schema, other text (an older writer) or an old name: refresh it, or
             # it would show up in the next unrelated pull request
             store.rewrite_snapshot(slot, text)

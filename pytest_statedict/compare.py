@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .comparison import CustomComparison, Tolerance, Tolerances
 from .errors import hide_from_bad_input
 from .optimizer_diff import OptimizerVerdict, diff_optimizers, optimizer_verdict, uses_names
 from .rename import (
@@ -94,6 +95,9 @@ class SchemaDiff:
     # implementation flags, from the caller)
     model_verdict: ModelVerdict | None = None
     notes: list[str] = field(default_factory=list)
+    # keys a custom comparison accepted although the built-in one found a difference: not
+    # differences, but a snapshot is not rewritten for them (the baseline would drift)
+    accepted: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """True when there is a difference (so ``if diff:`` reads naturally)."""
@@ -141,17 +145,26 @@ def diff_schemas(
     *,
     rtol: float | None = None,
     atol: float | None = None,
+    tolerances: Tolerances | None = None,
     ignore: Iterable[str] = (),
+    compare: CustomComparison | None = None,
 ) -> SchemaDiff:
     """Everything that differs; ``ignore`` (globs) drops optimizer members both sides name.
 
     The keys themselves are expected to have gone through :func:`normalise` already.
+    ``tolerances`` (per-key, see :class:`~.comparison.Tolerances`) carries a call's
+    ``rtol``/``atol`` as its default, and replaces them where given (a glob that matches no
+    key of either side is refused). ``compare`` decides a key both sides hold before the
+    built-in comparison does (see :func:`~.comparison.custom_comparison`).
     """
+    if tolerances is None:
+        tolerances = Tolerances(rtol, atol)
+    wrapped = ([t.key for t in expected], [t.key for t in actual])
     diff = SchemaDiff(
         expected_saved_on=expected.saved_on,
         actual_saved_on=actual.saved_on,
     )
-    diff.prefix = detect_prefix([t.key for t in expected], [t.key for t in actual])
+    diff.prefix = detect_prefix(*wrapped)
     if diff.prefix is not None:  # compare the wrapped model, not the wrapper's names
         how, prefix = diff.prefix
 
@@ -163,16 +176,30 @@ def diff_schemas(
         else:
             expected = normalise(_inner_versions(expected, prefix), rename=unwrap)
     exp, act = expected.by_key(), actual.by_key()
+    # a glob may name a key before a wrapper prefix was unwrapped, or after
+    tolerances.refuse_unmatched(*wrapped, exp, act)
 
     diff.removed = [t for k, t in exp.items() if k not in act]
     diff.added = [t for k, t in act.items() if k not in exp]
     diff.renames = likely_renames(diff.removed, diff.added)
-    tolerant = rtol is not None or atol is not None
     for key, e in exp.items():
         a = act.get(key)
-        if a is not None:
-            diff.changed.extend(_entry_changes(e, a, tolerant, rtol or 0.0, atol or 0.0))
-    if tolerant and sum(c.excess is not None for c in diff.changed) > 1:
+        if a is None:
+            continue
+        verdict = compare(key, e, a) if compare is not None else None
+        if verdict is None:
+            diff.changed.extend(_entry_changes(e, a, tolerances.for_key(key)))
+            continue
+        who, found = verdict
+        diff.changed.extend(Change(key, "compare", who, line) for line in found)
+        if not found and _entry_changes(e, a, tolerances.for_key(key)):
+            diff.accepted.append(key)
+    if diff.accepted:
+        diff.notes.append(
+            f"a custom comparison accepted {', '.join(diff.accepted)}, "
+            "which the built-in comparison finds changed"
+        )
+    if tolerances.tolerant and sum(c.excess is not None for c in diff.changed) > 1:
         # the values furthest outside the tolerance first: a report shows only the first
         # lines of a long list, and the change that matters is the largest, not the first key
         diff.changed.sort(key=lambda c: (c.excess is not None, -(c.excess or 0.0)))
@@ -223,9 +250,7 @@ def _inner_versions(schema: Schema, prefix: str) -> Schema:
     )
 
 
-def _entry_changes(
-    e: TensorEntry, a: TensorEntry, tolerant: bool, rtol: float, atol: float
-) -> list[Change]:
+def _entry_changes(e: TensorEntry, a: TensorEntry, tolerance: Tolerance | None) -> list[Change]:
     changes = [
         Change(e.key, name, getattr(e, name), getattr(a, name))
         for name in ATTRIBUTES
@@ -241,20 +266,15 @@ def _entry_changes(
         changes.append(Change(e.key, "values", f"recorded on the {side} side only", None))
     elif any(c.attribute in ("shape", "dtype") for c in changes):
         pass  # values of a reshaped or retyped tensor cannot match; the shape says enough
-    elif tolerant:
+    elif tolerance is not None:
         assert e.fingerprint is not None and a.fingerprint is not None
+        rtol, atol = tolerance.rtol, tolerance.atol
         bad = a.fingerprint.close_to(e.fingerprint, rtol, atol)
         if bad:
             excess = a.fingerprint.tolerance_excess(e.fingerprint, rtol, atol)
             moved = f"{excess:.3g}x the tolerance: " if math.isfinite(excess) else ""
             changes.append(
-                Change(
-                    e.key,
-                    "values",
-                    f"rtol={rtol}, atol={atol}",
-                    moved + "; ".join(bad),
-                    excess,
-                )
+                Change(e.key, "values", tolerance.describe(), moved + "; ".join(bad), excess)
             )
     elif e.fingerprint != a.fingerprint:
         assert e.fingerprint is not None and a.fingerprint is not None

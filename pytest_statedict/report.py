@@ -99,6 +99,8 @@ def _change_line(change: object) -> str:
         if new is None:
             return f"~ {key}: values {old}"
         return f"~ {key}: values {old} -> {new}"
+    if attribute == "compare":  # a custom comparison's own words, and who said them
+        return f"~ {key}: {new} ({old})"
     if attribute == "shape":
         old, new = list(old or ()), list(new or ())
     if attribute == "tied_to":

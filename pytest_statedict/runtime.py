@@ -1,10 +1,11 @@
 """The running pytest session as the layers below the session see it.
 
-Readers, extraction and the checks need three things from a pytest run: the session object
-of the test that is running, the ``pytest_statedict_load_checkpoint`` hook and the
-``pytest_statedict_normalize_key`` hook. They get them here, from a stack the plugin pushes
-onto at ``pytest_configure``, so that none of them imports the session (no import circles):
-readers are handed the hook by their caller; nothing here imports torch or pytest.
+Readers, extraction and the checks need four things from a pytest run: the session object
+of the test that is running, the ``pytest_statedict_load_checkpoint`` hook, the
+``pytest_statedict_normalize_key`` hooks and the ``pytest_statedict_compare_entry`` hooks.
+They get them here, from a stack the plugin pushes onto at ``pytest_configure``, so that
+none of them imports the session (no import circles): readers are handed the hook by their
+caller; nothing here imports torch or pytest.
 """
 
 from __future__ import annotations
@@ -109,14 +110,54 @@ def checkpoint_loader() -> CheckpointLoader | None:
 
 
 def key_normaliser() -> Callable[[str], str] | None:
-    """The ``pytest_statedict_normalize_key`` hooks of the running session, if any."""
+    """The ``pytest_statedict_normalize_key`` hooks of the running session, composed.
+
+    Each implementation gets the key the one before returned (None: unchanged), in pluggy's
+    call order: last registered first (so a conftest's before an installed plugin's), with
+    ``tryfirst``/``trylast`` honoured. pluggy calls every implementation with the same
+    arguments and cannot thread one's result into the next, so the implementations are
+    called here, one by one, as pluggy would call them (by the argument names they take).
+    """
     session = active_session()
     if session is None:
         return None
-    hook = session.config.hook.pytest_statedict_normalize_key
+    impls = [
+        impl
+        for impl in reversed(session.config.hook.pytest_statedict_normalize_key.get_hookimpls())
+        if not (impl.hookwrapper or impl.wrapper)  # nothing to wrap: no single call is made
+    ]
+    if not impls:
+        return None
+
+    def normalised(key: str) -> str:
+        for impl in impls:
+            new = impl.function(*[{"key": key}[name] for name in impl.argnames])
+            if new is None:
+                continue
+            if not isinstance(new, str):
+                raise StateDictError(
+                    f"the pytest_statedict_normalize_key hook of {impl.plugin_name} gave "
+                    f"{new!r} for key {key!r}: it must return the key's new name, a str, or None"
+                )
+            key = new
+        return key
+
+    return normalised
+
+
+def entry_comparison() -> Callable[[str, Any, Any], Any] | None:
+    """The ``pytest_statedict_compare_entry`` hooks of the running session, if any.
+
+    The spec is ``firstresult``: the first implementation (pluggy's order, last registered
+    first) that returns anything but None decides the key, as with the load hook.
+    """
+    session = active_session()
+    if session is None:
+        return None
+    hook = session.config.hook.pytest_statedict_compare_entry
     if not hook.get_hookimpls():
         return None
-    return lambda key: hook(key=key) or key
+    return lambda key, expected, actual: hook(key=key, expected=expected, actual=actual)
 
 
 def verbose() -> bool:

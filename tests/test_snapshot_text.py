@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from pytest_statedict import snapshot_format as schema_module
 from pytest_statedict import schema_of
+from pytest_statedict import snapshot_format as schema_module
 from pytest_statedict.schema_entries import Fingerprint, ParamState, StateSpec, TensorEntry
 
 # keys as odd as users make them: quotes, backslashes, control and non-ASCII characters
