@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,28 +160,48 @@ def diff_schemas(
     if tolerances is None:
         tolerances = Tolerances(rtol, atol)
     wrapped = ([t.key for t in expected], [t.key for t in actual])
-    diff = SchemaDiff(
-        expected_saved_on=expected.saved_on,
-        actual_saved_on=actual.saved_on,
-    )
+    diff = SchemaDiff(expected_saved_on=expected.saved_on, actual_saved_on=actual.saved_on)
     diff.prefix = detect_prefix(*wrapped)
-    if diff.prefix is not None:  # compare the wrapped model, not the wrapper's names
-        how, prefix = diff.prefix
-
-        def unwrap(key: str) -> str:
-            return key.removeprefix(prefix)
-
-        if how == "added":
-            actual = normalise(_inner_versions(actual, prefix), rename=unwrap)
-        else:
-            expected = normalise(_inner_versions(expected, prefix), rename=unwrap)
+    expected, actual = _unwrapped(expected, actual, diff.prefix)
     exp, act = expected.by_key(), actual.by_key()
     # a glob may name a key before a wrapper prefix was unwrapped, or after
     tolerances.refuse_unmatched(*wrapped, exp, act)
-
     diff.removed = [t for k, t in exp.items() if k not in act]
     diff.added = [t for k, t in act.items() if k not in exp]
     diff.renames = likely_renames(diff.removed, diff.added)
+    _compare_entries(diff, exp, act, tolerances, compare)
+    if expected.ordered and actual.ordered:
+        diff.moved = _moved(list(exp), list(act))
+    _compare_modules(diff, expected, actual)
+    _compare_optimizers(diff, expected, actual, tuple(ignore))
+    return diff
+
+
+def _unwrapped(
+    expected: Schema, actual: Schema, prefix: tuple[str, str] | None
+) -> tuple[Schema, Schema]:
+    """Both sides without a wrapper's prefix (DataParallel, torch.compile): the wrapped
+    model is compared, not the wrapper's names."""
+    if prefix is None:
+        return expected, actual
+    how, added = prefix
+
+    def unwrap(key: str) -> str:
+        return key.removeprefix(added)
+
+    if how == "added":
+        return expected, normalise(_inner_versions(actual, added), rename=unwrap)
+    return normalise(_inner_versions(expected, added), rename=unwrap), actual
+
+
+def _compare_entries(
+    diff: SchemaDiff,
+    exp: Mapping[str, TensorEntry],
+    act: Mapping[str, TensorEntry],
+    tolerances: Tolerances,
+    compare: CustomComparison | None,
+) -> None:
+    """The keys both sides hold, attribute by attribute (a custom comparison first)."""
     for key, e in exp.items():
         a = act.get(key)
         if a is None:
@@ -208,9 +228,10 @@ def diff_schemas(
             "tolerance (atol + rtol * max(|min|, |max|) of the expected values) their "
             "furthest statistic (min, max, mean or std) moved"
         )
-    if expected.ordered and actual.ordered:
-        diff.moved = _moved(list(exp), list(act))
 
+
+def _compare_modules(diff: SchemaDiff, expected: Schema, actual: Schema) -> None:
+    """Module versions, non-persistent buffers and a checkpoint's other entries."""
     if expected.versions is not None and actual.versions is not None:
         for module in sorted(set(expected.versions) | set(actual.versions)):
             old, new = expected.versions.get(module, 1), actual.versions.get(module, 1)
@@ -223,8 +244,14 @@ def diff_schemas(
         old_t, new_t = expected.extras.get(name), actual.extras.get(name)
         if old_t != new_t:
             diff.extras.append(f"{name}: {old_t or 'absent'} -> {new_t or 'absent'}")
+
+
+def _compare_optimizers(
+    diff: SchemaDiff, expected: Schema, actual: Schema, patterns: tuple[str, ...]
+) -> None:
+    """The optimizers' differences and the verdict on the old state (renamed parameters
+    followed, ignored members left out where both sides name them)."""
     old_opt, new_opt = expected.optimizer, actual.optimizer
-    patterns = tuple(ignore)
     if patterns and old_opt and new_opt and uses_names(old_opt) and uses_names(new_opt):
         old_opt, new_opt = without_members(old_opt, patterns), without_members(new_opt, patterns)
     renames = dict(diff.renames)
@@ -236,7 +263,6 @@ def diff_schemas(
         diff.optimizer_verdict = optimizer_verdict(old_opt, new_opt, reshaped, shapes_now)
     if actual.optimizer is not None:
         diff.problems = list(actual.optimizer.problems)
-    return diff
 
 
 def _inner_versions(schema: Schema, prefix: str) -> Schema:
@@ -251,6 +277,7 @@ def _inner_versions(schema: Schema, prefix: str) -> Schema:
 
 
 def _entry_changes(e: TensorEntry, a: TensorEntry, tolerance: Tolerance | None) -> list[Change]:
+    """One key's changes: its attributes in a fixed order, then its values."""
     changes = [
         Change(e.key, name, getattr(e, name), getattr(a, name))
         for name in ATTRIBUTES
@@ -266,34 +293,38 @@ def _entry_changes(e: TensorEntry, a: TensorEntry, tolerance: Tolerance | None) 
         changes.append(Change(e.key, "values", f"recorded on the {side} side only", None))
     elif any(c.attribute in ("shape", "dtype") for c in changes):
         pass  # values of a reshaped or retyped tensor cannot match; the shape says enough
-    elif tolerance is not None:
+    else:
         assert e.fingerprint is not None and a.fingerprint is not None
-        rtol, atol = tolerance.rtol, tolerance.atol
-        bad = a.fingerprint.close_to(e.fingerprint, rtol, atol)
-        if bad:
-            excess = a.fingerprint.tolerance_excess(e.fingerprint, rtol, atol)
-            moved = f"{excess:.3g}x the tolerance: " if math.isfinite(excess) else ""
-            changes.append(
-                Change(e.key, "values", tolerance.describe(), moved + "; ".join(bad), excess)
-            )
-    elif e.fingerprint != a.fingerprint:
-        assert e.fingerprint is not None and a.fingerprint is not None
-        ef, af = e.fingerprint, a.fingerprint
-        changes.append(
-            Change(
-                e.key,
-                "values",
-                f"xxh3 {ef.xxh3[:12]} mean {ef.mean:.6g}",
-                "; ".join(
-                    [
-                        f"xxh3 {af.xxh3[:12]} mean {af.mean:.6g}",
-                        *_where_values_changed(ef, af, e.shape or (), e.dtype or ""),
-                        _how_values_changed(ef, af, e.shape or (), e.dtype or ""),
-                    ]
-                ),
-            )
-        )
+        changes.extend(_value_changes(e, a, e.fingerprint, a.fingerprint, tolerance))
     return changes
+
+
+def _value_changes(
+    e: TensorEntry,
+    a: TensorEntry,
+    ef: Fingerprint,
+    af: Fingerprint,
+    tolerance: Tolerance | None,
+) -> list[Change]:
+    """A key's values: within ``tolerance`` by their statistics, else exactly by hash."""
+    if tolerance is not None:
+        bad = af.close_to(ef, tolerance.rtol, tolerance.atol)
+        if not bad:
+            return []
+        excess = af.tolerance_excess(ef, tolerance.rtol, tolerance.atol)
+        moved = f"{excess:.3g}x the tolerance: " if math.isfinite(excess) else ""
+        return [Change(e.key, "values", tolerance.describe(), moved + "; ".join(bad), excess)]
+    if ef == af:
+        return []
+    shape, dtype = e.shape or (), e.dtype or ""
+    found = "; ".join(
+        [
+            f"xxh3 {af.xxh3[:12]} mean {af.mean:.6g}",
+            *_where_values_changed(ef, af, shape, dtype),
+            _how_values_changed(ef, af, shape, dtype),
+        ]
+    )
+    return [Change(e.key, "values", f"xxh3 {ef.xxh3[:12]} mean {ef.mean:.6g}", found)]
 
 
 def _where_values_changed(

@@ -44,6 +44,8 @@ class OptimizerVerdict:
 
 
 def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | None) -> list[str]:
+    """Every difference between two optimizers' schemas, one line each: class, groups and
+    their members, hyperparameters, and each parameter's state."""
     if expected is None and actual is None:
         return []
     if expected is None or actual is None:
@@ -69,10 +71,17 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
     lines.extend(_membership_lines(expected, actual, exp_groups, act_groups))
     exp_hyper, act_hyper = comparable_hyperparams(expected, actual)
     lines.extend(_deepdiff(exp_hyper, act_hyper, "param_groups"))
-    expected, actual = comparable_state(expected, actual)
+    lines.extend(_state_lines(*comparable_state(expected, actual)))
+    return lines
+
+
+def _state_lines(expected: OptimizerSchema, actual: OptimizerSchema) -> list[str]:
+    """Each parameter's state that was removed, added or changed (by name, or by position
+    when one side has no names)."""
     same_vocabulary = uses_names(expected) == uses_names(actual)
     state_old = {_member(s.param, expected, same_vocabulary): s for s in expected.state}
     state_new = {_member(s.param, actual, same_vocabulary): s for s in actual.state}
+    lines = []
     for p in list(state_old) + [p for p in state_new if p not in state_old]:
         old_state, new_state = state_old.get(p), state_new.get(p)
         if old_state is None or new_state is None:
@@ -81,10 +90,9 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
             what = ", ".join(f"{n} {v.describe()}" for n, v in kept.entries.items())
             lines.append(f"state of {p!r}: {'removed' if new_state is None else 'added'} ({what})")
             continue
-        for name in list(old_state.entries) + [
-            n for n in new_state.entries if n not in old_state.entries
-        ]:
-            before, after = old_state.entries.get(name), new_state.entries.get(name)
+        old, new = old_state.entries, new_state.entries
+        for name in list(old) + [n for n in new if n not in old]:
+            before, after = old.get(name), new.get(name)
             if before != after:
                 lines.append(
                     f"state of {p!r}: {name} {before.describe() if before else 'absent'} -> "
@@ -158,21 +166,9 @@ def optimizer_verdict(
     loads: ``shapes_now`` (today's tensors' shapes by key) tells what each saved state
     lands on, and a state that does not fit fails the next step.
     """
-    old_sizes = [len(g.params) for g in expected.param_groups]
-    new_sizes = [len(g.params) for g in actual.param_groups]
-    if len(old_sizes) != len(new_sizes):
-        return OptimizerVerdict(
-            False,
-            False,
-            (f"{len(old_sizes)} param_groups saved, {len(new_sizes)} now",),
-        )
-    sizes = [
-        f"param_group {i} has {o} parameters saved and {n} now"
-        for i, (o, n) in enumerate(zip(old_sizes, new_sizes, strict=True))
-        if o != n
-    ]
-    if sizes:
-        return OptimizerVerdict(False, False, tuple(sizes))
+    refused = _load_refusal(expected, actual)
+    if refused is not None:
+        return refused
     if not (uses_names(expected) and uses_names(actual)):
         return _positional_verdict(expected, actual, shapes_now or {})
     old = [p for g in expected.param_groups for p in g.params]
@@ -198,6 +194,22 @@ def optimizer_verdict(
             f"the state saved for {names} would keep the old shape (the next step fails)"
         )
     return OptimizerVerdict(True, not reasons, tuple(reasons))
+
+
+def _load_refusal(expected: OptimizerSchema, actual: OptimizerSchema) -> OptimizerVerdict | None:
+    """torch's own check: as many param_groups, each of the same size (else ValueError)."""
+    old_sizes = [len(g.params) for g in expected.param_groups]
+    new_sizes = [len(g.params) for g in actual.param_groups]
+    if len(old_sizes) != len(new_sizes):
+        return OptimizerVerdict(
+            False, False, (f"{len(old_sizes)} param_groups saved, {len(new_sizes)} now",)
+        )
+    sizes = [
+        f"param_group {i} has {o} parameters saved and {n} now"
+        for i, (o, n) in enumerate(zip(old_sizes, new_sizes, strict=True))
+        if o != n
+    ]
+    return OptimizerVerdict(False, False, tuple(sizes)) if sizes else None
 
 
 def _positional_verdict(
@@ -234,7 +246,8 @@ def _positional_verdict(
         if now is None:
             unchecked += 1
         elif tuple(now) != tuple(old_shape):
-            misfits.append(f"position {i} ({new[i]!r}): saved {list(old_shape)}, now {list(now)}")
+            where = f"position {i} ({new[i]!r})" if isinstance(new[i], str) else f"position {i}"
+            misfits.append(f"{where}: saved {list(old_shape)}, now {list(now)}")
         else:
             checked += 1
     if misfits:

@@ -24,55 +24,10 @@ def render_diff(
     """The report of a mismatch: what was removed, added, changed, and what to do."""
     limit = None if verbose else SECTION_LIMIT
     out = [title]
-
-    def section(heading: str, lines: Sequence[str]) -> None:
-        if not lines:
-            return
-        out.append(f"  {heading} ({len(lines)}):")
-        shown = lines if limit is None else lines[:limit]
-        out.extend(f"    {line}" for line in shown)
-        if len(shown) < len(lines):
-            out.append(f"    ... and {len(lines) - len(shown)} more (-vv shows all)")
-
     if diff.prefix:
-        how, prefix = diff.prefix
-        out.append(
-            f"  every key has the prefix {prefix!r} {how} (a wrapper: DataParallel/DDP "
-            "'module.', torch.compile '_orig_mod.'); "
-            + (
-                f"strip it with rename=[(r'^{re.escape(prefix)}', '')]"
-                if (how == "added") == (rename_direction == "actual->expected")
-                else f"add it with rename=[(r'^', {prefix!r})]"
-            )
-        )
-    renamed_old = {old for old, _ in diff.renames}
-    renamed_new = {new for _, new in diff.renames}
-    section(
-        "removed", [f"- {t.key}  {t.describe()}" for t in diff.removed if t.key not in renamed_old]
-    )
-    section("added", [f"+ {t.key}  {t.describe()}" for t in diff.added if t.key not in renamed_new])
-    by_key = {t.key: t for t in diff.removed}
-    section(
-        "likely renamed (same shape and dtype)",
-        [f"{old} -> {new}  {by_key[old].describe()}" for old, new in diff.renames],
-    )
-    section("changed", [_change_line(c) for c in diff.changed])
-    section(
-        "moved (state_dict order; optimizer state follows parameter order)",
-        [f"{key}: position {old} -> {new}" for key, old, new in diff.moved],
-    )
-    section(
-        "module versions (_metadata; a _load_from_state_dict may convert old checkpoints)",
-        [f"{prefix or '<root>'}: version {old} -> {new}" for prefix, old, new in diff.versions],
-    )
-    gone, new_npb = diff.non_persistent
-    section(
-        "non-persistent buffers (not in the state_dict)",
-        [f"- {k}" for k in gone] + [f"+ {k}" for k in new_npb],
-    )
-    section("checkpoint entries", diff.extras)
-    section("optimizer", diff.optimizer)
-    section("optimizer state problems", diff.problems)
+        out.append(_prefix_line(diff.prefix, rename_direction))
+    for heading, lines in _sections(diff):
+        out.extend(_section(heading, lines, limit))
     out.extend(f"  note: {note}" for note in diff.notes)
     if diff.renames:
         purpose = (
@@ -90,6 +45,65 @@ def render_diff(
     if accept_hint:
         out.append(f"  to accept this change: {accept_hint}")
     return "\n".join(out)
+
+
+def _prefix_line(prefix: tuple[str, str], rename_direction: str) -> str:
+    how, added = prefix
+    fix = (
+        f"strip it with rename=[(r'^{re.escape(added)}', '')]"
+        if (how == "added") == (rename_direction == "actual->expected")
+        else f"add it with rename=[(r'^', {added!r})]"
+    )
+    return (
+        f"  every key has the prefix {added!r} {how} (a wrapper: DataParallel/DDP "
+        f"'module.', torch.compile '_orig_mod.'); {fix}"
+    )
+
+
+def _sections(diff: SchemaDiff) -> list[tuple[str, list[str]]]:
+    """The report's sections in order, each a heading and its lines (empty ones are left out)."""
+    renamed_old = {old for old, _ in diff.renames}
+    renamed_new = {new for _, new in diff.renames}
+    by_key = {t.key: t for t in diff.removed}
+    gone, new_npb = diff.non_persistent
+    return [
+        (
+            "removed",
+            [f"- {t.key}  {t.describe()}" for t in diff.removed if t.key not in renamed_old],
+        ),
+        ("added", [f"+ {t.key}  {t.describe()}" for t in diff.added if t.key not in renamed_new]),
+        (
+            "likely renamed (same shape and dtype)",
+            [f"{old} -> {new}  {by_key[old].describe()}" for old, new in diff.renames],
+        ),
+        ("changed", [_change_line(c) for c in diff.changed]),
+        (
+            "moved (state_dict order; optimizer state follows parameter order)",
+            [f"{key}: position {old} -> {new}" for key, old, new in diff.moved],
+        ),
+        (
+            "module versions (_metadata; a _load_from_state_dict may convert old checkpoints)",
+            [f"{prefix or '<root>'}: version {old} -> {new}" for prefix, old, new in diff.versions],
+        ),
+        (
+            "non-persistent buffers (not in the state_dict)",
+            [f"- {k}" for k in gone] + [f"+ {k}" for k in new_npb],
+        ),
+        ("checkpoint entries", list(diff.extras)),
+        ("optimizer", list(diff.optimizer)),
+        ("optimizer state problems", list(diff.problems)),
+    ]
+
+
+def _section(heading: str, lines: Sequence[str], limit: int | None) -> list[str]:
+    """``heading (n):`` and its lines, the first ``limit`` of them (all under ``-vv``)."""
+    if not lines:
+        return []
+    shown = lines if limit is None else lines[:limit]
+    out = [f"  {heading} ({len(lines)}):", *(f"    {line}" for line in shown)]
+    if len(shown) < len(lines):
+        out.append(f"    ... and {len(lines) - len(shown)} more (-vv shows all)")
+    return out
 
 
 def _change_line(change: object) -> str:
