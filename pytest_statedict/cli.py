@@ -258,13 +258,12 @@ def _diff(
             found.model_verdict = _no_model()
     else:
         from .param_names import positions_named
-        from .verdict import model_verdict, needs_a_load
+        from .verdict import model_verdict
 
         today, today_optimizer = build_model(model)
         # today's model names today's positions (the file is what it saves)
         found = diff_schemas(old, positions_named(new, today, today_optimizer))
-        if found or needs_a_load(today, old):
-            found.model_verdict = model_verdict(today, old)
+        found.model_verdict = model_verdict(today, old)  # asked for: decided even if equal
     refused = found.model_verdict is not None and found.model_verdict.loads is False
     if not found and not refused:
         print(f"no difference: {expected} and {actual} have the same schema")

@@ -66,6 +66,9 @@ class ModelVerdict:
     # the rules that decided, as a report names them: "load_state_dict(strict=True)", or
     # transformers' from_pretrained rules for a PreTrainedModel (hf_rules)
     loader: str = "load_state_dict(strict=True)"
+    # whether keys and shapes alone (the checkpoint's against the model's) say "loads":
+    # where they part from the real load, the report says who decided (None: not known)
+    layouts_load: bool | None = None
 
     @property
     def by_transformers(self) -> bool:

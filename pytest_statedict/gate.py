@@ -89,7 +89,7 @@ def assert_checkpoint_loads(
     )
     state = _renamed(_converted(saved, convert, model), compile_rename(rename))
     loaded = load_into(model, state, rules=rules, strict=strict, factory=factory)
-    verdict = summarised(model, loaded, strict=strict, ignore=ignore, present=recorded_only)
+    verdict = summarised(model, loaded, state, strict=strict, ignore=ignore, present=recorded_only)
     diff = diff_schemas(mapping_schema(state), module_schema(model))
     diff.model_verdict = verdict
     name = type(model).__name__

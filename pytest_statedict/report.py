@@ -191,7 +191,9 @@ def model_verdict_line(check: ModelVerdict, diff: SchemaDiff | None = None) -> s
         head = f"an old checkpoint still loads with {check.loader}"
         through = f"through {check.model}'s own load_state_dict"
         why = "its load hooks convert the old layout"
-    layouts = None if diff is None else diff.layouts_load_strict
+    layouts = check.layouts_load
+    if layouts is None and diff is not None:
+        layouts = diff.layouts_load_strict
     if check.loads:
         if layouts is False:
             return f"{head}: yes, {through} ({why})"

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .compare import ModelVerdict
@@ -72,18 +73,22 @@ def load_into(
 def summarised(
     model: nn.Module,
     verdict: LoadVerdict,
+    state: Mapping[str, Any],
     *,
     strict: bool = True,
     ignore: tuple[str, ...] = (),
     present: frozenset[str] | set[str] = frozenset(),
 ) -> ModelVerdict:
     """A load's outcome as the verdict every surface prints: yes, or NO with the deciding
-    loader's own counts. ``present``: keys the checkpoint holds but no tensor was rebuilt
-    for (extra state, sparse): not missing. Keys matching ``ignore`` count on neither side."""
+    loader's own counts, and whether the bare layouts (``state``'s keys and shapes against
+    the model's) would have said the same. ``present``: keys the checkpoint holds but no
+    tensor was rebuilt for (extra state, sparse): not missing. Keys matching ``ignore``
+    count on neither side."""
     name = type(model).__name__
     loader = verdict.how
+    layouts = _layouts_load(state, model, strict=strict, ignore=ignore, present=present)
     if verdict.error:
-        return ModelVerdict(name, False, f"it raises: {verdict.error}", loader)
+        return ModelVerdict(name, False, f"it raises: {verdict.error}", loader, layouts)
 
     def kept(keys: list[str]) -> int:
         return sum(not matches_any(k, ignore) for k in keys)
@@ -94,7 +99,28 @@ def summarised(
         kept(missing) if strict else 0,
         kept([s[0] for s in verdict.shapes]),
     )
-    return ModelVerdict(name, not reasons, ", ".join(reasons), loader)
+    return ModelVerdict(name, not reasons, ", ".join(reasons), loader, layouts)
+
+
+def _layouts_load(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    strict: bool,
+    ignore: tuple[str, ...],
+    present: frozenset[str] | set[str],
+) -> bool:
+    """Whether keys and shapes alone say "loads": what a report compares the real load with
+    (a hook that converts, or refuses, is where the two part)."""
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not matches_any(k, ignore)}
+    saved = {k: v for k, v in state.items() if not matches_any(k, ignore)}
+    if strict and set(own) != set(saved) | (set(present) & set(own)):
+        return False
+    return all(
+        tuple(value.shape) == tuple(own[key].shape)
+        for key, value in saved.items()
+        if key in own and isinstance(value, torch.Tensor) and isinstance(own[key], torch.Tensor)
+    )
 
 
 def model_verdict(
@@ -123,6 +149,8 @@ def model_verdict(
         state = state_from_snapshot(expected, model)
     except SnapshotError as exc:
         return ModelVerdict(name, None, f"the expected layout cannot be rebuilt ({exc})")
+    # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
+    present = {entry.key for entry in expected.tensors}
     try:
         verdict = decide_load(
             model,
@@ -133,10 +161,9 @@ def model_verdict(
             torch_load=lambda t, loaded: _try_load(t, loaded, make_target),
         )
     except Exception as exc:  # a load hook's own error: torch's load would raise it too
-        return ModelVerdict(name, False, f"it raises: {type(exc).__name__}: {exc}")
-    # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
-    present = {entry.key for entry in expected.tensors}
-    return summarised(model, verdict, ignore=ignore, present=present)
+        error = f"{type(exc).__name__}: {exc}"
+        verdict = LoadVerdict([], [], [], error, "torch", "load_state_dict(strict=True)")
+    return summarised(model, verdict, state, ignore=ignore, present=present)
 
 
 def needs_a_load(model: Any, expected: Schema) -> bool:
