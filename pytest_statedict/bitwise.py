@@ -42,33 +42,50 @@ def difference(expected: Any, actual: Any) -> str | None:
             return f"type {type(expected).__name__} -> {type(actual).__name__}"
         return tensor_difference(expected, actual)
     if isinstance(expected, dict) and isinstance(actual, dict):
-        if expected.keys() != actual.keys():
-            return f"keys {sorted(map(str, expected))} -> {sorted(map(str, actual))}"
-        for key in expected:
-            inner = difference(expected[key], actual[key])
-            if inner:
-                return f"[{key!r}] {inner}"
-        return None
+        return _dict_difference(expected, actual)
     if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
-        if len(expected) != len(actual) or type(expected) is not type(actual):
-            return f"{expected!r} -> {actual!r}"
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            inner = difference(e, a)
-            if inner:
-                return f"[{i}] {inner}"
-        return None
+        return _sequence_difference(expected, actual)
     if isinstance(expected, float) and isinstance(actual, float):
-        same = expected == actual and math.copysign(1, expected) == math.copysign(1, actual)
-        return (
-            None
-            if same or (math.isnan(expected) and math.isnan(actual))
-            else (f"{expected!r} -> {actual!r}")
-        )
+        return _float_difference(expected, actual)
     try:
         same = type(expected) is type(actual) and bool(expected == actual)
     except Exception:  # an object whose == raises or is ambiguous
         same = repr(expected) == repr(actual)
     return None if same else f"{expected!r} -> {actual!r}"
+
+
+def _dict_difference(expected: dict[Any, Any], actual: dict[Any, Any]) -> str | None:
+    """Other keys, or the first key whose values differ."""
+    if expected.keys() != actual.keys():
+        return f"keys {sorted(map(str, expected))} -> {sorted(map(str, actual))}"
+    for key in expected:
+        inner = difference(expected[key], actual[key])
+        if inner:
+            return f"[{key!r}] {inner}"
+    return None
+
+
+def _sequence_difference(
+    expected: list[Any] | tuple[Any, ...], actual: list[Any] | tuple[Any, ...]
+) -> str | None:
+    """Another length or type (list or tuple), or the first item that differs."""
+    if len(expected) != len(actual) or type(expected) is not type(actual):
+        return f"{expected!r} -> {actual!r}"
+    for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+        inner = difference(e, a)
+        if inner:
+            return f"[{i}] {inner}"
+    return None
+
+
+def _float_difference(expected: float, actual: float) -> str | None:
+    """Floats by number and sign: -0.0 is not 0.0, and any NaN is the same as any NaN."""
+    same = expected == actual and math.copysign(1, expected) == math.copysign(1, actual)
+    return (
+        None
+        if same or (math.isnan(expected) and math.isnan(actual))
+        else (f"{expected!r} -> {actual!r}")
+    )
 
 
 def tensor_difference(expected: torch.Tensor, actual: torch.Tensor) -> str | None:

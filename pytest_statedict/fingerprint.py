@@ -188,40 +188,18 @@ def state_fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
     """
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     sequences = {k: v for k, v in state.items() if is_tensor_sequence(v)}
-    for key, tensor in tensors.items():
-        _require_values(tensor, key)  # before any work starts
-    for key, sequence in sequences.items():
-        for i, tensor in enumerate(sequence):
-            if tensor is not None:
-                _require_values(tensor, f"{key}[{i}]")
-    in_place = {k: v.detach() for k, v in tensors.items() if _hashable_in_place(v)}
-    if sum(t.nbytes for t in in_place.values()) < OVERLAP_MIN_BYTES:
-        in_place = {}
+    _require_all_values(tensors, sequences)  # before any work starts
+    in_place = _to_hash_in_place(tensors)
     digests: dict[str, tuple[str, tuple[str, ...]]] = {}
     failure: list[BaseException] = []
-
-    def hash_all() -> None:
-        try:
-            for key, t in in_place.items():
-                digests[key] = tensor_digests(t)
-        except BaseException as exc:  # re-raised on the caller's thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=hash_all, name="statedict-xxh3", daemon=True)
+    worker = threading.Thread(
+        target=_hash_all, args=(in_place, digests, failure), name="statedict-xxh3", daemon=True
+    )
     if in_place:
         worker.start()
     out: dict[str, Fingerprint] = {}
-    statistics: dict[str, _Statistics] = {}
-    alike: dict[tuple[Any, ...], list[str]] = {}  # taken together: a torch call for many
-    for key, t in in_place.items():
-        alike.setdefault((t.shape, t.dtype), []).append(key)
     try:
-        for keys in alike.values():
-            rows = _Scratch.rows_for(in_place[keys[0]])
-            for i in range(0, len(keys), rows):
-                group = keys[i : i + rows]
-                found = _statistics_of([in_place[key] for key in group])
-                statistics.update(zip(group, found, strict=True))
+        statistics = _statistics_by_shape(in_place)
         for key, tensor in tensors.items():
             if key not in in_place:
                 out[key] = fingerprint(tensor, key)
@@ -235,6 +213,54 @@ def state_fingerprints(state: Mapping[str, Any]) -> dict[str, Fingerprint]:
     for key, sequence in sequences.items():
         out[key] = sequence_fingerprint(sequence, key)
     return {key: out[key] for key in state if key in out}  # in the state_dict's order
+
+
+def _require_all_values(tensors: Mapping[str, torch.Tensor], sequences: Mapping[str, Any]) -> None:
+    """Every tensor has values, those in sequences too (none on the meta device)."""
+    for key, tensor in tensors.items():
+        _require_values(tensor, key)
+    for key, sequence in sequences.items():
+        for i, tensor in enumerate(sequence):
+            if tensor is not None:
+                _require_values(tensor, f"{key}[{i}]")
+
+
+def _to_hash_in_place(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the worker thread hashes where they lie: none if together they are too
+    small for the thread to pay."""
+    in_place = {k: v.detach() for k, v in tensors.items() if _hashable_in_place(v)}
+    if sum(t.nbytes for t in in_place.values()) < OVERLAP_MIN_BYTES:
+        return {}
+    return in_place
+
+
+def _hash_all(
+    in_place: Mapping[str, torch.Tensor],
+    digests: dict[str, tuple[str, tuple[str, ...]]],
+    failure: list[BaseException],
+) -> None:
+    """The worker thread's part: every digest, or the exception that stopped it."""
+    try:
+        for key, t in in_place.items():
+            digests[key] = tensor_digests(t)
+    except BaseException as exc:  # re-raised on the caller's thread
+        failure.append(exc)
+
+
+def _statistics_by_shape(in_place: Mapping[str, torch.Tensor]) -> dict[str, _Statistics]:
+    """The statistics of the tensors, those of one shape and dtype taken together: a torch
+    call for many."""
+    statistics: dict[str, _Statistics] = {}
+    alike: dict[tuple[Any, ...], list[str]] = {}
+    for key, t in in_place.items():
+        alike.setdefault((t.shape, t.dtype), []).append(key)
+    for keys in alike.values():
+        rows = _Scratch.rows_for(in_place[keys[0]])
+        for i in range(0, len(keys), rows):
+            group = keys[i : i + rows]
+            found = _statistics_of([in_place[key] for key in group])
+            statistics.update(zip(group, found, strict=True))
+    return statistics
 
 
 def _require_values(tensor: torch.Tensor, key: str) -> None:

@@ -261,12 +261,7 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
     meta_state = {key: _on_meta(value) for key, value in state.items()}
     keys = list(meta_state)
     prefix = target.base_model_prefix
-    has_prefix = bool(prefix) and any(k.startswith(prefix) for k in keys)
-    expects_prefix = bool(prefix) and hasattr(target, prefix)
-    task_from_base, base_from_task = (
-        not has_prefix and expects_prefix,
-        has_prefix and not expects_prefix,
-    )
+    task_from_base, base_from_task = _prefix_direction(target, prefix, keys)
     try:
         names = target._get_key_renaming_mapping(keys, None, base_from_task, task_from_base)
         loaded = list(names.values())
@@ -283,22 +278,9 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
         error = f"transformers' loader raised {type(exc).__name__}: {exc}"
         return LoadVerdict([], [], [], error, "transformers", how)
     model_keys = dict(target.state_dict())
-    accepted = []
-    for key, name in names.items():
-        if name != key and name in model_keys and name not in mismatched:
-            why = (
-                f"{type(target).__name__}._fix_state_dict_key_on_load"
-                if target._fix_state_dict_key_on_load(key)[1]
-                else f"base_model_prefix {prefix!r}"
-            )
-            accepted.append(f"{key}: renamed to {name} by transformers' key renaming ({why})")
+    accepted = _renamed_v4(target, prefix, names, model_keys, mismatched)
     groups = find_tied_parameters(target)
-    for key in sorted(set(model_keys) - set(loaded) - set(missing)):
-        group: list[str] = next((g for g in groups if key in g), [])
-        source = next((k for k in group if k in loaded), "a tied key")
-        accepted.append(
-            f"{key}: missing, tied to {source} (transformers' tied parameters, shared in the model)"
-        )
+    accepted += _tied_v4(groups, model_keys, loaded, missing)
     buffers = {name for name, _ in target.named_buffers()}
     accepted += [
         f"{key}: unexpected, ignored (a non-persistent buffer of the model)"
@@ -321,6 +303,50 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
         accepted=accepted,
         unmatched=unmatched,
     )
+
+
+def _prefix_direction(target: HFModel, prefix: str, keys: list[str]) -> tuple[bool, bool]:
+    """transformers 4's ``(task_from_base, base_from_task)``: whether the checkpoint lacks
+    the base-model prefix the model has, or has one the model lacks."""
+    has_prefix = bool(prefix) and any(k.startswith(prefix) for k in keys)
+    expects_prefix = bool(prefix) and hasattr(target, prefix)
+    return not has_prefix and expects_prefix, has_prefix and not expects_prefix
+
+
+def _renamed_v4(
+    target: HFModel,
+    prefix: str,
+    names: Mapping[str, str],
+    model_keys: Mapping[str, Any],
+    mismatched: Any,
+) -> list[str]:
+    """The keys transformers 4's key renaming loaded under a model key, and what renamed
+    each: the model's ``_fix_state_dict_key_on_load`` or the base-model prefix."""
+    accepted = []
+    for key, name in names.items():
+        if name != key and name in model_keys and name not in mismatched:
+            why = (
+                f"{type(target).__name__}._fix_state_dict_key_on_load"
+                if target._fix_state_dict_key_on_load(key)[1]
+                else f"base_model_prefix {prefix!r}"
+            )
+            accepted.append(f"{key}: renamed to {name} by transformers' key renaming ({why})")
+    return accepted
+
+
+def _tied_v4(
+    groups: list[list[str]], model_keys: Mapping[str, Any], loaded: list[str], missing: Any
+) -> list[str]:
+    """The model keys neither loaded nor missing: tied parameters, each named with a loaded
+    key of its group (``find_tied_parameters``'s groups)."""
+    accepted = []
+    for key in sorted(set(model_keys) - set(loaded) - set(missing)):
+        group: list[str] = next((g for g in groups if key in g), [])
+        source = next((k for k in group if k in loaded), "a tied key")
+        accepted.append(
+            f"{key}: missing, tied to {source} (transformers' tied parameters, shared in the model)"
+        )
+    return accepted
 
 
 def _on_meta(value: Any) -> Any:

@@ -140,36 +140,10 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
     if is_state_dict(obj, tensors):
         entries, notes = tensors.entries(obj, lambda key: "tensor", values=values)
         return Schema(tensors=entries, versions=versions(obj), notes=notes)
-    model_key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if model_key is None:
-        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and is_state_dict(v, tensors)]
-        model_key = nested[0] if len(nested) == 1 else None
-    opt_key = next(
-        (
-            k
-            for k in OPTIMIZER_KEYS
-            if is_optimizer_state_dict(obj.get(k))
-            or (isinstance(obj.get(k), list) and obj[k] and is_optimizer_state_dict(obj[k][0]))
-        ),
-        None,
-    )
+    model_key = _model_part(obj, tensors)
+    opt_key = _optimizer_part(obj)
     if model_key is None and opt_key is None:
-        parts = [
-            str(k)
-            for k, v in obj.items()
-            if is_state_dict(v, tensors) or is_optimizer_state_dict(v)
-        ]
-        if len(parts) > 1:
-            raise UnsupportedObjectError(
-                f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
-                f"choose one with part={parts[0]!r} (on the command line: statedict show "
-                f"--part {parts[0]}, statedict diff --expected-part/--actual-part {parts[0]})"
-            )
-        raise UnsupportedObjectError(
-            "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "
-            f"checkpoint with a model state_dict under one of {', '.join(MODEL_KEYS)}; its keys "
-            f"are {', '.join(map(repr, list(obj)[:8]))}"
-        )
+        raise _no_known_part(obj, tensors)
     model = (
         mapping_schema(obj[model_key], tensors, values=values) if model_key else Schema(tensors=())
     )
@@ -179,6 +153,48 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
         opt = optimizer_state_schema(raw[0] if isinstance(raw, list) else raw, tensors)
     extras = {str(k): type_name(v) for k, v in obj.items() if k not in (model_key, opt_key)}
     return replace(model, optimizer=opt, extras=extras)
+
+
+def _model_part(obj: Mapping[Any, Any], tensors: Tensors) -> Any:
+    """A general checkpoint's model part: a mapping under a usual name, else its only
+    state_dict; None if neither."""
+    model_key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if model_key is None:
+        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and is_state_dict(v, tensors)]
+        model_key = nested[0] if len(nested) == 1 else None
+    return model_key
+
+
+def _optimizer_part(obj: Mapping[Any, Any]) -> Any:
+    """A general checkpoint's optimizer part, under a usual name (alone, or first in a list)."""
+    return next(
+        (
+            k
+            for k in OPTIMIZER_KEYS
+            if is_optimizer_state_dict(obj.get(k))
+            or (isinstance(obj.get(k), list) and obj[k] and is_optimizer_state_dict(obj[k][0]))
+        ),
+        None,
+    )
+
+
+def _no_known_part(obj: Mapping[Any, Any], tensors: Tensors) -> UnsupportedObjectError:
+    """Why a mapping with no part of a usual name has no schema: several state_dicts (pick
+    one with part=), or none."""
+    parts = [
+        str(k) for k, v in obj.items() if is_state_dict(v, tensors) or is_optimizer_state_dict(v)
+    ]
+    if len(parts) > 1:
+        return UnsupportedObjectError(
+            f"schema_of(): this checkpoint holds several state_dicts ({', '.join(parts)}); "
+            f"choose one with part={parts[0]!r} (on the command line: statedict show "
+            f"--part {parts[0]}, statedict diff --expected-part/--actual-part {parts[0]})"
+        )
+    return UnsupportedObjectError(
+        "schema_of(): this mapping is neither a state_dict (names to tensors) nor a general "
+        f"checkpoint with a model state_dict under one of {', '.join(MODEL_KEYS)}; its keys "
+        f"are {', '.join(map(repr, list(obj)[:8]))}"
+    )
 
 
 def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> OptimizerSchema:

@@ -226,42 +226,55 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for path in state.deleted:
             terminalreporter.line(f"  {state.relative(path)}")
     if state.unused:
-        terminalreporter.section("statedict: unused snapshots")
-        for path in state.unused:
-            terminalreporter.line(f"  {state.relative(path)}")
-        if state.update:
-            terminalreporter.line(
-                "No test that ran asked for these files; they could not be deleted."
-            )
-        else:
-            terminalreporter.line(
-                "No test that ran asked for these files. Delete them with `pytest "
-                "--statedict-update`"
-                + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
-            )
-        for old, new in renamed_modules(state):
-            terminalreporter.line(
-                f"The snapshots of {state.relative(old)} match tests that have none yet: if "
-                "the test module was renamed, keep them by moving the folder:\n"
-                f"  git mv {shlex.quote(state.relative(old))} {shlex.quote(state.relative(new))}"
-            )
+        _show_unused(terminalreporter, state)
     expected = [r for r in state.results if r["outcome"] in ("xfailed", "xpassed")]
     if expected:
-        terminalreporter.section("statedict: releases expected to fail")
-        for r in expected:
-            if r["outcome"] == "xfailed":
-                terminalreporter.line(f"  {r['name']}: {r['reason']} (fails, as expected)")
-            else:
-                terminalreporter.line(
-                    f"  {r['name']}: loads again, though expected to fail ({r['reason']}): "
-                    "remove it from expected_to_fail"
-                )
+        _show_expected_to_fail(terminalreporter, expected)
     if state.problems:
         terminalreporter.section("statedict: errors")
         for problem in state.problems:
             terminalreporter.line(f"  {problem}")
     for path in state.reports_written:
         terminalreporter.write_line(f"statedict report written: {state.relative(path)}")
+    _write_summary_line(terminalreporter, state)
+
+
+def _show_unused(terminalreporter: Any, state: StateDictSession) -> None:
+    """The unused snapshots, what to do with them, and the renamed modules they may be."""
+    terminalreporter.section("statedict: unused snapshots")
+    for path in state.unused:
+        terminalreporter.line(f"  {state.relative(path)}")
+    if state.update:
+        terminalreporter.line("No test that ran asked for these files; they could not be deleted.")
+    else:
+        terminalreporter.line(
+            "No test that ran asked for these files. Delete them with `pytest "
+            "--statedict-update`"
+            + ("" if state.warn_unused else ", or pass --statedict-warn-unused.")
+        )
+    for old, new in renamed_modules(state):
+        terminalreporter.line(
+            f"The snapshots of {state.relative(old)} match tests that have none yet: if "
+            "the test module was renamed, keep them by moving the folder:\n"
+            f"  git mv {shlex.quote(state.relative(old))} {shlex.quote(state.relative(new))}"
+        )
+
+
+def _show_expected_to_fail(terminalreporter: Any, expected: list[dict[str, Any]]) -> None:
+    """The releases marked expected_to_fail: those that fail, and those that load again."""
+    terminalreporter.section("statedict: releases expected to fail")
+    for r in expected:
+        if r["outcome"] == "xfailed":
+            terminalreporter.line(f"  {r['name']}: {r['reason']} (fails, as expected)")
+        else:
+            terminalreporter.line(
+                f"  {r['name']}: loads again, though expected to fail ({r['reason']}): "
+                "remove it from expected_to_fail"
+            )
+
+
+def _write_summary_line(terminalreporter: Any, state: StateDictSession) -> None:
+    """The one-line summary: red if anything failed, yellow if only warned, else green."""
     line = state.summary_line()
     if line:
         failed = state.any_failed or state.fails_session

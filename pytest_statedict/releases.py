@@ -38,6 +38,7 @@ from .runtime import active_session, begin_check, end_check
 if TYPE_CHECKING:
     from torch import nn
 
+    from .compare import SchemaDiff
     from .rename import Rename
     from .schema import Schema
 
@@ -573,7 +574,6 @@ def history(folder: Path) -> str:
     since the release before it, and whether that one's checkpoints load strictly."""
     from .compare import diff_schemas
     from .readers.snapshot_file import read_snapshot
-    from .report import load_refusals
 
     releases = list_releases(folder)
     if not releases:
@@ -595,42 +595,56 @@ def history(folder: Path) -> str:
         older, before = releases[i + 1].name, schemas[i + 1]
         diff = diff_schemas(before, schema)
         out.append(f"{release.name} (since {older}):")
-        renamed_old = {old for old, _ in diff.renames}
-        renamed_new = {new for _, new in diff.renames}
-        sections = [
-            ("added", [f"+ {t.key}  {t.describe()}" for t in diff.added
-                       if t.key not in renamed_new]),
-            ("removed", [f"- {t.key}  {t.describe()}" for t in diff.removed
-                         if t.key not in renamed_old]),
-            ("renamed", [f"{old} -> {new}" for old, new in diff.renames]),
-            ("reshaped", [f"{c.key}: {list(c.expected or ())} -> {list(c.actual or ())}"
-                          for c in diff.changed if c.attribute == "shape"]),
-            ("dtype changed", [f"{c.key}: {c.expected} -> {c.actual}"
-                               for c in diff.changed if c.attribute == "dtype"]),
-            ("module versions", [f"{m or '<root>'}: {a} -> {b}" for m, a, b in diff.versions]),
-            ("optimizer", _optimizer_changes(before, schema, diff.optimizer)),
-        ]  # fmt: skip
-        if diff.prefix:
-            how, prefix = diff.prefix
-            sections.insert(0, ("prefix", [f"every key has {prefix!r} {how}"]))
-        shown = [(heading, lines) for heading, lines in sections if lines]
+        shown = _change_sections(diff, before, schema)
         for heading, lines in shown:
             out.append(f"  {heading} ({len(lines)}):")
             out.extend(f"    {line}" for line in lines)
         if not shown:
             out.append("  no layout change")
             continue
-        if diff.layouts_load_strict:
-            out.append(f"  {older} checkpoints load with strict=True: yes, by their layout")
-        else:
-            reasons = load_refusals(
-                len(diff.removed), len(diff.added), len(diff.shape_mismatches)
-            ) or [f"every key's prefix {diff.prefix[1]!r} {diff.prefix[0]}"]  # type: ignore[index]
-            out.append(
-                f"  {older} checkpoints load with strict=True: NO by their layout "
-                f"({', '.join(reasons)}; the model's load hooks may convert them)"
-            )
+        out.append(_strict_load_line(older, diff))
     return "\n".join(out)
+
+
+def _change_sections(
+    diff: SchemaDiff, before: Schema, after: Schema
+) -> list[tuple[str, list[str]]]:
+    """A release's changes since the one before, each heading with its lines (none empty);
+    a key renamed is listed as renamed, not as removed and added."""
+    renamed_old = {old for old, _ in diff.renames}
+    renamed_new = {new for _, new in diff.renames}
+    sections = [
+        ("added", [f"+ {t.key}  {t.describe()}" for t in diff.added
+                   if t.key not in renamed_new]),
+        ("removed", [f"- {t.key}  {t.describe()}" for t in diff.removed
+                     if t.key not in renamed_old]),
+        ("renamed", [f"{old} -> {new}" for old, new in diff.renames]),
+        ("reshaped", [f"{c.key}: {list(c.expected or ())} -> {list(c.actual or ())}"
+                      for c in diff.changed if c.attribute == "shape"]),
+        ("dtype changed", [f"{c.key}: {c.expected} -> {c.actual}"
+                           for c in diff.changed if c.attribute == "dtype"]),
+        ("module versions", [f"{m or '<root>'}: {a} -> {b}" for m, a, b in diff.versions]),
+        ("optimizer", _optimizer_changes(before, after, diff.optimizer)),
+    ]  # fmt: skip
+    if diff.prefix:
+        how, prefix = diff.prefix
+        sections.insert(0, ("prefix", [f"every key has {prefix!r} {how}"]))
+    return [(heading, lines) for heading, lines in sections if lines]
+
+
+def _strict_load_line(older: str, diff: SchemaDiff) -> str:
+    """Whether the older release's checkpoints load with strict=True, by their layout."""
+    from .report import load_refusals
+
+    if diff.layouts_load_strict:
+        return f"  {older} checkpoints load with strict=True: yes, by their layout"
+    reasons = load_refusals(len(diff.removed), len(diff.added), len(diff.shape_mismatches))
+    if not reasons:  # then the keys differ only by a prefix
+        reasons = [f"every key's prefix {diff.prefix[1]!r} {diff.prefix[0]}"]  # type: ignore[index]
+    return (
+        f"  {older} checkpoints load with strict=True: NO by their layout "
+        f"({', '.join(reasons)}; the model's load hooks may convert them)"
+    )
 
 
 def _optimizer_changes(before: Schema, after: Schema, lines: list[str]) -> list[str]:

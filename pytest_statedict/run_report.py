@@ -142,47 +142,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = ["## pytest-statedict", ""]
     summary = report["summary"] or "statedict: no checks ran"
     out += [f"<code>{html.escape(summary)}</code>", ""]
-    counts = report["counts"]
-    rows = [(label, counts[key]) for _, key, label in KINDS if counts[key]]
-    if rows:
-        columns = [o for o in ALL_OUTCOMES if any(o in c for _, c in rows)]
-        out.append("| check | " + " | ".join(columns) + " |")
-        out.append("|---|" + "---:|" * len(columns))
-        out += [
-            f"| {label} | " + " | ".join(str(c.get(o, 0)) for o in columns) + " |"
-            for label, c in rows
-        ]
-        out.append("")
+    out += _counts_table(report["counts"])
     failures = [c for c in report["checks"] if c["outcome"] == "failed"]
     if failures:
-        out += [f"### Failures ({len(failures)})", ""]
-        for check in failures:
-            text = full_text(check)
-            fence = "`" * max(3, _longest_backtick_run(text) + 1)
-            out += [
-                "<details>",
-                f"<summary><b>{html.escape(check['kind'])}</b> "
-                f"<code>{html.escape(check['name'])}</code> in "
-                f"<code>{html.escape(check['test'])}</code></summary>",
-                "",
-                f"{fence}text",
-                text,
-                fence,
-                "",
-                "</details>",
-                "",
-            ]
+        out += _failure_details(failures)
     expected = [c for c in report["checks"] if c["outcome"] in ("xfailed", "xpassed")]
     if expected:
-        out += ["### Releases expected to fail", ""]
-        for check in expected:
-            how = (
-                "fails, as expected"
-                if check["outcome"] == "xfailed"
-                else "**loads again**: remove it from expected_to_fail"
-            )
-            out.append(f"- `{check['name']}`: {_escape(check.get('reason', ''))} ({how})")
-        out.append("")
+        out += _expected_to_fail(expected)
     for heading, items in (
         ("Unused snapshots", report["unused_snapshots"]),
         ("Deleted unused snapshots", report["deleted_snapshots"]),
@@ -194,6 +160,57 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["unused_not_checked"]:
         out += [f"Unused snapshots not checked: {_escape(report['unused_not_checked'])}", ""]
     return "\n".join(out)
+
+
+def _counts_table(counts: dict[str, Any]) -> list[str]:
+    """A row per kind of check that ran, a column per outcome that any of them had."""
+    rows = [(label, counts[key]) for _, key, label in KINDS if counts[key]]
+    if not rows:
+        return []
+    columns = [o for o in ALL_OUTCOMES if any(o in c for _, c in rows)]
+    out = ["| check | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    out += [
+        f"| {label} | " + " | ".join(str(c.get(o, 0)) for o in columns) + " |" for label, c in rows
+    ]
+    out.append("")
+    return out
+
+
+def _failure_details(failures: list[dict[str, Any]]) -> list[str]:
+    """Each failed check's full text, folded, in a fence longer than any backtick run in it."""
+    import html
+
+    out = [f"### Failures ({len(failures)})", ""]
+    for check in failures:
+        text = full_text(check)
+        fence = "`" * max(3, _longest_backtick_run(text) + 1)
+        out += [
+            "<details>",
+            f"<summary><b>{html.escape(check['kind'])}</b> "
+            f"<code>{html.escape(check['name'])}</code> in "
+            f"<code>{html.escape(check['test'])}</code></summary>",
+            "",
+            f"{fence}text",
+            text,
+            fence,
+            "",
+            "</details>",
+            "",
+        ]
+    return out
+
+
+def _expected_to_fail(expected: list[dict[str, Any]]) -> list[str]:
+    out = ["### Releases expected to fail", ""]
+    for check in expected:
+        how = (
+            "fails, as expected"
+            if check["outcome"] == "xfailed"
+            else "**loads again**: remove it from expected_to_fail"
+        )
+        out.append(f"- `{check['name']}`: {_escape(check.get('reason', ''))} ({how})")
+    out.append("")
+    return out
 
 
 def _escape(text: str) -> str:

@@ -624,6 +624,16 @@ class StateDictSession:
         return any(record.snapshot_dir.is_dir() for record in self.modules.values())
 
     def summary_line(self) -> str | None:
+        sections = [
+            *self._snapshot_section(),
+            *self._roundtrip_section(),
+            *self._check_sections(),
+        ]
+        sections.extend(self._unused_not_checked(bool(sections)))
+        return f"statedict: {'; '.join(sections)}" if sections else None
+
+    def _snapshot_section(self) -> list[str]:
+        """The snapshot checks' section of the summary line (none if nothing to count)."""
         parts = [
             f"{self.counts[k]} {k}"
             for k in ("passed", "failed", "written", "updated")
@@ -635,29 +645,38 @@ class StateDictSession:
             parts.append(f"{len(self.unused)} unused")
         if self.problems:
             parts.append(f"{len(self.problems)} error{'s' if len(self.problems) > 1 else ''}")
-        line = f"statedict: {', '.join(parts)}" if parts else ""
+        return [", ".join(parts)] if parts else []
+
+    def _roundtrip_section(self) -> list[str]:
         trips = [
             f"{self.roundtrip_counts[k]} {k}"
             for k in ("passed", "failed", "skipped")
             if self.roundtrip_counts[k]
         ]
-        if trips:
-            line = (line + "; " if line else "statedict: ") + "round-trips: " + ", ".join(trips)
+        return ["round-trips: " + ", ".join(trips)] if trips else []
+
+    def _check_sections(self) -> list[str]:
+        """A section for each kind of check (gates, releases, comparisons) that ran."""
+        sections = []
         for kind, label in CHECK_KINDS:
             counted = self.kind_counts(kind)
             words = [f"{counted[k]} {k}" for k in OUTCOMES if counted[k]]
             if words:
-                line = (line + "; " if line else "statedict: ") + f"{label}: " + ", ".join(words)
-        if self.incomplete is not None and (line or self.has_snapshots()):
-            why = f"unused snapshots not checked: {self.incomplete}"
-            line = (line + "; " if line else "statedict: ") + why
+                sections.append(f"{label}: " + ", ".join(words))
+        return sections
+
+    def _unused_not_checked(self, counted: bool) -> list[str]:
+        """Why unused snapshots went unchecked: said of an incomplete run only where it
+        counted something or has snapshots, and of each root behind a symlink."""
+        reasons = []
+        if self.incomplete is not None and (counted or self.has_snapshots()):
+            reasons.append(f"unused snapshots not checked: {self.incomplete}")
         for root, link in self.linked_roots.items():
-            why = (
+            reasons.append(
                 f"unused snapshots not checked in {self.relative(root)}: "
                 f"{self.relative(link)} is a symlink"
             )
-            line = (line + "; " if line else "statedict: ") + why
-        return line or None
+        return reasons
 
     def relative(self, path: Path) -> str:
         try:

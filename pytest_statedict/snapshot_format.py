@@ -318,6 +318,14 @@ def _state_line(s: ParamState) -> str:
     return ", ".join(parts) + "}"
 
 
+_TENSOR_FIELDS = frozenset(
+    ("key", "kind", "shape", "dtype", "requires_grad", "tied_to", "layout", "qscheme", "values")
+)
+
+
+_OBJECT_FIELDS = frozenset(("key", "kind", "type", "values"))
+
+
 class _SnapshotParser:
     """Validates a snapshot field by field so a hand-edited file gets a precise error."""
 
@@ -337,67 +345,14 @@ class _SnapshotParser:
         return None
 
     def parse(self) -> dict[str, Any]:
-        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-            for key, value in pairs:
-                if key in seen:
-                    raise self.fail(f"duplicated field {key!r} in one object", key)
-                seen[key] = value
-            return seen
-
-        if not self.text.strip():
-            raise self.fail("the file is empty")
-        containers = json_containers(self.text)
-        if containers > MAX_JSON_CONTAINERS:
-            raise self.fail(
-                f"{containers:,} JSON arrays and objects, more than {MAX_JSON_CONTAINERS:,}"
-            )
-        try:
-            data = json.loads(self.text, object_pairs_hook=no_duplicates)
-        except json.JSONDecodeError as exc:
-            raise SnapshotError(self.path, f"invalid JSON ({exc.msg})", exc.lineno) from None
-        except ValueError as exc:  # e.g. an integer of more digits than Python converts
-            raise self.fail(f"invalid JSON ({str(exc)[:200]})") from None
-        except RecursionError:
-            raise self.fail(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
-        if json_depth(data) > MAX_JSON_DEPTH:
-            raise self.fail(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels")
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise self.fail(f'not a statedict snapshot (no "format": "{FORMAT_NAME}" header)')
-        version = data.get("version")
-        if not _is_int(version) or version != FORMAT_VERSION:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
-            raise StaleSnapshotError(
-                self.path,
-                f"written in snapshot format version {version!r}, this plugin reads version "
-                f"{FORMAT_VERSION}",
-                2,
-                remedy=(
-                    "it comes from a newer pytest-statedict: upgrade the plugin (regenerating "
-                    "would downgrade the file)"
-                    if newer
-                    else "regenerate it with `pytest --statedict-update`"
-                ),
-            )
+        data = self._load_json()
+        self._check_header(data)
         tensors = self.list_of(data, "tensors", self.entry)
         unknown = set(data) - TOP_LEVEL_FIELDS
         if unknown:
             raise self.fail(f"unknown field {sorted(unknown)[0]!r}", sorted(unknown)[0])
-        keys = [t.key for t in tensors]
-        duplicated = (
-            sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
-        )
-        if duplicated:
-            raise self.fail(f"key {duplicated[0]!r} appears more than once", duplicated[0])
-        versions = data.get("versions")
-        if versions is not None and not (
-            isinstance(versions, dict) and all(map(_is_module_version, versions.values()))
-        ):
-            raise self.fail(
-                '"versions" must be null or an object of module versions (numbers, strings, '
-                "booleans or null)",
-                "versions",
-            )
+        self._check_unique_keys(tensors)
+        versions = self._versions(data)
         npb = data.get("non_persistent_buffers", [])
         if not (isinstance(npb, list) and all(isinstance(x, str) for x in npb)):
             raise self.fail('"non_persistent_buffers" must be a list of strings')
@@ -418,6 +373,77 @@ class _SnapshotParser:
             "source": self.path,
         }
 
+    def _no_duplicates(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """``json.loads``'s object hook: a field twice in one object is an error, not the last."""
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise self.fail(f"duplicated field {key!r} in one object", key)
+            seen[key] = value
+        return seen
+
+    def _load_json(self) -> Any:
+        """The file's JSON, refused before parsing if it would build too many containers and
+        after if it nests too deep."""
+        if not self.text.strip():
+            raise self.fail("the file is empty")
+        containers = json_containers(self.text)
+        if containers > MAX_JSON_CONTAINERS:
+            raise self.fail(
+                f"{containers:,} JSON arrays and objects, more than {MAX_JSON_CONTAINERS:,}"
+            )
+        try:
+            data = json.loads(self.text, object_pairs_hook=self._no_duplicates)
+        except json.JSONDecodeError as exc:
+            raise SnapshotError(self.path, f"invalid JSON ({exc.msg})", exc.lineno) from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise self.fail(f"invalid JSON ({str(exc)[:200]})") from None
+        except RecursionError:
+            raise self.fail(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise self.fail(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels")
+        return data
+
+    def _check_header(self, data: Any) -> None:
+        """The format name and version: another version is stale (regenerate or upgrade)."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise self.fail(f'not a statedict snapshot (no "format": "{FORMAT_NAME}" header)')
+        version = data.get("version")
+        if not _is_int(version) or version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise StaleSnapshotError(
+                self.path,
+                f"written in snapshot format version {version!r}, this plugin reads version "
+                f"{FORMAT_VERSION}",
+                2,
+                remedy=(
+                    "it comes from a newer pytest-statedict: upgrade the plugin (regenerating "
+                    "would downgrade the file)"
+                    if newer
+                    else "regenerate it with `pytest --statedict-update`"
+                ),
+            )
+
+    def _check_unique_keys(self, tensors: list[TensorEntry]) -> None:
+        keys = [t.key for t in tensors]
+        duplicated = (
+            sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
+        )
+        if duplicated:
+            raise self.fail(f"key {duplicated[0]!r} appears more than once", duplicated[0])
+
+    def _versions(self, data: Mapping[str, Any]) -> Any:
+        versions = data.get("versions")
+        if versions is not None and not (
+            isinstance(versions, dict) and all(map(_is_module_version, versions.values()))
+        ):
+            raise self.fail(
+                '"versions" must be null or an object of module versions (numbers, strings, '
+                "booleans or null)",
+                "versions",
+            )
+        return versions
+
     def list_of(self, data: Mapping[str, Any], name: str, parse_item: Any) -> list[Any]:
         items = data.get(name)
         if not isinstance(items, list):
@@ -434,17 +460,8 @@ class _SnapshotParser:
                 f"{key!r}: kind {str(kind)[:40]!r} is not one of {', '.join(KINDS)}", key
             )
         if kind == "object":
-            if not isinstance(item.get("type"), str):
-                raise self.fail(f'{key!r}: an object entry needs a string "type"', key)
-            unknown = set(item) - {"key", "kind", "type", "values"}
-            if unknown:
-                raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
-            values = self.fingerprint(key, item["values"]) if "values" in item else None
-            return TensorEntry(key=key, kind=kind, type=item["type"], fingerprint=values)
-        unknown = set(item) - {
-            "key", "kind", "shape", "dtype", "requires_grad", "tied_to", "layout", "qscheme",
-            "values",
-        }  # fmt: skip
+            return self._object_entry(item, key)
+        unknown = set(item) - _TENSOR_FIELDS
         if unknown:
             raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
         for name in ("shape", "dtype"):
@@ -478,18 +495,20 @@ class _SnapshotParser:
             fingerprint=self.fingerprint(key, item["values"]) if "values" in item else None,
         )
 
+    def _object_entry(self, item: dict[str, Any], key: str) -> TensorEntry:
+        """An entry of kind "object": a type name, and values only for packed tensors."""
+        if not isinstance(item.get("type"), str):
+            raise self.fail(f'{key!r}: an object entry needs a string "type"', key)
+        unknown = set(item) - _OBJECT_FIELDS
+        if unknown:
+            raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
+        values = self.fingerprint(key, item["values"]) if "values" in item else None
+        return TensorEntry(key=key, kind="object", type=item["type"], fingerprint=values)
+
     def fingerprint(self, key: str, values: Any) -> Fingerprint:
         if not isinstance(values, dict) or not isinstance(values.get("xxh3"), str):
             raise self.fail(f'{key!r}: "values" needs a string "xxh3"', key)
-        stats = {}
-        for stat in ("min", "max", "mean", "std"):
-            raw = values.get(stat)
-            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-                raise self.fail(f'{key!r}: "values.{stat}" must be a number', key)
-            try:
-                stats[stat] = float(raw)
-            except ValueError:
-                raise self.fail(f'{key!r}: "values.{stat}" must be a number', key) from None
+        stats = self._fingerprint_stats(key, values)
         blocks = values.get("blocks", [])
         if not (
             isinstance(blocks, list)
@@ -500,15 +519,7 @@ class _SnapshotParser:
                 f'{key!r}: "values.blocks" must be a list of at most {Fingerprint.BLOCKS} strings',
                 key,
             )
-        means = values.get("block_means", [])
-        if not (isinstance(means, list) and len(means) in (0, len(blocks))):
-            raise self.fail(f'{key!r}: "values.block_means" needs one number a block', key)
-        try:
-            if any(isinstance(m, bool) or not isinstance(m, (int, float, str)) for m in means):
-                raise ValueError
-            block_means = tuple(float(m) for m in means)
-        except ValueError:
-            raise self.fail(f'{key!r}: "values.block_means" must hold numbers', key) from None
+        block_means = self._block_means(key, values, len(blocks))
         hashes: dict[str, str | None] = {}
         for name in ("sample_numbers", "sample_bits", "sample_signs"):
             raw = values.get(name)
@@ -523,54 +534,90 @@ class _SnapshotParser:
             **hashes,  # type: ignore[arg-type]  # the three sample hashes, each a str or None
         )
 
+    def _fingerprint_stats(self, key: str, values: dict[str, Any]) -> dict[str, float]:
+        """min, max, mean and std: numbers, or the strings "nan", "inf" and "-inf"."""
+        stats = {}
+        for stat in ("min", "max", "mean", "std"):
+            raw = values.get(stat)
+            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                raise self.fail(f'{key!r}: "values.{stat}" must be a number', key)
+            try:
+                stats[stat] = float(raw)
+            except ValueError:
+                raise self.fail(f'{key!r}: "values.{stat}" must be a number', key) from None
+        return stats
+
+    def _block_means(self, key: str, values: dict[str, Any], blocks: int) -> tuple[float, ...]:
+        """One mean a block, or none (snapshots before them lack it)."""
+        means = values.get("block_means", [])
+        if not (isinstance(means, list) and len(means) in (0, blocks)):
+            raise self.fail(f'{key!r}: "values.block_means" needs one number a block', key)
+        try:
+            if any(isinstance(m, bool) or not isinstance(m, (int, float, str)) for m in means):
+                raise ValueError
+            return tuple(float(m) for m in means)
+        except ValueError:
+            raise self.fail(f'{key!r}: "values.block_means" must hold numbers', key) from None
+
     def optimizer(self, data: Any) -> OptimizerSchema:
         if not isinstance(data, dict) or not isinstance(data.get("class"), str):
             raise self.fail('"optimizer" needs a string "class"', "optimizer")
-        groups = []
-        for i, group in enumerate(self.list_of(data, "param_groups", lambda g, i: g)):
-            if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-                raise self.fail(f'optimizer param_group #{i} has no "params" list', "params")
-            if not all(isinstance(p, str) or _is_int(p) for p in group["params"]):
-                raise self.fail(
-                    f'optimizer param_group #{i}: "params" must hold names or indices', "params"
-                )
-            hyper = {k: v for k, v in group.items() if k != "params"}
-            groups.append(ParamGroup(hyperparams=hyper, params=tuple(group["params"])))
+        groups = [
+            self._param_group(group, i)
+            for i, group in enumerate(self.list_of(data, "param_groups", lambda g, i: g))
+        ]
         if "implementation_flags" in data:  # informational, so snapshots before it lack it
-            flags = data["implementation_flags"]
-            if not (
-                isinstance(flags, list)
-                and len(flags) == len(groups)
-                and all(isinstance(f, dict) for f in flags)
-            ):
-                raise self.fail(
-                    '"implementation_flags" needs one object per param_group',
-                    "implementation_flags",
-                )
-            groups = [replace(g, flags=f) for g, f in zip(groups, flags, strict=True)]
-        states = []
-        for i, state in enumerate(self.list_of(data, "state", lambda s, i: s)):
-            param = state.get("param") if isinstance(state, dict) else None
-            if not (isinstance(param, str) or _is_int(param)):
-                raise self.fail(f'optimizer state #{i} has no "param"', "state")
-            entries = {}
-            for name, spec in state.items():
-                if name == "param":
-                    continue
-                if isinstance(spec, dict) and isinstance(spec.get("type"), str):
-                    entries[name] = StateSpec(type=spec["type"])
-                elif (
-                    isinstance(spec, dict)
-                    and _is_shape(spec.get("shape"))
-                    and isinstance(spec.get("dtype"), str)
-                    and spec["dtype"] in DTYPE_ITEMSIZE
-                ):
-                    entries[name] = StateSpec(shape=tuple(spec["shape"]), dtype=spec["dtype"])
-                else:
-                    raise self.fail(
-                        f"optimizer state of {state['param']!r}: entry {name!r} needs "
-                        '"shape" and "dtype", or "type"',
-                        name,
-                    )
-            states.append(ParamState(param=state["param"], entries=entries))
+            groups = self._with_flags(groups, data["implementation_flags"])
+        states = [
+            self._param_state(state, i)
+            for i, state in enumerate(self.list_of(data, "state", lambda s, i: s))
+        ]
         return OptimizerSchema(cls=data["class"], param_groups=tuple(groups), state=tuple(states))
+
+    def _param_group(self, group: Any, i: int) -> ParamGroup:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise self.fail(f'optimizer param_group #{i} has no "params" list', "params")
+        if not all(isinstance(p, str) or _is_int(p) for p in group["params"]):
+            raise self.fail(
+                f'optimizer param_group #{i}: "params" must hold names or indices', "params"
+            )
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        return ParamGroup(hyperparams=hyper, params=tuple(group["params"]))
+
+    def _with_flags(self, groups: list[ParamGroup], flags: Any) -> list[ParamGroup]:
+        """The groups with their "implementation_flags", one object a group."""
+        if not (
+            isinstance(flags, list)
+            and len(flags) == len(groups)
+            and all(isinstance(f, dict) for f in flags)
+        ):
+            raise self.fail(
+                '"implementation_flags" needs one object per param_group',
+                "implementation_flags",
+            )
+        return [replace(g, flags=f) for g, f in zip(groups, flags, strict=True)]
+
+    def _param_state(self, state: Any, i: int) -> ParamState:
+        param = state.get("param") if isinstance(state, dict) else None
+        if not (isinstance(param, str) or _is_int(param)):
+            raise self.fail(f'optimizer state #{i} has no "param"', "state")
+        entries = {}
+        for name, spec in state.items():
+            if name == "param":
+                continue
+            if isinstance(spec, dict) and isinstance(spec.get("type"), str):
+                entries[name] = StateSpec(type=spec["type"])
+            elif (
+                isinstance(spec, dict)
+                and _is_shape(spec.get("shape"))
+                and isinstance(spec.get("dtype"), str)
+                and spec["dtype"] in DTYPE_ITEMSIZE
+            ):
+                entries[name] = StateSpec(shape=tuple(spec["shape"]), dtype=spec["dtype"])
+            else:
+                raise self.fail(
+                    f"optimizer state of {state['param']!r}: entry {name!r} needs "
+                    '"shape" and "dtype", or "type"',
+                    name,
+                )
+        return ParamState(param=state["param"], entries=entries)
