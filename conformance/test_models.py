@@ -160,9 +160,33 @@ def parameter_count(arch: Architecture) -> int:
     try:
         with torch.device("meta"):
             model = build()
-    except Exception:  # the small quantized special cases calibrate: build for real
-        model = build()
+    except Exception:  # arithmetic on tensors in the builder (torchvision's RegNets)
+        try:
+            with _parameters_on_meta():
+                model = build()
+        except Exception:  # the small quantized special cases calibrate: build for real
+            model = build()
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Any:
+    """Each parameter moves to the meta device as its module registers it (accelerate's
+    ``init_empty_weights``), so the initialisers that follow fill nothing, while a builder's
+    own arithmetic (RegNet's widths: ``torch.arange(...).tolist()``) stays on the CPU: the
+    RegNets above the cap, up to 644M parameters, took 5-15 s each to be skipped."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def build(arch: Architecture) -> tuple[nn.Module, Any, Any]:
