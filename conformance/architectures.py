@@ -41,6 +41,9 @@ class Architecture:
     # what the size cap counts, on the meta device, where ``build`` cannot say: the float
     # model that a quantized builder converts (its packed weights are no parameters)
     size_model: Callable[[], nn.Module] | None = None
+    # the smallest of its family, when this is the same model at another width or depth
+    # (``FAMILIES``): that one runs the operations this one leaves out
+    variant_of: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -360,6 +363,48 @@ def torchvision_builder(
     return build
 
 
+# ------------------------------------------------------------------------------ families
+
+# One builder at several widths and depths: the same module classes and state_dict key
+# layout (depth adds indices), only the tensors' sizes differ (test_models.py's
+# test_variant_is_its_family_at_another_size checks both on the meta device). The first of
+# each family, its smallest, runs every operation; the others run those that read a model,
+# its snapshot and its file (schema, json, file_schema, show, file_gate, snapshot_gate) and
+# leave to the first those that build it again or write and reload it (twin, refactor and
+# the two round-trips): what they check depends on the module classes, keys, dtypes and
+# optimizer state, which the family shares, and their cost grows with the model (with
+# the families' larger members they were a sixth of the sweep's time).
+# STATEDICT_SWEEP_VARIANTS=all runs the variants through every operation as well.
+FAMILIES = [
+    f.split()
+    for f in """
+tv-cla/densenet121 tv-cla/densenet169 tv-cla/densenet201 tv-cla/densenet161
+tv-cla/efficientnet_b0 tv-cla/efficientnet_b1 tv-cla/efficientnet_b2 tv-cla/efficientnet_b3
+    tv-cla/efficientnet_b4 tv-cla/efficientnet_b5 tv-cla/efficientnet_b6 tv-cla/efficientnet_b7
+tv-cla/efficientnet_v2_s tv-cla/efficientnet_v2_m tv-cla/efficientnet_v2_l
+tv-cla/mnasnet0_5 tv-cla/mnasnet0_75 tv-cla/mnasnet1_0 tv-cla/mnasnet1_3
+tv-cla/mobilenet_v3_small tv-cla/mobilenet_v3_large
+tv-cla/regnet_x_400mf tv-cla/regnet_x_800mf tv-cla/regnet_x_1_6gf tv-cla/regnet_x_3_2gf
+    tv-cla/regnet_x_8gf tv-cla/regnet_x_16gf tv-cla/regnet_x_32gf
+tv-cla/regnet_y_400mf tv-cla/regnet_y_800mf tv-cla/regnet_y_1_6gf tv-cla/regnet_y_3_2gf
+    tv-cla/regnet_y_8gf tv-cla/regnet_y_16gf tv-cla/regnet_y_32gf tv-cla/regnet_y_128gf
+tv-cla/resnet18 tv-cla/resnet34
+tv-cla/resnet50 tv-cla/resnet101 tv-cla/resnet152
+tv-cla/shufflenet_v2_x0_5 tv-cla/shufflenet_v2_x1_0 tv-cla/shufflenet_v2_x1_5
+    tv-cla/shufflenet_v2_x2_0
+tv-cla/squeezenet1_1 tv-cla/squeezenet1_0
+tv-cla/vgg11 tv-cla/vgg13 tv-cla/vgg16 tv-cla/vgg19
+tv-cla/vgg11_bn tv-cla/vgg13_bn tv-cla/vgg16_bn tv-cla/vgg19_bn
+tv-qua/quantized_shufflenet_v2_x0_5 tv-qua/quantized_shufflenet_v2_x1_0
+    tv-qua/quantized_shufflenet_v2_x1_5 tv-qua/quantized_shufflenet_v2_x2_0
+timm/vit_tiny_patch16_224 timm/deit_tiny_patch16_224
+""".replace("\n    ", " ")
+    .strip()
+    .splitlines()
+]
+SWEEP_VARIANTS = os.environ.get("STATEDICT_SWEEP_VARIANTS", "") == "all"
+
+
 # ----------------------------------------------------------------------- special cases
 
 
@@ -665,4 +710,9 @@ def all_architectures() -> list[Architecture]:
         rows.append(
             Architecture(f"timm-optim/{name}", TinyMLP, "timm", optimizer=timm_optimizer(name))
         )
+    by_name = {a.name: a for a in rows}
+    for first, *others in FAMILIES:
+        for name in others:
+            if name in by_name:  # a family's member that another release lacks is no error
+                by_name[name].variant_of = first
     return rows
