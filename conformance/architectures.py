@@ -18,7 +18,9 @@ from torch import nn
 
 # Models above this many parameters are skipped (named, with the cap in the reason): a
 # full sweep row writes the model and its optimizer state several times, and CI has two
-# cores and a few minutes. STATEDICT_SWEEP_MAX_PARAMS=0 lifts the cap.
+# cores and a few minutes. STATEDICT_SWEEP_MAX_PARAMS=0 lifts the cap. A quantized model
+# is measured by its float model (``Architecture.size_model``): its own weights are packed,
+# not parameters, so it used to count as 0 and pass any cap.
 MAX_PARAMS = int(os.environ.get("STATEDICT_SWEEP_MAX_PARAMS", 15_000_000))
 
 
@@ -36,6 +38,12 @@ class Architecture:
     wrapper_prefix: str | None = None  # "module." / "_orig_mod.": the bare model's keys
     hf: bool = False
     quantized: bool = False
+    # what the size cap counts, on the meta device, where ``build`` cannot say: the float
+    # model that a quantized builder converts (its packed weights are no parameters)
+    size_model: Callable[[], nn.Module] | None = None
+    # the smallest of its family, when this is the same model at another width or depth
+    # (``FAMILIES``): that one runs the operations this one leaves out
+    variant_of: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -328,11 +336,17 @@ TORCHVISION_KWARGS = {
 }
 
 
-def torchvision_builder(kind: str, model_name: str) -> Callable[[], nn.Module]:
+def torchvision_builder(
+    kind: str, model_name: str, quantize: bool = True
+) -> Callable[[], nn.Module]:
+    """``quantize=False``: a quantization builder's float model (what the size cap counts)."""
+
     def build() -> nn.Module:
         import torchvision.models as models
 
         kwargs = dict(TORCHVISION_KWARGS[kind])
+        if "quantize" in kwargs:
+            kwargs["quantize"] = quantize
         if model_name.startswith(
             ("inception_v3", "quantized_inception_v3", "googlenet", "quantized_googlenet")
         ):
@@ -347,6 +361,48 @@ def torchvision_builder(kind: str, model_name: str) -> Callable[[], nn.Module]:
         return model.eval()
 
     return build
+
+
+# ------------------------------------------------------------------------------ families
+
+# One builder at several widths and depths: the same module classes and state_dict key
+# layout (depth adds indices), only the tensors' sizes differ (test_models.py's
+# test_variant_is_its_family_at_another_size checks both on the meta device). The first of
+# each family, its smallest, runs every operation; the others run those that read a model,
+# its snapshot and its file (schema, json, file_schema, show, file_gate, snapshot_gate) and
+# leave to the first those that build it again or write and reload it (twin, refactor and
+# the two round-trips): what they check depends on the module classes, keys, dtypes and
+# optimizer state, which the family shares, and their cost grows with the model (with
+# the families' larger members they were a sixth of the sweep's time).
+# STATEDICT_SWEEP_VARIANTS=all runs the variants through every operation as well.
+FAMILIES = [
+    f.split()
+    for f in """
+tv-cla/densenet121 tv-cla/densenet169 tv-cla/densenet201 tv-cla/densenet161
+tv-cla/efficientnet_b0 tv-cla/efficientnet_b1 tv-cla/efficientnet_b2 tv-cla/efficientnet_b3
+    tv-cla/efficientnet_b4 tv-cla/efficientnet_b5 tv-cla/efficientnet_b6 tv-cla/efficientnet_b7
+tv-cla/efficientnet_v2_s tv-cla/efficientnet_v2_m tv-cla/efficientnet_v2_l
+tv-cla/mnasnet0_5 tv-cla/mnasnet0_75 tv-cla/mnasnet1_0 tv-cla/mnasnet1_3
+tv-cla/mobilenet_v3_small tv-cla/mobilenet_v3_large
+tv-cla/regnet_x_400mf tv-cla/regnet_x_800mf tv-cla/regnet_x_1_6gf tv-cla/regnet_x_3_2gf
+    tv-cla/regnet_x_8gf tv-cla/regnet_x_16gf tv-cla/regnet_x_32gf
+tv-cla/regnet_y_400mf tv-cla/regnet_y_800mf tv-cla/regnet_y_1_6gf tv-cla/regnet_y_3_2gf
+    tv-cla/regnet_y_8gf tv-cla/regnet_y_16gf tv-cla/regnet_y_32gf tv-cla/regnet_y_128gf
+tv-cla/resnet18 tv-cla/resnet34
+tv-cla/resnet50 tv-cla/resnet101 tv-cla/resnet152
+tv-cla/shufflenet_v2_x0_5 tv-cla/shufflenet_v2_x1_0 tv-cla/shufflenet_v2_x1_5
+    tv-cla/shufflenet_v2_x2_0
+tv-cla/squeezenet1_1 tv-cla/squeezenet1_0
+tv-cla/vgg11 tv-cla/vgg13 tv-cla/vgg16 tv-cla/vgg19
+tv-cla/vgg11_bn tv-cla/vgg13_bn tv-cla/vgg16_bn tv-cla/vgg19_bn
+tv-qua/quantized_shufflenet_v2_x0_5 tv-qua/quantized_shufflenet_v2_x1_0
+    tv-qua/quantized_shufflenet_v2_x1_5 tv-qua/quantized_shufflenet_v2_x2_0
+timm/vit_tiny_patch16_224 timm/deit_tiny_patch16_224
+""".replace("\n    ", " ")
+    .strip()
+    .splitlines()
+]
+SWEEP_VARIANTS = os.environ.get("STATEDICT_SWEEP_VARIANTS", "") == "all"
 
 
 # ----------------------------------------------------------------------- special cases
@@ -614,6 +670,11 @@ def all_architectures() -> list[Architecture]:
                     torchvision_builder(kind, name),
                     "torchvision",
                     quantized=kind == "quantization",
+                    size_model=(
+                        torchvision_builder(kind, name, quantize=False)
+                        if kind == "quantization"
+                        else None
+                    ),
                 )
             )
     special = {
@@ -634,6 +695,7 @@ def all_architectures() -> list[Architecture]:
             dynamic_quantized_bert,
             "transformers",
             quantized=True,
+            size_model=hf_builder("BertForMaskedLM"),
         ),
         Architecture("torch/compiled", compiled, "torch", wrapper_prefix="_orig_mod."),
         Architecture("torch/data_parallel", data_parallel, "torch", wrapper_prefix="module."),
@@ -648,4 +710,9 @@ def all_architectures() -> list[Architecture]:
         rows.append(
             Architecture(f"timm-optim/{name}", TinyMLP, "timm", optimizer=timm_optimizer(name))
         )
+    by_name = {a.name: a for a in rows}
+    for first, *others in FAMILIES:
+        for name in others:
+            if name in by_name:  # a family's member that another release lacks is no error
+                by_name[name].variant_of = first
     return rows

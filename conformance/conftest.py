@@ -1,12 +1,17 @@
 """The sweep's table: architectures x operations, printed after the run.
 
 ``--sweep-table=PATH`` also writes it as Markdown, with the first line of every failure.
+
+Also how the sweep runs under xdist: the rows of one architecture go to one worker, one
+after the other (``ArchitectureScheduling``), and each worker computes on one thread.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +41,39 @@ def pytest_configure(config: pytest.Config) -> None:
     global _live_path
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
         _live_path = config.getoption("--sweep-live")
+    else:
+        # One intra-op thread per xdist worker (tox sets OMP_NUM_THREADS=1 as well; this is
+        # for a plain `pytest conformance -n 2`). torch's default is a thread per core, so
+        # two workers on two cores run four OpenMP threads, and OpenMP's spinning threads
+        # then wait on each other: the sweep took 3x the CPU time (1,194 s against 410 s).
+        # The models here are too small for a second thread to pay anyway.
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: the rows of one architecture as one unit of work.
+
+    The rows carry ``xdist_group(<architecture>)`` marks, but pytest-xdist 3.8 groups by a
+    suffix it writes into ``item._nodeid``, which pytest 9 no longer reads (a node's id is
+    ``item._id``): the marks were ignored and the rows of one architecture were dealt to
+    both workers, so each built the model (and counted its parameters) once per worker and
+    again whenever another architecture's row came between two of its own. Here the unit is
+    the architecture read from the row's id, ``test_conformance[<architecture>-<operation>]``
+    (operations have no ``-``), and any other test keeps loadgroup's own scope.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ArchitectureScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            row = re.search(r"::test_conformance\[(.+)-[a-z_]+\]$", nodeid)
+            return f"architecture:{row.group(1)}" if row else super()._split_scope(nodeid)
+
+    return ArchitectureScheduling(config, log)
 
 
 def _detail(report: pytest.TestReport) -> str:

@@ -29,7 +29,7 @@ from pytest_statedict import (  # noqa: E402
     assert_state_dict_matches,
 )
 from pytest_statedict.cli import main as statedict_main  # noqa: E402
-from pytest_statedict.releases import ReleaseGate, Release, record_into  # noqa: E402
+from pytest_statedict.releases import Release, ReleaseGate, record_into  # noqa: E402
 
 MODEL_LINE = re.compile(r"an old checkpoint still loads with .*")
 
