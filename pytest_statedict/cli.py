@@ -115,6 +115,8 @@ def render_table(schema: Schema) -> str:
 def _footer(schema: Schema) -> list[str]:
     """Where it was saved, its optimizer, its other entries and the warnings."""
     lines = []
+    if schema.read_as:
+        lines.append(f"read as: {schema.read_as}")
     if schema.saved_on:
         lines.append(f"saved on: {', '.join(schema.saved_on)}")
     if schema.optimizer is not None:

@@ -33,8 +33,9 @@ class Schema:
     is kept as torch keeps it, a string included (see :func:`module_version`).
     ``ordered`` is False when the key order carries no meaning (a ``.safetensors`` header
     is sorted by the writer, not in ``state_dict`` order): moved keys are then not reported.
-    ``saved_on`` (the storage locations a checkpoint file was saved from) and ``source``
-    are information for reports, not part of a snapshot.
+    ``saved_on`` (the storage locations a checkpoint file was saved from), ``source`` (the
+    file) and ``read_as`` (its format, and how it was read) are provenance for reports,
+    not part of a snapshot.
     """
 
     tensors: tuple[TensorEntry, ...]
@@ -45,6 +46,8 @@ class Schema:
     extras: Mapping[str, str] = field(default_factory=dict)
     saved_on: tuple[str, ...] = field(default=(), compare=False)
     source: str | None = field(default=None, compare=False)
+    # how it was read: its format, and whether from headers or by loading (provenance)
+    read_as: str | None = field(default=None, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __iter__(self) -> Iterator[TensorEntry]:

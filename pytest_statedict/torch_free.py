@@ -18,6 +18,7 @@ hook of a running pytest session. Then the file is read by ``extract.schema_of``
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import hide_from_bad_input
@@ -55,6 +56,7 @@ def read_without_torch(path: Path, part: str | None) -> Schema:
 def _read(fmt: CheckpointFormat, path: Path, part: str | None) -> Schema:
     if not fmt.torch_free:
         raise NeedsTorch(f"a {fmt.name} file")
-    return fmt.read_schema(
+    schema = fmt.read_schema(
         path, part=part, values=False, nested=lambda shard: _read(*registry.detect(shard), None)
     )
+    return replace(schema, read_as=f"{fmt.name}, without torch (no tensor data)")

@@ -35,7 +35,8 @@ def test_show_prints_an_aligned_table_with_totals(
     assert row.split() == ["0.weight", "4x3", "float32", "tensor", "12"]
     header_kind = out[0].index("kind")
     assert all(line[header_kind - 2 : header_kind] == "  " for line in out[2:11])
-    assert out[-2] == "9 keys, 9 tensors, 43 elements, 176 B"
+    assert out[-3] == "9 keys, 9 tensors, 43 elements, 176 B"
+    assert out[-2] == "read as: torch zip, without torch (no tensor data)"
     assert "saved on: cpu" in out[-1]
 
 

@@ -9,6 +9,7 @@ as the registry reads entry points once per process.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import shutil
@@ -26,7 +27,6 @@ from torch import nn
 
 from pytest_statedict import CheckpointError, schema_of
 from pytest_statedict.formats import ENTRY_POINT_GROUP, Loaded
-from pytest_statedict.formats import registry as registry_module
 from pytest_statedict.formats.registry import (
     BUILTIN_FORMATS,
     FormatPluginError,
@@ -230,7 +230,7 @@ def test_a_broken_entry_point_is_one_clear_error(tmp_path: Path) -> None:
 def entry_points(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EntryPoint]]:
     """The entry points the registry finds: append to the list before its first read."""
     found: list[EntryPoint] = []
-    monkeypatch.setattr(registry_module, "entry_points", lambda group: list(found))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: list(found))
     registered_formats.cache_clear()
     yield found
     registered_formats.cache_clear()
@@ -404,3 +404,20 @@ def test_the_plugin_reads_no_format_until_a_checkpoint_is_read() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "none"
+
+
+def test_the_command_line_imports_no_importlib_metadata_without_a_format(tmp_path: Path) -> None:
+    """Finding no format installed costs a look at the distributions' entry_points.txt,
+    not the import of importlib.metadata (and the email package it brings: a third of a
+    ``statedict show``); a declared one is found (see the subprocess tests above)."""
+    path = tmp_path / "small.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    code = (
+        "import sys\n"
+        "from pytest_statedict.cli import main\n"
+        f"assert main(['show', {str(path)!r}]) == 0\n"
+        "assert 'importlib.metadata' not in sys.modules, 'importlib.metadata imported'\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

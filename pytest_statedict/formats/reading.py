@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ def schema_of_file(
     path = Path(path)
     custom = from_hook(path, loader)
     if custom is not None:
-        return object_schema(path, custom, set(), describe=describe, values=values, part=part)
+        schema = object_schema(path, custom, set(), describe=describe, values=values, part=part)
+        return replace(schema, read_as="by a pytest_statedict_load_checkpoint hook")
     fmt, where = registry.detect(path)
 
     def shard_schema(shard: Path) -> Schema:
@@ -88,11 +90,12 @@ def schema_of_file(
 
     if fmt.schema_first:
         try:
-            return fmt.read_schema(where, part=part, values=values, nested=shard_schema)
+            schema = fmt.read_schema(where, part=part, values=values, nested=shard_schema)
+            return replace(schema, read_as=f"{fmt.name}, from its header (no tensor data)")
         except NeedsTorch:  # NeedsLoading: a part, values, ...
             pass
     loaded: Loaded = fmt.load(where, map_location=None, weights_only=weights_only, mmap=True)
-    return object_schema(
+    schema = object_schema(
         where,
         loaded.obj,
         loaded.saved_on,
@@ -101,3 +104,5 @@ def schema_of_file(
         part=part,
         ordered=loaded.ordered,
     )
+    how = "weights_only=True" if weights_only else "weights_only=False, by request"
+    return replace(schema, read_as=f"{fmt.name}, loaded ({how}, memory-mapped)")

@@ -25,14 +25,18 @@ import functools
 import os
 import re
 import stat
-from importlib.metadata import EntryPoint, entry_points
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, StateDictError, first_line, hide_from_bad_input
 from ..readers.files import FORMATS_READ, magic_hex, open_regular, require_regular_file
 from ..readers.hf_index import INDEX_SUFFIX
 from . import dcp_folder, safetensors_file, sharded_index, snapshot, torch_legacy, torch_zip
 from .base import CheckpointFormat
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = [
     "BUILTIN_FORMATS",
@@ -93,6 +97,10 @@ def registered_formats() -> tuple[CheckpointFormat, ...]:
 
 
 def _third_party_formats() -> list[CheckpointFormat]:
+    if not _group_declared():
+        return []
+    from importlib.metadata import entry_points
+
     seen = set()
     found = []
     for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
@@ -101,6 +109,38 @@ def _third_party_formats() -> list[CheckpointFormat]:
         seen.add((entry_point.name, entry_point.value))
         found.append(_load_format(entry_point))
     return found
+
+
+def _group_declared() -> bool:
+    """Whether a distribution on ``sys.path`` may declare the entry-point group.
+
+    Inside pytest ``importlib.metadata`` is already imported (pytest loads its plugins
+    through it), and it is asked. The command line would import it only to find, as almost
+    everywhere, no format installed: it brings in the ``email`` package and costs about a
+    third of a ``statedict show``. So the one file it would read for the group, each
+    distribution's ``entry_points.txt``, is looked at first for the group's header; a path
+    entry that is no folder (a zipped egg) is left to ``importlib.metadata``.
+    """
+    if "importlib.metadata" in sys.modules:
+        return True
+    header = f"[{ENTRY_POINT_GROUP}]".encode()
+    for entry in sys.path:
+        folder = entry or os.curdir
+        try:
+            with os.scandir(folder) as listing:
+                found = [e.path for e in listing if e.name.endswith((".dist-info", ".egg-info"))]
+        except NotADirectoryError:
+            return True  # a zip on the path: only importlib.metadata reads inside it
+        except OSError:
+            continue
+        for dist in found:
+            try:
+                with open(os.path.join(dist, "entry_points.txt"), "rb") as f:
+                    if header in f.read():
+                        return True
+            except OSError:
+                continue
+    return False
 
 
 def _load_format(entry_point: EntryPoint) -> CheckpointFormat:
