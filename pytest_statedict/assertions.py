@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,7 +17,6 @@ from .readers.snapshot_file import read_snapshot_text
 from .rename import Rename, compile_rename, normalise, without_ignored_members
 from .report import render_diff
 from .runtime import (
-    SnapshotStore,
     current_session,
     entry_comparison,
     key_normaliser,
@@ -26,6 +25,9 @@ from .runtime import (
 )
 from .schema import Schema
 from .verdict import model_verdict, needs_a_load
+
+if TYPE_CHECKING:
+    from .session_api import SnapshotStore
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input

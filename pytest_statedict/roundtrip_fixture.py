@@ -7,7 +7,7 @@ records (the summary line, ``--statedict-report``) through the session's recorde
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -15,7 +15,9 @@ from torch import nn
 
 from .errors import StateDictMismatch, UnsupportedFormatError
 from .round_trip import FORMATS, RoundTripResult, roundtrip
-from .runtime import CheckRecorder
+
+if TYPE_CHECKING:
+    from .session_api import CheckRecorder
 
 __all__ = ["RoundTripFixture", "default_devices", "device_available", "parametrize_roundtrip"]
 

@@ -12,54 +12,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import StateDictError
 
-
-class CheckRecorder(Protocol):
-    """What a check needs of the running session: a place to record its outcome.
-
-    The session implements it; the checks see only this, so that no check imports the
-    session (the assertion drives, the session stores).
-    """
-
-    def check_finished(
-        self, kind: str, name: str, outcome: str, exc: BaseException | None = None, **extra: Any
-    ) -> None: ...
-
-
-class SnapshotSlot(NamedTuple):
-    """One snapshot file a test asked for: where it is written, where it is read from (its
-    0.1.0 name, until an update moves it), and how a report names it."""
-
-    path: Path
-    source: Path
-    root: Path  # the snapshot root it must stay inside
-    shown: str  # the source, relative to where pytest runs
-    accept: str  # the command that accepts a change to it
-    exists: bool
-
-
-class SnapshotStore(CheckRecorder, Protocol):
-    """What the snapshot check needs of the running session: the files, never the verdict.
-
-    The assertion drives (schema, comparison, report); the session stores (which file a
-    test asks for, writing it under ``--statedict-update``, the outcomes), as syrupy splits
-    its assertion from its session.
-    """
-
-    update: bool
-    verbose: bool
-
-    def snapshot_check(self) -> AbstractContextManager[None]: ...
-    def claim_snapshot(self, name: str | None) -> SnapshotSlot: ...
-    def write_snapshot(self, slot: SnapshotSlot, text: str) -> None: ...
-    def rewrite_snapshot(self, slot: SnapshotSlot, text: str) -> None: ...
-    def snapshot_missing(self, slot: SnapshotSlot) -> None: ...
-    def record_snapshot(self, slot: SnapshotSlot, outcome: str) -> None: ...
+if TYPE_CHECKING:
+    from .session_api import SnapshotStore
 
 
 # a stack: pytester runs pytest inside pytest, and the inner run is the one that counts

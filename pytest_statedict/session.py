@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import storage
 from .errors import SnapshotError, StateDictError, hide_from_bad_input
-from .runtime import CHECK_KINDS, OUTCOMES, SnapshotSlot
+from .runtime import CHECK_KINDS, OUTCOMES
+from .storage import SnapshotSlot
 from .unused import ModuleRecord, find_unused
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import SnapshotError, hide_from_bad_input
 
@@ -38,6 +38,19 @@ if TYPE_CHECKING:
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
+
+
+class SnapshotSlot(NamedTuple):
+    """One snapshot file a test asked for: where it is written, where it is read from (its
+    0.1.0 name, until an update moves it), and how a report names it."""
+
+    path: Path
+    source: Path
+    root: Path  # the snapshot root it must stay inside
+    shown: str  # the source, relative to where pytest runs
+    accept: str  # the command that accepts a change to it
+    exists: bool
+
 
 SNAPSHOT_DIRNAME = "__statedict__"
 SUFFIX = ".json"
