@@ -12,12 +12,14 @@ import os
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import storage
 from .errors import SnapshotError
 
 if TYPE_CHECKING:
+    from typing import Protocol
+
     import pytest
 
 __all__ = ["FinishedRun", "ModuleRecord", "find_orphans", "find_unused", "renamed_modules"]
@@ -55,25 +57,27 @@ class ModuleRecord:
         return pairs
 
 
-class FinishedRun(Protocol):
-    """What the session recorded of a run that went to its end."""
+if TYPE_CHECKING:  # a type checker's protocol: building it would cost every pytest run
 
-    @property
-    def modules(self) -> Mapping[str, ModuleRecord]: ...
+    class FinishedRun(Protocol):
+        """What the session recorded of a run that went to its end."""
 
-    outcomes: dict[str, str]
-    used: set[str]
-    missing: set[str]
-    unused: list[Path]
-    fixtures_ran: set[str]
-    directories: set[str]
-    snapshot_root: Path | None
-    problems: list[str]
-    linked_roots: dict[Path, Path]
+        @property
+        def modules(self) -> Mapping[str, ModuleRecord]: ...
 
-    def ran_whole(self, record: ModuleRecord) -> bool: ...
-    def collected_whole(self, directory: Path) -> bool: ...
-    def root_base(self, root: Path) -> Path: ...
+        outcomes: dict[str, str]
+        used: set[str]
+        missing: set[str]
+        unused: list[Path]
+        fixtures_ran: set[str]
+        directories: set[str]
+        snapshot_root: Path | None
+        problems: list[str]
+        linked_roots: dict[Path, Path]
+
+        def ran_whole(self, record: ModuleRecord) -> bool: ...
+        def collected_whole(self, directory: Path) -> bool: ...
+        def root_base(self, root: Path) -> Path: ...
 
 
 def find_unused(run: FinishedRun) -> list[Path]:
