@@ -302,7 +302,14 @@ def build_model(spec: str) -> tuple[Any, Any]:
             target = getattr(target, name)
     except (ImportError, AttributeError) as exc:
         raise StateDictError(f"--model {spec!r}: cannot be imported ({exc})") from None
-    built = target()
+    if not callable(target):
+        raise StateDictError(f"--model {spec!r}: a {type(target).__name__}, not a function")
+    try:
+        built = target()
+    except Exception as exc:
+        raise StateDictError(
+            f"--model {spec!r}: calling it raised {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
     model, optimizer = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
     if not isinstance(model, nn.Module):
         raise StateDictError(

@@ -116,11 +116,13 @@ def _converted(
     conversion that returns a plain dict (their ``_load_from_state_dict`` reads them)."""
     if convert is None:
         return state
-    try:
-        wants_model = len(inspect.signature(convert).parameters) >= 2
-    except (TypeError, ValueError):
-        wants_model = False
-    converted = convert(state, model) if wants_model else convert(state)
+    how = _model_argument(convert)
+    if how == "keyword":
+        converted = convert(state, model=model)
+    elif how == "positional":
+        converted = convert(state, model)
+    else:
+        converted = convert(state)
     if not isinstance(converted, Mapping):
         raise StateDictError(
             f"assert_checkpoint_loads(convert=...): the conversion returned a "
@@ -130,6 +132,23 @@ def _converted(
     kept = OrderedDict(converted)
     kept._metadata = metadata  # type: ignore[attr-defined]
     return kept
+
+
+def _model_argument(convert: Callable[..., Any]) -> str | None:
+    """How ``convert`` wants the model: by a parameter named ``model`` (``"keyword"``), as a
+    second positional parameter without a default (``"positional"``), or not at all
+    (``fn(sd, drop_bias=False)`` does not: its second parameter is its own)."""
+    try:
+        parameters = list(inspect.signature(convert).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.name == "model" and p.kind != p.POSITIONAL_ONLY for p in parameters[1:]):
+        return "keyword"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    second = parameters[1] if len(parameters) >= 2 else None
+    if second is not None and second.kind in positional and second.default is second.empty:
+        return "positional"
+    return None
 
 
 def _renamed(state: Mapping[str, Any], mapping: Callable[[str], str] | None) -> Mapping[str, Any]:

@@ -227,7 +227,22 @@ def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> Op
         ParamState(param=member(index), entries=state_specs(entries, tensors))
         for index, entries in sorted(optimizer["state"].items(), key=lambda kv: int(kv[0]))
     )
-    return OptimizerSchema(cls=UNKNOWN_CLASS, param_groups=groups, state=state)
+    return OptimizerSchema(
+        cls=UNKNOWN_CLASS, param_groups=groups, state=state, problems=_stray_keys(optimizer)
+    )
+
+
+def _stray_keys(optimizer: Mapping[str, Any]) -> tuple[str, ...]:
+    """State keyed by anything but a parameter's index (``"0"`` after a trip through JSON):
+    torch's ``load_state_dict`` keeps it under that key and restores none of it."""
+    stray = [key for key in optimizer["state"] if not isinstance(key, int)]
+    if not stray:
+        return ()
+    shown = ", ".join(repr(k) for k in stray[:3]) + (" ..." if len(stray) > 3 else "")
+    return (
+        f"its state is keyed by {len(stray)} {type(stray[0]).__name__}(s) ({shown}), not "
+        "parameter indices: optimizer.load_state_dict restores none of that state",
+    )
 
 
 def state_specs(entries: Mapping[str, Any], tensors: Tensors) -> dict[str, StateSpec]:

@@ -169,6 +169,8 @@ def optimizer_verdict(
     refused = _load_refusal(expected, actual)
     if refused is not None:
         return refused
+    if expected.problems:  # a saved state torch cannot restore as it stands
+        return OptimizerVerdict(True, False, tuple(expected.problems))
     if not (uses_names(expected) and uses_names(actual)):
         return _positional_verdict(expected, actual, shapes_now or {})
     old = [p for g in expected.param_groups for p in g.params]

@@ -34,6 +34,14 @@ def positions_named(schema: Schema, model: nn.Module, optimizer: Any = None) -> 
     opt = schema.optimizer
     if opt is None or all(isinstance(p, str) for g in opt.param_groups for p in g.params):
         return schema
+    if optimizer is None and len(opt.param_groups) > 1:
+        raise StateDictError(
+            f"the optimizer state of {schema.source or 'the checkpoint'} has "
+            f"{len(opt.param_groups)} param_groups, so it was not built as "
+            "Optimizer(model.parameters()) and the model alone cannot name its positions: "
+            "return (model, optimizer) from the --model function, the optimizer built as "
+            "training built it"
+        )
     names = _names_in_order(model, optimizer)
     saved = [p for g in opt.param_groups for p in g.params]
     if len(saved) != len(names):
@@ -65,7 +73,9 @@ def _names_in_order(model: nn.Module, optimizer: Any) -> list[str]:
     """The parameter names in the order an optimizer numbers its parameters."""
     if optimizer is None:
         return [name for name, _ in model.named_parameters()]
-    by_id = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    by_id: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), name)  # a tied parameter by its first name, as named_parameters()
     names = []
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -25,7 +25,8 @@ UNKNOWN_CLASS = "unknown"
 # layer-wise second moment), never a misplaced elementwise one.
 ELEMENTWISE_STATE = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
-     "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer"}
+     "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer",
+     "variance"}
 )  # fmt: skip
 
 

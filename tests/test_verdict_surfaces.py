@@ -283,3 +283,72 @@ def test_statedict_diff_loads_through_todays_model(
     assert (
         "an old checkpoint still loads with load_state_dict(strict=True): NO (2 shape mismatches)"
     ) in out
+
+
+def test_what_an_adversarial_review_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An optimizer state keyed by strings restores nothing in torch; a conversion whose
+    second parameter has a default is not handed the model; a --model that is no function,
+    or raises, is the user's error; a model alone cannot name a multi-group optimizer."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["state"] = {str(k): v for k, v in saved["state"].items()}  # a trip through JSON
+    path = tmp_path / "strings.pt"
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": saved}, path)
+    with pytest.raises(StateDictMismatch, match="keyed by 2 str.* restores none of that state"):
+        assert_checkpoint_loads(model, path, optimizer=optimizer)
+
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+
+    def drop(state: dict[str, torch.Tensor], drop_bias: bool = False) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if not (drop_bias and k == "bias")}
+
+    assert_checkpoint_loads(model, plain, convert=drop)
+
+    (tmp_path / "mods.py").write_text(
+        "import torch\nfrom torch import nn\nNOT_A_FUNCTION = 3\n"
+        "def raises():\n    raise RuntimeError('boom')\n"
+        "def model_only():\n    return nn.Linear(3, 2)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["diff", str(plain), str(plain), "--model", "mods:NOT_A_FUNCTION"]) == 2
+    assert "--model 'mods:NOT_A_FUNCTION': a int, not a function" in capsys.readouterr().err
+    assert main(["diff", str(plain), str(plain), "--model", "mods:raises"]) == 2
+    assert "calling it raised RuntimeError: boom" in capsys.readouterr().err
+    groups = torch.optim.SGD([{"params": [model.bias]}, {"params": [model.weight]}], lr=0.1)
+    two = tmp_path / "two_groups.pt"
+    torch.save(
+        {"model_state_dict": model.state_dict(), "optimizer_state_dict": groups.state_dict()}, two
+    )
+    code = main(
+        ["record", str(two), "--release", "v1", "--dir", "rel", "--model", "mods:model_only"]
+    )
+    assert code == 2
+    assert "has 2 param_groups, so it was not built as Optimizer(model.parameters())" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_tied_parameter_is_named_by_its_first_name() -> None:
+    from pytest_statedict import schema_of
+    from pytest_statedict.param_names import positions_named
+
+    model = nn.Module()
+    model.enc = nn.Linear(3, 3, bias=False)
+    model.dec = nn.Linear(3, 3, bias=False)
+    model.dec.weight = model.enc.weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    named = positions_named(
+        schema_of({"optimizer": optimizer.state_dict(), "model": model.state_dict()}),
+        model,
+        optimizer,
+    )
+    assert named.optimizer is not None
+    assert named.optimizer.param_groups[0].params == ("enc.weight",)
