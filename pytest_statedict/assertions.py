@@ -181,17 +181,9 @@ def _check_snapshot(
     diff = diff_schemas(
         expected, actual_schema, tolerances=tolerances, ignore=ignore, compare=compare
     )
+    # equal layouts the model refuses: no update can accept that
     refused = None if diff else refused_load(actual, expected, rename=rename, ignore=ignore)
-    if refused is not None:
-        store.record_snapshot(slot, "failed")
-        raise StateDictMismatch(
-            render_diff(
-                refused, title=f"state_dict does not match snapshot {slot.shown}",
-                verbose=store.verbose,
-            ),
-            refused,
-        )  # fmt: skip
-    if not diff:
+    if refused is None and not diff:
         if store.update and (moved or not (tolerances.given or diff.accepted)):
             # same schema, other text (an older writer) or an old name: refresh it, or
             # it would show up in the next unrelated pull request
@@ -199,17 +191,20 @@ def _check_snapshot(
             return
         store.record_snapshot(slot, "passed")
         return
-    if store.update and not diff.problems:
+    if refused is None and store.update and not diff.problems:
         store.rewrite_snapshot(slot, text)
         return
     store.record_snapshot(slot, "failed")
-    complete_diff(diff, actual, expected, actual_schema, rename=rename, ignore=ignore)
+    if refused is not None:
+        diff = refused
+    else:
+        complete_diff(diff, actual, expected, actual_schema, rename=rename, ignore=ignore)
     raise StateDictMismatch(
         render_diff(
             diff,
             title=f"state_dict does not match snapshot {slot.shown}",
             verbose=store.verbose,
-            accept_hint=None if diff.problems else slot.accept,
+            accept_hint=None if diff.problems or refused is not None else slot.accept,
         ),
         diff,
     )
@@ -260,11 +255,8 @@ def complete_diff(
     renames keys (``rename=`` or a normalising hook) keeps the layouts' verdict.
     """
     diff.notes.extend(flag_notes(expected, actual_schema))
-    if not isinstance(actual, nn.Module) or not expected.tensors:
-        return
-    if rename is not None or key_normaliser() is not None:
-        return
-    diff.model_verdict = model_verdict(actual, expected, ignore=ignore)
+    if _loadable(actual, expected, rename):
+        diff.model_verdict = model_verdict(actual, expected, ignore=ignore)
 
 
 def refused_load(
@@ -276,14 +268,23 @@ def refused_load(
     checkpoint that recorded no module versions (:func:`~.verdict.needs_a_load`): then
     its load decides, as the gate's would, and a NO fails the match.
     """
-    if rename is not None or key_normaliser() is not None or not expected.tensors:
-        return None
-    if not needs_a_load(actual, expected):
+    if not _loadable(actual, expected, rename) or not needs_a_load(actual, expected):
         return None
     verdict = model_verdict(actual, expected, ignore=ignore)
     if verdict.loads is not False:
         return None
     return SchemaDiff(model_verdict=verdict)
+
+
+def _loadable(actual: Any, expected: Schema, rename: Rename) -> bool:
+    """Whether ``expected`` can be loaded through ``actual``: a live model, and keys that
+    are its real ones (no ``rename=``, no normalising hook)."""
+    return (
+        isinstance(actual, nn.Module)
+        and bool(expected.tensors)
+        and rename is None
+        and key_normaliser() is None
+    )
 
 
 def flag_notes(expected: Schema, actual: Schema) -> list[str]:
