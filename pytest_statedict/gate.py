@@ -264,9 +264,11 @@ def _optimizer_failure(
             f"  optimizer= was given, but {_shown(source)} holds no optimizer state (a "
             "general checkpoint keeps it under optimizer_state_dict, optimizer or optim)"
         ]
-    return optimizer_failure(
-        model, today, expected, rename=rename, ignore=ignore, shown=_shown(source), diff=diff
+    lines, judged = optimizer_failure(
+        model, today, expected, rename=rename, ignore=ignore, shown=_shown(source)
     )
+    diff.optimizer, diff.optimizer_verdict = judged.optimizer, judged.optimizer_verdict
+    return lines
 
 
 def optimizer_failure(
@@ -277,10 +279,9 @@ def optimizer_failure(
     rename: Rename,
     ignore: tuple[str, ...],
     shown: str,
-    diff: SchemaDiff,
-) -> list[str]:
+) -> tuple[list[str], SchemaDiff]:
     """Why ``expected``'s optimizer state would not load or resume into ``today``'s, as
-    report lines (none when it would), with the verdict filled into ``diff``.
+    report lines (none when it would), and the diff that judged it.
 
     Judged as the snapshot check judges it (:func:`~.optimizer_diff.optimizer_verdict`):
     the gate and the release gate call this. A verdict that could check positions only
@@ -290,16 +291,16 @@ def optimizer_failure(
     judged = diff_schemas(expected, schema_of(model, optimizer=today), ignore=ignore)
     verdict = judged.optimizer_verdict
     if verdict is None:
-        return []
-    diff.optimizer, diff.optimizer_verdict = judged.optimizer, verdict
+        return [], judged
     if verdict.loads and verdict.exact is None:
         warnings.warn(
             StateDictWarning(f"checkpoint {shown}: {optimizer_load_verdict(verdict)}"),
             stacklevel=4,
         )
     if verdict.loads and verdict.exact is not False:
-        return []
-    return ["  " + optimizer_load_verdict(verdict), *_section("optimizer", judged.optimizer)]
+        return [], judged
+    lines = ["  " + optimizer_load_verdict(verdict), *_section("optimizer", judged.optimizer)]
+    return lines, judged
 
 
 def checkpoint_state(

@@ -458,7 +458,6 @@ class ReleaseGate:
 
     def _optimizer_problem(self, model: nn.Module, release: Release, schema: Schema) -> str:
         """Why the release's optimizer state would not load (or resume) today, or ''."""
-        from .compare import SchemaDiff
         from .gate import optimizer_failure
 
         assert schema.optimizer is not None
@@ -470,14 +469,13 @@ class ReleaseGate:
             )
         if self.optimizer is None:
             return ""
-        lines = optimizer_failure(
+        lines, _ = optimizer_failure(
             model,
             self.optimizer(model),
             schema,
             rename=self.rename,
             ignore=(),
             shown=f"release {release.name}",
-            diff=SchemaDiff(),
         )
         if not lines:
             return ""
