@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .schema_entries import ELEMENTWISE_STATE, UNKNOWN_CLASS, OptimizerSchema, StateSpec
+from .schema_entries import UNKNOWN_CLASS, OptimizerSchema, StateSpec, elementwise_shapes
 
 __all__ = [
     "ADDED_HYPERPARAMS",
@@ -283,10 +283,7 @@ def _positional_verdict(
 
 def _elementwise_shape(entries: Mapping[str, StateSpec]) -> tuple[int, ...] | None:
     """The shape of a parameter's per-element state (``exp_avg``...): the parameter's own."""
-    for name, spec in entries.items():
-        if name in ELEMENTWISE_STATE and spec.type is None and spec.shape:
-            return spec.shape
-    return None
+    return next((shape for _, shape in elementwise_shapes(entries)), None)
 
 
 # Hyperparameters a torch release added to a param_group with a default that keeps the old

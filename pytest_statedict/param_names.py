@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import StateDictError
 from .schema import Schema
-from .schema_entries import ELEMENTWISE_STATE, OptimizerSchema
+from .schema_entries import OptimizerSchema, elementwise_shapes
 
 __all__ = ["positions_named"]
 
@@ -98,13 +98,12 @@ def _refuse_misfits(
         if isinstance(state.param, str):
             continue
         name = by_position.get(int(state.param))
-        for entry, spec in state.entries.items():
-            shape = shapes.get(name) if name is not None else None
-            fits = shape is None or not spec.shape or tuple(spec.shape) == tuple(shape)
-            if entry in ELEMENTWISE_STATE and not fits:
+        shape = shapes.get(name) if name is not None else None
+        for entry, saved in elementwise_shapes(state.entries):
+            if shape is not None and tuple(saved) != tuple(shape):
                 raise StateDictError(
                     f"the optimizer state saved at position {state.param} of "
-                    f"{source or 'the checkpoint'} has {entry} of shape {list(spec.shape or ())}"
-                    f", but the model's parameter {name!r} there has shape {list(shape or ())}: "
-                    "this model does not name those positions"
+                    f"{source or 'the checkpoint'} has {entry} of shape {list(saved)}, but the "
+                    f"model's parameter {name!r} there has shape {list(shape)}: this model "
+                    "does not name those positions"
                 )

@@ -8,7 +8,7 @@ Nothing here imports torch: the parts are read and written as plain JSON by
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +28,14 @@ ELEMENTWISE_STATE = frozenset(
      "acc_delta", "sum", "prev", "ax", "grad_avg", "exp_inf", "mu_product_buffer",
      "variance"}
 )  # fmt: skip
+
+
+def elementwise_shapes(entries: Mapping[str, StateSpec]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """A parameter's per-element optimizer state (``exp_avg``...), each with its shape: the
+    shape its parameter had when it was saved."""
+    for name, spec in entries.items():
+        if name in ELEMENTWISE_STATE and spec.type is None and spec.shape:
+            yield name, spec.shape
 
 
 # Byte sizes of the dtypes torch has, so totals can be computed without importing torch.
