@@ -115,6 +115,8 @@ def render_table(schema: Schema) -> str:
 def _footer(schema: Schema) -> list[str]:
     """Where it was saved, its optimizer, its other entries and the warnings."""
     lines = []
+    if schema.framework:
+        lines.append(f"framework: {schema.framework}")
     if schema.read_as:
         lines.append(f"read as: {schema.read_as}")
     if schema.saved_on:

@@ -34,8 +34,9 @@ class Schema:
     ``ordered`` is False when the key order carries no meaning (a ``.safetensors`` header
     is sorted by the writer, not in ``state_dict`` order): moved keys are then not reported.
     ``saved_on`` (the storage locations a checkpoint file was saved from), ``source`` (the
-    file) and ``read_as`` (its format, and how it was read) are provenance for reports,
-    not part of a snapshot.
+    file), ``read_as`` (its format, and how it was read) and ``framework`` (the training
+    framework that wrote it, e.g. "transformers Trainer, global step 500") are provenance
+    for reports, not part of a snapshot.
     """
 
     tensors: tuple[TensorEntry, ...]
@@ -48,6 +49,8 @@ class Schema:
     source: str | None = field(default=None, compare=False)
     # how it was read: its format, and whether from headers or by loading (provenance)
     read_as: str | None = field(default=None, compare=False)
+    # the training framework that wrote the checkpoint, as ``statedict show`` names it
+    framework: str | None = field(default=None, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __iter__(self) -> Iterator[TensorEntry]:

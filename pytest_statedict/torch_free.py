@@ -59,4 +59,5 @@ def _read(fmt: CheckpointFormat, path: Path, part: str | None) -> Schema:
     schema = fmt.read_schema(
         path, part=part, values=False, nested=lambda shard: _read(*registry.detect(shard), None)
     )
-    return replace(schema, read_as=f"{fmt.name}, without torch (no tensor data)")
+    # a format that reads several files says itself how it read them
+    return replace(schema, read_as=schema.read_as or f"{fmt.name}, without torch (no tensor data)")

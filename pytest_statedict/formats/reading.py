@@ -91,7 +91,9 @@ def schema_of_file(
     if fmt.schema_first:
         try:
             schema = fmt.read_schema(where, part=part, values=values, nested=shard_schema)
-            return replace(schema, read_as=f"{fmt.name}, from its header (no tensor data)")
+            # a format that reads several files says itself how it read them
+            how = schema.read_as or f"{fmt.name}, from its header (no tensor data)"
+            return replace(schema, read_as=how)
         except NeedsTorch:  # NeedsLoading: a part, values, ...
             pass
     loaded: Loaded = fmt.load(where, map_location=None, weights_only=weights_only, mmap=True)
