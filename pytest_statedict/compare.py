@@ -19,12 +19,11 @@ from .errors import hide_from_bad_input
 from .optimizer_diff import OptimizerVerdict, diff_optimizers, optimizer_verdict, uses_names
 from .rename import (
     detect_prefix,
-    likely_renames,
     normalise,
     renamed_optimizer,
-    same_kind,
     without_members,
 )
+from .rename_pairing import likely_renames, same_kind
 from .schema import Schema
 from .schema_entries import Fingerprint, ModuleVersion, TensorEntry
 
@@ -83,6 +82,8 @@ class SchemaDiff:
     added: list[TensorEntry] = field(default_factory=list)
     changed: list[Change] = field(default_factory=list)
     renames: list[tuple[str, str]] = field(default_factory=list)  # (expected key, actual key)
+    # removed modules or keys that may have become one of several added ones: never suggested
+    ambiguous_renames: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     prefix: tuple[str, str] | None = None  # ("added" | "dropped", prefix)
     moved: list[tuple[str, int, int]] = field(default_factory=list)  # key, old pos, new pos
     versions: list[tuple[str, ModuleVersion, ModuleVersion]] = field(default_factory=list)
@@ -171,7 +172,8 @@ def diff_schemas(
     tolerances.refuse_unmatched(*wrapped, exp, act)
     diff.removed = [t for k, t in exp.items() if k not in act]
     diff.added = [t for k, t in act.items() if k not in exp]
-    diff.renames = likely_renames(diff.removed, diff.added)
+    pairing = likely_renames(diff.removed, diff.added, ordered=expected.ordered and actual.ordered)
+    diff.renames, diff.ambiguous_renames = pairing.pairs, pairing.ambiguous
     _compare_entries(diff, exp, act, tolerances, compare)
     if expected.ordered and actual.ordered:
         diff.moved = _moved(list(exp), list(act))

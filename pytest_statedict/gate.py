@@ -38,7 +38,14 @@ from .formats.snapshot import SNAPSHOT
 from .hf_rules import LoadVerdict
 from .meta_state import state_from_snapshot
 from .rename import Rename, compile_rename, matches_any, normalise
-from .report import SECTION_LIMIT, model_verdict_line, optimizer_load_verdict, suggest_rename
+from .report import (
+    AMBIGUOUS_RENAMES,
+    SECTION_LIMIT,
+    ambiguous_rename_lines,
+    model_verdict_line,
+    optimizer_load_verdict,
+    suggest_rename,
+)
 from .runtime import checkpoint_loader, recorded_check
 from .schema import Schema
 from .verdict import load_into, summarised
@@ -238,13 +245,15 @@ def _rename_hint(loaded: LoadVerdict, diff: SchemaDiff) -> list[str]:
             f"  the model's keys have the prefix {prefix!r} {how} relative to the checkpoint "
             f"(a wrapper such as DataParallel or torch.compile): {fix}"
         ]
+    lines = _section(AMBIGUOUS_RENAMES, ambiguous_rename_lines(diff))
     if not diff.renames:
-        return []
+        return lines
     return [
         "  likely renamed (same shape and dtype):",
         *(f"    {old} -> {new}" for old, new in diff.renames[:SECTION_LIMIT]),
         "  to load it as it is, pass the checkpoint's keys through "
         + suggest_rename(diff.renames, "expected->actual"),
+        *lines,
     ]
 
 

@@ -609,6 +609,8 @@ def _change_sections(
 ) -> list[tuple[str, list[str]]]:
     """A release's changes since the one before, each heading with its lines (none empty);
     a key renamed is listed as renamed, not as removed and added."""
+    from .report import ambiguous_rename_lines
+
     renamed_old = {old for old, _ in diff.renames}
     renamed_new = {new for _, new in diff.renames}
     sections = [
@@ -617,6 +619,7 @@ def _change_sections(
         ("removed", [f"- {t.key}  {t.describe()}" for t in diff.removed
                      if t.key not in renamed_old]),
         ("renamed", [f"{old} -> {new}" for old, new in diff.renames]),
+        ("renamed, ambiguously", ambiguous_rename_lines(diff)),
         ("reshaped", [f"{c.key}: {list(c.expected or ())} -> {list(c.actual or ())}"
                       for c in diff.changed if c.attribute == "shape"]),
         ("dtype changed", [f"{c.key}: {c.expected} -> {c.actual}"

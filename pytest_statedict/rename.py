@@ -2,13 +2,12 @@
 
 A refactor renames; a check must compare like with like. This module maps a schema's keys
 (and everything named after a key: ties, non-persistent buffers, optimizer members, module
-versions) through a user's ``rename=`` and ``ignore=``, and, for a report, guesses which
-removed key became which added one.
+versions) through a user's ``rename=`` and ``ignore=``, and finds a wrapper's prefix
+(which removed key became which added one is ``rename_pairing``'s).
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,23 +15,19 @@ from dataclasses import replace
 
 from .errors import StateDictError
 from .schema import Schema
-from .schema_entries import ModuleVersion, OptimizerSchema, TensorEntry
+from .schema_entries import ModuleVersion, OptimizerSchema
 
 __all__ = [
     "Rename",
     "compile_rename",
     "detect_prefix",
-    "likely_renames",
     "matches_any",
     "normalise",
     "renamed_optimizer",
-    "same_kind",
     "without_ignored_members",
     "without_members",
 ]
 
-
-TENSOR_KIND, OBJECT_KIND = "tensor", "object"
 
 Rename = Mapping[str, str] | Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -230,34 +225,6 @@ def detect_prefix(exp: list[str], act: list[str]) -> tuple[str, str] | None:
         if all(a == prefix + b for a, b in zip(longer, shorter, strict=True)):
             return how, prefix
     return None
-
-
-def likely_renames(removed: list[TensorEntry], added: list[TensorEntry]) -> list[tuple[str, str]]:
-    """Pair removed and added keys of equal kind, shape and dtype, most similar names first."""
-    candidates = sorted(
-        (
-            (-difflib.SequenceMatcher(None, r.key, a.key).ratio(), i, j)
-            for i, r in enumerate(removed)
-            for j, a in enumerate(added)
-            if (r.shape, r.dtype, r.type) == (a.shape, a.dtype, a.type)
-            and same_kind(r.kind, a.kind)
-        ),
-    )
-    used_r: set[int] = set()
-    used_a: set[int] = set()
-    pairs = []
-    for _, i, j in candidates:
-        if i in used_r or j in used_a:
-            continue
-        used_r.add(i)
-        used_a.add(j)
-        pairs.append((i, removed[i].key, added[j].key))
-    return [(old, new) for _, old, new in sorted(pairs)]
-
-
-def same_kind(a: str, b: str) -> bool:
-    """Kinds match if equal, or if one side is a bare ``tensor`` (its kind is unknown)."""
-    return a == b or (TENSOR_KIND in (a, b) and OBJECT_KIND not in (a, b))
 
 
 def renamed_optimizer(

@@ -76,6 +76,7 @@ def _sections(diff: SchemaDiff) -> list[tuple[str, list[str]]]:
             "likely renamed (same shape and dtype)",
             [f"{old} -> {new}  {by_key[old].describe()}" for old, new in diff.renames],
         ),
+        (AMBIGUOUS_RENAMES, ambiguous_rename_lines(diff)),
         ("changed", [_change_line(c) for c in diff.changed]),
         (
             "moved (state_dict order; optimizer state follows parameter order)",
@@ -122,6 +123,15 @@ def _change_line(change: object) -> str:
         old = f"tied to {old}" if old else "untied"
         new = f"tied to {new}" if new else "untied"
     return f"~ {key}: {attribute} {old} -> {new}"
+
+
+# The heading of the renames the pairing could not decide (rename_pairing).
+AMBIGUOUS_RENAMES = "renamed, but to which is ambiguous (not in the suggested rename=)"
+
+
+def ambiguous_rename_lines(diff: SchemaDiff) -> list[str]:
+    """``old -> one of a, b``: a module or key that may have become several others."""
+    return [f"{old} -> one of {', '.join(alts)}" for old, alts in diff.ambiguous_renames]
 
 
 def suggest_rename(renames: Sequence[tuple[str, str]], direction: str) -> str:
