@@ -68,6 +68,9 @@ class ModelVerdict:
     # whether keys and shapes alone (the checkpoint's against the model's) say "loads":
     # where they part from the real load, the report says who decided (None: not known)
     layouts_load: bool | None = None
+    # what a load that works should still be told (tie_verdict: checkpoint tensors meeting
+    # on a tied parameter, equal, or one split between two)
+    notes: tuple[str, ...] = ()
 
     @property
     def by_transformers(self) -> bool:

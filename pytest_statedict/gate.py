@@ -94,9 +94,17 @@ def assert_checkpoint_loads(
     source, saved, saved_on, recorded_only = checkpoint_state(
         Path(path), part=part, map_location=map_location, model=model
     )
-    state = _renamed(_converted(saved, convert, model), compile_rename(rename))
+    mapping = compile_rename(rename)
+    state = _renamed(_converted(saved, convert, model), mapping)
     loaded = load_into(model, state, rules=rules, strict=strict, factory=factory)
-    verdict = summarised(model, loaded, state, strict=strict, ignore=ignore, present=recorded_only)
+
+    def values() -> Mapping[str, Any]:  # read only where a tie's values decide
+        saved = load_state_dict_file(source, part=part, map_location="cpu")[0]
+        return _renamed(_converted(saved, convert, model), mapping)
+
+    verdict = summarised(
+        model, loaded, state, strict=strict, ignore=ignore, present=recorded_only, values=values
+    )
     diff = diff_schemas(mapping_schema(state), module_schema(model))
     diff.model_verdict = verdict
     name = type(model).__name__

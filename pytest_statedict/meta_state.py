@@ -59,7 +59,8 @@ def state_from_snapshot(schema: Schema, model: nn.Module | None = None) -> Order
     entry (``_extra_state``, a dynamic-quantized module's packed weights), whose contents
     a snapshot does not record, is ``model``'s own; where the model has no such key, a
     string stands in for it, which the load reports as unexpected. Sparse tensors are
-    left out (the caller counts them as present: the snapshot has them).
+    left out (the caller counts them as present: the snapshot has them). Keys recorded as
+    tied share one meta tensor, as ``torch.load`` gives them one storage.
     """
     own = _own_entries(schema, model)
     packing = {e.key.rpartition(".")[0] for e in schema.tensors if e.qscheme}
@@ -85,6 +86,8 @@ def state_from_snapshot(schema: Schema, model: nn.Module | None = None) -> Order
                 state[entry.key] = torch.zeros(meta.shape, dtype=meta.dtype)
         elif math.prod(entry.shape or ()) <= 1:
             state[entry.key] = _scalar_tensor(schema, entry)
+        elif entry.tied_to is not None and _same_tensor(state.get(entry.tied_to), entry):
+            state[entry.key] = state[entry.tied_to]  # tied: one tensor, as torch.load gives
         else:
             state[entry.key] = _meta_tensor(schema, entry)
     if schema.versions is not None:
@@ -109,6 +112,16 @@ def _same_plain(value: Any, entry: TensorEntry) -> bool:
     return (
         isinstance(value, torch.Tensor)
         and not value.is_quantized
+        and tuple(value.shape) == tuple(entry.shape or ())
+        and dtype_name(value.dtype) == entry.dtype
+    )
+
+
+def _same_tensor(value: Any, entry: TensorEntry) -> bool:
+    """A rebuilt meta tensor of the same shape and dtype as ``entry`` (its tie's root)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "meta"
         and tuple(value.shape) == tuple(entry.shape or ())
         and dtype_name(value.dtype) == entry.dtype
     )

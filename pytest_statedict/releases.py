@@ -420,7 +420,8 @@ class ReleaseGate:
 
     def _loads_by_layout(self, model: nn.Module, schema: Schema) -> bool:
         """True when the release surely loads: no code of the model's runs on load, so
-        torch's ``load_state_dict`` decides from keys and shapes alone, and they agree.
+        torch's ``load_state_dict`` decides from keys and shapes alone, and they agree, and
+        no two of its tensors load into one tied parameter (their values decide that).
 
         False hands the release to the gate itself (a real load through the model's own
         ``load_state_dict``), which decides, and words the failure.
@@ -441,7 +442,12 @@ class ReleaseGate:
             loaded[key] = tuple(entry.shape or ())
         if any(layout[k] != shape for k, shape in loaded.items() if k in layout):
             return False
-        return not self.strict or loaded.keys() == layout.keys()
+        if self.strict and loaded.keys() != layout.keys():
+            return False
+        from .tie_verdict import tied_groups
+
+        tied = tied_groups(model.state_dict(keep_vars=True))
+        return not any(sum(k in loaded for k in keys) > 1 for keys in tied)
 
     def _model_layout(self, model: nn.Module) -> dict[str, tuple[int, ...]] | None:
         """Key -> shape of what ``load_state_dict`` expects, or None when the model has load

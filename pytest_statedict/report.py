@@ -208,7 +208,7 @@ def model_verdict_line(check: ModelVerdict, diff: SchemaDiff | None = None) -> s
         if layouts is False:
             return f"{head}: yes, {through} ({why})"
         note = _layout_note(diff) if diff is not None else ""
-        return f"{head}: yes{note}"
+        return f"{head}: yes{note}" + "".join(f"; {n}" for n in check.notes)
     if layouts is True or check.reason.startswith("it raises"):
         return f"{head}: NO, {through} ({check.reason})"
     return f"{head}: NO ({check.reason})"

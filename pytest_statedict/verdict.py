@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint_files import load_state_dict_file
 from .compare import ModelVerdict
 from .errors import SnapshotError, StateDictError, first_line
 from .hf_rules import LoadVerdict, decide_load
@@ -28,6 +29,7 @@ from .model_copy import meta_copy
 from .rename import matches_any
 from .report import load_refusals
 from .schema import Schema
+from .tie_verdict import CheckpointValues, ties_on_load
 
 __all__ = [
     "has_load_code",
@@ -78,12 +80,16 @@ def summarised(
     strict: bool = True,
     ignore: tuple[str, ...] = (),
     present: frozenset[str] | set[str] = frozenset(),
+    recorded: Schema | None = None,
+    values: CheckpointValues | None = None,
 ) -> ModelVerdict:
     """A load's outcome as the verdict every surface prints: yes, or NO with the deciding
     loader's own counts, and whether the bare layouts (``state``'s keys and shapes against
     the model's) would have said the same. ``present``: keys the checkpoint holds but no
     tensor was rebuilt for (extra state, sparse): not missing. Keys matching ``ignore``
-    count on neither side."""
+    count on neither side. Two different checkpoint tensors loading into one tied
+    parameter are a NO too (:mod:`.tie_verdict`: ``recorded``, the schema a meta ``state``
+    was rebuilt from, and ``values``, the checkpoint's own tensors, compare the two)."""
     name = type(model).__name__
     loader = verdict.how
     layouts = _layouts_load(state, model, strict=strict, ignore=ignore, present=present)
@@ -99,7 +105,17 @@ def summarised(
         kept(missing) if strict else 0,
         kept([s[0] for s in verdict.shapes]),
     )
-    return ModelVerdict(name, not reasons, ", ".join(reasons), loader, layouts)
+    if reasons:
+        return ModelVerdict(name, False, ", ".join(reasons), loader, layouts)
+    ties = [t for t in ties_on_load(model, state, recorded, values) if not _ignored(t.keys, ignore)]
+    dropped = [t.describe() for t in ties if t.may_drop_a_tensor]
+    if dropped:
+        return ModelVerdict(name, False, "; ".join(dropped), loader, layouts)
+    return ModelVerdict(name, True, "", loader, layouts, notes=tuple(t.describe() for t in ties))
+
+
+def _ignored(keys: tuple[str, ...], ignore: tuple[str, ...]) -> bool:
+    return any(matches_any(k, ignore) for k in keys)
 
 
 def _layouts_load(
@@ -163,7 +179,19 @@ def model_verdict(
     except Exception as exc:  # a load hook's own error: torch's load would raise it too
         error = f"{type(exc).__name__}: {exc}"
         verdict = LoadVerdict([], [], [], error, "torch", "load_state_dict(strict=True)")
-    return summarised(model, verdict, state, ignore=ignore, present=present)
+    return summarised(
+        model, verdict, state, ignore=ignore, present=present, recorded=expected,
+        values=_file_values(expected),
+    )  # fmt: skip
+
+
+def _file_values(expected: Schema) -> CheckpointValues | None:
+    """The tensors of the checkpoint file ``expected`` was read from (memory-mapped), for
+    a tie whose values decide; a snapshot has none (its fingerprints stand in)."""
+    source = expected.source
+    if source is None:
+        return None
+    return lambda: load_state_dict_file(source, map_location="cpu")[0]
 
 
 def needs_a_load(model: Any, expected: Schema) -> bool:
