@@ -127,8 +127,9 @@ class FolderParts:
         if not self.models:
             raise CheckpointError(
                 folder,
-                f"is a checkpoint folder ({self.framework}) with no model weights (model.safetensors, "
-                "pytorch_model.bin or their sharded index): nothing to compare a model with",
+                f"is a checkpoint folder ({self.framework}) with no model weights "
+                "(model.safetensors, pytorch_model.bin or their sharded index): nothing to "
+                "compare a model with",
             )
         names = list(self.models)
         if part is None and len(names) == 1:
@@ -139,9 +140,9 @@ class FolderParts:
         if part is None:
             raise CheckpointError(
                 folder,
-                f"is a checkpoint folder ({self.framework}) holding {len(names)} models ({listed}): choose "
-                f"one with part={names[0]!r} (on the command line: statedict show --part "
-                f"{names[0]})",
+                f"is a checkpoint folder ({self.framework}) holding {len(names)} models "
+                f"({listed}): choose one with part={names[0]!r} (on the command line: "
+                f"statedict show --part {names[0]})",
             )
         raise CheckpointError(
             folder, f"has no part {part!r}: its models are {listed} (choose one with part=)"
