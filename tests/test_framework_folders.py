@@ -478,3 +478,28 @@ def test_a_lightning_checkpoint_shows_its_schedulers_and_callbacks(
     loaded = schema_of(path)
     assert loaded == read_without_torch(path, None)
     assert loaded.framework == "Lightning checkpoint (version 2.6.6, epoch 1, global step 2)"
+
+
+def test_a_general_checkpoints_scheduler_is_part_of_its_layout(tmp_path: Path) -> None:
+    """The PyTorch recipe's general checkpoint with a scheduler: described as Lightning's and
+    Trainer's are, the same without torch."""
+    model = Net()
+    optimizer, scheduler = train(model, three_groups)
+    path = tmp_path / "last.pt"
+    torch.save(
+        {
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(),
+            "epoch": 3,
+        },
+        path,
+    )
+    schema = schema_of(path)
+    assert dict(schema.extras) == {
+        "scheduler_state_dict": "dict: LR scheduler state, 3 param group(s) (base_lrs list, "
+        "last_epoch int, lr_lambdas list)",
+        "epoch": "int",
+    }
+    assert schema == read_without_torch(path, None)
+    assert schema.framework is None
