@@ -224,6 +224,18 @@ def test_show_names_the_framework_and_every_part(tmp_path: Path) -> None:
     assert not (tmp_path / "unpickled").exists()
 
 
+def test_show_reads_every_part_without_torch(tmp_path: Path) -> None:
+    folder = trainer_folder(tmp_path / "checkpoint-6")
+    code = (
+        "import sys; from pathlib import Path; "
+        "from pytest_statedict.torch_free import read_without_torch; "
+        f"schema = read_without_torch(Path({str(folder)!r}), None); "
+        "assert schema.optimizer is not None and len(schema.extras) == 4; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_the_torch_free_and_the_loaded_readings_agree(tmp_path: Path) -> None:
     for folder, part in (
         (trainer_folder(tmp_path / "checkpoint-6"), None),
@@ -325,6 +337,8 @@ def test_several_accelerate_models_are_parts(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="its models are model, model_1"):
         schema_of(folder, part="model_2")
     assert_checkpoint_loads(Net(), folder, part="model_1")
+    assert second.read_as is not None
+    assert second.read_as.endswith("other parts (part=): model, optimizer")
 
 
 # ---- bad input ----------------------------------------------------------------------------
