@@ -315,6 +315,27 @@ def test_an_old_snapshots_bare_type_name_matches_a_described_entry() -> None:
     assert diff_schemas(other, described).extras
 
 
+def test_a_sharded_model_in_a_trainer_folder(tmp_path: Path) -> None:
+    folder = trainer_folder(tmp_path / "checkpoint-6")
+    state = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:3],
+        "model-00002-of-00002.safetensors": keys[3:],
+    }
+    for shard, shard_keys in shards.items():
+        safetensors_torch.save_file({k: state[k] for k in shard_keys}, str(folder / shard))
+    weight_map = {key: shard for shard, shard_keys in shards.items() for key in shard_keys}
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    schema = schema_of(folder)
+    assert sorted(t.key for t in schema.tensors) == keys
+    assert schema.optimizer is not None
+    assert schema == read_without_torch(folder, None)
+    assert_checkpoint_loads(Net(), folder, optimizer=two_groups)
+
+
 # ---- accelerate ----------------------------------------------------------------------------
 
 
@@ -371,11 +392,12 @@ def test_a_trainer_state_that_is_not_json_is_named(tmp_path: Path) -> None:
         schema_of(folder)
 
 
-def test_a_folder_of_weights_and_a_config_stays_a_model_folder(tmp_path: Path) -> None:
-    folder = trainer_folder(tmp_path / "checkpoint-6")
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+def test_the_folder_of_trainer_save_model_stays_a_model_folder(tmp_path: Path) -> None:
+    """``trainer.save_model(dir)`` writes the weights, config.json and training_args.bin:
+    no training state, so the weights file is the checkpoint, as before."""
+    folder = trainer_folder(tmp_path / "final")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         (folder / name).unlink()
-    (folder / "trainer_state.json").unlink()
     schema = schema_of(folder)
     assert schema.source == str(folder / "model.safetensors")
     assert schema.framework is None

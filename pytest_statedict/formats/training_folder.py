@@ -106,7 +106,7 @@ class FolderParts:
                 weights.setdefault(f"model{found[1] or ''}", []).append(name)
             elif found := _OPTIMIZER.match(name):
                 parts.optimizers[f"optimizer{found[1] or ''}"] = folder / name
-            elif found := _SCHEDULER.match(name):
+            elif _SCHEDULER.match(name):
                 parts.schedulers[name] = folder / name
             elif name == _TRAINER_STATE:
                 parts.trainer_state = folder / name
@@ -114,11 +114,13 @@ class FolderParts:
                 parts.described[name] = folder / name
         # one file per model: a sharded index or a single file, .safetensors before .bin
         parts.models = {
-            part: folder / min(files, key=lambda n: (n.endswith(".bin"), INDEX_SUFFIX not in n))
+            part: folder / min(files, key=lambda n: (".bin" in n, INDEX_SUFFIX not in n))
             for part, files in sorted(weights.items(), key=lambda kv: _numbered(kv[0]))
         }
-        beside_model = parts.models and (parts.optimizers or parts.schedulers or parts.described)
-        if not (beside_model or parts.trainer_state or any(_RNG.match(n) for n in names)):
+        # training state beside the weights (``trainer.save_model``'s folder, the weights
+        # with training_args.bin, stays a model folder), or the framework's own files
+        own_files = parts.trainer_state or any(map(_RNG.match, names))
+        if not (own_files or (parts.models and (parts.optimizers or parts.schedulers))):
             return None
         return parts
 
