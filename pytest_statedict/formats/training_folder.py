@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,18 +218,13 @@ class TrainingFolder:
             how += f"; described, not unpickled: {', '.join(described)}"
         if others:
             how += f"; other parts (part=): {', '.join(others)}"
-        return Schema(
-            tensors=schema.tensors,
-            ordered=schema.ordered,
-            versions=schema.versions,
-            non_persistent_buffers=schema.non_persistent_buffers,
+        return replace(
+            schema,
             optimizer=optimizer,
             extras=extras,
-            saved_on=schema.saved_on,
             source=str(path),
             read_as=how,
             framework=_framework(parts, state),
-            notes=schema.notes,
         )
 
     def load(self, path: Path, *, map_location: Any, weights_only: bool, mmap: bool) -> Loaded:
