@@ -16,6 +16,7 @@ from typing import Any
 
 from .comparison import CustomComparison, Tolerance, Tolerances
 from .errors import hide_from_bad_input
+from .layout import ENTRY_DETAIL, entry_type
 from .optimizer_diff import OptimizerVerdict, diff_optimizers, optimizer_verdict, uses_names
 from .rename import (
     detect_prefix,
@@ -250,8 +251,17 @@ def _compare_modules(diff: SchemaDiff, expected: Schema, actual: Schema) -> None
         diff.non_persistent = (sorted(npb_old - npb_new), sorted(npb_new - npb_old))
     for name in sorted(set(expected.extras) | set(actual.extras)):
         old_t, new_t = expected.extras.get(name), actual.extras.get(name)
-        if old_t != new_t:
+        if not _same_entry(old_t, new_t):
             diff.extras.append(f"{name}: {old_t or 'absent'} -> {new_t or 'absent'}")
+
+
+def _same_entry(old: str | None, new: str | None) -> bool:
+    """Whether two descriptions of a checkpoint entry agree. One without a detail (a
+    snapshot from before details were recorded: ``"list"``) is compared by its type only,
+    so that such a snapshot does not turn red once the reader describes the entry."""
+    if old is None or new is None or (ENTRY_DETAIL in old and ENTRY_DETAIL in new):
+        return old == new
+    return entry_type(old) == entry_type(new)
 
 
 def _compare_optimizers(

@@ -46,6 +46,12 @@ IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentia
 MAX_HYPERPARAM_DEPTH = 32
 MAX_HYPERPARAM_VALUES = 100_000
 
+# An ``extras`` value is a type name, or "<type>: <detail>" (see describe_entry); the
+# snapshots of earlier releases hold type names alone.
+ENTRY_DETAIL = ": "
+# The key that marks a Lightning checkpoint (the Lightning version that wrote it).
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+
 KindOf = Callable[[str], str]
 
 
@@ -151,8 +157,77 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
     if opt_key is not None:
         raw = obj[opt_key]
         opt = optimizer_state_schema(raw[0] if isinstance(raw, list) else raw, tensors)
-    extras = {str(k): type_name(v) for k, v in obj.items() if k not in (model_key, opt_key)}
-    return replace(model, optimizer=opt, extras=extras)
+    extras = {str(k): describe_entry(k, v) for k, v in obj.items() if k not in (model_key, opt_key)}
+    return replace(model, optimizer=opt, extras=extras, framework=lightning_framework(obj))
+
+
+def describe_entry(key: Any, value: Any) -> str:
+    """A general checkpoint's entry that is no model or optimizer, as ``extras`` keep it:
+    its type, and, where the layout of what it holds decides whether a run resumes,
+    ``"<type>: <detail>"`` (an LR scheduler's param groups, a Lightning checkpoint's
+    callback states). The one description for torch objects and torch-free records alike
+    (both walks call it), so ``schema_of`` and ``statedict show`` agree; a detail holds
+    no value that changes as training goes on (the epoch a scheduler reached), so the
+    snapshot of a checkpoint stays green from one save to the next.
+    """
+    kind = type_name(value)
+    if is_scheduler_state(value):
+        return f"{kind}{ENTRY_DETAIL}LR scheduler state, {scheduler_detail(value)}"
+    if isinstance(value, (list, tuple)) and value and all(map(is_scheduler_state, value)):
+        states = "; ".join(scheduler_detail(state) for state in value)
+        return f"{kind}{ENTRY_DETAIL}{len(value)} LR scheduler state(s): {states}"
+    if (
+        key == "callbacks"
+        and isinstance(value, Mapping)
+        and value
+        and all(isinstance(state, Mapping) for state in value.values())
+    ):
+        states = "; ".join(
+            f"{name} ({', '.join(sorted(map(str, state)))})" for name, state in value.items()
+        )
+        return f"{kind}{ENTRY_DETAIL}{len(value)} callback state(s): {states}"
+    return kind
+
+
+def entry_type(description: str) -> str:
+    """The type an ``extras`` description names (all of one that has no detail)."""
+    return description.partition(ENTRY_DETAIL)[0]
+
+
+def is_scheduler_state(obj: Any) -> bool:
+    """An LR scheduler's ``state_dict()`` (``torch.optim.lr_scheduler``): a base learning
+    rate per param group of its optimizer, and the epoch it reached."""
+    return (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("base_lrs"), (list, tuple))
+        and "last_epoch" in obj
+    )
+
+
+def scheduler_detail(state: Mapping[str, Any]) -> str:
+    """Its param-group count (one base learning rate each) and its public keys with their
+    types. The private ones (``_step_count``, ``_is_initial``...) are torch's bookkeeping,
+    which torch releases add to: comparing them would fail every snapshot on an upgrade."""
+    public = ", ".join(
+        f"{key} {type_name(state[key])}"
+        for key in sorted(state, key=str)
+        if not str(key).startswith("_")
+    )
+    return f"{len(state['base_lrs'])} param group(s) ({public})"
+
+
+def lightning_framework(obj: Mapping[Any, Any]) -> str | None:
+    """What a Lightning checkpoint says of itself (its version, epoch and global step),
+    None for any other mapping."""
+    version = obj.get(LIGHTNING_VERSION_KEY)
+    if not isinstance(version, str):
+        return None
+    found = [f"version {version}"]
+    for key, label in (("epoch", "epoch"), ("global_step", "global step")):
+        value = obj.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            found.append(f"{label} {value}")
+    return f"Lightning checkpoint ({', '.join(found)})"
 
 
 def _model_part(obj: Mapping[Any, Any], tensors: Tensors) -> Any:

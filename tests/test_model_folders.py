@@ -144,15 +144,16 @@ def test_a_folder_holding_several_checkpoints_asks_which(tmp_path: Path) -> None
     assert_checkpoint_loads(V1(), folder / "model.safetensors")
 
 
-def test_a_trainer_checkpoint_folder_is_its_model_weights(tmp_path: Path) -> None:
-    """Beside the weights, a Trainer's checkpoint folder holds its optimizer, scheduler, RNG
-    state and arguments: none of them is the model, and none of them is read."""
+def test_a_trainer_checkpoint_folder_is_read_whole(tmp_path: Path) -> None:
+    """Beside the weights, a Trainer's checkpoint folder holds the optimizer state its resume
+    loads: it is read with the model (tests/test_framework_folders.py), so a damaged one is
+    an error naming it, never skipped."""
     folder = save_pretrained_like(V1(), tmp_path / "checkpoint-500", "safetensors")
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
         (folder / name).write_bytes(b"not read")
     (folder / "trainer_state.json").write_text("{}")
-    assert_checkpoint_loads(V1(), folder)
-    assert schema_of(folder).source == str(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="optimizer.pt: not a checkpoint"):
+        assert_checkpoint_loads(V1(), folder)
 
 
 def test_a_plain_folder_of_one_torch_file(tmp_path: Path) -> None:
