@@ -40,6 +40,7 @@ CASES = {
     "cli": "case_cli",
     "releases": "case_releases",
     "roundtrip_models": "case_roundtrip_models",
+    "renames": "case_renames",
 }
 
 # Public names only: the package's module layout is not part of its contract.
