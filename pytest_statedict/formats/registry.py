@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING
 from ..errors import CheckpointError, StateDictError, first_line, hide_from_bad_input
 from ..readers.files import FORMATS_READ, magic_hex, open_regular, require_regular_file
 from ..readers.hf_index import INDEX_SUFFIX
-from . import dcp_folder, safetensors_file, sharded_index, snapshot, torch_legacy, torch_zip
+from . import (
+    dcp_folder,
+    peft_adapter,
+    safetensors_file,
+    sharded_index,
+    snapshot,
+    torch_legacy,
+    torch_zip,
+)
 from .base import CheckpointFormat
 
 if TYPE_CHECKING:
@@ -55,11 +63,13 @@ __tracebackhide__ = hide_from_bad_input
 
 ENTRY_POINT_GROUP = "pytest_statedict.formats"
 
-# In the order they are asked: by name first (a DCP folder or its .metadata, a sharded
-# index, then any other .json), then by content: the zip magic, a safetensors header
-# (before the pickle's one-byte magic, which such a header can start with), a pickle.
+# In the order they are asked: by name first (a DCP folder or its .metadata, a PEFT adapter
+# folder or its adapter_config.json, a sharded index, then any other .json), then by
+# content: the zip magic, a safetensors header (before the pickle's one-byte magic, which
+# such a header can start with), a pickle.
 BUILTIN_FORMATS: tuple[CheckpointFormat, ...] = (
     dcp_folder.FORMAT,
+    peft_adapter.FORMAT,
     sharded_index.FORMAT,
     snapshot.FORMAT,
     torch_zip.FORMAT,
