@@ -311,6 +311,7 @@ def test_no_entry_points_leaves_the_builtins(entry_points: list[EntryPoint]) -> 
     assert registered_formats() == BUILTIN_FORMATS
     assert [f.name for f in BUILTIN_FORMATS] == [
         "dcp",
+        "peft adapter",
         "index",
         "snapshot",
         "torch zip",
@@ -383,7 +384,12 @@ def test_builtin_saves_round_trip(tmp_path: Path, name: str, suffix: str) -> Non
 
 
 def test_formats_that_hold_no_state_dict_cannot_save() -> None:
-    assert [f.name for f in BUILTIN_FORMATS if f.save is None] == ["dcp", "index", "snapshot"]
+    assert [f.name for f in BUILTIN_FORMATS if f.save is None] == [
+        "dcp",
+        "peft adapter",
+        "index",
+        "snapshot",
+    ]
 
 
 # ---- start-up ---------------------------------------------------------------------------

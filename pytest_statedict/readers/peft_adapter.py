@@ -140,12 +140,13 @@ class _Fields:
         return tuple(_shown(v) for v in value)
 
     def targets(self, name: str) -> str | None:
-        """target_modules: a list of names, or one string (a regex, or "all-linear")."""
+        """target_modules: a list of names (sorted: PEFT keeps a set, and writes it in the
+        set's order), or one string (a regex, or "all-linear")."""
         value = self.data.get(name)
         if isinstance(value, str):
             return value if value == "all-linear" else f"matching {_shown(value)}"
         names = self.names(name)
-        return _listed(names) if names else None
+        return _listed(tuple(sorted(names))) if names else None
 
 
 def _listed(names: tuple[str, ...]) -> str:
