@@ -11,7 +11,9 @@ through transformers' side of PEFT. Nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,21 @@ def test_a_whole_state_dict_keeps_torchs_rules(adapter: tuple[Any, Path], tmp_pa
     )
 
 
+def test_a_trainer_checkpoint_of_a_peft_model(adapter: tuple[Any, Path], tmp_path: Path) -> None:
+    """Trainer writes the adapter beside its own state (``checkpoint-N/``): the gate still
+    judges the adapter by PEFT's rules, whichever format reads the folder."""
+    model, folder = adapter
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(folder, checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
+    assert_checkpoint_loads(lora(MLP()), checkpoint)
+    message = gate_failure(lora(MLP(q="query")), checkpoint)
+    assert "with PEFT's set_peft_model_state_dict" in message
+    assert "    base_model.model.query.lora_A.weight" in message
+
+
 def test_show_names_the_adapter(
     adapter: tuple[Any, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -305,5 +322,60 @@ def test_a_users_test_of_a_peft_model(pytester: pytest.Pytester) -> None:
             "*base_model.model.query.lora_A.weight",
             "*pass the checkpoint's keys through rename=*'base_model.model.query.'*",
             "*statedict: gates: 1 passed, 1 failed*",
+        ]
+    )
+
+
+RELEASE_MODEL = """
+import torch
+from torch import nn
+from peft import LoraConfig, get_peft_model
+
+ATTENTION = "q"
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        setattr(self, ATTENTION, nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+
+def peft_model():
+    config = LoraConfig(r=4, target_modules=[ATTENTION], modules_to_save=["head"])
+    return get_peft_model(Model(), config)
+"""
+
+
+def test_a_release_recorded_from_an_adapter(pytester: pytest.Pytester) -> None:
+    """``statedict record`` on the adapter folder, then the release gate: PEFT's rules decide
+    from the recorded layout alone (a snapshot keeps no adapter config)."""
+    pytester.makeini("[pytest]\npythonpath = .\n")
+    pytester.makepyfile(model=RELEASE_MODEL)
+    pytester.makepyfile(
+        test_releases="""
+        from model import peft_model
+        from pytest_statedict import statedict_releases
+
+        test_releases = statedict_releases(peft_model)
+        """
+    )
+    namespace: dict[str, Any] = {}
+    exec(RELEASE_MODEL, namespace)
+    namespace["peft_model"]().save_pretrained(pytester.path / "adapter")
+    assert main(["record", str(pytester.path / "adapter"), "--release", "v1"]) == 0
+    args = ("-p", "no:randomly", "-p", "no:cacheprovider", "-W", "ignore::UserWarning")
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+
+    model = pytester.path / "model.py"
+    model.write_text(model.read_text().replace('ATTENTION = "q"', 'ATTENTION = "query"'))
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*does not load into PeftModel with PEFT's set_peft_model_state_dict*",
+            "*missing (in the model, not in the checkpoint) (2):",
+            "*base_model.model.query.lora_A.weight",
+            "*release v1 no longer loads*",
         ]
     )

@@ -217,6 +217,19 @@ def test_a_folder_without_an_adapter_config_is_not_an_adapter(tmp_path: Path) ->
     assert schema_of(folder).framework is None
 
 
+def test_a_trainer_checkpoint_of_a_peft_model_is_left_to_the_trainer_folder(
+    tmp_path: Path,
+) -> None:
+    """Trainer saves the adapter beside its own state: the folder is a Trainer checkpoint,
+    whose model part is the adapter (not an adapter that hides an optimizer)."""
+    folder = adapter_folder(tmp_path / "checkpoint-2")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    fmt, _ = registry.detect(folder)
+    assert fmt.name != PEFT_ADAPTER
+    assert sorted(t.key for t in schema_of(folder)) == sorted(adapter_state())
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1,10 +1,11 @@
 """PEFT adapter folders (``readers.peft_adapter``): ``adapter_config.json`` and the adapter's
 weights, as ``PeftModel.save_pretrained`` writes them.
 
-A folder holding ``adapter_config.json``, or that file itself (it names its folder), and
-nothing else: a folder without that config is left to the other formats (a Trainer's
-``checkpoint-N/`` of a PEFT model holds the same two files, and the training-folder format
-that reads it is asked first). The schema is the weights file's, read through the caller's
+A folder holding ``adapter_config.json``, or that file itself (it names its folder); a
+folder without that config is left to the other formats, and so is a Trainer's
+``checkpoint-N/`` of a PEFT model (the same two files beside ``trainer_state.json``, the
+optimizer's and the scheduler's state: the training-folder format reads all of it, this
+adapter as its model). The schema is the weights file's, read through the caller's
 ``nested`` reader (without torch for ``statedict show``), with the config described as its
 ``framework``; the config itself adds nothing to the layout (its rank, targets and
 ``modules_to_save`` show in the adapter's keys and shapes already), so it is no extra.
@@ -29,6 +30,8 @@ __all__ = ["FORMAT", "PEFT_ADAPTER", "PeftAdapter"]
 __tracebackhide__ = hide_from_bad_input
 
 PEFT_ADAPTER = "peft adapter"
+# what makes a folder a transformers Trainer's checkpoint, whatever its model
+TRAINER_STATE = "trainer_state.json"
 
 
 class PeftAdapter:
@@ -41,7 +44,7 @@ class PeftAdapter:
 
     def detect(self, path: Path, head: bytes | None) -> bool:
         if head is None:
-            return (path / reader.CONFIG).is_file()
+            return (path / reader.CONFIG).is_file() and not (path / TRAINER_STATE).exists()
         return path.name == reader.CONFIG
 
     def read_schema(
