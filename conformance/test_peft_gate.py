@@ -254,29 +254,66 @@ def test_show_names_the_adapter(
     assert "base_model.model.q.lora_A.weight" in out
 
 
-def test_a_transformers_model_with_lora(tmp_path: Path) -> None:
+# PEFT methods on a tiny GPT-2: the adapter's config, today's changed config, the gate's
+# verdict on the change, and whether PEFT's own load raises on it (else it loads silently)
+TUNERS: dict[str, tuple[Any, Any, str, bool]] = {
+    "lora": (
+        lambda: LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+        lambda: LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+        "NO (4 shape mismatches)",
+        True,
+    ),
+    "dora": (
+        lambda: LoraConfig(r=4, target_modules=["c_attn"], use_dora=True),
+        lambda: LoraConfig(r=4, target_modules=["c_attn"]),
+        "NO (2 unexpected keys)",
+        False,
+    ),
+    "ia3": (
+        lambda: peft.IA3Config(
+            target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]
+        ),
+        lambda: peft.IA3Config(target_modules=["c_attn"], feedforward_modules=[]),
+        "NO (2 unexpected keys)",
+        False,
+    ),
+    "prompt tuning": (
+        lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "NO (1 shape mismatch)",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("tuner", list(TUNERS))
+def test_peft_methods_on_a_transformers_model(tmp_path: Path, tuner: str) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
         vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32
     )
+    saved_config, changed_config, verdict, peft_raises = TUNERS[tuner]
     torch.manual_seed(0)
-
-    def build(r: int = 4) -> Any:
-        base = transformers.GPT2LMHeadModel(config)
-        return get_peft_model(
-            base, LoraConfig(r=r, target_modules=["c_attn"], task_type="CAUSAL_LM")
-        )
-
-    model = build()
-    with torch.no_grad():  # as training leaves it (its keys and shapes do not depend on it)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
+    model = get_peft_model(transformers.GPT2LMHeadModel(config), saved_config())
+    with torch.no_grad():  # as training leaves it (keys and shapes do not depend on it)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
                 parameter.normal_()
     model.save_pretrained(tmp_path / "adapter")
-    assert_checkpoint_loads(build(), tmp_path / "adapter")
+    today = get_peft_model(transformers.GPT2LMHeadModel(config), saved_config())
+    assert_checkpoint_loads(today, tmp_path / "adapter")
     PeftModel.from_pretrained(transformers.GPT2LMHeadModel(config), tmp_path / "adapter")
-    message = gate_failure(build(r=2), tmp_path / "adapter")
-    assert "NO (4 shape mismatches)" in message
+
+    changed = get_peft_model(transformers.GPT2LMHeadModel(config), changed_config())
+    assert verdict in gate_failure(changed, tmp_path / "adapter")
+    weights = load_peft_weights(str(tmp_path / "adapter"), device="cpu")
+    try:  # the oracle
+        set_peft_model_state_dict(changed, weights)
+    except RuntimeError:
+        raised = True
+    else:
+        raised = False
+    assert raised == peft_raises
 
 
 def test_a_users_test_of_a_peft_model(pytester: pytest.Pytester) -> None:

@@ -76,7 +76,9 @@ def holds_an_adapter(model: Any, state: Mapping[str, Any]) -> bool:
     return bool(state) and not any(marks.intersection(key.split(".")) for key in state)
 
 
-def uses_peft_rules(model: nn.Module, state: Mapping[str, Any], rules: str) -> bool:
+def uses_peft_rules(
+    model: nn.Module, state: Mapping[str, Any], rules: str, adapter_name: str | None = None
+) -> bool:
     """Whether ``rules`` (``"auto"`` decided) are PEFT's for loading ``state`` into ``model``.
 
     ``"auto"`` picks PEFT's for a PeftModel checked against an adapter; against a whole
@@ -87,35 +89,18 @@ def uses_peft_rules(model: nn.Module, state: Mapping[str, Any], rules: str) -> b
             f"assert_checkpoint_loads(rules={rules!r}): rules must be one of "
             + ", ".join(repr(r) for r in ALL_RULES)
         )
-    if rules == PEFT:
-        if not is_peft_model(model):
-            raise ValueError(
-                f"assert_checkpoint_loads(rules='peft'): {type(model).__name__} is not a "
-                "peft PeftModel; only a PeftModel loads adapters by PEFT's rules, so pass "
-                "rules='auto' (or 'torch')"
-            )
-        return True
-    return rules == "auto" and is_peft_model(model) and holds_an_adapter(model, state)
-
-
-def adapter_named(model: Any, adapter_name: str | None) -> str:
-    """The adapter to load into: the one named, the model's only one, or ``"default"``
-    (PEFT's own default name)."""
-    names = list(model.peft_config)
-    if adapter_name is None:
-        if len(names) == 1:
-            return names[0]
-        adapter_name = "default"
-    if adapter_name not in names:
+    peft_model = is_peft_model(model)
+    if not peft_model and (rules == PEFT or adapter_name is not None):
+        given = "rules='peft'" if rules == PEFT else f"adapter_name={adapter_name!r}"
         raise ValueError(
-            f"assert_checkpoint_loads(adapter_name={adapter_name!r}): "
-            f"{type(model).__name__} has no adapter of that name; its adapters are "
-            + ", ".join(repr(n) for n in names)
+            f"assert_checkpoint_loads({given}): {type(model).__name__} is not a peft "
+            "PeftModel; only a PeftModel loads adapters by PEFT's rules"
         )
-    return adapter_name
+    return rules == PEFT or (rules == "auto" and peft_model and holds_an_adapter(model, state))
 
 
 def peft_load(
+    model: Any,
     target: Any,
     state: Mapping[str, Any],
     *,
@@ -123,49 +108,81 @@ def peft_load(
     adapter_name: str | None,
     torch_load: Callable[[nn.Module, Mapping[str, Any]], LoadOutcome],
 ) -> LoadVerdict:
-    """What loading the adapter ``state`` with ``set_peft_model_state_dict`` refuses.
+    """What loading the adapter ``state`` into ``model`` with ``set_peft_model_state_dict``
+    refuses.
 
-    ``target`` is a meta copy of the PeftModel; ``torch_load`` is the gate's meta load,
-    into which PEFT's own key mapping hands the state it would load. Missing keys are only
-    the adapter's (what ``get_peft_model_state_dict`` gives for the model today); every key
-    is named as the adapter file names it.
+    ``target`` is a meta copy of ``model``; ``torch_load`` is the gate's meta load, into
+    which PEFT's own key mapping hands the state it would load. Missing keys are only the
+    adapter's (what ``get_peft_model_state_dict`` gives for the model today); every key is
+    named as the adapter file names it.
     """
     import peft
     from peft.utils import get_peft_model_state_dict
 
-    name = adapter_named(target, adapter_name)
+    name = _adapter_named(model, adapter_name)
     how = (
         f"PEFT's set_peft_model_state_dict (peft {peft.__version__}, adapter {name!r}, "
         f"strict={strict})"
     )
-    # embedding layers are left out: "auto" would ask the Hub about the base model
-    expected = get_peft_model_state_dict(target, adapter_name=name, save_embedding_layers=False)
-    owned, _ = _mapped(target, expected, name)  # model key -> the adapter key saved from it
-    try:
-        into, loaded = _mapped(target, state, name)
-    except Exception as exc:  # PEFT's mapping raises: a modules_to_save module renamed
-        verdict = _by_adapter_keys(state, expected, exc, how)
+    # what save_pretrained would write today, read from the model itself: it copies no
+    # tensor (a prompt-learning adapter's embeddings are computed, which a meta copy cannot);
+    # embedding layers are left out, as "auto" would ask the Hub about the base model
+    expected = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    owned: dict[str, str] = {}
+    if model.peft_config[name].is_prompt_learning:
+        # PEFT loads a prompt encoder's state by key, itself, not through load_state_dict
+        verdict = _by_adapter_keys(state, expected, how)
     else:
-        missing, unexpected, shapes, error = torch_load(target, loaded)
-        verdict = LoadVerdict(
-            [owned[k] for k in missing if k in owned],  # the base model's are not an adapter's
-            [into.get(k, k) for k in unexpected],
-            [(into.get(k, k), ours, theirs) for k, ours, theirs in shapes],
-            error,
-            PEFT,
-            how,
-        )
-        if (verdict.missing or verdict.unexpected) and not shapes and not error:
-            verdict.notes.append(
-                "PEFT itself loads this adapter without an error (its load is strict=False): "
-                "the missing adapter weights keep their initial values, untrained"
+        owned, _ = _mapped(target, expected, name)  # model key -> the adapter key saved from it
+        try:
+            into, loaded = _mapped(target, state, name)
+        except Exception as exc:  # PEFT's mapping raises: a modules_to_save module renamed
+            verdict = _by_adapter_keys(state, expected, how, raised=exc)
+        else:
+            missing, unexpected, shapes, error = torch_load(target, loaded)
+            verdict = LoadVerdict(
+                [owned[k] for k in missing if k in owned],  # the base model's: no adapter's
+                [into.get(k, k) for k in unexpected],
+                [(into.get(k, k), ours, theirs) for k, ours, theirs in shapes],
+                error,
+                PEFT,
+                how,
             )
+            if (verdict.missing or verdict.unexpected) and not shapes and not error:
+                verdict.notes.append(
+                    "PEFT itself loads this adapter without an error (its load is "
+                    "strict=False): the missing adapter weights keep their initial values, "
+                    "untrained"
+                )
     verdict.unmatched = (
         {k: state[k] for k in verdict.unexpected if k in state},
         {k: expected[k] for k in verdict.missing},
     )
     verdict.notes[:0] = _naming(owned, verdict)
     return verdict
+
+
+def _adapter_named(model: Any, adapter_name: str | None) -> str:
+    """The adapter to load into: the one named, the model's only one, or ``"default"``
+    (PEFT's own default name)."""
+    names = list(model.peft_config)
+    listed = ", ".join(repr(n) for n in names)
+    if adapter_name is None:
+        if len(names) == 1:
+            return names[0]
+        if "default" not in names:
+            raise ValueError(
+                f"assert_checkpoint_loads(): {type(model).__name__} has the adapters {listed} "
+                "and none is called 'default': pass adapter_name= to say which one the "
+                "adapter is loaded into"
+            )
+        return "default"
+    if adapter_name not in names:
+        raise ValueError(
+            f"assert_checkpoint_loads(adapter_name={adapter_name!r}): "
+            f"{type(model).__name__} has no adapter of that name; its adapters are {listed}"
+        )
+    return adapter_name
 
 
 def _mapped(
@@ -199,16 +216,23 @@ def _mapped(
 
 
 def _by_adapter_keys(
-    state: Mapping[str, Any], expected: Mapping[str, Any], exc: Exception, how: str
+    state: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    how: str,
+    *,
+    raised: Exception | None = None,
 ) -> LoadVerdict:
-    """Where PEFT's mapping raises, the keys compared as the adapter file names them."""
-    note = (
-        f"the {type(exc).__name__} is set_peft_model_state_dict's own, raised before it "
-        "loads anything"
-    )
-    if isinstance(exc, KeyError):
-        note += ": it looks up each modules_to_save module's weights under today's name"
-    notes = [note]
+    """The keys and shapes compared as the adapter file names them: where PEFT loads by
+    key itself (a prompt encoder), or where its key mapping ``raised``."""
+    notes = []
+    if raised is not None:
+        note = (
+            f"the {type(raised).__name__} is set_peft_model_state_dict's own, raised before "
+            "it loads anything"
+        )
+        if isinstance(raised, KeyError):
+            note += ": it looks up each modules_to_save module's weights under today's name"
+        notes.append(note)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -216,9 +240,8 @@ def _by_adapter_keys(
         for k in state
         if k in expected and _shape(state[k]) != _shape(expected[k])
     ]
-    unmatched = ({k: state[k] for k in unexpected}, {k: expected[k] for k in missing})
-    return LoadVerdict(missing, unexpected, shapes, first_line(exc), PEFT, how, notes=notes,
-                       unmatched=unmatched)  # fmt: skip
+    error = first_line(raised) if raised is not None else None
+    return LoadVerdict(missing, unexpected, shapes, error, PEFT, how, notes=notes)
 
 
 def _naming(owned: Mapping[str, str], verdict: LoadVerdict) -> list[str]:

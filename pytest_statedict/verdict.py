@@ -89,9 +89,14 @@ def _decide(
     def torch_load(target: nn.Module, loaded: Mapping[str, Any]) -> LoadOutcome:
         return _try_load(target, loaded, make_target)
 
-    if uses_peft_rules(model, state, rules):
+    if uses_peft_rules(model, state, rules, adapter_name):
         return peft_load(
-            make_target(), state, strict=strict, adapter_name=adapter_name, torch_load=torch_load
+            model,
+            make_target(),
+            state,
+            strict=strict,
+            adapter_name=adapter_name,
+            torch_load=torch_load,
         )
     return decide_load(
         model,

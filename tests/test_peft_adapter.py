@@ -245,6 +245,8 @@ def test_a_model_that_is_no_peft_model_keeps_torchs_rules(tmp_path: Path) -> Non
         assert_checkpoint_loads(MLP(), folder, rules="peft")
     with pytest.raises(ValueError, match="'auto', 'torch', 'transformers', 'peft'"):
         assert_checkpoint_loads(MLP(), folder, rules="lora")
+    with pytest.raises(ValueError, match=r"adapter_name='default'\): MLP is not a peft"):
+        assert_checkpoint_loads(MLP(), folder, adapter_name="default")
 
 
 def test_peft_is_imported_only_for_a_class_from_peft(monkeypatch: pytest.MonkeyPatch) -> None:
