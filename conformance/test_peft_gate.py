@@ -5,8 +5,9 @@ A small MLP gets a LoRA adapter (r=4 on its layers ``q`` and ``v``, its ``head``
 ``assert_checkpoint_loads(peft_model, adapter_folder)`` is compared with what PEFT itself
 does with the folder (``PeftModel.from_pretrained``, ``set_peft_model_state_dict``): the
 unchanged adapter passes, and three refactors of today's model fail by name, each beside
-PEFT's own outcome (silently untrained, or raising). A tiny GPT-2 takes the same path
-through transformers' side of PEFT. Nothing is downloaded.
+PEFT's own outcome (silently untrained, or raising). On a tiny GPT-2, four PEFT methods
+(LoRA, DoRA, IA3, prompt tuning) each pass unchanged and fail after a change of their
+config, beside what PEFT's own load does with it. Nothing is downloaded.
 """
 
 from __future__ import annotations

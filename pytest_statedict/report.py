@@ -190,7 +190,7 @@ def model_verdict_line(check: ModelVerdict, diff: SchemaDiff | None = None) -> s
     elif check.by_peft:
         head = f"an old adapter still loads with {check.loader}"
         through = f"by PEFT's key mapping for {check.model}"
-        why = "an adapter holds no base-model weights and names its keys without the adapter"
+        why = "an adapter holds no base-model weights, and names no adapter in its keys"
     else:
         head = f"an old checkpoint still loads with {check.loader}"
         through = f"through {check.model}'s own load_state_dict"
