@@ -158,6 +158,7 @@ BAD_CONFIGS = {
         '"target_modules" is a JSON array, not a list of module names',
     ),
     "empty": ("", "the file is empty"),
+    "nested too deep": ('{"a": ' * 100 + "1" + "}" * 100, "nests deeper than 64 levels"),
 }
 
 
