@@ -24,7 +24,7 @@ from ..readers import peft_adapter as reader
 from ..schema import Schema
 from .base import Loaded, NestedSchema
 
-__all__ = ["FORMAT", "PEFT_ADAPTER", "PeftAdapter"]
+__all__ = ["FORMAT", "PEFT_ADAPTER", "TRAINER_STATE", "PeftAdapter", "read_adapter"]
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -53,15 +53,7 @@ class PeftAdapter:
         folder = _folder(path)
         if part is not None:
             raise CheckpointError(folder, "a PEFT adapter has no parts to choose from")
-        config = reader.read_config(folder)
-        weights = reader.weights_file(folder)
-        schema = nested(weights)
-        return replace(
-            schema,
-            source=str(folder),
-            framework=config.describe(),
-            read_as=f"{PEFT_ADAPTER}: {reader.CONFIG}, and {weights.name} as {schema.read_as}",
-        )
+        return read_adapter(folder, nested)
 
     def load(self, path: Path, *, map_location: Any, weights_only: bool, mmap: bool) -> Loaded:
         folder = _folder(path)
@@ -71,6 +63,23 @@ class PeftAdapter:
             f"loaded whole (to load the adapter's tensors, name its weights file, e.g. "
             f"{folder / reader.WEIGHTS[0]})",
         )
+
+
+def read_adapter(folder: Path, nested: NestedSchema) -> Schema:
+    """The schema of the adapter a folder holds, its config described as the framework.
+
+    Also what a format reading a folder that holds an adapter among other things (a
+    Trainer's ``checkpoint-N/`` of a PeftModel) reads the adapter with.
+    """
+    config = reader.read_config(folder)
+    weights = reader.weights_file(folder)
+    schema = nested(weights)
+    return replace(
+        schema,
+        source=str(folder),
+        framework=config.describe(),
+        read_as=f"{PEFT_ADAPTER}: {reader.CONFIG}, and {weights.name} as {schema.read_as}",
+    )
 
 
 def _folder(path: Path) -> Path:
