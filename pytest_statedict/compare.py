@@ -64,7 +64,8 @@ class ModelVerdict:
     loads: bool | None
     reason: str = ""
     # the rules that decided, as a report names them: "load_state_dict(strict=True)", or
-    # transformers' from_pretrained rules for a PreTrainedModel (hf_rules)
+    # transformers' from_pretrained rules for a PreTrainedModel (hf_rules), PEFT's
+    # set_peft_model_state_dict for an adapter of a PeftModel (peft_rules)
     loader: str = "load_state_dict(strict=True)"
     # whether keys and shapes alone (the checkpoint's against the model's) say "loads":
     # where they part from the real load, the report says who decided (None: not known)
@@ -76,6 +77,10 @@ class ModelVerdict:
     @property
     def by_transformers(self) -> bool:
         return "from_pretrained" in self.loader
+
+    @property
+    def by_peft(self) -> bool:
+        return "set_peft_model_state_dict" in self.loader
 
 
 @dataclass

@@ -68,6 +68,7 @@ def assert_checkpoint_loads(
     optimizer: Any = None,
     convert: Callable[..., Mapping[str, Any]] | None = None,
     ignore: Iterable[str] = (),
+    adapter_name: str | None = None,
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
@@ -77,9 +78,12 @@ def assert_checkpoint_loads(
     keys a ``strict=False`` load would silently drop. ``part`` names the model's entry
     in a checkpoint holding several (``"modelB_state_dict"``). ``rules`` says whose idea of
     "loads" applies: ``"torch"`` (``load_state_dict``), ``"transformers"`` (``from_pretrained``:
-    tied keys, keys to ignore, checkpoint conversions) or ``"auto"``, transformers' for a
-    transformers ``PreTrainedModel`` and torch's for anything else. ``factory`` builds the
-    model to load into, for a model that cannot be copied onto the meta device.
+    tied keys, keys to ignore, checkpoint conversions), ``"peft"`` (``set_peft_model_state_dict``:
+    an adapter's keys without the adapter name, ``modules_to_save``, no base-model weights) or
+    ``"auto"``: PEFT's for a ``PeftModel`` checked against an adapter (``adapter_name``, by
+    default its only adapter or ``"default"``), transformers' for a transformers
+    ``PreTrainedModel`` and torch's for anything else. ``factory`` builds the model to load
+    into, for a model that cannot be copied onto the meta device.
 
     ``optimizer`` (today's optimizer, or a function of the model that builds it) checks the
     checkpoint's optimizer state too: that it loads, and that every state lands on its own
@@ -96,7 +100,9 @@ def assert_checkpoint_loads(
     )
     mapping = compile_rename(rename)
     state = _renamed(_converted(saved, convert, model), mapping)
-    loaded = load_into(model, state, rules=rules, strict=strict, factory=factory)
+    loaded = load_into(
+        model, state, rules=rules, strict=strict, factory=factory, adapter_name=adapter_name
+    )
 
     def values() -> Mapping[str, Any]:  # read only where a tie's values decide
         saved = load_state_dict_file(source, part=part, map_location="cpu")[0]

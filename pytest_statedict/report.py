@@ -197,6 +197,10 @@ def model_verdict_line(check: ModelVerdict, diff: SchemaDiff | None = None) -> s
         head = "an old checkpoint still loads with from_pretrained"
         through = f"by {check.loader} for {check.model}"
         why = "its tied keys, keys to ignore and checkpoint conversions accept the old layout"
+    elif check.by_peft:
+        head = f"an old adapter still loads with {check.loader}"
+        through = f"by PEFT's key mapping for {check.model}"
+        why = "an adapter holds no base-model weights, and names no adapter in its keys"
     else:
         head = f"an old checkpoint still loads with {check.loader}"
         through = f"through {check.model}'s own load_state_dict"

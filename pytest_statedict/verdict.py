@@ -4,7 +4,8 @@ Every surface asks this one question (the snapshot check, ``assert_state_dict_ma
 against a file, ``assert_checkpoint_loads``, the release gate, ``statedict diff --model``
 and so the run report) and gets its answer here, so that they print the same verdict for
 the same pair. The load goes through the model's own ``load_state_dict`` (or transformers'
-``from_pretrained`` rules, :mod:`.hf_rules`) on a meta-device copy: conversion hooks count,
+``from_pretrained`` rules, :mod:`.hf_rules`, or PEFT's ``set_peft_model_state_dict`` for an
+adapter of a PeftModel, :mod:`.peft_rules`) on a meta-device copy: conversion hooks count,
 hooks that refuse count, the counts are the deciding loader's, and the user's model is
 never touched. The optimizer's half of the verdict is :mod:`.optimizer_diff`'s (a schema
 question: torch's optimizer load looks at nothing else).
@@ -23,9 +24,10 @@ from torch import nn
 from .checkpoint_files import load_state_dict_file
 from .compare import ModelVerdict
 from .errors import SnapshotError, StateDictError, first_line
-from .hf_rules import LoadVerdict, decide_load
+from .hf_rules import LoadOutcome, LoadVerdict, decide_load
 from .meta_state import state_from_snapshot
 from .model_copy import meta_copy
+from .peft_rules import peft_load, uses_peft_rules
 from .rename import matches_any
 from .report import load_refusals
 from .schema import Schema
@@ -56,19 +58,55 @@ def load_into(
     strict: bool = True,
     factory: Callable[[], nn.Module] | None = None,
     caller: str = "assert_checkpoint_loads()",
+    adapter_name: str | None = None,
 ) -> LoadVerdict:
     """Load ``state`` into a copy of ``model`` under ``rules``: what it refused, key by key.
 
     The copy is a meta copy (or ``factory()``); the model is never touched.
+    ``adapter_name``: the adapter of a PeftModel that PEFT's rules load an adapter into.
     """
     make_target = _loading_copy(model, factory, caller)
+    return _decide(
+        model,
+        state,
+        rules=rules,
+        strict=strict,
+        make_target=make_target,
+        adapter_name=adapter_name,
+    )
+
+
+def _decide(
+    model: nn.Module,
+    state: Mapping[str, Any],
+    *,
+    rules: str,
+    strict: bool,
+    make_target: Callable[[], nn.Module],
+    adapter_name: str | None = None,
+) -> LoadVerdict:
+    """The load under ``rules``: PEFT's for an adapter of a PeftModel (:mod:`.peft_rules`),
+    else torch's or transformers' (:mod:`.hf_rules`)."""
+
+    def torch_load(target: nn.Module, loaded: Mapping[str, Any]) -> LoadOutcome:
+        return _try_load(target, loaded, make_target)
+
+    if uses_peft_rules(model, state, rules, adapter_name):
+        return peft_load(
+            model,
+            make_target(),
+            state,
+            strict=strict,
+            adapter_name=adapter_name,
+            torch_load=torch_load,
+        )
     return decide_load(
         model,
         state,
         rules=rules,
         strict=strict,
         copy=lambda _: make_target(),
-        torch_load=lambda target, loaded: _try_load(target, loaded, make_target),
+        torch_load=torch_load,
     )
 
 
@@ -167,15 +205,13 @@ def model_verdict(
         return ModelVerdict(name, None, f"the expected layout cannot be rebuilt ({exc})")
     # entries with no tensor to rebuild (extra state, sparse, quantized) are in the checkpoint
     present = {entry.key for entry in expected.tensors}
+    made = [target]
+
+    def copy() -> nn.Module:  # the copy made above, then fresh ones
+        return made.pop() if made else make_target()
+
     try:
-        verdict = decide_load(
-            model,
-            state,
-            rules=rules,
-            strict=True,
-            copy=lambda _: target,
-            torch_load=lambda t, loaded: _try_load(t, loaded, make_target),
-        )
+        verdict = _decide(model, state, rules=rules, strict=True, make_target=copy)
     except Exception as exc:  # a load hook's own error: torch's load would raise it too
         error = f"{type(exc).__name__}: {exc}"
         verdict = LoadVerdict([], [], [], error, "torch", "load_state_dict(strict=True)")

@@ -312,6 +312,7 @@ def test_no_entry_points_leaves_the_builtins(entry_points: list[EntryPoint]) -> 
     assert [f.name for f in BUILTIN_FORMATS] == [
         "dcp",
         "training folder",
+        "peft adapter",
         "index",
         "snapshot",
         "torch zip",
@@ -387,6 +388,7 @@ def test_formats_that_hold_no_state_dict_cannot_save() -> None:
     assert [f.name for f in BUILTIN_FORMATS if f.save is None] == [
         "dcp",
         "training folder",
+        "peft adapter",
         "index",
         "snapshot",
     ]

@@ -7,7 +7,7 @@
 * ``reading``: a path's schema or object, through the registry (and the
   ``pytest_statedict_load_checkpoint`` hook its caller hands in);
 * the built-ins, each wrapping its reader of ``readers`` (whose hardening and limits they
-  keep): ``dcp_folder``, ``sharded_index``, ``snapshot``, ``torch_zip``,
+  keep): ``dcp_folder``, ``peft_adapter``, ``sharded_index``, ``snapshot``, ``torch_zip``,
   ``safetensors_file``, ``torch_legacy``.
 
 This layer sits between ``readers`` (what it wraps) and ``extract`` (which hands it the

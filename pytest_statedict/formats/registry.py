@@ -34,6 +34,7 @@ from ..readers.files import FORMATS_READ, magic_hex, open_regular, require_regul
 from ..readers.hf_index import INDEX_SUFFIX
 from . import (
     dcp_folder,
+    peft_adapter,
     safetensors_file,
     sharded_index,
     snapshot,
@@ -64,12 +65,13 @@ __tracebackhide__ = hide_from_bad_input
 ENTRY_POINT_GROUP = "pytest_statedict.formats"
 
 # In the order they are asked: by name first (a DCP folder or its .metadata, a training
-# framework's checkpoint folder, a sharded index, then any other .json), then by content:
-# the zip magic, a safetensors header (before the pickle's one-byte magic, which such a
-# header can start with), a pickle.
+# framework's checkpoint folder, a PEFT adapter folder or its adapter_config.json, a sharded
+# index, then any other .json), then by content: the zip magic, a safetensors header (before
+# the pickle's one-byte magic, which such a header can start with), a pickle.
 BUILTIN_FORMATS: tuple[CheckpointFormat, ...] = (
     dcp_folder.FORMAT,
     training_folder.FORMAT,
+    peft_adapter.FORMAT,
     sharded_index.FORMAT,
     snapshot.FORMAT,
     torch_zip.FORMAT,

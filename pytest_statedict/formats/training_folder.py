@@ -39,7 +39,7 @@ from ..readers import torch_zip as zip_reader
 from ..readers.files import magic_hex, open_regular, require_regular_file
 from ..readers.hf_index import INDEX_SUFFIX
 from ..schema import Schema
-from . import safetensors_file, torch_legacy, torch_zip
+from . import peft_adapter, safetensors_file, torch_legacy, torch_zip
 from .base import CheckpointFormat, Loaded, NestedSchema
 
 __all__ = ["ACCELERATE", "FORMAT", "TRAINER", "TRAINING_FOLDER", "FolderParts", "TrainingFolder"]
@@ -53,7 +53,9 @@ ACCELERATE = "accelerate save_state"
 
 # A model's weights (transformers' and accelerate's names; accelerate numbers each further
 # model), an optimizer's and a scheduler's state (``.pt``: Trainer, ``.bin``: accelerate).
-_WEIGHTS = re.compile(r"^(?:pytorch_)?model(_\d+)?\.(?:safetensors|bin)(?:\.index\.json)?$")
+_WEIGHTS = re.compile(
+    r"^(?:pytorch_|adapter_)?model(_\d+)?\.(?:safetensors|bin)(?:\.index\.json)?$"
+)
 _OPTIMIZER = re.compile(r"^optimizer(_\d+)?\.(?:pt|bin)$")
 _SCHEDULER = re.compile(r"^scheduler(_\d+)?\.(?:pt|bin)$")
 # RNG states, one per process: Trainer's rng_state[_N].pth, accelerate's random_states_N.pkl
@@ -67,8 +69,8 @@ _OTHER_STATE = {
     re.compile(r"^dl_state_dict(_\d+)?\.bin$"): "dataloader state",
     re.compile(r"^custom_checkpoint_\d+\.pkl$"): "state of an object registered for checkpointing",
 }
-# A PEFT adapter folder (which a Trainer checkpoint of a PeftModel is): its adapter is read
-# by its own format, relative to the PeftModel, not as a model's weights here.
+# A Trainer checkpoint of a PeftModel holds a PEFT adapter as its model: the adapter is read
+# by PEFT's format (its config described as its framework), the rest as for any model.
 _ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -91,8 +93,6 @@ class FolderParts:
         try:
             names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
         except OSError:
-            return None
-        if _ADAPTER_CONFIG in names:
             return None
         accelerate = any(
             (_RNG.match(n) and n.endswith(".pkl"))
@@ -187,7 +187,8 @@ class TrainingFolder:
         parts = _parts(path)
         model = parts.pick_model(path, part)
         weights = parts.models[model]
-        schema = nested(weights)
+        adapter = (path / _ADAPTER_CONFIG).is_file()
+        schema = peft_adapter.read_adapter(path, nested) if adapter else nested(weights)
         read = [f"{model} from {weights.name}"]
         optimizer = None
         opt_part = parts.optimizer_of(model)
@@ -224,7 +225,7 @@ class TrainingFolder:
             extras=extras,
             source=str(path),
             read_as=how,
-            framework=_framework(parts, state),
+            framework=_framework(parts, state) + (f"; {schema.framework}" if adapter else ""),
         )
 
     def load(self, path: Path, *, map_location: Any, weights_only: bool, mmap: bool) -> Loaded:

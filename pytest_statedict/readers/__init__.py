@@ -8,6 +8,8 @@ which reader reads a path is the format registry's choice, in ``pytest_statedict
 * ``safetensors_file``: ``.safetensors`` files, from their JSON header;
 * ``hf_index``: Hugging Face sharded checkpoints (``*.index.json``);
 * ``dcp_folder``: ``torch.distributed.checkpoint`` folders, from their ``.metadata``;
+* ``peft_adapter``: PEFT adapter folders' ``adapter_config.json`` (their weights file is
+  read by its own reader);
 * ``snapshot_file``: statedict snapshot ``.json`` files;
 * ``unpickling``: the one policy for every pickle (what may be unpickled, and how);
 * ``records``: what the torch-free unpicklers build instead of tensors, storages and DCP

@@ -30,6 +30,8 @@ MAX_CENTRAL_DIRECTORY_BYTES = 512 << 20
 MAX_HEADER_BYTES = 100 << 20
 # A Hugging Face sharded-checkpoint index (*.index.json).
 MAX_INDEX_BYTES = 64 << 20
+# A PEFT adapter's adapter_config.json (~2 kB; a long target_modules list stays far below).
+MAX_ADAPTER_CONFIG_BYTES = 16 << 20
 # A statedict snapshot .json (one line per tensor: ~100k tensors fit in ~30 MB).
 MAX_SNAPSHOT_BYTES = 256 << 20
 # JSON arrays and objects in one file, counted by their opening brackets before parsing
