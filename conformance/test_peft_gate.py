@@ -231,8 +231,8 @@ def test_a_whole_state_dict_keeps_torchs_rules(adapter: tuple[Any, Path], tmp_pa
 
 
 def test_a_trainer_checkpoint_of_a_peft_model(adapter: tuple[Any, Path], tmp_path: Path) -> None:
-    """Trainer writes the adapter beside its own state (``checkpoint-N/``): the gate still
-    judges the adapter by PEFT's rules, whichever format reads the folder."""
+    """Trainer writes the adapter beside its own state (``checkpoint-N/``): one training
+    folder, its model the adapter (judged by PEFT's rules), its optimizer judged too."""
     model, folder = adapter
     checkpoint = tmp_path / "checkpoint-2"
     shutil.copytree(folder, checkpoint)
@@ -243,6 +243,18 @@ def test_a_trainer_checkpoint_of_a_peft_model(adapter: tuple[Any, Path], tmp_pat
     message = gate_failure(lora(MLP(q="query")), checkpoint)
     assert "with PEFT's set_peft_model_state_dict" in message
     assert "    base_model.model.query.lora_A.weight" in message
+    schema = schema_of(checkpoint)
+    assert schema.framework is not None
+    assert schema.framework.startswith("transformers Trainer checkpoint")
+    assert "; PEFT adapter (LORA, r=4" in schema.framework
+    assert schema.optimizer is not None and len(schema.optimizer.param_groups) == 1
+
+    def regrouped(peft_model: Any) -> torch.optim.Optimizer:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        return torch.optim.AdamW([{"params": trainable[:1]}, {"params": trainable[1:]}])
+
+    message = gate_failure(lora(MLP()), checkpoint, optimizer=regrouped)
+    assert "1 param_groups saved, 2 now" in message
 
 
 def test_show_names_the_adapter(
