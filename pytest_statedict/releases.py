@@ -260,15 +260,21 @@ def write_release(folder: Path, name: str, text: str, *, base: Path) -> Path:
     shown = _shown(path)
     existing = [p for p in list_releases(folder) if p.name.lower() == name.lower()]
     if existing or os.path.lexists(path):
-        where = _shown(existing[0].path) if existing else shown
-        raise StateDictError(
-            f"release {name} is already recorded in {where}: a release snapshot is never "
-            "overwritten (old checkpoints of that release still have that layout). Record "
-            "the new layout under a new name, or delete the file by hand if it was recorded "
-            "by mistake"
-        )
-    storage.write_snapshot(path, text, folder, base=base, display=shown)
+        raise _already_recorded(name, _shown(existing[0].path) if existing else shown)
+    try:  # exclusive: of two processes recording one release at once, one wins
+        storage.write_snapshot(path, text, folder, base=base, display=shown, exclusive=True)
+    except FileExistsError:
+        raise _already_recorded(name, shown) from None
     return path
+
+
+def _already_recorded(name: str, where: str) -> StateDictError:
+    return StateDictError(
+        f"release {name} is already recorded in {where}: a release snapshot is never "
+        "overwritten (old checkpoints of that release still have that layout). Record "
+        "the new layout under a new name, or delete the file by hand if it was recorded "
+        "by mistake"
+    )
 
 
 def _shown(path: Path) -> str:

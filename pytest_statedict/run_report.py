@@ -224,10 +224,23 @@ def _longest_backtick_run(text: str) -> int:
 
 def write_reports(state: RunState, exit_status: int) -> bool:
     """Write every ``--statedict-report`` file; False (and a problem in the summary) when
-    one cannot be written."""
-    report = build_report(state, exit_status)
-    ok = True
-    for path in state.report_paths:
+    one cannot be written.
+
+    A report that cannot be written fails the run, so the reports that were written are
+    written again with that failure in them: no report says a run passed that did not.
+    """
+    failed = _write_each(state, state.report_paths, build_report(state, exit_status))
+    if failed:
+        rewritten = list(state.reports_written)
+        state.reports_written.clear()
+        _write_each(state, rewritten, build_report(state, exit_status or 1))
+    return not failed
+
+
+def _write_each(state: RunState, paths: list[Path], report: dict[str, Any]) -> bool:
+    """Write ``report`` to each path by its suffix; True when any could not be written."""
+    failed = False
+    for path in paths:
         text = (
             json.dumps(report, indent=2, ensure_ascii=False) + "\n"
             if path.suffix == ".json"
@@ -239,7 +252,7 @@ def write_reports(state: RunState, exit_status: int) -> bool:
             state.problems.append(
                 f"statedict report {state.relative(path)} cannot be written ({exc})"
             )
-            ok = False
+            failed = True
         else:
             state.reports_written.append(Path(path))
-    return ok
+    return failed

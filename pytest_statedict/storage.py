@@ -202,16 +202,25 @@ def _refuse_outside(path: Path, root: Path, base: Path, doing: str, shown: str |
 
 
 def write_snapshot(
-    path: Path, text: str, root: Path, *, base: Path, display: str | None = None
+    path: Path,
+    text: str,
+    root: Path,
+    *,
+    base: Path,
+    display: str | None = None,
+    exclusive: bool = False,
 ) -> None:
-    """:func:`atomic_write` inside ``root`` only, failures as a :class:`SnapshotError`.
+    """:func:`atomic_write` inside ``root`` only, failures as a :class:`SnapshotError`
+    (but an ``exclusive`` write's ``FileExistsError``, which the caller words).
 
     ``base``: the folder ``root`` is named from (see :func:`linked_root`).
     """
     shown = display or path
     _refuse_outside(path, root, base, "write", shown)
     try:
-        atomic_write(path, text)
+        atomic_write(path, text, exclusive=exclusive)
+    except FileExistsError:
+        raise  # only an exclusive write's: the name exists, which the caller words
     except OSError as exc:
         raise SnapshotError(
             shown,
@@ -221,23 +230,48 @@ def write_snapshot(
         ) from None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename: old or new, never partial."""
+def atomic_write(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write via a temp file in the same folder and rename: old or new, never partial.
+
+    ``exclusive``: publish only if ``path`` does not exist, by a hard link (atomic, and
+    refused by the file system when the name exists: of two processes recording one
+    release at once, exactly one succeeds, and the other gets a ``FileExistsError``).
+    A string that is not valid Unicode (a lone surrogate from a key name) is written with
+    backslash escapes rather than failing the write.
+    """
     import tempfile  # not at import: the plugin is loaded into runs that never write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(fd, _file_mode(path))  # mkstemp makes 0600: a snapshot is a project file
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _publish_exclusively(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _publish_exclusively(tmp: Path, path: Path) -> None:
+    """Give the written ``tmp`` the name ``path`` unless that name exists, atomically: a
+    hard link, or where the file system has none, an exclusive create of ``path``."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FAT file systems)
+        with open(path, "xb") as out, open(tmp, "rb") as written:
+            out.write(written.read())
+            out.flush()
+            os.fsync(out.fileno())
+    tmp.unlink()
 
 
 def _reason(exc: OSError) -> str:

@@ -121,6 +121,27 @@ def test_record_refuses_to_overwrite_a_release(
     assert path.read_text() == before
 
 
+def test_a_release_recorded_by_another_process_meanwhile_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes recording one release at once both pass the "already recorded?"
+    check; publishing is an exclusive create, so the second one is told, and the first
+    one's file stays as it was written. The race is made certain here: the other process's
+    file appears between the check and the write."""
+    from pytest_statedict import releases
+
+    folder = tmp_path / "releases"
+    folder.mkdir()
+    theirs = schema_of(Net()).to_json()
+    (folder / "v1.json").write_text(theirs)
+    monkeypatch.setattr(releases, "list_releases", lambda _folder: [])
+    monkeypatch.setattr(releases.os.path, "lexists", lambda _path: False)
+    with pytest.raises(StateDictError, match="release v1 is already recorded"):
+        releases.write_release(folder, "v1", schema_of(Net(hidden=16)).to_json(), base=tmp_path)
+    assert (folder / "v1.json").read_text() == theirs
+    assert [p.name for p in folder.iterdir()] == ["v1.json"], "no temp file left behind"
+
+
 @pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "", "with space"])
 def test_record_refuses_a_name_that_is_no_file_name(tmp_path: Path, name: str) -> None:
     with pytest.raises(StateDictError, match="cannot name a file|non-empty string"):

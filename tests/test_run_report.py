@@ -242,6 +242,37 @@ def test_a_report_that_cannot_be_written_fails_the_run(pytester: pytest.Pytester
     match_lines(result, ["*statedict report blocked/report.json cannot be written*"])
 
 
+def test_a_written_report_never_says_a_run_passed_when_another_report_failed_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """The .json is written, the .md cannot be: the run fails, and the .json says so."""
+    pytester.makepyfile(test_x="def test_x(): pass")
+    (pytester.path / "blocked").write_text("a file, not a folder")
+    result = pytester.runpytest("--statedict-report=ok.json", "--statedict-report=blocked/r.md")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    report = json.loads((pytester.path / "ok.json").read_text())
+    assert report["exit_status"] == 1
+    assert any("blocked/r.md cannot be written" in p for p in report["problems"])
+
+
+def test_a_key_that_is_no_valid_unicode_is_reported(pytester: pytest.Pytester) -> None:
+    """A lone surrogate in a failing key: the run ends with its summary and both reports."""
+    pytester.makepyfile(
+        test_odd="""
+        import torch
+        from pytest_statedict import assert_state_dict_matches
+
+        def test_odd():
+            assert_state_dict_matches({"w\\udcff": torch.zeros(2)}, {"w": torch.zeros(2)})
+        """
+    )
+    result = pytester.runpytest("--statedict-report=r.json", "--statedict-report=r.md")
+    result.assert_outcomes(failed=1)
+    match_lines(result, ["statedict: comparisons: 1 failed"])
+    assert "w\\udcff" in (pytester.path / "r.md").read_text(encoding="utf-8")
+    assert json.loads((pytester.path / "r.json").read_text(encoding="utf-8"))["checks"]
+
+
 def test_an_empty_run_writes_an_empty_report(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="def test_x(): pass")
     pytester.runpytest("--statedict-report=r.json").assert_outcomes(passed=1)
