@@ -40,6 +40,7 @@ from .runtime import checkpoint_loader
 from .schema import Schema
 from .schema_entries import (
     ELEMENTWISE_STATE,
+    Fingerprint,
     OptimizerSchema,
     ParamGroup,
     ParamState,
@@ -52,6 +53,10 @@ from .schema_entries import (
 __tracebackhide__ = hide_from_bad_input
 
 _tensor_specs: dict[tuple[Any, Any], StateSpec] = {}
+
+# The layout a nested tensor's entry records (torch.strided's nested tensors report
+# ``strided`` as their layout, yet have no sizes).
+NESTED_LAYOUT = "nested"
 
 
 class _TorchTensors(Tensors):
@@ -252,6 +257,9 @@ def _entries(
                 )
             )
             continue
+        if value.is_nested:  # no shape of its own: its components', in a layout of its own
+            entries.append(_nested_entry(key, value, kind_of(key), fingerprints.get(key)))
+            continue
         layout = value.layout
         storage = _storage_of(value) if layout == strided else None
         tied_to = None
@@ -274,6 +282,26 @@ def _entries(
             )
         )
     return tuple(entries), views.waste_notes()
+
+
+def _nested_entry(
+    key: str, value: torch.Tensor, kind: str, fingerprint: Fingerprint | None
+) -> TensorEntry:
+    """A nested tensor (``torch.nested``): its components counted as its shape, its layout
+    ``nested`` (a strided nested tensor has no sizes: asking raises), like a sparse one a
+    key whose layout is recorded, not rebuilt."""
+    return TensorEntry(
+        key,
+        kind,
+        (value.size(0),),
+        dtype_name(value.dtype),
+        bool(value.requires_grad) if kind == "parameter" else None,
+        None,
+        NESTED_LAYOUT,
+        None,
+        None,
+        fingerprint,
+    )
 
 
 def _storage_of(tensor: torch.Tensor) -> Any:

@@ -72,6 +72,11 @@ def fingerprint(tensor: torch.Tensor, key: str = "") -> Fingerprint:
     """
     _require_values(tensor, key)
     t = tensor.detach()
+    if t.is_nested:  # its components' values, and their shapes (as the hash's tail)
+        parts = t.unbind()
+        shapes = repr([tuple(p.shape) for p in parts]).encode()
+        flat = torch.cat([p.reshape(-1) for p in parts]) if parts else t.new_empty(0)
+        return _fingerprint_of(tensor_digests(flat.contiguous(), shapes), _statistics_of([flat])[0])
     if t.is_conj() or t.is_neg():  # lazy views: the bytes are those of the unresolved tensor
         t = t.resolve_conj().resolve_neg()
     if t.layout != torch.strided:

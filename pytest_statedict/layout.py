@@ -40,6 +40,10 @@ OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_state
 NOT_HYPERPARAMS = frozenset({"params", "param_names"})
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
+# General checkpoints nest (a trainer's state holding the model's checkpoint), but not
+# without end: past this, a model part inside a model part is a hostile file, not a layout.
+MAX_PART_DEPTH = 32
+
 # A hyperparameter is a number, a few numbers (betas) or a small dict: these bounds only
 # stop a checkpoint whose param_group nests without end or repeats one container through
 # shared references (1.4 KB of pickle expanding to 2^22 values) from costing the run.
@@ -111,6 +115,11 @@ def versions(state: Mapping[str, Any]) -> dict[str, ModuleVersion] | None:
     metadata = getattr(state, "_metadata", None)
     if metadata is None:
         return None
+    if not isinstance(metadata, Mapping):  # torch's load_state_dict would fail on it
+        raise UnsupportedObjectError(
+            f"schema_of(): its _metadata is a {type_name(metadata)}, not the mapping of "
+            "module versions state_dict() keeps (load_state_dict would fail on it)"
+        )
     return {
         prefix: module_version(version)
         for prefix, meta in metadata.items()
@@ -139,8 +148,16 @@ def select_part(obj: Any, part: str) -> Any:
     return current
 
 
-def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = False) -> Schema:
-    """A bare state_dict, an optimizer's, or a general checkpoint with parts of usual names."""
+def mapping_schema(
+    obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = False, depth: int = 0
+) -> Schema:
+    """A bare state_dict, an optimizer's, or a general checkpoint with parts of usual names
+    (a model part may itself be a general checkpoint, down to :data:`MAX_PART_DEPTH`)."""
+    if depth > MAX_PART_DEPTH:
+        raise UnsupportedObjectError(
+            f"schema_of(): its model parts nest deeper than {MAX_PART_DEPTH} levels "
+            "(a checkpoint holding a checkpoint holding ...): no state_dict found"
+        )
     if is_optimizer_state_dict(obj):
         return Schema(tensors=(), optimizer=optimizer_state_schema(obj, tensors))
     if is_state_dict(obj, tensors):
@@ -151,7 +168,9 @@ def mapping_schema(obj: Mapping[Any, Any], tensors: Tensors, *, values: bool = F
     if model_key is None and opt_key is None:
         raise _no_known_part(obj, tensors)
     model = (
-        mapping_schema(obj[model_key], tensors, values=values) if model_key else Schema(tensors=())
+        mapping_schema(obj[model_key], tensors, values=values, depth=depth + 1)
+        if model_key
+        else Schema(tensors=())
     )
     opt = None
     if opt_key is not None:
@@ -275,7 +294,15 @@ def _no_known_part(obj: Mapping[Any, Any], tensors: Tensors) -> UnsupportedObjec
 def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> OptimizerSchema:
     """An optimizer's ``state_dict()``: its class unknown, its members by index, or by name
     where the optimizer was built from ``model.named_parameters()`` (torch 2.6 and newer
-    save their names as each group's ``param_names``)."""
+    save their names as each group's ``param_names``). One that ``optimizer.load_state_dict``
+    could not read (no ``params``, ``state`` that is no mapping, ...) is an
+    :class:`UnsupportedObjectError` saying what is wrong."""
+    problem = _malformed(optimizer)
+    if problem:
+        raise UnsupportedObjectError(
+            f"schema_of(): its optimizer state_dict is malformed: {problem} "
+            "(optimizer.load_state_dict could not read it)"
+        )
     names: dict[int, str] = {}
     for group in optimizer["param_groups"]:
         given = group.get("param_names")
@@ -305,6 +332,27 @@ def optimizer_state_schema(optimizer: Mapping[str, Any], tensors: Tensors) -> Op
     return OptimizerSchema(
         cls=UNKNOWN_CLASS, param_groups=groups, state=state, problems=_stray_keys(optimizer)
     )
+
+
+def _malformed(optimizer: Mapping[str, Any]) -> str | None:
+    """What keeps an optimizer state_dict from being one torch writes, or None."""
+    groups, state = optimizer["param_groups"], optimizer["state"]
+    if not isinstance(groups, (list, tuple)):
+        return f"param_groups is a {type_name(groups)}, not a list of groups"
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            return f"param_groups[{i}] is a {type_name(group)}, not a dict"
+        params = group.get("params")
+        if not isinstance(params, (list, tuple)):
+            return f"param_groups[{i}] has no list of params"
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in params):
+            return f"param_groups[{i}]'s params are not parameter indices (ints)"
+    if not isinstance(state, Mapping):
+        return f"state is a {type_name(state)}, not a dict of per-parameter state"
+    for key, entries in state.items():
+        if not isinstance(entries, Mapping):
+            return f"the state of {key!r} is a {type_name(entries)}, not a dict"
+    return None
 
 
 def _stray_keys(optimizer: Mapping[str, Any]) -> tuple[str, ...]:
