@@ -3,18 +3,41 @@
 A folder holding ``.metadata``, or that file itself (it names its folder). Its schema is the
 whole layout, so the gate rebuilds meta tensors from it; the folder is never loaded whole
 (``torch.distributed.checkpoint.load`` reads into a model's own tensors, not into a dict).
+
+What ``dcp.save`` was given is walked as a loaded checkpoint is (``layout``): a bare
+state_dict, or a general checkpoint whose model part (``model``...) is found by itself,
+whose optimizer part (``optim``...) is an optimizer, and whose other entries are extras;
+``part=`` picks any entry. An optimizer is saved in one of two forms, both made torch's
+own here (:func:`_as_torch_optimizer`): ``optimizer.state_dict()`` (its state keyed by
+index, which DCP's flattening turned into strings) and the DCP tutorial's
+``get_state_dict(model, optimizer)`` (state keyed and param_groups listing parameters by
+their names), which becomes index-keyed state with each group's ``param_names``, so its
+members are known by name, as torch >= 2.6 saves them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
+from ..layout import (
+    MODEL_KEYS,
+    OPTIMIZER_KEYS,
+    KindOf,
+    Tensors,
+    is_optimizer_state_dict,
+    is_state_dict,
+    mapping_schema,
+    type_name,
+)
 from ..readers import dcp_folder as reader
 from ..readers.files import require_regular_file
 from ..schema import Schema
-from .base import Loaded, NestedSchema
+from ..schema_entries import StateSpec, TensorEntry
+from .base import Loaded, NestedSchema, object_schema, unsupported_object
 
 __all__ = ["DCP", "FORMAT", "DcpFolder"]
 
@@ -46,7 +69,21 @@ class DcpFolder:
         folder = _folder(path)
         if values:
             raise CheckpointError(folder, "values=True is not supported for DCP checkpoints")
-        return reader.read_schema(folder, part=part)
+        tree = _as_torch_optimizers(folder, reader.read_checkpoint(folder))
+
+        def describe(obj: Any, values: bool) -> Schema:
+            if not isinstance(obj, Mapping):
+                raise unsupported_object(obj)
+            if _parts(obj) or is_state_dict(obj, DCP_TENSORS) or is_optimizer_state_dict(obj):
+                return mapping_schema(obj, DCP_TENSORS)
+            # no part of a usual name: every entry by its dotted key, as DCP stored it
+            entries, notes = DCP_TENSORS.entries(
+                dict(_flat(obj)), lambda key: "tensor", values=False
+            )
+            return Schema(tensors=entries, notes=notes)
+
+        schema = object_schema(folder, tree, set(), describe=describe, values=False, part=part)
+        return replace(schema, framework=FRAMEWORK)
 
     def load(self, path: Path, *, map_location: Any, weights_only: bool, mmap: bool) -> Loaded:
         raise CheckpointError(
@@ -54,6 +91,111 @@ class DcpFolder:
             "is a torch.distributed.checkpoint folder: it is read from its .metadata, never "
             "loaded whole (torch.distributed.checkpoint.load reads it into a model)",
         )
+
+
+def _parts(obj: Mapping[Any, Any]) -> list[Any]:
+    """The entries that ``layout`` reads as parts: under a usual name, or a state_dict."""
+    return [
+        key
+        for key, value in obj.items()
+        if key in MODEL_KEYS
+        or key in OPTIMIZER_KEYS
+        or is_state_dict(value, DCP_TENSORS)
+        or is_optimizer_state_dict(value)
+    ]
+
+
+def _flat(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The leaves of what DCP saved, under the dotted keys it stored them by."""
+    items = enumerate(node) if isinstance(node, list) else node.items()
+    for step, value in items:
+        key = f"{prefix}{step}"
+        if isinstance(value, (dict, list)) and value:
+            yield from _flat(value, f"{key}.")
+        else:
+            yield key, value
+
+
+def _as_torch_optimizers(folder: Path, node: Any) -> Any:
+    """Every optimizer state_dict in what DCP saved, in torch's own form (see the module)."""
+    if isinstance(node, list):
+        return [_as_torch_optimizers(folder, item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    groups = node.get("param_groups")
+    if isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups):
+        # an optimizer that has taken no step saves no state: DCP then writes no "state"
+        return _as_torch_optimizer(folder, {"state": {}, **node})
+    return {key: _as_torch_optimizers(folder, value) for key, value in node.items()}
+
+
+def _as_torch_optimizer(folder: Path, optimizer: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's state_dict as ``optimizer.state_dict()`` gives it: state keyed by
+    each parameter's index, and its names, where it was saved by name, in ``param_names``."""
+    state = optimizer["state"]
+    members = []
+    for i, group in enumerate(optimizer["param_groups"]):
+        params = group.get("params")
+        if not isinstance(params, list) or not all(
+            isinstance(p, (int, str)) and not isinstance(p, bool) for p in params
+        ):
+            raise CheckpointError(
+                folder, f"its optimizer's param_group {i} lists no parameters it can read"
+            )
+        members += params
+    if not isinstance(state, dict) or not all(isinstance(s, dict) for s in state.values()):
+        raise CheckpointError(folder, "its optimizer's state is not one mapping per parameter")
+    if all(isinstance(p, int) for p in members):  # optimizer.state_dict(): keys were str(index)
+        return {**optimizer, "state": {_index(k): v for k, v in state.items()}}
+    index = {name: i for i, name in enumerate(members)}
+    unknown = [name for name in state if name not in index]
+    if unknown or len(index) != len(members):
+        raise CheckpointError(
+            folder,
+            f"its optimizer's state names {unknown[0]!r}, which no param_group lists"
+            if unknown
+            else "its optimizer lists a parameter in two places",
+        )
+    groups, start = [], 0
+    for group in optimizer["param_groups"]:
+        size = len(group["params"])
+        groups.append(
+            {**group, "params": list(range(start, start + size)), "param_names": group["params"]}
+        )
+        start += size
+    return {**optimizer, "state": {index[k]: v for k, v in state.items()}, "param_groups": groups}
+
+
+def _index(key: str | int) -> str | int:
+    """A state key DCP's flattening made a string ("0"), as the index torch saved."""
+    return int(key) if isinstance(key, str) and key.isdigit() else key
+
+
+class DcpTensors(Tensors):
+    """The tensors of a DCP checkpoint's ``.metadata``, to the walks of ``layout``."""
+
+    types = (reader.TensorMeta,)
+
+    def entries(
+        self, state: Mapping[str, Any], kind_of: KindOf, *, values: bool
+    ) -> tuple[tuple[TensorEntry, ...], tuple[str, ...]]:
+        return tuple(
+            TensorEntry(key, kind_of(key), value.shape, value.dtype)
+            if isinstance(value, reader.TensorMeta)
+            else TensorEntry(key=key, kind="object", type=type_name(value))
+            for key, value in state.items()
+        ), ()
+
+    def spec(self, tensor: Any) -> StateSpec:
+        return StateSpec(shape=tensor.shape, dtype=tensor.dtype)
+
+    def hyperparam(self, tensor: Any) -> dict[str, Any]:
+        return {"tensor_shape": list(tensor.shape), "dtype": tensor.dtype}
+
+
+DCP_TENSORS = DcpTensors()
+# what ``statedict show`` names as the writer of a DCP folder
+FRAMEWORK = "torch.distributed.checkpoint"
 
 
 def _folder(path: Path) -> Path:
