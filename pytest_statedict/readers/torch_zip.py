@@ -26,6 +26,7 @@ import importlib.util
 import struct
 import sys
 import zipfile
+from _compat_pickle import IMPORT_MAPPING
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -193,6 +194,7 @@ def _require_importable(path: Path, pickled: bytes) -> None:
     main = sys.modules.get("__main__")
     for name in pickle_globals(pickled):
         module, _, attribute = name.rpartition(".")
+        module = IMPORT_MAPPING.get(module, module)  # protocol 2's Python 2 names: __builtin__
         if module == "__main__" and not hasattr(main, attribute):
             raise CheckpointError(
                 path,
