@@ -253,3 +253,21 @@ def test_the_gate_through_pytest(pytester: pytest.Pytester, tutorial: Path) -> N
             "*pass the checkpoint's keys through rename=*'head.'*",
         ]
     )
+
+
+def test_the_gate_reads_a_torch_save_checkpoint_as_schema_of_does(tmp_path: Path) -> None:
+    """Its one state_dict, whatever its name, is the model's; several are named, with
+    ``part=`` (the gate used to say it held no model state_dict at all)."""
+    one = tmp_path / "one.pt"
+    torch.save({"generator": make_model().state_dict(), "epoch": 3}, one)
+    assert [t.key for t in schema_of(one)] == [k for k, _, _ in model_keys()]
+    assert_checkpoint_loads(make_model(), one)
+    several = tmp_path / "gan.pt"
+    torch.save({"generator": make_model().state_dict(), "critic": nn.Linear(2, 1).state_dict()},
+               several)  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"several state_dicts \(generator, critic\): name the model's with part='generator'",
+    ):
+        assert_checkpoint_loads(make_model(), several)
+    assert_checkpoint_loads(make_model(), several, part="generator")
