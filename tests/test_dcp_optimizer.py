@@ -271,3 +271,18 @@ def test_the_gate_reads_a_torch_save_checkpoint_as_schema_of_does(tmp_path: Path
     ):
         assert_checkpoint_loads(make_model(), several)
     assert_checkpoint_loads(make_model(), several, part="generator")
+
+
+def test_a_layout_of_no_usual_part_lists_every_entry_as_stored(tmp_path: Path) -> None:
+    """Neither a state_dict nor parts of usual names: each stored entry by its dotted key,
+    a list-valued entry as one object (DCP stored it whole), as ``part=`` picks them."""
+    state = {"w": torch.zeros(2), "run": {"cfg": [1, 2], "t": torch.ones(3), "deep": {"i": 3}}}
+    folder = dcp_save(state, tmp_path / "odd")
+    schema = schema_of(folder)
+    assert [(t.key, t.kind, t.type) for t in schema] == [
+        ("w", "tensor", None),
+        ("run.cfg", "object", "list"),
+        ("run.t", "tensor", None),
+        ("run.deep.i", "object", "int"),
+    ]
+    assert [t.key for t in schema_of(folder, part="run")] == ["cfg", "t", "deep.i"]

@@ -17,7 +17,7 @@ members are known by name, as torch >= 2.6 saves them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,18 +69,22 @@ class DcpFolder:
         folder = _folder(path)
         if values:
             raise CheckpointError(folder, "values=True is not supported for DCP checkpoints")
-        tree = _as_torch_optimizers(folder, reader.read_checkpoint(folder))
+        checkpoint = reader.read_checkpoint(folder)
+        tree = _as_torch_optimizers(folder, checkpoint.tree)
 
         def describe(obj: Any, values: bool) -> Schema:
             if not isinstance(obj, Mapping):
                 raise unsupported_object(obj)
             if _parts(obj) or is_state_dict(obj, DCP_TENSORS) or is_optimizer_state_dict(obj):
                 return mapping_schema(obj, DCP_TENSORS)
-            # no part of a usual name: every entry by its dotted key, as DCP stored it
-            entries, notes = DCP_TENSORS.entries(
-                dict(_flat(obj)), lambda key: "tensor", values=False
-            )
-            return Schema(tensors=entries, notes=notes)
+            # no part of a usual name: every entry under ``part`` by its dotted key, as stored
+            prefix = f"{part.replace('/', '.')}." if part else ""
+            flat = {
+                key.removeprefix(prefix): value
+                for key, value in checkpoint.entries.items()
+                if key.startswith(prefix)
+            }
+            return Schema(tensors=DCP_TENSORS.entries(flat, lambda key: "tensor", values=False)[0])
 
         schema = object_schema(folder, tree, set(), describe=describe, values=False, part=part)
         return replace(schema, framework=FRAMEWORK)
@@ -103,17 +107,6 @@ def _parts(obj: Mapping[Any, Any]) -> list[Any]:
         or is_state_dict(value, DCP_TENSORS)
         or is_optimizer_state_dict(value)
     ]
-
-
-def _flat(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """The leaves of what DCP saved, under the dotted keys it stored them by."""
-    items = enumerate(node) if isinstance(node, list) else node.items()
-    for step, value in items:
-        key = f"{prefix}{step}"
-        if isinstance(value, (dict, list)) and value:
-            yield from _flat(value, f"{key}.")
-        else:
-            yield key, value
 
 
 def _as_torch_optimizers(folder: Path, node: Any) -> Any:
@@ -146,7 +139,13 @@ def _as_torch_optimizer(folder: Path, optimizer: dict[str, Any]) -> dict[str, An
     if not isinstance(state, dict) or not all(isinstance(s, dict) for s in state.values()):
         raise CheckpointError(folder, "its optimizer's state is not one mapping per parameter")
     if all(isinstance(p, int) for p in members):  # optimizer.state_dict(): keys were str(index)
-        return {**optimizer, "state": {_index(k): v for k, v in state.items()}}
+        indexed = {_index(k): v for k, v in state.items()}
+        stray = next((k for k in indexed if not isinstance(k, int)), None)
+        if stray is not None:
+            raise CheckpointError(
+                folder, f"its optimizer's state names {stray!r}, which is no parameter's index"
+            )
+        return {**optimizer, "state": indexed}
     index = {name: i for i, name in enumerate(members)}
     unknown = [name for name in state if name not in index]
     if unknown or len(index) != len(members):

@@ -27,7 +27,7 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 from ..errors import CheckpointError, hide_from_bad_input
 from . import records
@@ -49,7 +49,16 @@ class TensorMeta:
     dtype: str
 
 
-def read_checkpoint(folder: Path) -> dict[str, Any]:
+class Checkpoint(NamedTuple):
+    """What a DCP folder holds: rebuilt, and as stored."""
+
+    # what ``dcp.save`` was given, nested as it was
+    tree: dict[str, Any]
+    # each stored entry by its dotted key, in the order it was saved
+    entries: dict[str, Any]
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
     """What ``dcp.save`` was given, rebuilt from ``.metadata`` and the non-tensor entries."""
     data = read_bounded(folder / METADATA, MAX_PICKLE_BYTES, "DCP .metadata pickle")
     metadata = unpickle_dcp_metadata(data, folder)
@@ -75,13 +84,14 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
         leaves[key] = TensorMeta(tuple(size), dtype.name)
     values = _pickled_values(folder, metadata, pickled, len(items))
     paths = getattr(metadata, "planner_data", None)
+    entries = {key: values[key] if key in values else leaves[key] for key in items}
     tree: dict[Any, Any] = {}
-    for key in items:  # in the order dcp.save wrote them: state_dict order
+    for key, leaf in entries.items():  # in the order dcp.save wrote them: state_dict order
         path = paths.get(key) if isinstance(paths, dict) else None
-        _insert(folder, tree, _checked_path(folder, key, path), values.get(key, leaves.get(key)))
+        _insert(folder, tree, _checked_path(folder, key, path), leaf)
     rebuilt = _lists(folder, tree)
     assert isinstance(rebuilt, dict)
-    return rebuilt
+    return Checkpoint(rebuilt, entries)
 
 
 def _checked_path(folder: Path, key: str, path: Any) -> tuple[str | int, ...]:
@@ -140,7 +150,7 @@ def _pickled_values(folder: Path, metadata: Any, keys: list[str], entries: int) 
     storage = getattr(metadata, "storage_data", None)
     for index, info in storage.items() if isinstance(storage, dict) else ():
         fqn = getattr(index, "fqn", None)
-        if fqn in wanted:
+        if isinstance(fqn, str) and fqn in wanted:
             where[fqn] = info
     budget = min(MAX_PICKLE_BYTES, PICKLE_BYTES_BASE + PICKLE_BYTES_PER_RECORD * entries)
     values = {}
