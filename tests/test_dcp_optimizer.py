@@ -286,3 +286,45 @@ def test_a_layout_of_no_usual_part_lists_every_entry_as_stored(tmp_path: Path) -
         ("run.deep.i", "object", "int"),
     ]
     assert [t.key for t in schema_of(folder, part="run")] == ["cfg", "t", "deep.i"]
+
+
+def test_a_model_flattened_to_the_top_beside_its_optimizer(tmp_path: Path) -> None:
+    """torchtitan's layout: the model's keys at the top, beside ``optimizer`` and the
+    training state. The top's tensors are the model; the optimizer is one where it is
+    saved as get_state_dict saves it, and said not to be checked where it is flattened."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    model, optimizer = trained()
+    top = {**get_model_state_dict(model), "train_state": {"step": 3}}
+    named = dcp_save({**top, "optimizer": get_optimizer_state_dict(model, optimizer)},
+                     tmp_path / "named")  # fmt: skip
+    flat = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
+    )
+    flattened = dcp_save({**top, "optimizer": flat}, tmp_path / "flattened")
+    for folder in (named, flattened):
+        schema = schema_of(folder)
+        assert [(t.key, t.shape, t.dtype) for t in schema] == model_keys()
+        assert_checkpoint_loads(make_model(), folder)
+    named_schema = schema_of(named)
+    assert named_schema.extras == {"train_state": "dict"} and not named_schema.notes
+    assert named_schema.optimizer is not None
+    assert named_schema.optimizer.param_groups[0].params == (
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    )
+    assert_checkpoint_loads(make_model(), named, optimizer=make_optimizer)
+    flat_schema = schema_of(flattened)
+    assert flat_schema.optimizer is None
+    assert flat_schema.extras == {"train_state": "dict", "optimizer": "dict"}
+    assert flat_schema.notes == (
+        "'optimizer' holds an optimizer's state in get_optimizer_state_dict's flattened form "
+        "(flatten_optimizer_state_dict=True): it is listed as an extra, not checked as an "
+        "optimizer",
+    )

@@ -31,6 +31,7 @@ from ..layout import (
     is_optimizer_state_dict,
     is_state_dict,
     mapping_schema,
+    optimizer_state_schema,
     type_name,
 )
 from ..readers import dcp_folder as reader
@@ -75,6 +76,9 @@ class DcpFolder:
         def describe(obj: Any, values: bool) -> Schema:
             if not isinstance(obj, Mapping):
                 raise unsupported_object(obj)
+            at_top = _model_at_top(obj)
+            if at_top is not None:
+                return at_top
             if _parts(obj) or is_state_dict(obj, DCP_TENSORS) or is_optimizer_state_dict(obj):
                 return mapping_schema(obj, DCP_TENSORS)
             # no part of a usual name: every entry under ``part`` by its dotted key, as stored
@@ -87,7 +91,8 @@ class DcpFolder:
             return Schema(tensors=DCP_TENSORS.entries(flat, lambda key: "tensor", values=False)[0])
 
         schema = object_schema(folder, tree, set(), describe=describe, values=False, part=part)
-        return replace(schema, framework=FRAMEWORK)
+        notes = schema.notes + (_flattened_optimizers(tree) if part is None else ())
+        return replace(schema, framework=FRAMEWORK, notes=notes)
 
     def load(self, path: Path, *, map_location: Any, weights_only: bool, mmap: bool) -> Loaded:
         raise CheckpointError(
@@ -95,6 +100,39 @@ class DcpFolder:
             "is a torch.distributed.checkpoint folder: it is read from its .metadata, never "
             "loaded whole (torch.distributed.checkpoint.load reads it into a model)",
         )
+
+
+def _model_at_top(obj: Mapping[Any, Any]) -> Schema | None:
+    """A model whose keys were flattened to the top, beside an optimizer part, as torchtitan
+    saves it (``{**model.state_dict(), "optimizer": ..., "train_state": ...}``): the top's
+    own entries are the model, the optimizer part is the optimizer where it is one, every
+    other part an extra. None for any other layout."""
+    if not any(isinstance(v, reader.TensorMeta) for v in obj.values()) or not any(
+        key in OPTIMIZER_KEYS and isinstance(value, Mapping) for key, value in obj.items()
+    ):
+        return None
+    model = {key: value for key, value in obj.items() if not isinstance(value, (Mapping, list))}
+    parts = {key: value for key, value in obj.items() if key not in model}
+    opt_key = next((k for k in OPTIMIZER_KEYS if is_optimizer_state_dict(parts.get(k))), None)
+    optimizer = optimizer_state_schema(parts[opt_key], DCP_TENSORS) if opt_key else None
+    extras = {str(key): type_name(value) for key, value in parts.items() if key != opt_key}
+    return replace(mapping_schema(model, DCP_TENSORS), optimizer=optimizer, extras=extras)
+
+
+def _flattened_optimizers(obj: Mapping[Any, Any]) -> tuple[str, ...]:
+    """A note for each optimizer part in get_optimizer_state_dict's flattened form, which
+    keeps each parameter's hyperparameters apart and no param_groups: what its load
+    would do depends on today's groups alone, which a layout of groups cannot judge."""
+    return tuple(
+        f"{key!r} holds an optimizer's state in get_optimizer_state_dict's flattened form "
+        "(flatten_optimizer_state_dict=True): it is listed as an extra, not checked as an "
+        "optimizer"
+        for key, value in obj.items()
+        if key in OPTIMIZER_KEYS
+        and isinstance(value, Mapping)
+        and value
+        and all(str(k).startswith(("state.", "param_groups.")) for k in value)
+    )
 
 
 def _parts(obj: Mapping[Any, Any]) -> list[Any]:
