@@ -328,3 +328,38 @@ def test_a_model_flattened_to_the_top_beside_its_optimizer(tmp_path: Path) -> No
         "(flatten_optimizer_state_dict=True): it is listed as an extra, not checked as an "
         "optimizer",
     )
+
+
+def test_a_release_recorded_from_the_folder_guards_its_optimizer(
+    pytester: pytest.Pytester, tutorial: Path
+) -> None:
+    """``statedict record`` on the DCP folder records the optimizer by name; the release
+    gate passes today's optimizer and fails a regrouped one."""
+    from pytest_statedict.cli import main
+
+    pytester.makeini("[pytest]\nstatedict_releases_dir = releases\n")
+    assert main(["record", str(tutorial), "--release", "v1", "--dir", "releases"]) == 0
+    pytester.makepyfile(
+        test_gate="""
+        import torch
+        from torch import nn
+        from pytest_statedict import statedict_releases
+
+        def build():
+            return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def adam(model):
+            return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def regrouped(model):
+            weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+            biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+            return torch.optim.Adam([{"params": weights}, {"params": biases}], lr=1e-3)
+
+        test_today = statedict_releases(build, optimizer=adam)
+        test_regrouped = statedict_releases(build, optimizer=regrouped)
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*1 param_groups saved, 2 now*"])
