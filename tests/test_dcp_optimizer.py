@@ -340,7 +340,7 @@ def test_a_release_recorded_from_the_folder_guards_its_optimizer(
     pytester.makeini("[pytest]\nstatedict_releases_dir = releases\n")
     assert main(["record", str(tutorial), "--release", "v1", "--dir", "releases"]) == 0
     pytester.makepyfile(
-        test_gate="""
+        test_user_dcp_releases="""
         import torch
         from torch import nn
         from pytest_statedict import statedict_releases

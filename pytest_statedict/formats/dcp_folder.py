@@ -164,6 +164,8 @@ def _as_torch_optimizer(folder: Path, optimizer: dict[str, Any]) -> dict[str, An
     """An optimizer's state_dict as ``optimizer.state_dict()`` gives it: state keyed by
     each parameter's index, and its names, where it was saved by name, in ``param_names``."""
     state = optimizer["state"]
+    if isinstance(state, list):  # keyed 0, 1, ...: read as the list they flatten alike
+        state = dict(enumerate(state))
     members = []
     for i, group in enumerate(optimizer["param_groups"]):
         params = group.get("params")

@@ -89,7 +89,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     for key, leaf in entries.items():  # in the order dcp.save wrote them: state_dict order
         path = paths.get(key) if isinstance(paths, dict) else None
         _insert(folder, tree, _checked_path(folder, key, path), leaf)
-    rebuilt = _lists(folder, tree)
+    rebuilt = _lists(tree)
     assert isinstance(rebuilt, dict)
     return Checkpoint(rebuilt, entries)
 
@@ -124,17 +124,15 @@ def _insert(folder: Path, tree: dict[Any, Any], path: tuple[str | int, ...], lea
     node[path[-1]] = leaf
 
 
-def _lists(folder: Path, node: Any) -> Any:
-    """The nodes a list was flattened from (steps 0, 1, ...) made lists again."""
+def _lists(node: Any) -> Any:
+    """The nodes a list was flattened from (steps 0, 1, ... n-1) made lists again; any
+    other node stays a mapping (one keyed by ints too: a torch that kept int keys)."""
     if not isinstance(node, dict):
         return node
-    children = {step: _lists(folder, child) for step, child in node.items()}
-    indices = [step for step in children if isinstance(step, int)]
-    if not indices:
+    children = {step: _lists(child) for step, child in node.items()}
+    if list(children) != list(range(len(children))):
         return children
-    if len(indices) != len(children) or sorted(indices) != list(range(len(indices))):
-        raise CheckpointError(folder, "its .metadata flattens a list with steps missing or mixed")
-    return [children[i] for i in range(len(indices))]
+    return list(children.values())
 
 
 def _pickled_values(folder: Path, metadata: Any, keys: list[str], entries: int) -> dict[str, Any]:
