@@ -12,7 +12,9 @@ own here (:func:`_as_torch_optimizer`): ``optimizer.state_dict()`` (its state ke
 index, which DCP's flattening turned into strings) and the DCP tutorial's
 ``get_state_dict(model, optimizer)`` (state keyed and param_groups listing parameters by
 their names), which becomes index-keyed state with each group's ``param_names``, so its
-members are known by name, as torch >= 2.6 saves them.
+members are known by name, as torch >= 2.6 saves them. A model whose keys were flattened
+to the top beside an optimizer part (torchtitan) is that model; a layout of no usual part
+lists every entry by its dotted key, as DCP stored it.
 """
 
 from __future__ import annotations
