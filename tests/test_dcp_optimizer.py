@@ -363,3 +363,33 @@ def test_a_release_recorded_from_the_folder_guards_its_optimizer(
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*1 param_groups saved, 2 now*"])
+
+
+def test_an_optimizer_stored_through_a_storage_extension_is_said_unchecked(
+    tutorial: Path,
+) -> None:
+    """Its param_groups stored compressed (a DCP storage extension): the model is read,
+    the optimizer listed as an extra and said not to be checked, rather than guessed."""
+    import dataclasses
+    import pickle
+
+    metadata = pickle.loads((tutorial / ".metadata").read_bytes())  # this test's own file
+    metadata.storage_data = {
+        index: dataclasses.replace(info, transform_descriptors=["zstd"])
+        if index.fqn.startswith("optim.param_groups")
+        else info
+        for index, info in metadata.storage_data.items()
+    }
+    (tutorial / ".metadata").write_bytes(pickle.dumps(metadata))
+    schema = schema_of(tutorial)
+    assert [(t.key, t.shape, t.dtype) for t in schema] == model_keys()
+    assert schema.optimizer is None
+    assert schema.extras == {
+        "optim": "pytest_statedict.formats.dcp_folder.UnreadOptimizer",
+        "epoch": "int",
+    }
+    assert schema.notes == (
+        "'optim' holds an optimizer whose param_groups are stored through a DCP storage "
+        "extension (compressed), not read here: it is listed as an extra, not checked as an "
+        "optimizer",
+    )

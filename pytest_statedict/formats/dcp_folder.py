@@ -93,7 +93,7 @@ class DcpFolder:
             return Schema(tensors=DCP_TENSORS.entries(flat, lambda key: "tensor", values=False)[0])
 
         schema = object_schema(folder, tree, set(), describe=describe, values=False, part=part)
-        notes = schema.notes + (_flattened_optimizers(tree) if part is None else ())
+        notes = schema.notes + (_unchecked_optimizers(tree) if part is None else ())
         return replace(schema, framework=FRAMEWORK, notes=notes)
 
     def load(self, path: Path, *, map_location: Any, weights_only: bool, mmap: bool) -> Loaded:
@@ -121,20 +121,36 @@ def _model_at_top(obj: Mapping[Any, Any]) -> Schema | None:
     return replace(mapping_schema(model, DCP_TENSORS), optimizer=optimizer, extras=extras)
 
 
-def _flattened_optimizers(obj: Mapping[Any, Any]) -> tuple[str, ...]:
-    """A note for each optimizer part in get_optimizer_state_dict's flattened form, which
-    keeps each parameter's hyperparameters apart and no param_groups: what its load
-    would do depends on today's groups alone, which a layout of groups cannot judge."""
-    return tuple(
-        f"{key!r} holds an optimizer's state in get_optimizer_state_dict's flattened form "
-        "(flatten_optimizer_state_dict=True): it is listed as an extra, not checked as an "
-        "optimizer"
-        for key, value in obj.items()
-        if key in OPTIMIZER_KEYS
-        and isinstance(value, Mapping)
-        and value
-        and all(str(k).startswith(("state.", "param_groups.")) for k in value)
-    )
+class UnreadOptimizer:
+    """An optimizer part whose param_groups DCP stored through one of its storage
+    extensions (compressed): their members unread, it is an extra, not an optimizer."""
+
+
+def _unchecked_optimizers(obj: Mapping[Any, Any]) -> tuple[str, ...]:
+    """A note for each optimizer part listed as an extra: one whose members were not read,
+    and one in get_optimizer_state_dict's flattened form, which keeps each parameter's
+    hyperparameters apart and no param_groups (what its load does depends on today's
+    groups alone, which a layout of groups cannot judge)."""
+    notes = []
+    for key, value in obj.items():
+        if isinstance(value, UnreadOptimizer):
+            notes.append(
+                f"{key!r} holds an optimizer whose param_groups are stored through a DCP "
+                "storage extension (compressed), not read here: it is listed as an extra, "
+                "not checked as an optimizer"
+            )
+        elif (
+            key in OPTIMIZER_KEYS
+            and isinstance(value, Mapping)
+            and value
+            and all(str(k).startswith(("state.", "param_groups.")) for k in value)
+        ):
+            notes.append(
+                f"{key!r} holds an optimizer's state in get_optimizer_state_dict's flattened "
+                "form (flatten_optimizer_state_dict=True): it is listed as an extra, not "
+                "checked as an optimizer"
+            )
+    return tuple(notes)
 
 
 def _parts(obj: Mapping[Any, Any]) -> list[Any]:
@@ -157,6 +173,8 @@ def _as_torch_optimizers(folder: Path, node: Any) -> Any:
         return node
     groups = node.get("param_groups")
     if isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups):
+        if any(isinstance(g.get("params"), bytes) for g in groups):
+            return UnreadOptimizer()
         # an optimizer that has taken no step saves no state: DCP then writes no "state"
         return _as_torch_optimizer(folder, {"state": {}, **node})
     return {key: _as_torch_optimizers(folder, value) for key, value in node.items()}
