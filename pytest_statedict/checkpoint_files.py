@@ -51,6 +51,16 @@ def model_state(path: Path, obj: Any, *, part: str | None = None) -> dict[str, A
         for key in MODEL_KEYS:
             if is_state_dict(obj.get(key)):
                 return obj[key]
+        # as schema_of reads a general checkpoint: its one state_dict, whatever its name
+        parts = [str(key) for key, value in obj.items() if is_state_dict(value)]
+        if len(parts) == 1:
+            return obj[parts[0]]
+        if parts:
+            raise CheckpointError(
+                path,
+                f"it holds several state_dicts ({', '.join(parts)}): name the model's with "
+                f"part={parts[0]!r}",
+            )
     raise CheckpointError(
         path,
         f"no model state_dict in it (looked for a mapping of names to tensors, at the top "

@@ -19,6 +19,17 @@ from .schema_entries import TensorEntry
 if TYPE_CHECKING:
     from .compare import ModelVerdict
 
+# The opt-in to full unpickling (``weights_only=False``): a whole pickled model
+# (``torch.save(model)``) is read only through it, and never without a warning.
+UNSAFE_UNPICKLE = "--unsafe-unpickle"
+UNSAFE_HELP = (
+    "unpickle the file fully (torch.load weights_only=False), e.g. a whole pickled model "
+    "saved with torch.save(model): this runs code from the file, only for files you trust"
+)
+# How the readers' refusal of such a file names the API's opt-in, which the command line
+# names as its own flag instead.
+API_OPT_IN = "pass weights_only=False by name"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -36,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="group the keys by module (dotted prefixes), with elements and bytes per module",
     )
+    show.add_argument(UNSAFE_UNPICKLE, action="store_true", help=UNSAFE_HELP)
     diff = commands.add_parser("diff", help="the schema diff of two checkpoints or snapshots")
     diff.add_argument("expected", help="the old checkpoint or snapshot (the reference)")
     diff.add_argument("actual", help="the new one, compared against the reference")
@@ -48,22 +60,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a function that builds today's model (e.g. mypkg.models:make_model): the old "
         "checkpoint is then loaded through it, as the gate loads it, to say whether it loads",
     )
+    diff.add_argument(UNSAFE_UNPICKLE, action="store_true", help=UNSAFE_HELP)
     _add_release_commands(commands)
     args = parser.parse_args(argv)
+    unsafe = getattr(args, "unsafe_unpickle", False)
+    if unsafe:
+        print(
+            f"statedict: warning: {UNSAFE_UNPICKLE} unpickles the files fully, which runs any "
+            "code they hold: use it only for files you trust",
+            file=sys.stderr,
+        )
     try:
         if args.command in RELEASE_COMMANDS:
             return RELEASE_COMMANDS[args.command](args)
         if args.command == "show":
-            return _show(args.path, as_json=args.json, part=args.part, tree=args.tree)
+            return _show(
+                args.path, as_json=args.json, part=args.part, tree=args.tree, unsafe=unsafe
+            )
         return _diff(
             args.expected,
             args.actual,
             verbose=args.verbose,
             parts=(args.expected_part, args.actual_part),
             model=args.model,
+            unsafe=unsafe,
         )
     except StateDictError as exc:
-        print(f"statedict: {exc}", file=sys.stderr)
+        text = str(exc).replace(API_OPT_IN, f"pass {UNSAFE_UNPICKLE} (it runs code from the file)")
+        print(f"statedict: {text}", file=sys.stderr)
         return 2
     except Exception as exc:  # never exit 1 ("different") nor with a traceback on a crash
         print(
@@ -75,15 +99,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _show(path: str, *, as_json: bool, part: str | None, tree: bool = False) -> int:
-    from .torch_free import schema_of_file
-
-    schema = schema_of_file(path, part=part)
+def _show(
+    path: str, *, as_json: bool, part: str | None, tree: bool = False, unsafe: bool = False
+) -> int:
+    schema = _schema_of_file(path, part=part, unsafe=unsafe)
     if as_json:
         sys.stdout.write(schema.to_json())
         return 0
     print(render_tree(schema) if tree else render_table(schema))
     return 0
+
+
+def _schema_of_file(path: str, *, part: str | None, unsafe: bool) -> Schema:
+    """The schema of a file as the command line reads it: without torch where it can, or,
+    with :data:`UNSAFE_UNPICKLE`, loaded by torch with ``weights_only=False``."""
+    if unsafe:
+        from .extract import schema_of
+
+        return schema_of(path, part=part, weights_only=False)
+    from .torch_free import schema_of_file
+
+    return schema_of_file(path, part=part)
 
 
 def render_table(schema: Schema) -> str:
@@ -250,12 +286,13 @@ def _diff(
     verbose: bool,
     parts: tuple[str | None, str | None],
     model: str | None = None,
+    unsafe: bool = False,
 ) -> int:
     from .compare import diff_schemas
     from .report import render_diff
-    from .torch_free import schema_of_file
 
-    old, new = schema_of_file(expected, part=parts[0]), schema_of_file(actual, part=parts[1])
+    old = _schema_of_file(expected, part=parts[0], unsafe=unsafe)
+    new = _schema_of_file(actual, part=parts[1], unsafe=unsafe)
     if model is None:
         found = diff_schemas(old, new)
         if found:
@@ -338,6 +375,7 @@ def _add_release_commands(commands: argparse._SubParsersAction) -> None:  # type
         "names the positions of the checkpoint's optimizer state, so that the release gate "
         "checks by name which parameter each state belongs to",
     )
+    record.add_argument(UNSAFE_UNPICKLE, action="store_true", help=UNSAFE_HELP)
     record.add_argument(
         "--dir",
         metavar="DIR",
@@ -357,12 +395,15 @@ def _record(args: argparse.Namespace) -> int:
 
     base, folder = (Path.cwd(), Path(args.dir)) if args.dir else project_dir()
     model, optimizer = build_model(args.model) if args.model else (None, None)
+    checkpoint: Any = args.checkpoint
+    if args.unsafe_unpickle:
+        checkpoint = _schema_of_file(args.checkpoint, part=args.part, unsafe=True)
     path = record_into(
         folder,
         args.release,
-        args.checkpoint,
+        checkpoint,
         base=base,
-        part=args.part,
+        part=None if args.unsafe_unpickle else args.part,
         names_from=model,
         names_optimizer=optimizer,
     )

@@ -51,13 +51,28 @@ def meta_copy(model: nn.Module, *, caller: str = "roundtrip()") -> nn.Module:
     for tensor in tensors:
         if id(tensor) in memo:
             continue
-        empty: torch.Tensor = torch.empty_like(tensor, device="meta")
+        empty = _meta_like(tensor)
         if isinstance(tensor, nn.Parameter):
             empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = empty
     for tensor in attribute_tensors(model):
-        memo.setdefault(id(tensor), torch.empty_like(tensor, device="meta"))
+        memo.setdefault(id(tensor), _meta_like(tensor))
     return copy_module(model, memo, caller)
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor shaped as ``tensor``: of its class where the class can make one, else
+    a plain one of its shape and dtype.
+
+    A tensor subclass that implements few operators (torchao's quantized ``Int8Tensor``)
+    has no ``empty_like``. A plain meta tensor stands for it: the copy is only loaded into
+    with ``assign=True``, which puts the checkpoint's own tensor in its place and checks
+    the copy's tensor for its shape alone, so no ``factory=`` is needed for it.
+    """
+    try:
+        return torch.empty_like(tensor, device="meta")
+    except (NotImplementedError, RuntimeError, TypeError):
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
 def attribute_tensors(model: nn.Module) -> Iterator[torch.Tensor]:

@@ -212,7 +212,7 @@ def test_dcp_folders(metadata: bytes) -> None:
     checkpoint = folder() / "dcp-fuzz"
     checkpoint.mkdir(exist_ok=True)
     (checkpoint / ".metadata").write_bytes(metadata)
-    read_only_ours(lambda: dcp_folder.read_schema(checkpoint, part=None))
+    read_only_ours(lambda: dcp_folder.read_checkpoint(checkpoint))
 
 
 # ---- JSON formats --------------------------------------------------------------------------

@@ -14,12 +14,19 @@ archive (``torch.jit.save``) is recognised and refused with what to use instead.
 ``data.pkl`` unpickled by ``unpickling.unpickle_torch_records``, each storage's persistent
 id resolved to a :class:`records.Storage` of its record (whose size it must fit), no tensor
 byte read.
+
+A tensor subclass of a library (torchao's quantized weights) is rebuilt by torch once that
+library is imported (``tensor_libraries``): :func:`load` imports it first, and
+:func:`read_records` hands such an archive to torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import struct
+import sys
 import zipfile
+from _compat_pickle import IMPORT_MAPPING
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,7 +41,8 @@ from .limits import (
     PICKLE_BYTES_BASE,
     PICKLE_BYTES_PER_RECORD,
 )
-from .unpickling import torch_load, unpickle_torch_records
+from .tensor_libraries import import_named_libraries, named_libraries
+from .unpickling import pickle_globals, torch_load, unpickle_torch_records
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -160,20 +168,45 @@ def load(
     """The object a checked archive holds, memory-mapped; and its storages' saved locations."""
     data_pkl = check_archive(path, size)
 
-    def data_pickle() -> bytes:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return archive.read(data_pkl)  # bounded by check_archive, stored uncompressed
-        except (zipfile.BadZipFile, OSError, ValueError):
-            return b""
-
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = archive.read(data_pkl)  # bounded by check_archive, stored uncompressed
+    except (zipfile.BadZipFile, OSError, ValueError):
+        pickled = b""  # torch.load says what is wrong with it
+    # its tensor subclasses' library (torchao), which torch needs imported to rebuild them
+    import_named_libraries(path, pickled)
+    if not weights_only:
+        _require_importable(path, pickled)
     return torch_load(
         path,
         map_location=map_location,
         weights_only=weights_only,
         mmap=mmap,
-        data_pickle=data_pickle,
+        data_pickle=lambda: pickled,
     )
+
+
+def _require_importable(path: Path, pickled: bytes) -> None:
+    """Before a full unpickling (``weights_only=False``), the classes it needs that cannot
+    be found here, named: a module that is not installed, or a class pickled from the
+    ``__main__`` of the script that saved it (``torch.save(model)`` in a script), which
+    only that script can unpickle. Looked up without importing anything."""
+    main = sys.modules.get("__main__")
+    for name in pickle_globals(pickled):
+        module, _, attribute = name.rpartition(".")
+        module = IMPORT_MAPPING.get(module, module)  # protocol 2's Python 2 names: __builtin__
+        if module == "__main__" and not hasattr(main, attribute):
+            raise CheckpointError(
+                path,
+                f"it holds a {name}: a class of the script that saved it, which only that "
+                "script (run as __main__) can unpickle; save `model.state_dict()` instead, "
+                "or load it where the class is importable from its module",
+            )
+        top = module.partition(".")[0]
+        if top and top != "__main__" and importlib.util.find_spec(top) is None:
+            raise CheckpointError(
+                path, f"it holds a {name}, but {top} is not installed here: it cannot be unpickled"
+            )
 
 
 def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
@@ -194,6 +227,9 @@ def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
     with open_regular(path) as f:
         f.seek(_data_start(f, data_pkl, size) or 0)
         data = f.read(data_pkl.file_size)  # bounded by _checked_records, stored uncompressed
+        libraries = named_libraries(data)
+        if libraries:
+            raise records.NeedsTorch(f"tensors of {', '.join(libraries)}")
 
         def storage(pid: Any) -> records.Storage:
             """torch.load's persistent_load: a storage of the archive, by its key."""

@@ -589,16 +589,8 @@ def torch_load(
     """
     import torch
 
-    locations: set[str] = set()
-    target = None if map_location is None else torch.device(map_location)
-
-    def record_location(storage: Any, location: str) -> Any:
-        locations.add(location)
-        # the storage arrives on the CPU (memory-mapped): moving it to the CPU would copy it
-        if target is None or target.type == "cpu":
-            return storage
-        return storage.to(device=target)
-
+    target = "cpu" if map_location is None else str(torch.device(map_location))
+    record_location = _RecordedLocations(target)
     try:
         with warnings.catch_warnings():
             # noise on a file that is refused anyway, or that the error explains
@@ -617,7 +609,26 @@ def torch_load(
             f"torch.load could not read it, the file is truncated or corrupt "
             f"({type(exc).__name__}: {_first_line(exc)})",
         ) from None
-    return obj, locations
+    return obj, record_location.seen
+
+
+class _RecordedLocations(dict):  # type: ignore[type-arg]
+    """``map_location`` that maps every saved location to ``target`` and records it.
+
+    A dict, not a function: torch rebuilds a tensor subclass (torchao's quantized weights,
+    any ``_rebuild_wrapper_subclass``) only under a dict, string or device map_location
+    ("Callable map_location not supported"), and asks a dict for every storage too. To the
+    CPU, a memory-mapped storage stays where it is (torch moves no CPU storage to the CPU).
+    """
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+        self.seen: set[str] = set()
+
+    def get(self, location: Any, default: Any = None) -> str:
+        self.seen.add(str(location))
+        return self.target
 
 
 def pickle_globals(data: bytes) -> list[str]:
