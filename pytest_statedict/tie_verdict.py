@@ -131,10 +131,13 @@ def _merged(
             tensors = [read[k] for k in present]
     if _have_data(tensors):
         first = tensors[0]
-        equal = all(
-            t.shape == first.shape and t.dtype == first.dtype and torch.equal(t, first)
-            for t in tensors[1:]
-        )
+        try:
+            equal = all(
+                t.shape == first.shape and t.dtype == first.dtype and torch.equal(t, first)
+                for t in tensors[1:]
+            )
+        except (RuntimeError, NotImplementedError):  # a subclass without aten.equal
+            return TieOnLoad(present)
         return TieOnLoad(present, equal=equal)
     return TieOnLoad(present)
 
@@ -157,5 +160,8 @@ def _identity(value: Any) -> Any:
     """What makes two loaded tensors one: the same object, or the same view of one storage."""
     if not isinstance(value, torch.Tensor) or value.device.type == "meta" or not value.numel():
         return id(value)
-    return (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-            tuple(value.stride()), value.dtype)  # fmt: skip
+    try:
+        return (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                tuple(value.stride()), value.dtype)  # fmt: skip
+    except (RuntimeError, NotImplementedError):  # a tensor subclass with no plain storage
+        return id(value)
