@@ -169,8 +169,9 @@ def _footer(schema: Schema) -> list[str]:
         for i, group in enumerate(opt.param_groups):
             hyper = json.dumps(dict(group.hyperparams), sort_keys=True)
             lines.append(f"  group {i}: {len(group.params)} params {hyper}")
-    if schema.extras:
-        lines.append("other entries: " + ", ".join(f"{k} ({v})" for k, v in schema.extras.items()))
+    if schema.extras:  # one a line: a scheduler's or a framework file's description is long
+        lines.append("other entries:")
+        lines.extend(f"  {k}: {v}" for k, v in schema.extras.items())
     lines.extend(f"warning: {note}" for note in schema.notes)
     return lines
 

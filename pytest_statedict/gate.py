@@ -122,7 +122,7 @@ def assert_checkpoint_loads(
         lines = _load_failure(model, loaded, diff, recorded_only, ignore, strict)
     optimizer_lines = []
     if optimizer is not None:
-        optimizer_lines = _optimizer_failure(model, optimizer, source, rename, ignore, diff)
+        optimizer_lines = _optimizer_failure(model, optimizer, source, part, rename, ignore, diff)
     if not verdict.loads or optimizer_lines:
         lines += optimizer_lines
         if any(loc != "cpu" for loc in saved_on):
@@ -275,13 +275,18 @@ def _optimizer_failure(
     model: nn.Module,
     optimizer: Any,
     source: Path,
+    part: str | None,
     rename: Rename,
     ignore: tuple[str, ...],
     diff: SchemaDiff,
 ) -> list[str]:
-    """The optimizer half of the gate, from the optimizer state the checkpoint holds."""
+    """The optimizer half of the gate, from the optimizer state the checkpoint holds: the
+    one that goes with ``part`` where the part has one (a folder of several models and
+    optimizers), else the checkpoint's (``part`` naming a general checkpoint's model)."""
     today = optimizer(model) if callable(optimizer) else optimizer
-    expected = schema_of(source)
+    expected = schema_of(source, part=part) if part is not None else schema_of(source)
+    if expected.optimizer is None and part is not None:
+        expected = schema_of(source)
     if expected.optimizer is None:
         return [
             f"  optimizer= was given, but {_shown(source)} holds no optimizer state (a "

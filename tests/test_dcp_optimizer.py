@@ -85,7 +85,7 @@ def test_show_lists_the_model_and_the_optimizer_apart(tutorial: Path) -> None:
         done.stdout
     )
     assert '  group 0: 4 params {"amsgrad": false, "betas": [0.9, 0.999]' in done.stdout
-    assert "other entries: epoch (int)" in done.stdout
+    assert "other entries:\n  epoch: int" in done.stdout
 
 
 def test_schema_of_the_tutorial_checkpoint(tutorial: Path) -> None:
@@ -214,7 +214,7 @@ def test_a_pickled_entry_is_described_never_run(tmp_path: Path) -> None:
         text=True,
         check=True,
     )
-    assert "other entries: hook (bytes)" in done.stdout
+    assert "other entries:\n  hook: bytes" in done.stdout
     assert not marker.exists()
 
 

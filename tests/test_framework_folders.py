@@ -214,10 +214,10 @@ def test_show_names_the_framework_and_every_part(tmp_path: Path) -> None:
     assert "framework: transformers Trainer checkpoint (global step 6, epoch 3.0)" in shown
     assert "optimizer: class unknown (a bare state_dict), 2 param_group(s), state for 6" in shown
     for part in (
-        "scheduler.pt (dict: LR scheduler state, 2 param group(s)",
-        "trainer_state.json (dict: Trainer state",
-        "rng_state.pth (pickle: RNG state (not unpickled))",
-        "training_args.bin (pickle: os.makedirs (not unpickled))",
+        "scheduler.pt: dict: LR scheduler state, 2 param group(s)",
+        "trainer_state.json: dict: Trainer state",
+        "rng_state.pth: pickle: RNG state (not unpickled)",
+        "training_args.bin: pickle: os.makedirs (not unpickled)",
     ):
         assert part in shown
     assert "encoder.weight" in shown
@@ -358,6 +358,10 @@ def test_several_accelerate_models_are_parts(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="its models are model, model_1"):
         schema_of(folder, part="model_2")
     assert_checkpoint_loads(Net(), folder, part="model_1")
+    # the optimizer that goes with the part: optimizer_1's three groups, not optimizer's two
+    assert_checkpoint_loads(Net(), folder, part="model_1", optimizer=three_groups)
+    with pytest.raises(StateDictMismatch, match=r"3 param_groups saved, 2 now"):
+        assert_checkpoint_loads(Net(), folder, part="model_1", optimizer=two_groups)
     assert second.read_as is not None
     assert second.read_as.endswith("other parts (part=): model, optimizer")
 
@@ -503,13 +507,13 @@ def test_a_lightning_checkpoint_shows_its_schedulers_and_callbacks(
     shown = capsys.readouterr().out
     assert "framework: Lightning checkpoint (version 2.6.6, epoch 1, global step 2)" in shown
     assert (
-        "lr_schedulers (list: 1 LR scheduler state(s): 2 param group(s) (base_lrs list, "
-        "last_epoch int, lr_lambdas list))" in shown
+        "lr_schedulers: list: 1 LR scheduler state(s): 2 param group(s) (base_lrs list, "
+        "last_epoch int, lr_lambdas list)" in shown
     )
     assert (
-        "callbacks (dict: 1 callback state(s): ModelCheckpoint{'monitor': None, 'mode': 'min', "
+        "callbacks: dict: 1 callback state(s): ModelCheckpoint{'monitor': None, 'mode': 'min', "
         "'every_n_train_steps': 0, 'every_n_epochs': 1, 'train_time_interval': None} "
-        "(best_k_models, best_model_path, kth_value, monitor))" in shown
+        "(best_k_models, best_model_path, kth_value, monitor)" in shown
     )
     loaded = schema_of(path)
     assert loaded == read_without_torch(path, None)
