@@ -39,9 +39,12 @@ SHOWN_ALTERNATIVES = 3
 @dataclass
 class RenamePairing:
     """The renames found: ``pairs`` (old key, new key) to suggest, in the old keys'
-    order, and ``ambiguous`` old modules or keys with the new ones they may have become."""
+    order; ``by_order``, the modules among them that only their order in the model paired
+    (several alike, no name telling them apart), for a report to ask for a look; and
+    ``ambiguous`` old modules or keys with the new ones they may have become."""
 
     pairs: list[tuple[str, str]] = field(default_factory=list)
+    by_order: list[tuple[str, str]] = field(default_factory=list)
     ambiguous: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
@@ -54,6 +57,8 @@ class _Unit:
     order: int
     signature: Hashable = None
     is_module: bool = True
+    # paired by its order among several alike, no name telling them apart
+    by_order: bool = False
 
     @property
     def name(self) -> str:
@@ -88,6 +93,8 @@ def likely_renames(
         by_leaf = {e.key.rsplit(".", 1)[-1]: e.key for e in new.entries}
         for entry in old.entries:
             result.pairs.append((entry.key, by_leaf[entry.key.rsplit(".", 1)[-1]]))
+        if old.by_order:
+            result.by_order.append((old.shown(), new.shown()))
         moved_old.update(e.key for e in old.entries)
         moved_new.update(e.key for e in new.entries)
     ambiguous_old = {e.key for unit, _ in module_ambiguous for e in unit.entries}
@@ -135,13 +142,23 @@ def _modules(entries: Sequence[TensorEntry]) -> list[_Unit]:
 def _pair_keys(
     removed: list[TensorEntry], added: list[TensorEntry], ordered: bool
 ) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, ...]]]]:
-    """Keys whose module did not move whole, paired one by one; a pairing that sends one
-    old module's keys to several new modules is ambiguous instead."""
+    """Keys whose module did not move whole, paired one by one, those of one leaf name
+    (``weight`` with ``weight``) first; a pairing that sends one old module's keys to
+    several new modules is ambiguous instead."""
     old_units, new_units = (
-        [_Unit(tuple(e.key.split(".")), [e], i, _fit(e), False) for i, e in enumerate(side)]
+        [_Unit(tuple(e.key.split(".")), [e], i, is_module=False) for i, e in enumerate(side)]
         for side in (removed, added)
     )
-    pairs, ambiguous = _pair_units(old_units, new_units, ordered)
+    for unit in (*old_units, *new_units):
+        unit.signature = (unit.path[-1], _fit(unit.entries[0]))
+    pairs, _ = _pair_units(old_units, new_units, ordered)
+    paired = {id(u) for pair in pairs for u in pair}
+    old_units = [u for u in old_units if id(u) not in paired]
+    new_units = [u for u in new_units if id(u) not in paired]
+    for unit in (*old_units, *new_units):
+        unit.signature = _fit(unit.entries[0])  # then whatever the leaf (gamma_1 -> ls1.gamma)
+    renamed_leaves, ambiguous = _pair_units(old_units, new_units, ordered)
+    pairs += renamed_leaves
     kept = [(o, n) for o, n in pairs if same_kind(o.entries[0].kind, n.entries[0].kind)]
     destinations: dict[tuple[str, ...], set[tuple[str, ...]]] = defaultdict(set)
     for old, new in kept:
@@ -242,6 +259,7 @@ def _by_place(
             if len(group_old) > 1 and not ordered:
                 continue
             for o, n in zip(group_old, group_new, strict=True):  # each side in its order
+                o.by_order = len(group_old) > 1
                 pairs.append((o, n))
                 paired.update((id(o), id(n)))
         left_old = [u for u in left_old if id(u) not in paired]
