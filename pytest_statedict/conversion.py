@@ -78,7 +78,12 @@ def run_conversion(
     ``_load_from_state_dict`` hooks that read them.
     """
     try:
-        return _compared(state, _called(convert, state, model))
+        if not _has_meta(state):
+            return _compared(state, _called(convert, state, model))
+        shown_to_it, stand_ins = _without_stand_ins(state)
+        conversion = _compared(shown_to_it, _called(convert, shown_to_it, model))
+        conversion.state = _with_stand_ins(conversion.state, stand_ins)
+        return conversion
     except StateDictError:
         raise
     except Exception as exc:
@@ -146,6 +151,39 @@ def _model_argument(convert: Converter) -> str | None:
 
 def _has_meta(state: Mapping[str, Any]) -> bool:
     return any(isinstance(v, torch.Tensor) and v.is_meta for v in state.values())
+
+
+def _without_stand_ins(
+    state: Mapping[str, Any],
+) -> tuple[OrderedDict[str, Any], dict[int, torch.Tensor]]:
+    """The state with its CPU tensors as meta tensors too, and the originals by the meta
+    tensor's id.
+
+    A state read without data holds a few CPU tensors of stand-in values (those of at most
+    one element, which load hooks read, see :func:`~.meta_state.state_from_snapshot`): a
+    conversion that reads one (``.item()``) must raise, and be given the real values, not
+    branch on a stand-in.
+    """
+    shown: OrderedDict[str, Any] = OrderedDict()
+    stand_ins: dict[int, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and not value.is_meta and not value.is_quantized:
+            meta = value.to("meta")
+            stand_ins[id(meta)] = value
+            value = meta
+        shown[key] = value
+    shown._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return shown, stand_ins
+
+
+def _with_stand_ins(
+    state: Mapping[str, Any], stand_ins: Mapping[int, torch.Tensor]
+) -> OrderedDict[str, Any]:
+    """The converted state with each tensor the conversion kept as it was back in its
+    original (a load hook may read its value)."""
+    restored = OrderedDict((k, stand_ins.get(id(v), v)) for k, v in state.items())
+    restored._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return restored
 
 
 def _compared(before: Mapping[str, Any], after: Mapping[str, Any]) -> Conversion:

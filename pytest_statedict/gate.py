@@ -136,8 +136,8 @@ def assert_checkpoint_loads(
             session.check_finished("gate", os.fspath(path), "passed")
         return
     fixed = StateDictMismatch(
-        f"checkpoint {_shown(Path(path))} loads into {type(model).__name__} again, though "
-        f"expected_to_fail={expected_to_fail!r}: fixed: remove expected_to_fail"
+        f"checkpoint {_shown(Path(path))} loads into {type(model).__name__} again: the "
+        f"break of expected_to_fail={expected_to_fail!r} is fixed: remove expected_to_fail"
     )
     if session is not None:
         session.check_finished("gate", os.fspath(path), "xpassed", fixed, **extra)
@@ -173,8 +173,7 @@ def _check(
     conversion = None
     if convert is not None:
         conversion = run_conversion(saved, convert, model, values=values, shown=_shown(source))
-        saved = conversion.state
-    state = _renamed(saved, mapping)
+    state = _renamed(saved if conversion is None else conversion.state, mapping)
     loaded = load_into(
         model, state, rules=rules, strict=strict, factory=factory, adapter_name=adapter_name
     )
