@@ -432,4 +432,3 @@ def test_ignore_leaves_out_an_ignored_keys_shape_on_a_snapshot_too(tmp_path: Pat
 
     assert gate_loads(Today(), snapshot, ignore=["head.*"])
     assert not gate_loads(Today(), snapshot)
-
