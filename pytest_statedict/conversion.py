@@ -73,9 +73,10 @@ def run_conversion(
     ``state`` may hold meta tensors (a checkpoint read without data): a conversion that
     raises on them (it needs values: ``.item()``, a copy) runs again on ``values()``, the
     checkpoint's tensors read memory-mapped, and the result says so. The conversion gets a
-    copy, so one that edits in place (torchvision's DenseNet regex) changes nothing of the
-    caller's; the module versions (``_metadata``) stay with the result, for the
-    ``_load_from_state_dict`` hooks that read them.
+    copy, with the module versions (``_metadata``), so one that edits in place
+    (torchvision's DenseNet regex) changes nothing of the caller's. Its result is loaded as
+    ``load_state_dict(fn(state_dict))`` loads it: a new plain dict carries no module
+    versions, and every ``_load_from_state_dict`` hook then sees none, as in the real load.
     """
     try:
         if not _has_meta(state):
@@ -128,7 +129,7 @@ def _called(convert: Converter, state: Mapping[str, Any], model: nn.Module) -> M
             f"{type(converted).__name__}, not the state_dict to load"
         )
     kept = OrderedDict(converted)
-    kept._metadata = getattr(converted, "_metadata", metadata)  # type: ignore[attr-defined]
+    kept._metadata = getattr(converted, "_metadata", None)  # type: ignore[attr-defined]
     return kept
 
 

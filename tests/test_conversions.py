@@ -265,6 +265,29 @@ def test_a_conversion_that_edits_in_place_as_torchvision_densenet_does(tmp_path:
     assert_checkpoint_loads(model, path, convert=densenet_regex)
 
 
+def test_a_conversion_returning_a_new_dict_drops_module_versions_as_torch_does(
+    tmp_path: Path,
+) -> None:
+    """``load_state_dict(fn(sd))`` with a new dict: no ``_metadata``, so every module sees
+    no version and Versioned converts a version-2 checkpoint once too often."""
+    path = tmp_path / "v2.pt"
+    torch.save(Versioned().state_dict(), path)
+
+    def new_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(state)
+
+    def in_place(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    with pytest.raises(RuntimeError, match="size mismatch for fc.weight"):
+        Versioned().load_state_dict(new_dict(torch.load(path, weights_only=True)))
+    Versioned().load_state_dict(in_place(torch.load(path, weights_only=True)))
+
+    with pytest.raises(StateDictMismatch, match=r"fc\.weight: checkpoint \[3, 5\], model \[5, 3\]"):
+        assert_checkpoint_loads(Versioned(), path, convert=new_dict)
+    assert_checkpoint_loads(Versioned(), path, convert=in_place)
+
+
 def test_a_conversion_that_returns_no_mapping_is_named(tmp_path: Path) -> None:
     path = save(old_state(), tmp_path / "old.pt")
     with pytest.raises(StateDictError, match="returned a list, not the state_dict"):
