@@ -193,7 +193,10 @@ def _check(
         present=recorded_only,
         values=converted_values,
     )
-    diff = diff_schemas(mapping_schema(state), module_schema(model))
+    # ignored keys count on neither side: no rename is paired from them, none listed
+    diff = diff_schemas(
+        *(normalise(s, ignore=ignore) for s in (mapping_schema(state), module_schema(model)))
+    )
     diff.model_verdict = verdict
     name = type(model).__name__
     if verdict.loads:

@@ -300,7 +300,7 @@ def test_a_conversion_that_returns_no_mapping_is_named(tmp_path: Path) -> None:
 def test_ignored_keys_count_on_neither_side_and_a_failure_lists_them(tmp_path: Path) -> None:
     model = Today()
     state = convert_old(old_state(), model)
-    state["aux.weight"] = torch.randn(3)
+    state["aux.weight"] = torch.randn(4, 4)  # v.weight's shape: no rename is paired from it
     state["head.weight"] = torch.randn(7, 4)  # the head was resized: a fine-tuning's
     del state["v.weight"]
     path = save(state, tmp_path / "ckpt.pt")
@@ -311,6 +311,7 @@ def test_ignored_keys_count_on_neither_side_and_a_failure_lists_them(tmp_path: P
 
     message = str(failure.value)
     assert "missing (in the model, not in the checkpoint) (1):\n    v.weight" in message
+    assert "renamed" not in message
     assert (
         "  ignored by ignore=['aux.*', 'head.*'] (2):\n"
         "    aux.weight (unexpected)\n"
