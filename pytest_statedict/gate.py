@@ -10,7 +10,6 @@ guard a release's layout as well as its gigabytes of weights would.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import warnings
@@ -23,6 +22,7 @@ from torch import nn
 
 from .checkpoint_files import load_state_dict_file, model_state
 from .compare import SchemaDiff, diff_schemas
+from .conversion import Converter, run_conversion
 from .errors import (
     CheckpointError,
     SnapshotError,
@@ -37,7 +37,7 @@ from .formats.reading import from_hook
 from .formats.snapshot import SNAPSHOT
 from .hf_rules import LoadVerdict
 from .meta_state import state_from_snapshot
-from .rename import Rename, compile_rename, matches_any, normalise
+from .rename import Rename, compile_rename, matches_any, normalise, renamed_versions
 from .report import (
     AMBIGUOUS_RENAMES,
     SECTION_LIMIT,
@@ -46,7 +46,7 @@ from .report import (
     optimizer_load_verdict,
     suggest_rename,
 )
-from .runtime import checkpoint_loader, recorded_check
+from .runtime import begin_check, checkpoint_loader, end_check
 from .schema import Schema
 from .verdict import load_into, summarised
 
@@ -54,7 +54,6 @@ from .verdict import load_into, summarised
 __tracebackhide__ = hide_from_bad_input
 
 
-@recorded_check("gate", lambda model, path, *args, **kwargs: os.fspath(path))
 def assert_checkpoint_loads(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -66,52 +65,138 @@ def assert_checkpoint_loads(
     rules: str = "auto",
     factory: Callable[[], nn.Module] | None = None,
     optimizer: Any = None,
-    convert: Callable[..., Mapping[str, Any]] | None = None,
+    convert: Converter | None = None,
     ignore: Iterable[str] = (),
     adapter_name: str | None = None,
+    expected_to_fail: str | None = None,
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
     ``rename`` (a mapping, a callable or ``[(regex, replacement), ...]``) maps the
-    checkpoint's keys to today's names. On failure, the message lists the missing,
-    unexpected and shape-mismatched keys, likely renames as a ready ``rename=``, and the
-    keys a ``strict=False`` load would silently drop. ``part`` names the model's entry
-    in a checkpoint holding several (``"modelB_state_dict"``). ``rules`` says whose idea of
-    "loads" applies: ``"torch"`` (``load_state_dict``), ``"transformers"`` (``from_pretrained``:
-    tied keys, keys to ignore, checkpoint conversions), ``"peft"`` (``set_peft_model_state_dict``:
-    an adapter's keys without the adapter name, ``modules_to_save``, no base-model weights) or
-    ``"auto"``: PEFT's for a ``PeftModel`` checked against an adapter (``adapter_name``, by
-    default its only adapter or ``"default"``), transformers' for a transformers
-    ``PreTrainedModel`` and torch's for anything else. ``factory`` builds the model to load
-    into, for a model that cannot be copied onto the meta device.
+    checkpoint's keys to today's names, and the module versions (``_metadata``) with them,
+    as torch's ``consume_prefix_in_state_dict_if_present`` does. On failure, the message
+    lists the missing, unexpected and shape-mismatched keys, likely renames as a ready
+    ``rename=``, and the keys a ``strict=False`` load would silently drop. ``part`` names
+    the model's entry in a checkpoint holding several (``"modelB_state_dict"``). ``rules``
+    says whose idea of "loads" applies: ``"torch"`` (``load_state_dict``), ``"transformers"``
+    (``from_pretrained``: tied keys, keys to ignore, checkpoint conversions), ``"peft"``
+    (``set_peft_model_state_dict``: an adapter's keys without the adapter name,
+    ``modules_to_save``, no base-model weights) or ``"auto"``: PEFT's for a ``PeftModel``
+    checked against an adapter (``adapter_name``, by default its only adapter or
+    ``"default"``), transformers' for a transformers ``PreTrainedModel`` and torch's for
+    anything else. ``factory`` builds the model to load into, for a model that cannot be
+    copied onto the meta device.
 
     ``optimizer`` (today's optimizer, or a function of the model that builds it) checks the
     checkpoint's optimizer state too: that it loads, and that every state lands on its own
     parameter (by name where the checkpoint names them, else by position, which is said).
     ``convert`` is the project's own conversion of old checkpoints, ``fn(state_dict)`` or
-    ``fn(state_dict, model)``, applied before ``rename``; keys matching an ``ignore`` glob
-    count on neither side.
+    ``fn(state_dict, model)``, run on the checkpoint's tensors before ``rename`` (meta
+    tensors where the checkpoint was read without data; the values, memory-mapped, when it
+    needs them); a failure lists the keys it changed. Keys matching an ``ignore`` glob
+    count on neither side, whether missing, unexpected or of another shape (as if the
+    loader dropped them); a failure lists them. ``expected_to_fail="why"`` accepts a
+    deliberate break: the call passes when the checkpoint does not load (an expected
+    failure in the summary) and fails once it loads again.
     """
     __tracebackhide__ = True
+    if expected_to_fail is not None and not expected_to_fail.strip():
+        raise StateDictError(
+            "assert_checkpoint_loads(expected_to_fail=...) takes the reason of the break"
+        )
+    session = begin_check("gate")
+    extra = {"reason": expected_to_fail} if expected_to_fail else {}
+    try:
+        _check(
+            model,
+            Path(path),
+            strict=strict,
+            rename=rename,
+            map_location=map_location,
+            part=part,
+            rules=rules,
+            factory=factory,
+            optimizer=optimizer,
+            convert=convert,
+            ignore=tuple(ignore),
+            adapter_name=adapter_name,
+        )
+    except Exception as exc:
+        end_check()
+        expected = expected_to_fail is not None and isinstance(exc, StateDictMismatch)
+        if session is not None:
+            outcome = "xfailed" if expected else "failed"
+            session.check_finished("gate", os.fspath(path), outcome, exc, **extra)
+        if expected:
+            return
+        raise
+    end_check()
+    if expected_to_fail is None:
+        if session is not None:
+            session.check_finished("gate", os.fspath(path), "passed")
+        return
+    fixed = StateDictMismatch(
+        f"checkpoint {_shown(Path(path))} loads into {type(model).__name__} again: the "
+        f"break of expected_to_fail={expected_to_fail!r} is fixed: remove expected_to_fail"
+    )
+    if session is not None:
+        session.check_finished("gate", os.fspath(path), "xpassed", fixed, **extra)
+    raise fixed
+
+
+def _check(
+    model: nn.Module,
+    path: Path,
+    *,
+    strict: bool,
+    rename: Rename,
+    map_location: Any,
+    part: str | None,
+    rules: str,
+    factory: Callable[[], nn.Module] | None,
+    optimizer: Any,
+    convert: Converter | None,
+    ignore: tuple[str, ...],
+    adapter_name: str | None,
+) -> None:
+    """The gate itself (see :func:`assert_checkpoint_loads`)."""
+    __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
-    ignore = tuple(ignore)
     source, saved, saved_on, recorded_only = checkpoint_state(
-        Path(path), part=part, map_location=map_location, model=model
+        path, part=part, map_location=map_location, model=model
     )
     mapping = compile_rename(rename)
-    state = _renamed(_converted(saved, convert, model), mapping)
+
+    def values() -> Mapping[str, Any]:  # the checkpoint's tensors, memory-mapped
+        return load_state_dict_file(source, part=part, map_location="cpu")[0]
+
+    conversion = None
+    if convert is not None:
+        conversion = run_conversion(saved, convert, model, values=values, shown=_shown(source))
+    state = _renamed(saved if conversion is None else conversion.state, mapping)
     loaded = load_into(
         model, state, rules=rules, strict=strict, factory=factory, adapter_name=adapter_name
     )
 
-    def values() -> Mapping[str, Any]:  # read only where a tie's values decide
-        saved = load_state_dict_file(source, part=part, map_location="cpu")[0]
-        return _renamed(_converted(saved, convert, model), mapping)
+    def converted_values() -> Mapping[str, Any]:  # read only where a tie's values decide
+        real = values()
+        if convert is not None:
+            real = run_conversion(real, convert, model, values=values, shown=_shown(source)).state
+        return _renamed(real, mapping)
 
     verdict = summarised(
-        model, loaded, state, strict=strict, ignore=ignore, present=recorded_only, values=values
+        model,
+        loaded,
+        state,
+        strict=strict,
+        ignore=ignore,
+        present=recorded_only,
+        values=converted_values,
     )
-    diff = diff_schemas(mapping_schema(state), module_schema(model))
+    # ignored keys count on neither side: no rename is paired from them, none listed
+    diff = diff_schemas(
+        *(normalise(s, ignore=ignore) for s in (mapping_schema(state), module_schema(model)))
+    )
     diff.model_verdict = verdict
     name = type(model).__name__
     if verdict.loads:
@@ -120,6 +205,8 @@ def assert_checkpoint_loads(
     else:
         title = f"checkpoint {_shown(source)} does not load into {name} with {loaded.how}:"
         lines = _load_failure(model, loaded, diff, recorded_only, ignore, strict)
+        if conversion is not None:
+            lines += conversion.lines(SECTION_LIMIT)
     optimizer_lines = []
     if optimizer is not None:
         optimizer_lines = _optimizer_failure(model, optimizer, source, part, rename, ignore, diff)
@@ -130,53 +217,17 @@ def assert_checkpoint_loads(
         raise StateDictMismatch("\n".join([title, *lines]), diff)
 
 
-def _converted(
-    state: Mapping[str, Any], convert: Callable[..., Mapping[str, Any]] | None, model: nn.Module
-) -> Mapping[str, Any]:
-    """``convert(state)`` or ``convert(state, model)``, keeping the module versions of a
-    conversion that returns a plain dict (their ``_load_from_state_dict`` reads them)."""
-    if convert is None:
-        return state
-    how = _model_argument(convert)
-    if how == "keyword":
-        converted = convert(state, model=model)
-    elif how == "positional":
-        converted = convert(state, model)
-    else:
-        converted = convert(state)
-    if not isinstance(converted, Mapping):
-        raise StateDictError(
-            f"assert_checkpoint_loads(convert=...): the conversion returned a "
-            f"{type(converted).__name__}, not the state_dict to load"
-        )
-    metadata = getattr(converted, "_metadata", getattr(state, "_metadata", None))
-    kept = OrderedDict(converted)
-    kept._metadata = metadata  # type: ignore[attr-defined]
-    return kept
-
-
-def _model_argument(convert: Callable[..., Any]) -> str | None:
-    """How ``convert`` wants the model: by a parameter named ``model`` (``"keyword"``), as a
-    second positional parameter without a default (``"positional"``), or not at all
-    (``fn(sd, drop_bias=False)`` does not: its second parameter is its own)."""
-    try:
-        parameters = list(inspect.signature(convert).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if any(p.name == "model" and p.kind != p.POSITIONAL_ONLY for p in parameters[1:]):
-        return "keyword"
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    second = parameters[1] if len(parameters) >= 2 else None
-    if second is not None and second.kind in positional and second.default is second.empty:
-        return "positional"
-    return None
-
-
 def _renamed(state: Mapping[str, Any], mapping: Callable[[str], str] | None) -> Mapping[str, Any]:
+    """The state under the new key names, with its module versions renamed as its keys
+    were (see :func:`~.rename.renamed_versions`), so that every module finds its own."""
     if mapping is None:
         return state
-    renamed = OrderedDict((mapping(k), v) for k, v in state.items())
-    renamed._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    names = {key: mapping(key) for key in state}
+    renamed = OrderedDict((names[k], v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    renamed._metadata = (  # type: ignore[attr-defined]
+        None if metadata is None else OrderedDict(renamed_versions(metadata, names))
+    )
     return renamed
 
 
@@ -194,9 +245,19 @@ def _load_failure(
     def kept(keys: list[str]) -> list[str]:
         return [k for k in keys if not matches_any(k, ignore)]
 
-    missing = kept([k for k in loaded.missing if k not in recorded_only])
+    all_missing = [k for k in loaded.missing if k not in recorded_only]
+    missing = kept(all_missing)
     unexpected = kept(loaded.unexpected)
     shapes = [s for s in loaded.shapes if not matches_any(s[0], ignore)]
+    ignored = [
+        *(f"{k} (missing)" for k in all_missing if k not in missing),
+        *(f"{k} (unexpected)" for k in loaded.unexpected if k not in unexpected),
+        *(
+            f"{k}: checkpoint {c}, model {m}"
+            for k, c, m in loaded.shapes
+            if (k, c, m) not in shapes
+        ),
+    ]
     lines = ["  " + model_verdict_line(diff.model_verdict, diff)]
     lines.extend(f"  {note}" for note in loaded.notes)
     if loaded.error:
@@ -207,6 +268,7 @@ def _load_failure(
     lines += _section(
         "accepted by transformers' rules (strict load_state_dict refuses)", loaded.accepted
     )
+    lines += _section(f"ignored by ignore={list(ignore)!r}", ignored)
     lines += _new_buffer_hint(model, missing)
     lines += _rename_hint(loaded, diff)
     if strict and unexpected and not shapes and not loaded.error:

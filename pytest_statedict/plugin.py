@@ -261,8 +261,10 @@ def _show_unused(terminalreporter: Any, state: StateDictSession) -> None:
 
 
 def _show_expected_to_fail(terminalreporter: Any, expected: list[dict[str, Any]]) -> None:
-    """The releases marked expected_to_fail: those that fail, and those that load again."""
-    terminalreporter.section("statedict: releases expected to fail")
+    """The releases and gates marked expected_to_fail: those that fail, and those that load
+    again."""
+    kinds = " and ".join(sorted({f"{r['kind']}s" for r in expected}))
+    terminalreporter.section(f"statedict: {kinds} expected to fail")
     for r in expected:
         if r["outcome"] == "xfailed":
             terminalreporter.line(f"  {r['name']}: {r['reason']} (fails, as expected)")

@@ -12,10 +12,11 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from .errors import StateDictError
 from .schema import Schema
-from .schema_entries import ModuleVersion, OptimizerSchema
+from .schema_entries import OptimizerSchema
 
 __all__ = [
     "Rename",
@@ -24,10 +25,13 @@ __all__ = [
     "matches_any",
     "normalise",
     "renamed_optimizer",
+    "renamed_versions",
     "without_ignored_members",
     "without_members",
 ]
 
+
+V = TypeVar("V")  # a module's version, as a schema or a state_dict's _metadata records it
 
 Rename = Mapping[str, str] | Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -85,7 +89,7 @@ def normalise(
         n for n in map(renamed, schema.non_persistent_buffers) if not matches_any(n, patterns)
     )
     versions = (
-        None if schema.versions is None else _renamed_versions(schema.versions, kept, patterns)
+        None if schema.versions is None else renamed_versions(schema.versions, kept, patterns)
     )
     optimizer = None if schema.optimizer is None else renamed_optimizer(schema.optimizer, renamed)
     return replace(
@@ -122,38 +126,43 @@ def _refuse_collisions(kept: Mapping[str, str]) -> None:
         seen[new] = key
 
 
-def _renamed_versions(
-    versions: Mapping[str, ModuleVersion], kept: Mapping[str, str], patterns: tuple[str, ...]
-) -> dict[str, ModuleVersion]:
-    """Module versions under the new key names.
+def renamed_versions(
+    versions: Mapping[str, V], kept: Mapping[str, str], patterns: tuple[str, ...] = ()
+) -> dict[str, V]:
+    """Module versions (a schema's, or a state_dict's ``_metadata``) under the new key names.
 
     A module ``P`` becomes ``Q`` when every kept key below it, ``P.<rest>``, became
     ``Q.<rest>``, and keeps its name when they went different ways. A module whose keys
     were all ignored is dropped; one without keys (a versioned activation, say) moves with
     its nearest ancestor that has kept keys, and is dropped when ``ignore`` covers it.
+
+    Where a module moves onto a name another keeps (stripping ``module.`` moves the wrapped
+    model onto the root, the wrapper's name), the module that moved wins: it owns the keys
+    now there, as torch's ``consume_prefix_in_state_dict_if_present`` decides.
     """
     below: dict[str, list[str]] = {"": list(kept)}  # module -> the kept keys below it
     for key in kept:
         parts = key.split(".")
         for i in range(1, len(parts)):
             below.setdefault(".".join(parts[:i]), []).append(key)
-    out: dict[str, ModuleVersion] = {}
+    stayed: dict[str, V] = {}
+    moved: dict[str, V] = {}
     for module, version in versions.items():
         if module and module not in below:  # no kept keys below it
             parent = _nearest_with_keys(module, below)
-            moved = _moved_module(parent, below[parent], kept) if parent is not None else None
+            head = _moved_module(parent, below[parent], kept) if parent is not None else None
             new = (
                 module
-                if moved is None or parent is None
-                else _below(moved, _relative(module, parent))
+                if head is None or parent is None
+                else _below(head, _relative(module, parent))
             )
             if matches_any(f"{new}.", patterns) or matches_any(f"{module}.", patterns):
                 continue
-            out[new] = version
-            continue
-        moved = _moved_module(module, below[module], kept)
-        out[module if moved is None else moved] = version
-    return out
+        else:
+            head = _moved_module(module, below[module], kept)
+            new = module if head is None else head
+        (stayed if new == module else moved)[new] = version
+    return {**stayed, **moved}
 
 
 def _nearest_with_keys(module: str, below: Mapping[str, list[str]]) -> str | None:

@@ -201,7 +201,8 @@ def _failure_details(failures: list[dict[str, Any]]) -> list[str]:
 
 
 def _expected_to_fail(expected: list[dict[str, Any]]) -> list[str]:
-    out = ["### Releases expected to fail", ""]
+    kinds = " and ".join(sorted({f"{check['kind']}s" for check in expected}))
+    out = [f"### {kinds.capitalize()} expected to fail", ""]
     for check in expected:
         how = (
             "fails, as expected"
