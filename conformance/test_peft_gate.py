@@ -403,7 +403,7 @@ def test_a_release_recorded_from_an_adapter(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\npythonpath = .\n")
     pytester.makepyfile(model=RELEASE_MODEL)
     pytester.makepyfile(
-        test_releases="""
+        test_adapter_releases="""
         from model import peft_model
         from pytest_statedict import statedict_releases
 

@@ -433,7 +433,7 @@ def test_the_release_gate_takes_convert_and_ignore(
 ) -> None:
     pytester.makeini("[pytest]\npythonpath = .\n")
     pytester.makepyfile(model=MODEL)
-    pytester.makepyfile(test_gate=RELEASE_GATE.format(extra=extra))
+    pytester.makepyfile(test_release_conversions=RELEASE_GATE.format(extra=extra))
     record_release(
         save(old_state(), pytester.path / "old.pt"),
         "v1.0",
