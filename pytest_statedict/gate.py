@@ -15,8 +15,9 @@ import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -37,7 +38,14 @@ from .formats.reading import from_hook
 from .formats.snapshot import SNAPSHOT
 from .hf_rules import LoadVerdict
 from .meta_state import state_from_snapshot
-from .rename import Rename, compile_rename, matches_any, normalise, renamed_versions
+from .rename import (
+    Rename,
+    compile_rename,
+    matches_any,
+    normalise,
+    refuse_collisions,
+    renamed_versions,
+)
 from .report import (
     AMBIGUOUS_RENAMES,
     SECTION_LIMIT,
@@ -162,10 +170,12 @@ def _check(
     """The gate itself (see :func:`assert_checkpoint_loads`)."""
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
-    source, saved, saved_on, recorded_only = checkpoint_state(
+    mapping = compile_rename(rename)
+    source, saved, saved_on, recorded_only, schema = checkpoint_state(
         path, part=part, map_location=map_location, model=model
     )
-    mapping = compile_rename(rename)
+    # the schema's fingerprints decide a tie, under today's names (a conversion's are unknown)
+    recorded = normalise(schema, rename=mapping) if schema and convert is None else None
 
     def values() -> Mapping[str, Any]:  # the checkpoint's tensors, memory-mapped
         return load_state_dict_file(source, part=part, map_location="cpu")[0]
@@ -191,11 +201,17 @@ def _check(
         strict=strict,
         ignore=ignore,
         present=recorded_only,
+        recorded=recorded,
         values=converted_values,
     )
     # ignored keys count on neither side: no rename is paired from them, none listed
+    # the checkpoint's key order where it has one (a .safetensors header is sorted)
+    ordered = schema.ordered if schema is not None else True
     diff = diff_schemas(
-        *(normalise(s, ignore=ignore) for s in (mapping_schema(state), module_schema(model)))
+        *(
+            normalise(s, ignore=ignore)
+            for s in (replace(mapping_schema(state), ordered=ordered), module_schema(model))
+        )
     )
     diff.model_verdict = verdict
     name = type(model).__name__
@@ -223,6 +239,7 @@ def _renamed(state: Mapping[str, Any], mapping: Callable[[str], str] | None) -> 
     if mapping is None:
         return state
     names = {key: mapping(key) for key in state}
+    refuse_collisions(names)  # two trained tensors under one name: one would be lost
     renamed = OrderedDict((names[k], v) for k, v in state.items())
     metadata = getattr(state, "_metadata", None)
     renamed._metadata = (  # type: ignore[attr-defined]
@@ -393,11 +410,25 @@ def optimizer_failure(
     return lines, judged
 
 
+class CheckpointState(NamedTuple):
+    """What the gate reads of a checkpoint (see :func:`checkpoint_state`)."""
+
+    # the checkpoint read (a folder's own file, ...)
+    source: Path
+    # the state_dict to load: real tensors (memory-mapped), or meta tensors from a schema
+    state: OrderedDict[str, Any] | dict[str, Any]
+    # the devices its tensors were saved on
+    saved_on: set[str]
+    # the keys it records but no tensor was rebuilt for (extra state, sparse)
+    recorded_only: set[str]
+    # the schema the state was rebuilt from (its fingerprints, its key order), if it was
+    schema: Schema | None = None
+
+
 def checkpoint_state(
     path: Path, *, part: str | None, map_location: Any, model: nn.Module | None = None
-) -> tuple[Path, OrderedDict[str, Any] | dict[str, Any], set[str], set[str]]:
-    """The checkpoint the gate reads (a folder's own file), the state_dict it loads, the
-    devices its tensors were saved on, and the keys it records but cannot rebuild.
+) -> CheckpointState:
+    """The checkpoint the gate reads and the state_dict it loads (:class:`CheckpointState`).
 
     A ``pytest_statedict_load_checkpoint`` hook's object if one claims ``path``; meta
     tensors of the recorded shapes and dtypes for a format whose schema is read first
@@ -408,7 +439,7 @@ def checkpoint_state(
     """
     custom = from_hook(path, checkpoint_loader())
     if custom is not None:
-        return path, model_state(path, custom, part=part), set(), set()
+        return CheckpointState(path, model_state(path, custom, part=part), set(), set())
     fmt, where = registry.detect(path)
     if fmt.schema_first:
         schema = schema_of(where, part=part)
@@ -419,9 +450,9 @@ def checkpoint_state(
                 raise
             raise CheckpointError(where, exc.problem) from None  # a checkpoint, not a snapshot
         recorded_only = {entry.key for entry in schema.tensors} - set(state)
-        return where, state, set(schema.saved_on), recorded_only
+        return CheckpointState(where, state, set(schema.saved_on), recorded_only, schema)
     state, saved_on = load_state_dict_file(where, map_location=map_location, part=part)
-    return where, state, saved_on, set()
+    return CheckpointState(where, state, saved_on, set())
 
 
 def _shown(path: Path) -> str:

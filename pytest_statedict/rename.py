@@ -24,6 +24,7 @@ __all__ = [
     "detect_prefix",
     "matches_any",
     "normalise",
+    "refuse_collisions",
     "renamed_optimizer",
     "renamed_versions",
     "without_ignored_members",
@@ -79,7 +80,7 @@ def normalise(
 
     names = {t.key: _checked_name(renamed(t.key), t.key) for t in schema.tensors}
     kept = {key: new for key, new in names.items() if not matches_any(new, patterns)}
-    _refuse_collisions(kept)
+    refuse_collisions(kept)
     tensors = tuple(
         replace(t, key=kept[t.key], tied_to=renamed(t.tied_to) if t.tied_to else None)
         for t in schema.tensors
@@ -114,7 +115,7 @@ def _checked_name(new: object, key: str) -> str:
     return new
 
 
-def _refuse_collisions(kept: Mapping[str, str]) -> None:
+def refuse_collisions(kept: Mapping[str, str]) -> None:
     """Two kept keys under one name: one of them would silently go unchecked."""
     seen: dict[str, str] = {}
     for key, new in kept.items():

@@ -132,14 +132,26 @@ def _merged(
     if _have_data(tensors):
         first = tensors[0]
         try:
-            equal = all(
-                t.shape == first.shape and t.dtype == first.dtype and torch.equal(t, first)
-                for t in tensors[1:]
-            )
+            equal = all(_same_values(first, t) for t in tensors[1:])
         except (RuntimeError, NotImplementedError):  # a subclass without aten.equal
             return TieOnLoad(present)
         return TieOnLoad(present, equal=equal)
     return TieOnLoad(present)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether loading either gives the parameter the same values: equal shapes and
+    numbers, NaN where the other has NaN, and across dtypes (torch casts on load) equal
+    once ``b`` is in ``a``'s dtype."""
+    if a.shape != b.shape:
+        return False
+    if b.dtype != a.dtype:
+        b = b.to(a.dtype)
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point() and not a.is_complex():
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _have_data(tensors: list[Any]) -> bool:

@@ -31,7 +31,7 @@ from .peft_rules import peft_load, uses_peft_rules
 from .rename import matches_any
 from .report import load_refusals
 from .schema import Schema
-from .tie_verdict import CheckpointValues, ties_on_load
+from .tie_verdict import CheckpointValues, TieOnLoad, ties_on_load
 
 __all__ = [
     "has_load_code",
@@ -145,15 +145,26 @@ def summarised(
     )
     if reasons:
         return ModelVerdict(name, False, ", ".join(reasons), loader, layouts)
-    ties = [t for t in ties_on_load(model, state, recorded, values) if not _ignored(t.keys, ignore)]
+    # an ignored key is still loaded (ignore= only stops counting it): its tie still counts
+    ties = ties_on_load(model, state, recorded, values)
+    if "from_pretrained" in loader:  # transformers unties keys saved apart with other values
+        notes = tuple(_untied_by_transformers(t) for t in ties)
+        return ModelVerdict(name, True, "", loader, layouts, notes=notes)
     dropped = [t.describe() for t in ties if t.may_drop_a_tensor]
     if dropped:
         return ModelVerdict(name, False, "; ".join(dropped), loader, layouts)
     return ModelVerdict(name, True, "", loader, layouts, notes=tuple(t.describe() for t in ties))
 
 
-def _ignored(keys: tuple[str, ...], ignore: tuple[str, ...]) -> bool:
-    return any(matches_any(k, ignore) for k in keys)
+def _untied_by_transformers(tie: TieOnLoad) -> str:
+    """A tie as ``from_pretrained`` treats it: two keys the checkpoint holds apart, with
+    values that differ, are not tied (transformers 5 warns, and keeps both)."""
+    if not tie.may_drop_a_tensor:
+        return tie.describe()
+    return (
+        f"{', '.join(tie.keys)} are separate tensors in the checkpoint: from_pretrained "
+        "keeps them apart (it unties them) where their values differ"
+    )
 
 
 def _layouts_load(

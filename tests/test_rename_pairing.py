@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,55 @@ def test_a_model_wide_rename_of_10000_keys_pairs_in_linear_time() -> None:
     assert all(new_key == old_key.replace("layers.", "blocks.", 1)
                for old_key, new_key in pairing.pairs)  # fmt: skip
     assert elapsed < 10, elapsed
+
+
+# ---- from an adversarial review ----------------------------------------------------------
+
+
+class TwoNorms(nn.Module):
+    def __init__(self, names: tuple[str, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.b = nn.Module()
+        for name in names:
+            setattr(self.b, name, nn.LayerNorm(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (getattr(self.b, n) for n in self.names)
+        return second(first(x) * 3)
+
+
+def test_a_sorted_safetensors_header_gives_no_order_to_pair_by(tmp_path: Path) -> None:
+    """``ln_x`` before ``ln_a`` in the model, after it in the sorted header: pairing by the
+    header's order would swap them, so they are ambiguous and nothing is suggested."""
+    from safetensors.torch import save_file
+
+    old = randomised(TwoNorms(("ln_x", "ln_a")))
+    path = tmp_path / "old.safetensors"
+    save_file(old.state_dict(), path)
+    with pytest.raises(StateDictMismatch) as failure:
+        assert_checkpoint_loads(TwoNorms(("first", "second")), path)
+    message = str(failure.value)
+    assert "rename=" not in message.split("renamed, but to which is ambiguous")[0]
+    assert "b.ln_x (bias, weight) -> one of b.first (weight, bias), b.second (weight, bias)" in (
+        message
+    )
+
+
+def test_keys_of_a_module_that_gained_one_pair_by_leaf_name() -> None:
+    """The module also gained a buffer, so it did not move whole: its weight still goes to
+    the weight and its bias to the bias, whatever the registration order."""
+    old = entries([("enc.norm.weight", (4,)), ("enc.norm.bias", (4,))])
+    new = entries([("dec.ln.bias", (4,)), ("dec.ln.weight", (4,)), ("dec.ln.eps", (1,))])
+    assert likely_renames(old, new).pairs == [
+        ("enc.norm.weight", "dec.ln.weight"),
+        ("enc.norm.bias", "dec.ln.bias"),
+    ]
+
+
+def test_modules_paired_by_their_order_alone_are_marked() -> None:
+    old = entries([("b.norm1.weight", (4,)), ("b.norm2.weight", (4,))])
+    new = entries([("b.post.weight", (4,)), ("b.pre.weight", (4,))])
+    pairing = likely_renames(old, new)
+    assert pairing.by_order == [("b.norm1 (weight)", "b.post (weight)"),
+                                ("b.norm2 (weight)", "b.pre (weight)")]  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pytest_statedict import (
+    StateDictError,
     StateDictMismatch,
     assert_checkpoint_loads,
     assert_state_dict_matches,
@@ -212,3 +213,54 @@ def test_the_release_gate_fails_as_it_could_not_compare(pytester: pytest.Pyteste
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*lm_head.weight would overwrite transformer.wte.weight*"])
+
+
+# ---- from an adversarial review ----------------------------------------------------------
+
+
+def test_a_rename_sending_two_keys_to_one_name_is_refused(tmp_path: Path) -> None:
+    """Two trained tensors under one name: one would be lost, as by a new tie."""
+    one = nn.Module()
+    one.emb = nn.Embedding(VOCAB, DIM)
+    path = tmp_path / "untied.pt"
+    torch.save({"wte.weight": torch.randn(VOCAB, DIM), "lm_head.weight": torch.randn(VOCAB, DIM)},
+               path)  # fmt: skip
+    with pytest.raises(StateDictError, match="maps both 'wte.weight' and 'lm_head.weight'"):
+        assert_checkpoint_loads(one, path, rename=[(r"^(wte|lm_head)\.", "emb.")])
+
+
+def test_ignoring_one_key_of_a_tie_does_not_hide_what_it_overwrites(tmp_path: Path) -> None:
+    """ignore= stops counting a key; torch still loads it, over the trained one."""
+    path = saved(tmp_path, trained(GPT(tied=False)))
+    with pytest.raises(StateDictMismatch) as failure:
+        assert_checkpoint_loads(GPT(tied=True), path, ignore=["lm_head.weight"])
+    assert OVERWRITES in str(failure.value)
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_the_gate_reads_a_snapshot_with_values_by_its_fingerprints(
+    tmp_path: Path, equal: bool
+) -> None:
+    old = trained(GPT(tied=False))
+    if equal:
+        with torch.no_grad():
+            old.lm_head.weight.copy_(old.transformer.wte.weight)
+    snapshot = tmp_path / "old.json"
+    snapshot.write_text(schema_of(old, values=True).to_json())
+    if equal:
+        assert_checkpoint_loads(GPT(tied=True), snapshot)
+        return
+    with pytest.raises(StateDictMismatch) as failure:
+        assert_checkpoint_loads(GPT(tied=True), snapshot)
+    assert OVERWRITES in str(failure.value)
+
+
+def test_equal_values_with_nan_and_another_dtype_load(tmp_path: Path) -> None:
+    """torch loads either into the parameter with the same result: nothing is lost."""
+    weights = torch.randn(VOCAB, DIM)
+    weights[0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save({"transformer.wte.weight": weights, "transformer.ln_f.weight": torch.ones(DIM),
+                "transformer.ln_f.bias": torch.zeros(DIM),
+                "lm_head.weight": weights.clone().double()}, path)  # fmt: skip
+    assert_checkpoint_loads(GPT(tied=True), path)
