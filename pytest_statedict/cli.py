@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument(UNSAFE_UNPICKLE, action="store_true", help=UNSAFE_HELP)
     _add_release_commands(commands)
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a name that is no valid Unicode, escaped
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     unsafe = getattr(args, "unsafe_unpickle", False)
     if unsafe:
         print(

@@ -203,6 +203,20 @@ def test_a_trainer_folder_is_one_checkpoint_model_optimizer_and_the_rest(tmp_pat
     assert not (tmp_path / "unpickled").exists()
 
 
+def test_a_name_that_is_no_valid_unicode_is_shown_escaped(tmp_path: Path) -> None:
+    """A lone surrogate in trainer_state.json (JSON allows the escape): shown, not a crash."""
+    folder = trainer_folder(tmp_path / "checkpoint-6")
+    (folder / "trainer_state.json").write_text(
+        '{"global_step": 6, "stateful_callbacks": {"\\ud800": {}}}'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_statedict", "show", str(folder)],
+        capture_output=True, text=True, errors="replace",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "stateful callbacks \\ud800" in done.stdout
+
+
 def test_show_names_the_framework_and_every_part(tmp_path: Path) -> None:
     folder = trainer_folder(tmp_path / "checkpoint-6")
     shown = subprocess.run(
