@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +193,11 @@ class Framework:
     resume: Callable[[Artifact, str], Mapping[str, torch.Tensor]]
     # today's optimizer of a variant, a function of the model; None: the artifact holds none
     optimizer: Callable[[str], Callable[[nn.Module], Any]] | None = None
+    renamed: str = f"{RENAMED_HEAD}."  # the renamed module's key prefix (a verdict names it)
     framework_words: str | None = None  # what `statedict show`'s "framework:" line names
-    parts: tuple[str, ...] = ()  # what else `statedict show` must mention (lower case)
+    # what else `statedict show` must mention (lower case; "a|b": either)
+    parts: tuple[str, ...] = ()
     cli_flags: tuple[str, ...] = ()  # the opt-in `statedict show/record` need
-    notes: dict[str, str] = field(default_factory=dict)
 
     def outcome(self, artifact: Artifact, variant: str) -> Outcome:
         return resumed(lambda: self.resume(artifact, variant), artifact.saved)
@@ -422,6 +423,7 @@ TRAINER = Framework(
     trainer_model,
     trainer_resume,
     optimizer=trainer_optimizer,
+    renamed="head.",
     framework_words="Trainer",
     parts=("optimizer", "scheduler", "rng", "training_args"),
 )
@@ -468,7 +470,7 @@ ACCELERATE = Framework(
     accelerate_resume,
     optimizer=adamw,
     framework_words="accelerate",
-    parts=("optimizer", "scheduler", "random_states"),
+    parts=("optimizer", "scheduler", "rng|random_states"),
 )
 
 
@@ -537,8 +539,8 @@ PEFT = Framework(
     peft_write,
     peft_model,
     peft_resume,
+    renamed="mix.",
     framework_words="PEFT",
-    notes={"renamed": "the second LoRA target renamed (proj2 -> mix), today's config with it"},
 )
 
 
