@@ -4,7 +4,7 @@ One row per (framework, operation), parametrized as ``framework_row`` so that co
 prints the table (``--frameworks-table=PATH`` writes it as Markdown, with what each
 framework's own resume did). Each framework (``frameworks.py``) trains a tiny model for a
 few steps on the CPU and writes its real artifact, once per worker; its rows then go
-through ``statedict show`` and ``statedict record`` (as commands, in a subprocess),
+through ``statedict show`` (the command, in a subprocess), ``statedict record``,
 ``assert_checkpoint_loads`` and the release gate (``statedict_releases``' ReleaseGate, fed
 the release that ``statedict record`` wrote):
 
@@ -24,6 +24,8 @@ The plugin never says "loads" where the framework raises: that is every row's as
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -37,6 +39,7 @@ import pytest
 from frameworks import FRAMEWORKS, OPERATIONS, Artifact, Framework, Outcome
 
 from pytest_statedict import CheckpointError, StateDictMismatch, assert_checkpoint_loads, schema_of
+from pytest_statedict.cli import main as statedict_main
 from pytest_statedict.readers.snapshot_file import read_snapshot
 from pytest_statedict.releases import Release, ReleaseGate
 from pytest_statedict.schema import Schema
@@ -77,12 +80,17 @@ class Subject:
 
     @property
     def release(self) -> Path:
-        """The release that ``statedict record`` writes of the artifact (once)."""
+        """The release that ``statedict record`` writes of the artifact (once). Run in this
+        process, through the command's own ``main``: a subprocess would import torch again
+        (``show`` runs as one: it reads without torch)."""
         if self._release is None:
             folder = self.artifact.work / "releases"
-            done = statedict("record", str(self.path), "--release", RELEASE, "--dir", str(folder),
-                             *self.framework.cli_flags, cwd=self.artifact.work)  # fmt: skip
-            assert done.returncode == 0, done.stderr
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                args = ["record", str(self.path), "--release", RELEASE, "--dir", str(folder)]
+                code = statedict_main([*args, *self.framework.cli_flags])
+            if code != 0:
+                pytest.fail(f"statedict record exits {code}: {out.getvalue().strip()}")
             self._release = folder / f"{RELEASE}.json"
         return self._release
 
