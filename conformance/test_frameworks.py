@@ -108,12 +108,9 @@ def subject(framework_row: tuple[str, str], tmp_path_factory: pytest.TempPathFac
     )
     if name not in SUBJECTS:
         folder = tmp_path_factory.mktemp(name)
-        cwd = Path.cwd()
-        os.chdir(folder)  # what a framework writes beside its artifact (logs) goes there
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(folder)  # what a framework writes beside its artifact (logs) goes there
             SUBJECTS[name] = Subject(framework, framework.write(folder))
-        finally:
-            os.chdir(cwd)
     return SUBJECTS[name]
 
 
