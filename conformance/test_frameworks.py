@@ -25,6 +25,7 @@ The plugin never says "loads" where the framework raises: that is every row's as
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import re
@@ -149,7 +150,16 @@ def gate(s: Subject, variant: str, *, with_optimizer: bool) -> None:
     if s.framework.cli_flags:  # only an opt-in reads it: the gate refuses it by name
         with pytest.raises(CheckpointError, match="arbitrary code") as refused:
             assert_checkpoint_loads(model, s.path, optimizer=optimizer)
-        assert str(s.path.name) in str(refused.value)
+        message = str(refused.value)
+        assert s.path.name in message, message
+        # a hint names only what the gate takes
+        hint = message.split("the error from torch.load")[0]
+        taken = inspect.signature(assert_checkpoint_loads).parameters
+        if "weights_only=False" in hint and "weights_only" not in taken:
+            pytest.fail(
+                "the gate's refusal says to pass weights_only=False, which "
+                f"assert_checkpoint_loads does not take: {message[:240]}"
+            )
         return
     assert_checkpoint_loads(model, s.path, optimizer=optimizer)
 
