@@ -101,7 +101,11 @@ SUBJECTS: dict[str, Subject] = {}
 
 @pytest.fixture
 def subject(framework_row: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Subject:
-    name = framework_row[0]
+    return subject_of(framework_row[0], tmp_path_factory)
+
+
+def subject_of(name: str, tmp_path_factory: pytest.TempPathFactory) -> Subject:
+    """The framework's subject, its artifact written on first use."""
     framework = FRAMEWORKS[name]
     pytest.importorskip(
         framework.library,
@@ -308,3 +312,25 @@ OPS: dict[str, Callable[[Subject], None]] = {
     "rename": op_rename,
     "regroup": op_regroup,
 }
+
+
+def test_statedict_releases_as_a_user_runs_it(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The release gate in a user's test module: the release ``statedict record`` wrote of
+    the DCP checkpoint (model and optimizer), ``statedict_releases`` with today's optimizer:
+    it passes as trained, and the regrouped optimizer fails that release by name."""
+    s = subject_of("dcp", tmp_path_factory)
+    pytester.makeini(f"[pytest]\nstatedict_releases_dir = {s.release.parent}\n")
+    pytester.makepyfile(
+        test_releases="""
+        from frameworks import adamw, net
+        from pytest_statedict import statedict_releases
+
+        test_as_trained = statedict_releases(lambda: net("unchanged"), optimizer=adamw("unchanged"))
+        test_regrouped = statedict_releases(lambda: net("unchanged"), optimizer=adamw("regrouped"))
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_regrouped?v1?*", "*param_groups*"])
