@@ -90,19 +90,19 @@ def adamw(variant: str) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return build
 
 
-def batches(count: int = STEPS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training data: ``STEPS`` batches, the same every time."""
     generator = torch.Generator().manual_seed(0)
-    for _ in range(count):
+    for _ in range(STEPS):
         yield torch.randn(4, 16, generator=generator), torch.randn(4, 8, generator=generator)
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+def train(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A plain training loop (what DCP, torchao and ``torch.save`` users write themselves)."""
     for x, y in batches():
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-        if scheduler is not None:
-            scheduler.step()
 
 
 # ------------------------------------------------------------------------------ the oracle
