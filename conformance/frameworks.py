@@ -3,10 +3,11 @@ framework itself writes, today's model (unchanged, renamed, regrouped) and the f
 own resume, the oracle that the plugin's verdicts are held against.
 
 Each framework trains a tiny model for 3 steps on the CPU and writes its checkpoint as its
-users do (``trainer.save_checkpoint``, ``Trainer``'s ``checkpoint-3/``, ``save_state``,
-``save_pretrained``, ``dcp.save``, ``torch.save``). Today's model comes in three variants:
-``unchanged``; ``renamed``, a submodule renamed (the head; for PEFT a targeted layer, as the
-adapter's keys live there); ``regrouped``, the optimizer's 2 param groups split into 3.
+users do (``trainer.save_checkpoint``; ``Trainer``'s ``checkpoint-3/``, of a plain model and
+of a LoRA PeftModel; ``save_state``, ``save_pretrained``, ``dcp.save``, ``torch.save``).
+Today's model comes in three variants: ``unchanged``; ``renamed``, a submodule renamed (the
+head; for the PEFT adapter a targeted layer, as the adapter's keys live there);
+``regrouped``, the optimizer's 2 param groups split into 3.
 
 The oracle resumes the artifact into today's model the framework's own way and says what
 happened: it ``resumes`` (every weight it restores comes from the checkpoint), it
@@ -318,7 +319,7 @@ def bert_classes() -> tuple[type[nn.Module], type[Any]]:
         """Trainer's 2 groups (decay, no decay) with the classifier in a third."""
 
         def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-            named = list(self.model.named_parameters())
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             decay = set(self.get_decay_parameter_names(self.model))
             groups: list[list[nn.Parameter]] = [[], [], []]
             for name, p in named:
@@ -426,6 +427,54 @@ TRAINER = Framework(
     renamed="head.",
     framework_words="Trainer",
     parts=("optimizer", "scheduler", "rng", "training_args"),
+)
+
+
+# ---- transformers Trainer fine-tuning a PeftModel (LoRA): its checkpoint holds the adapter
+
+
+def trainer_peft_model(variant: str) -> nn.Module:
+    """The tiny BERT with LoRA on its attention's query and value, its head trained whole
+    (``modules_to_save``; ``renamed``: the head renamed, today's config naming it)."""
+    from peft import LoraConfig, get_peft_model
+
+    head = "head" if variant == "renamed" else "classifier"
+    base = trainer_model(variant)
+    config = LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=[head])
+    return get_peft_model(base, config)
+
+
+def trainer_peft_write(folder: Path) -> Artifact:
+    model = trainer_peft_model("unchanged")
+    trainer_for(model, "unchanged", folder / "run").train()
+    path = folder / "run" / f"checkpoint-{STEPS}"
+    from safetensors import safe_open
+
+    with safe_open(path / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    return Artifact(path, keys, parameters(model, trainable=True), folder)
+
+
+def trainer_peft_resume(artifact: Artifact, variant: str) -> Mapping[str, torch.Tensor]:
+    """Trainer's resume of a PeftModel: it loads the adapter (``load_adapter``), then the
+    optimizer."""
+    model = trainer_peft_model(variant)
+    trainer_for(model, variant, artifact.work / "resumed").train(
+        resume_from_checkpoint=str(artifact.path)
+    )
+    return parameters(model, trainable=True)
+
+
+TRAINER_PEFT = Framework(
+    "trainer-peft",
+    "peft",
+    trainer_peft_write,
+    trainer_peft_model,
+    trainer_peft_resume,
+    optimizer=trainer_optimizer,
+    renamed="head.",
+    framework_words="Trainer",
+    parts=("optimizer", "scheduler", "rng", "training_args", "peft|adapter"),
 )
 
 
@@ -656,4 +705,6 @@ PICKLED = Framework(
 )
 
 
-FRAMEWORKS = {f.name: f for f in (LIGHTNING, TRAINER, ACCELERATE, PEFT, DCP, TORCHAO, PICKLED)}
+FRAMEWORKS = {
+    f.name: f for f in (LIGHTNING, TRAINER, TRAINER_PEFT, ACCELERATE, PEFT, DCP, TORCHAO, PICKLED)
+}

@@ -264,7 +264,7 @@ def expect_optimizer(s: Subject, schema: Schema, surface: str) -> None:
     if schema.optimizer is None:
         pytest.fail(f"{surface}: the optimizer state in {s.path.name} is not recognised")
     groups, states = len(schema.optimizer.param_groups), len(schema.optimizer.state)
-    parameters = sum(1 for _ in s.framework.model("unchanged").parameters())
+    parameters = sum(p.requires_grad for p in s.framework.model("unchanged").parameters())
     if (groups, states) != (2, parameters):
         pytest.fail(
             f"{surface}: {groups} param groups with state for {states} parameters, not 2 "
