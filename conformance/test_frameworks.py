@@ -296,10 +296,12 @@ def op_optimizer(s: Subject) -> None:
 
 
 def op_rename(s: Subject) -> None:
+    """A submodule renamed: the verdict follows the framework's resume, naming the module."""
     judged(s, "renamed", with_optimizer=True, names=re.escape(s.framework.renamed))
 
 
 def op_regroup(s: Subject) -> None:
+    """2 param groups split in 3: the optimizer verdict follows the framework's resume."""
     requires_optimizer(s)
     judged(s, "regrouped", with_optimizer=True, names="param_groups")
 
