@@ -1,6 +1,8 @@
 """The sweep's table: architectures x operations, printed after the run.
 
 ``--sweep-table=PATH`` also writes it as Markdown, with the first line of every failure.
+The framework rows (test_frameworks.py) get a table of their own, artifacts x operations
+and what each framework's own resume did; ``--frameworks-table=PATH`` writes it as Markdown.
 
 Also how the sweep runs under xdist: the rows of one architecture go to one worker, one
 after the other (``ArchitectureScheduling``), and each worker computes on one thread.
@@ -23,6 +25,9 @@ MARK = {"passed": "ok", "skipped": "skip", "failed": "FAIL"}
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--sweep-table", metavar="PATH", help="write the sweep's table as Markdown")
     parser.addoption("--sweep-live", metavar="PATH", help="append each row's outcome as it comes")
+    parser.addoption(
+        "--frameworks-table", metavar="PATH", help="write the framework rows' table as Markdown"
+    )
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -62,7 +67,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     both workers, so each built the model (and counted its parameters) once per worker and
     again whenever another architecture's row came between two of its own. Here the unit is
     the architecture read from the row's id, ``test_conformance[<architecture>-<operation>]``
-    (operations have no ``-``), and any other test keeps loadgroup's own scope.
+    (operations have no ``-``), and any other test keeps loadgroup's own scope. The framework
+    rows, ``test_framework[<framework>-<operation>]``, go by framework the same way: each
+    worker that gets one trains the framework and writes its artifact.
     """
     if config.getvalue("dist") != "loadgroup":
         return None
@@ -71,7 +78,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class ArchitectureScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
             row = re.search(r"::test_conformance\[(.+)-[a-z_]+\]$", nodeid)
-            return f"architecture:{row.group(1)}" if row else super()._split_scope(nodeid)
+            if row:
+                return f"architecture:{row.group(1)}"
+            row = re.search(r"::test_framework\[(.+)-[a-z_]+\]$", nodeid)
+            return f"framework:{row.group(1)}" if row else super()._split_scope(nodeid)
 
     return ArchitectureScheduling(config, log)
 
@@ -93,14 +103,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "row" in callspec.params:
             item.user_properties.append(("sweep_row", tuple(callspec.params["row"])))
+        if callspec is not None and "framework_row" in callspec.params:
+            item.user_properties.append(("framework_row", tuple(callspec.params["framework_row"])))
 
 
-def _outcomes(terminalreporter: pytest.TerminalReporter) -> dict[tuple[str, str], tuple[str, str]]:
-    """(architecture, operation) -> (outcome, first line of the failure or skip reason)."""
+def _outcomes(
+    terminalreporter: pytest.TerminalReporter, kind: str = "sweep_row"
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(architecture, operation) -> (outcome, first line of the failure or skip reason), of
+    the rows whose user property ``kind`` names them."""
     cells: dict[tuple[str, str], tuple[str, str]] = {}
     for reports in terminalreporter.stats.values():
         for report in reports:
-            row = dict(getattr(report, "user_properties", ())).get("sweep_row")
+            row = dict(getattr(report, "user_properties", ())).get(kind)
             if row is None or not hasattr(report, "when"):
                 continue
             if report.when != "call" and report.passed:
@@ -113,6 +128,11 @@ def _outcomes(terminalreporter: pytest.TerminalReporter) -> dict[tuple[str, str]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    _sweep_table(terminalreporter)
+    _frameworks_table(terminalreporter)
+
+
+def _sweep_table(terminalreporter: pytest.TerminalReporter) -> None:
     cells = _outcomes(terminalreporter)
     if not cells:
         return
@@ -138,6 +158,63 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             marks = [MARK.get(cells.get((a, o), ("-", ""))[0], "-") for o in ops]
             lines.append(f"| {a} | " + " | ".join(marks) + " |")
         lines += ["", "| architecture | operation | outcome | detail |", "|---|---|---|---|"]
+        for (a, o), (r, d) in cells.items():
+            if r != "passed":
+                lines.append(f"| {a} | {o} | {r} | {d.replace('|', '/')} |")
+        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _framework_outcomes(terminalreporter: pytest.TerminalReporter) -> dict[str, dict[str, str]]:
+    """framework -> variant -> what the framework's own resume did (the rows' properties
+    ``framework_outcome:<variant>``)."""
+    found: dict[str, dict[str, str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            properties = dict(getattr(report, "user_properties", ()))
+            row = properties.get("framework_row")
+            if row is None:
+                continue
+            for name, value in properties.items():
+                if name.startswith("framework_outcome:"):
+                    found.setdefault(row[0], {})[name.split(":", 1)[1]] = value
+    return found
+
+
+def _frameworks_table(terminalreporter: pytest.TerminalReporter) -> None:
+    """Artifacts x operations, and beside them what the framework itself did on resume."""
+    cells = _outcomes(terminalreporter, "framework_row")
+    if not cells:
+        return
+    from frameworks import FRAMEWORKS, OPERATIONS  # the rows ran: torch is imported already
+
+    oracle = _framework_outcomes(terminalreporter)
+    artifacts = [a for a in FRAMEWORKS if any(a == row for row, _ in cells)]
+    ops = [o for o in OPERATIONS if any(o == op for _, op in cells)]
+
+    def resumed(artifact: str) -> str:
+        found = oracle.get(artifact, {})
+        return "; ".join(
+            f"{v}: {found[v]}" for v in ("unchanged", "renamed", "regrouped") if v in found
+        )
+
+    tr = terminalreporter
+    tr.section("conformance: framework checkpoints x operations")
+    width = max(len(a) for a in artifacts)
+    tr.write_line(f"{'':<{width}} " + " ".join(f"{o:>9}" for o in ops))
+    for a in artifacts:
+        marks = [MARK.get(cells.get((a, o), ("-", ""))[0], "-") for o in ops]
+        tr.write_line(f"{a:<{width}} " + " ".join(f"{m:>9}" for m in marks))
+    tr.write_line("")
+    for a in artifacts:
+        tr.write_line(f"{a:<{width}} framework's own resume: {resumed(a) or '-'}")
+    path = tr.config.getoption("--frameworks-table")
+    if path:
+        lines = ["| artifact | " + " | ".join(ops) + " | framework's own resume |"]
+        lines.append("|---" * (len(ops) + 2) + "|")
+        for a in artifacts:
+            marks = [MARK.get(cells.get((a, o), ("-", ""))[0], "-") for o in ops]
+            lines.append(f"| {a} | " + " | ".join(marks) + f" | {resumed(a).replace('|', '/')} |")
+        lines += ["", "| artifact | operation | outcome | detail |", "|---|---|---|---|"]
         for (a, o), (r, d) in cells.items():
             if r != "passed":
                 lines.append(f"| {a} | {o} | {r} | {d.replace('|', '/')} |")
