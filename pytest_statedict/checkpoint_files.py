@@ -47,6 +47,9 @@ def model_state(path: Path, obj: Any, *, part: str | None = None) -> dict[str, A
             raise CheckpointError(path, str(exc).removeprefix("schema_of(): ")) from None
     if is_state_dict(obj):
         return obj
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):  # a whole module
+        state: dict[str, Any] = obj.state_dict()  # (loaded with weights_only=False, by name)
+        return state
     if isinstance(obj, dict):
         for key in MODEL_KEYS:
             if is_state_dict(obj.get(key)):

@@ -77,6 +77,7 @@ def assert_checkpoint_loads(
     ignore: Iterable[str] = (),
     adapter_name: str | None = None,
     expected_to_fail: str | None = None,
+    weights_only: bool = True,
 ) -> None:
     """Assert that the checkpoint or snapshot at ``path`` loads into ``model``.
 
@@ -105,7 +106,9 @@ def assert_checkpoint_loads(
     count on neither side, whether missing, unexpected or of another shape (as if the
     loader dropped them); a failure lists them. ``expected_to_fail="why"`` accepts a
     deliberate break: the call passes when the checkpoint does not load (an expected
-    failure in the summary) and fails once it loads again.
+    failure in the summary) and fails once it loads again. ``weights_only=False``, asked
+    for by name, unpickles a file fully (a whole ``torch.save(model)``): it runs any code
+    the file holds, so only for files you trust.
     """
     __tracebackhide__ = True
     if expected_to_fail is not None and not expected_to_fail.strip():
@@ -128,6 +131,7 @@ def assert_checkpoint_loads(
             convert=convert,
             ignore=tuple(ignore),
             adapter_name=adapter_name,
+            weights_only=weights_only,
         )
     except Exception as exc:
         end_check()
@@ -166,19 +170,22 @@ def _check(
     convert: Converter | None,
     ignore: tuple[str, ...],
     adapter_name: str | None,
+    weights_only: bool,
 ) -> None:
     """The gate itself (see :func:`assert_checkpoint_loads`)."""
     __tracebackhide__ = True
     require_module(model, "assert_checkpoint_loads()")
     mapping = compile_rename(rename)
     source, saved, saved_on, recorded_only, schema = checkpoint_state(
-        path, part=part, map_location=map_location, model=model
+        path, part=part, map_location=map_location, model=model, weights_only=weights_only
     )
     # the schema's fingerprints decide a tie, under today's names (a conversion's are unknown)
     recorded = normalise(schema, rename=mapping) if schema and convert is None else None
 
     def values() -> Mapping[str, Any]:  # the checkpoint's tensors, memory-mapped
-        return load_state_dict_file(source, part=part, map_location="cpu")[0]
+        return load_state_dict_file(
+            source, part=part, map_location="cpu", weights_only=weights_only
+        )[0]
 
     conversion = None
     if convert is not None:
@@ -426,7 +433,12 @@ class CheckpointState(NamedTuple):
 
 
 def checkpoint_state(
-    path: Path, *, part: str | None, map_location: Any, model: nn.Module | None = None
+    path: Path,
+    *,
+    part: str | None,
+    map_location: Any,
+    model: nn.Module | None = None,
+    weights_only: bool = True,
 ) -> CheckpointState:
     """The checkpoint the gate reads and the state_dict it loads (:class:`CheckpointState`).
 
@@ -451,7 +463,9 @@ def checkpoint_state(
             raise CheckpointError(where, exc.problem) from None  # a checkpoint, not a snapshot
         recorded_only = {entry.key for entry in schema.tensors} - set(state)
         return CheckpointState(where, state, set(schema.saved_on), recorded_only, schema)
-    state, saved_on = load_state_dict_file(where, map_location=map_location, part=part)
+    state, saved_on = load_state_dict_file(
+        where, map_location=map_location, part=part, weights_only=weights_only
+    )
     return CheckpointState(where, state, saved_on, set())
 
 

@@ -166,3 +166,29 @@ def test_the_api_keeps_weights_only_false_by_name(
     assert schema.knows_modules
     assert schema.by_key()["bn.num_batches_tracked"].kind == "buffer"
     assert schema.read_as == "torch zip, loaded (weights_only=False, by request, memory-mapped)"
+
+
+def test_the_gate_takes_weights_only_false_by_name(project: Path) -> None:
+    """The gate's refusal names the parameter it has; with it, the module's state is
+    judged like any checkpoint's (a rename since is a NO)."""
+    save_model(project, "whole.pt")
+    code = textwrap.dedent(
+        """
+        import mymodels
+        from pytest_statedict import assert_checkpoint_loads, StateDictError, StateDictMismatch
+        try:
+            assert_checkpoint_loads(mymodels.Net(), "whole.pt")
+        except StateDictError as exc:
+            print("refused:", "pass weights_only=False by name" in str(exc))
+        assert_checkpoint_loads(mymodels.Net(), "whole.pt", weights_only=False)
+        print("loads")
+        wider = mymodels.Net(width=5)
+        try:
+            assert_checkpoint_loads(wider, "whole.pt", weights_only=False)
+        except StateDictMismatch as exc:
+            print("widened:", "shape mismatches" in str(exc))
+        """
+    )
+    done = python(code, project)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["refused:", "True", "loads", "widened:", "True"]
