@@ -213,13 +213,20 @@ def entry_type(description: str) -> str:
     return description.partition(ENTRY_DETAIL)[0]
 
 
+# What an LR scheduler keeps one of per param group of its optimizer: a base learning
+# rate (every LRScheduler), or a floor (ReduceLROnPlateau, which is no LRScheduler).
+PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "min_lrs")
+
+
 def is_scheduler_state(obj: Any) -> bool:
-    """An LR scheduler's ``state_dict()`` (``torch.optim.lr_scheduler``): a base learning
-    rate per param group of its optimizer, and the epoch it reached."""
-    return (
-        isinstance(obj, Mapping)
-        and isinstance(obj.get("base_lrs"), (list, tuple))
-        and "last_epoch" in obj
+    """An LR scheduler's ``state_dict()`` (``torch.optim.lr_scheduler``): a learning rate
+    (or floor) per param group of its optimizer, and the epoch it reached."""
+    return isinstance(obj, Mapping) and "last_epoch" in obj and _groups_key(obj) is not None
+
+
+def _groups_key(state: Mapping[str, Any]) -> str | None:
+    return next(
+        (k for k in PER_GROUP_SCHEDULER_KEYS if isinstance(state.get(k), (list, tuple))), None
     )
 
 
@@ -232,7 +239,7 @@ def scheduler_detail(state: Mapping[str, Any]) -> str:
         for key in sorted(state, key=str)
         if not str(key).startswith("_")
     )
-    return f"{len(state['base_lrs'])} param group(s) ({public})"
+    return f"{len(state[_groups_key(state) or 'base_lrs'])} param group(s) ({public})"
 
 
 def lightning_framework(obj: Mapping[Any, Any]) -> str | None:

@@ -217,6 +217,29 @@ def test_a_name_that_is_no_valid_unicode_is_shown_escaped(tmp_path: Path) -> Non
     assert "stateful callbacks \\ud800" in done.stdout
 
 
+def test_an_optimizer_file_that_is_no_regular_file_is_named(tmp_path: Path) -> None:
+    """A link to a device where optimizer.pt should be: an error naming it, never a folder
+    read as if it had no optimizer."""
+    folder = trainer_folder(tmp_path / "checkpoint-6")
+    (folder / "optimizer.pt").unlink()
+    (folder / "optimizer.pt").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        schema_of(folder)
+
+
+def test_reduce_lr_on_plateau_is_a_scheduler_with_its_groups(tmp_path: Path) -> None:
+    """ReduceLROnPlateau is no LRScheduler (no base_lrs): its floors count the groups."""
+    model = Net()
+    optimizer = two_groups(model)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    path = tmp_path / "plateau.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedulers": [plateau.state_dict()]}, path)  # fmt: skip
+    described = schema_of(path).extras["lr_schedulers"]
+    assert described.startswith("list: 1 LR scheduler state(s): 2 param group(s) (")
+    assert described == read_without_torch(path, None).extras["lr_schedulers"]
+
+
 def test_show_names_the_framework_and_every_part(tmp_path: Path) -> None:
     folder = trainer_folder(tmp_path / "checkpoint-6")
     shown = subprocess.run(

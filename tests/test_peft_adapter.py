@@ -264,3 +264,29 @@ def test_peft_is_imported_only_for_a_class_from_peft(monkeypatch: pytest.MonkeyP
     lookalike = type("PeftModel", (nn.Module,), {"__module__": "peft.peft_model"})
     assert not is_peft_model(lookalike())  # peft asked, and it is no PeftModel (or absent)
     assert "peft" in imported
+
+
+def test_a_trainer_checkpoint_of_a_named_adapter_reads_its_subfolder(tmp_path: Path) -> None:
+    """A PeftModel whose adapter has a name: Trainer writes ``checkpoint-N/<name>/`` with
+    the adapter, beside the optimizer, as ``trainer.train(resume_from_checkpoint=...)``
+    reads it back."""
+    folder = tmp_path / "checkpoint-1"
+    adapter_folder(folder / "lora1")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    weights = [torch.nn.Parameter(t) for t in adapter_state().values()]
+    torch.save(torch.optim.AdamW(weights).state_dict(), folder / "optimizer.pt")
+    schema = schema_of(folder)
+    assert sorted(t.key for t in schema) == sorted(adapter_state())
+    assert schema.optimizer is not None
+    assert schema.framework is not None and "; PEFT adapter (LORA, r=4" in schema.framework
+
+
+def test_a_stray_adapter_file_without_its_config_is_not_the_model(tmp_path: Path) -> None:
+    """Without adapter_config.json, a Trainer folder's model is model.safetensors, as
+    Trainer loads it, whatever other weights file lies beside it."""
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+    save_file(adapter_state(), folder / "adapter_model.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert [t.key for t in schema_of(folder)] == ["w"]

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import CheckpointError, hide_from_bad_input
 from ..layout import ENTRY_DETAIL, describe_entry
+from ..readers import peft_adapter as adapter_reader
 from ..readers import records, training_files
 from ..readers import torch_zip as zip_reader
 from ..readers.files import magic_hex, open_regular, require_regular_file
@@ -90,10 +91,13 @@ class FolderParts:
     def of(cls, folder: Path) -> FolderParts | None:
         """The parts of a training folder; None for any other folder (a plain model folder
         stays with the registry's ``folder_checkpoint``). Only the listing is read."""
-        try:
-            names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
+        try:  # not only regular files: a FIFO or a link to a device is named when read
+            with os.scandir(folder) as listing:
+                entries = list(listing)
         except OSError:
             return None
+        names = sorted(entry.name for entry in entries if not entry.is_dir())
+        adapter = _ADAPTER_CONFIG in names
         accelerate = any(
             (_RNG.match(n) and n.endswith(".pkl"))
             or ((_OPTIMIZER.match(n) or _SCHEDULER.match(n)) and n.endswith(".bin"))
@@ -112,11 +116,19 @@ class FolderParts:
                 parts.trainer_state = folder / name
             elif _RNG.match(name) or name == _TRAINING_ARGS or _other_state(name):
                 parts.described[name] = folder / name
-        # one file per model: a sharded index or a single file, .safetensors before .bin
+        # one file per model: a sharded index or a single file, .safetensors before .bin,
+        # a PEFT adapter's weights only beside its adapter_config.json
         parts.models = {
-            part: folder / min(files, key=lambda n: (".bin" in n, INDEX_SUFFIX not in n))
+            part: folder / min(files, key=lambda n: (n.startswith("adapter_") != adapter,
+                                                     ".bin" in n, INDEX_SUFFIX not in n))
             for part, files in sorted(weights.items(), key=lambda kv: _numbered(kv[0]))
-        }
+        }  # fmt: skip
+        if not parts.models:  # a PeftModel's adapters saved by name: checkpoint-N/<adapter>/
+            parts.models = {
+                entry.name: Path(entry.path)
+                for entry in sorted(entries, key=lambda e: e.name)
+                if entry.is_dir() and (Path(entry.path) / _ADAPTER_CONFIG).is_file()
+            }
         # training state beside the weights (``trainer.save_model``'s folder, the weights
         # with training_args.bin, stays a model folder), or the framework's own files
         own_files = parts.trainer_state or any(map(_RNG.match, names))
@@ -187,8 +199,9 @@ class TrainingFolder:
         parts = _parts(path)
         model = parts.pick_model(path, part)
         weights = parts.models[model]
-        adapter = (path / _ADAPTER_CONFIG).is_file()
-        schema = peft_adapter.read_adapter(path, nested) if adapter else nested(weights)
+        adapter = weights.is_dir() or (path / _ADAPTER_CONFIG).is_file()
+        folder = weights if weights.is_dir() else path  # an adapter saved by name: its folder
+        schema = peft_adapter.read_adapter(folder, nested) if adapter else nested(weights)
         read = [f"{model} from {weights.name}"]
         optimizer = None
         opt_part = parts.optimizer_of(model)
@@ -242,6 +255,8 @@ class TrainingFolder:
         obj: dict[str, Any] = {}
         saved_on: set[str] = set()
         for name, file in files.items():
+            if file.is_dir():  # an adapter saved by name: its weights file
+                file = adapter_reader.weights_file(file)
             loaded = _file_format(file).load(
                 file, map_location=map_location, weights_only=weights_only, mmap=mmap
             )
