@@ -24,6 +24,7 @@ __all__ = [
     "diff_optimizers",
     "optimizer_verdict",
     "uses_names",
+    "without_hyperparams",
 ]
 
 
@@ -411,6 +412,21 @@ def _hyper_note(
         if before.get(k) != after.get(k)
     ]
     return f" ({', '.join(changed)})" if changed else ""
+
+
+def without_hyperparams(
+    opt: OptimizerSchema | None, names: Iterable[str]
+) -> OptimizerSchema | None:
+    """``opt`` with the hyperparameters ``names`` left out of every param_group: values a
+    schedule moves every step (``lr``, ``initial_lr``), not the layout a snapshot guards."""
+    names = frozenset(names)
+    if opt is None or not names:
+        return opt
+    groups = tuple(
+        replace(g, hyperparams={k: v for k, v in g.hyperparams.items() if k not in names})
+        for g in opt.param_groups
+    )
+    return replace(opt, param_groups=groups)
 
 
 def uses_names(opt: OptimizerSchema) -> bool:
