@@ -251,9 +251,12 @@ def _rename_hint(
     """A wrapper's prefix, or the likely renames as a ready ``rename=``: only for keys the
     load itself refused (``missing`` model keys, ``unexpected`` checkpoint keys), so a
     rename that the model's own load hook converts is not suggested again."""
+    # transformers' unmatched sides are what its load refused already; a load that raised
+    # refused no key by name, so the layouts' renames stand
+    keep_all_renames = loaded.unmatched is not None or loaded.error is not None
     if loaded.unmatched is not None:  # what transformers' rules left unmatched on each side
         diff = diff_schemas(*(mapping_schema(side) for side in loaded.unmatched))
-    if not (missing and unexpected):
+    if not ((missing and unexpected) or keep_all_renames):
         return []  # nothing a rename could pair
     if diff.prefix:
         how, prefix = diff.prefix
@@ -268,7 +271,11 @@ def _rename_hint(
             "checkpoint's keys to today's)"
         ]
     refused = set(missing) | set(unexpected)
-    renames = [(old, new) for old, new in diff.renames if old in refused and new in refused]
+    renames = [
+        (old, new)
+        for old, new in diff.renames
+        if keep_all_renames or (old in refused and new in refused)
+    ]
     lines = _section(AMBIGUOUS_RENAMES, ambiguous_rename_lines(diff))
     if not renames:
         return lines
