@@ -384,6 +384,8 @@ def test_the_snapshot_verdict_speaks_transformers_rules(name: str, tmp_path: Pat
     """A diff against the saved file says whether from_pretrained would still load it."""
     from pytest_statedict import assert_state_dict_matches
 
+    if not V5 and name == "MixtralForCausalLM":
+        pytest.skip("transformers 4.x saves Mixtral in today's layout: no difference to judge")
     model = tiny(name)
     file = saved(model, tmp_path / "fresh")
     with pytest.raises(StateDictMismatch) as fresh:  # tied keys left out, legacy layout

@@ -184,7 +184,7 @@ def test_a_renamed_head_is_hinted_at_its_trainable_copy(adapter: tuple[Any, Path
         "base_model.model.classifier.modules_to_save.default.weight"
     ) in message
     assert "    base_model.model.head.weight -> base_model.model.classifier.weight" in message
-    hint = re.search(r"pass the checkpoint's keys through rename=(.+)$", message, re.M)
+    hint = re.search(r"to load it as it is: rename=(.+) \(rename= maps", message)
     assert hint is not None
     rename = eval(hint.group(1))  # the message's own Python literal
     assert_checkpoint_loads(today, folder, rename=rename)
@@ -370,7 +370,7 @@ def test_a_users_test_of_a_peft_model(pytester: pytest.Pytester) -> None:
             "*does not load into PeftModel with PEFT's set_peft_model_state_dict*",
             "*missing (in the model, not in the checkpoint) (2):",
             "*base_model.model.query.lora_A.weight",
-            "*pass the checkpoint's keys through rename=*'base_model.model.query.'*",
+            "*to load it as it is: rename=*'base_model.model.query.'*",
             "*statedict: gates: 1 passed, 1 failed*",
         ]
     )

@@ -292,7 +292,7 @@ def run_demo(project: Path) -> None:
         "load_state_dict(strict=True): NO",
         "to accept this change: pytest --statedict-update",
         "does not load into Net with load_state_dict(strict=True)",
-        "pass the checkpoint's keys through rename=[(r'^fc3\\.', 'head.')]",
+        "to load it as it is: rename=[(r'^fc3\\.', 'head.')]",
         f"FAILED {GATE_TEST}",
     )
     if main.read_text(encoding="utf-8") != before:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +14,12 @@ from .compare import SchemaDiff, diff_schemas
 from .comparison import CustomComparison, EntryComparison, Tolerances, custom_comparison
 from .errors import SnapshotError, StateDictError, StateDictMismatch, hide_from_bad_input
 from .extract import nothing_to_check, schema_of
+from .optimizer_diff import without_hyperparams
 from .readers.snapshot_file import read_snapshot_text
 from .rename import Rename, compile_rename, normalise, without_ignored_members
 from .report import render_diff
 from .runtime import (
+    active_session,
     current_session,
     entry_comparison,
     key_normaliser,
@@ -46,6 +49,7 @@ def assert_state_dict_matches(
     rename: Rename = None,
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
     compare: EntryComparison | None = None,
+    ignore_hyperparams: Iterable[str] = (),
 ) -> None:
     """Check a state_dict's schema against the current test's snapshot, or against ``expected``.
 
@@ -56,7 +60,10 @@ def assert_state_dict_matches(
     first glob that matches a key wins; other keys keep ``rtol``/``atol``); ``compare``,
     ``fn(key, expected_entry, actual_entry)``, decides a key before the
     ``pytest_statedict_compare_entry`` hooks and the built-in comparison do (see
-    ``docs/comparison.md``). Raises :class:`StateDictMismatch` listing every difference.
+    ``docs/comparison.md``). ``ignore_hyperparams`` names optimizer hyperparameters to
+    leave out on both sides (``("lr", "initial_lr")``: a schedule moves them), with those of
+    the ini option ``statedict_ignore_hyperparams``; a snapshot is written without them.
+    Raises :class:`StateDictMismatch` listing every difference.
     """
     __tracebackhide__ = True
     ignore = tuple(ignore)  # used on both sides and by the diff: a generator would run dry
@@ -68,20 +75,45 @@ def assert_state_dict_matches(
             "with values=True: pass it, or drop tolerances="
         )
     custom = custom_comparison(compare, entry_comparison())
+    volatile = _volatile_hyperparams(ignore_hyperparams)
     if expected is None:
         store = current_session()
         with store.snapshot_check():
             _check_snapshot(
                 store, actual, name=name, optimizer=optimizer, values=values,
                 tolerances=by_key, compare=custom, ignore=ignore, rename=rename,
+                volatile=volatile,
             )  # fmt: skip
         return
     if name is not None:
         raise TypeError("assert_state_dict_matches(): name= applies to snapshots (expected=None)")
     _assert_matches_expected(
         actual, expected, optimizer=optimizer, values=values, tolerances=by_key,
-        compare=custom, ignore=ignore, rename=rename,
+        compare=custom, ignore=ignore, rename=rename, volatile=volatile,
     )  # fmt: skip
+
+
+# the ini option of the hyperparameters every check leaves out (plugin.py registers it)
+HYPERPARAMS_INI = "statedict_ignore_hyperparams"
+
+
+def _volatile_hyperparams(names: Iterable[str]) -> frozenset[str]:
+    """The hyperparameters a check leaves out: its own and the ini option's. A bare string
+    would be its letters: refused."""
+    if isinstance(names, str):
+        raise TypeError(
+            f"assert_state_dict_matches(ignore_hyperparams={names!r}): pass a tuple of "
+            f"names, e.g. ignore_hyperparams=({names!r},)"
+        )
+    session = active_session()
+    configured = session.config.getini(HYPERPARAMS_INI) if session is not None else []
+    return frozenset(names) | frozenset(configured)
+
+
+def _without_volatile(schema: Schema, volatile: frozenset[str]) -> Schema:
+    if not volatile or schema.optimizer is None:
+        return schema
+    return replace(schema, optimizer=without_hyperparams(schema.optimizer, volatile))
 
 
 @recorded_check("comparison", lambda actual, expected, **opts: describe(expected))
@@ -95,14 +127,17 @@ def _assert_matches_expected(
     compare: CustomComparison | None,
     ignore: tuple[str, ...],
     rename: Rename,
+    volatile: frozenset[str],
 ) -> None:
     """``assert_state_dict_matches`` against a given ``expected``: one recorded check."""
     __tracebackhide__ = True
-    actual_schema = prepared_schema(
-        actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore
+    actual_schema = _without_volatile(
+        prepared_schema(actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore),
+        volatile,
     )
-    expected_schema = normalise(
-        schema_of(expected, values=values), rename=key_normaliser(), ignore=ignore
+    expected_schema = _without_volatile(
+        normalise(schema_of(expected, values=values), rename=key_normaliser(), ignore=ignore),
+        volatile,
     )
     diff = diff_schemas(
         expected_schema, actual_schema, tolerances=tolerances, ignore=ignore, compare=compare
@@ -134,6 +169,7 @@ def _check_snapshot(
     compare: CustomComparison | None,
     ignore: tuple[str, ...],
     rename: Rename,
+    volatile: frozenset[str],
 ) -> None:
     """``assert_state_dict_matches`` against the running test's snapshot ``name``.
 
@@ -145,8 +181,9 @@ def _check_snapshot(
     """
     __tracebackhide__ = True
     slot = store.claim_snapshot(name)
-    actual_schema = prepared_schema(
-        actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore
+    actual_schema = _without_volatile(
+        prepared_schema(actual, optimizer=optimizer, values=values, rename=rename, ignore=ignore),
+        volatile,
     )
     problems = actual_schema.optimizer.problems if actual_schema.optimizer else ()
     # ignored keys' optimizer members stay out of the file (the diff drops them too)
@@ -171,7 +208,9 @@ def _check_snapshot(
             tolerances.refuse_unmatched(actual_schema.by_key())  # nor here
             store.record_snapshot(slot, "passed")
             return
-        expected = normalise(Schema.from_json(current, slot.shown), rename=key_normaliser())
+        expected = _without_volatile(
+            normalise(Schema.from_json(current, slot.shown), rename=key_normaliser()), volatile
+        )
     except SnapshotError:
         if store.update:
             store.rewrite_snapshot(slot, text)

@@ -293,8 +293,8 @@ def _load_failure(
         "accepted by transformers' rules (strict load_state_dict refuses)", loaded.accepted
     )
     lines += _section(f"ignored by ignore={list(ignore)!r}", ignored)
-    lines += _new_buffer_hint(model, missing)
-    lines += _rename_hint(loaded, diff)
+    lines += _new_buffer_hint(model, missing, diff)
+    lines += _rename_hint(loaded, diff, missing, unexpected)
     if strict and unexpected and not shapes and not loaded.error:
         lines.append(
             "  with strict=False it would load, silently dropping "
@@ -315,11 +315,12 @@ def _section(heading: str, items: list[str]) -> list[str]:
     return lines
 
 
-def _new_buffer_hint(model: nn.Module, missing: list[str]) -> list[str]:
+def _new_buffer_hint(model: nn.Module, missing: list[str], diff: SchemaDiff) -> list[str]:
     """A buffer added since the checkpoint is often derived state (a mask, a cache) that
-    need not be saved at all: then it is no reason to break every old checkpoint."""
+    need not be saved at all: then it is no reason to break every old checkpoint. A buffer
+    missing only under a wrapper's prefix (the checkpoint has it without) is not new."""
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    new_buffers = [k for k in missing if k in buffers]
+    new_buffers = [k for k in missing if k in buffers and not diff.prefix]
     if not new_buffers:
         return []
     return [
@@ -330,10 +331,19 @@ def _new_buffer_hint(model: nn.Module, missing: list[str]) -> list[str]:
     ]
 
 
-def _rename_hint(loaded: LoadVerdict, diff: SchemaDiff) -> list[str]:
-    """A wrapper's prefix, or the likely renames as a ready ``rename=``."""
+def _rename_hint(
+    loaded: LoadVerdict, diff: SchemaDiff, missing: list[str], unexpected: list[str]
+) -> list[str]:
+    """A wrapper's prefix, or the likely renames as a ready ``rename=``: only for keys the
+    load itself refused (``missing`` model keys, ``unexpected`` checkpoint keys), so a
+    rename that the model's own load hook converts is not suggested again."""
+    # transformers' unmatched sides are what its load refused already; a load that raised
+    # refused no key by name, so the layouts' renames stand
+    keep_all_renames = loaded.unmatched is not None or loaded.error is not None
     if loaded.unmatched is not None:  # what transformers' rules left unmatched on each side
         diff = diff_schemas(*(mapping_schema(side) for side in loaded.unmatched))
+    if not ((missing and unexpected) or keep_all_renames):
+        return []  # nothing a rename could pair
     if diff.prefix:
         how, prefix = diff.prefix
         fix = (
@@ -343,16 +353,24 @@ def _rename_hint(loaded: LoadVerdict, diff: SchemaDiff) -> list[str]:
         )
         return [
             f"  the model's keys have the prefix {prefix!r} {how} relative to the checkpoint "
-            f"(a wrapper such as DataParallel or torch.compile): {fix}"
+            f"(a wrapper such as DataParallel or torch.compile): {fix} (rename= maps the "
+            "checkpoint's keys to today's)"
         ]
+    refused = set(missing) | set(unexpected)
+    renames = [
+        (old, new)
+        for old, new in diff.renames
+        if keep_all_renames or (old in refused and new in refused)
+    ]
     lines = _section(AMBIGUOUS_RENAMES, ambiguous_rename_lines(diff))
-    if not diff.renames:
+    if not renames:
         return lines
     return [
         "  likely renamed (same shape and dtype):",
-        *(f"    {old} -> {new}" for old, new in diff.renames[:SECTION_LIMIT]),
-        "  to load it as it is, pass the checkpoint's keys through "
-        + suggest_rename(diff.renames, "expected->actual"),
+        *(f"    {old} -> {new}" for old, new in renames[:SECTION_LIMIT]),
+        "  to load it as it is: "
+        + suggest_rename(renames, "expected->actual")
+        + " (rename= maps the checkpoint's keys to today's)",
         *lines,
     ]
 

@@ -248,7 +248,10 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
     base-model prefix and ``_get_key_renaming_mapping`` (legacy ``gamma``/``beta`` and weight
     norm names), ``_find_missing_and_unexpected_keys`` (tied parameters, non-persistent
     buffers), ``_find_mismatched_keys`` on the checkpoint's shapes, and
-    ``_adjust_missing_and_unexpected_keys`` (the keys to ignore).
+    ``_adjust_missing_and_unexpected_keys`` (the keys to ignore). The key mapping is the
+    one ``from_pretrained`` passes: the class's ``_checkpoint_conversion_mapping`` for the
+    vision-language models it lists (Llava, Qwen2-VL, ...), whose ``save_pretrained`` writes
+    the old layout back (:func:`_v4_key_mapping`).
     """
     import transformers
     from transformers.modeling_utils import (
@@ -262,8 +265,9 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
     keys = list(meta_state)
     prefix = target.base_model_prefix
     task_from_base, base_from_task = _prefix_direction(target, prefix, keys)
+    key_mapping = _v4_key_mapping(target)
     try:
-        names = target._get_key_renaming_mapping(keys, None, base_from_task, task_from_base)
+        names = target._get_key_renaming_mapping(keys, key_mapping, base_from_task, task_from_base)
         loaded = list(names.values())
         missing, unexpected = _find_missing_and_unexpected_keys(
             target, keys, loaded, base_from_task, None
@@ -278,7 +282,7 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
         error = f"transformers' loader raised {type(exc).__name__}: {exc}"
         return LoadVerdict([], [], [], error, "transformers", how)
     model_keys = dict(target.state_dict())
-    accepted = _renamed_v4(target, prefix, names, model_keys, mismatched)
+    accepted = _renamed_v4(target, prefix, names, model_keys, mismatched, key_mapping)
     groups = find_tied_parameters(target)
     accepted += _tied_v4(groups, model_keys, loaded, missing)
     buffers = {name for name, _ in target.named_buffers()}
@@ -305,6 +309,19 @@ def transformers4_load(target: HFModel, state: Mapping[str, Any], *, strict: boo
     )
 
 
+def _v4_key_mapping(target: HFModel) -> dict[str, str] | None:
+    """The ``key_mapping`` transformers 4's ``from_pretrained`` applies when none is passed:
+    the class's ``_checkpoint_conversion_mapping`` where a class of its MRO is named after
+    one of ``modeling_utils.VLMS`` (the same test ``from_pretrained`` makes), else none."""
+    from transformers import modeling_utils
+
+    families = getattr(modeling_utils, "VLMS", ())
+    named = any(
+        family in cls.__name__.lower() for cls in type(target).__mro__[:-1] for family in families
+    )
+    return dict(target._checkpoint_conversion_mapping) if named else None
+
+
 def _prefix_direction(target: HFModel, prefix: str, keys: list[str]) -> tuple[bool, bool]:
     """transformers 4's ``(task_from_base, base_from_task)``: whether the checkpoint lacks
     the base-model prefix the model has, or has one the model lacks."""
@@ -319,17 +336,22 @@ def _renamed_v4(
     names: Mapping[str, str],
     model_keys: Mapping[str, Any],
     mismatched: Any,
+    key_mapping: Mapping[str, str] | None,
 ) -> list[str]:
     """The keys transformers 4's key renaming loaded under a model key, and what renamed
-    each: the model's ``_fix_state_dict_key_on_load`` or the base-model prefix."""
+    each: the model's ``_fix_state_dict_key_on_load``, its class's
+    ``_checkpoint_conversion_mapping`` or the base-model prefix."""
     accepted = []
     for key, name in names.items():
         if name != key and name in model_keys and name not in mismatched:
-            why = (
-                f"{type(target).__name__}._fix_state_dict_key_on_load"
-                if target._fix_state_dict_key_on_load(key)[1]
-                else f"base_model_prefix {prefix!r}"
-            )
+            fixed, by_fix = target._fix_state_dict_key_on_load(key)
+            pattern = next((p for p in key_mapping or {} if re.search(p, fixed)), None)
+            if by_fix:
+                why = f"{type(target).__name__}._fix_state_dict_key_on_load"
+            elif pattern is not None:
+                why = f"{type(target).__name__}._checkpoint_conversion_mapping {pattern!r}"
+            else:
+                why = f"base_model_prefix {prefix!r}"
             accepted.append(f"{key}: renamed to {name} by transformers' key renaming ({why})")
     return accepted
 

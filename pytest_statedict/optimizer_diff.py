@@ -24,6 +24,7 @@ __all__ = [
     "diff_optimizers",
     "optimizer_verdict",
     "uses_names",
+    "without_hyperparams",
 ]
 
 
@@ -77,7 +78,15 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
 
 def _state_lines(expected: OptimizerSchema, actual: OptimizerSchema) -> list[str]:
     """Each parameter's state that was removed, added or changed (by name, or by position
-    when one side has no names)."""
+    when one side has no names); one line when one side has no state at all."""
+    if bool(expected.state) != bool(actual.state):
+        # a fresh optimizer (no step yet) on one side: one line, not one per parameter
+        # burying the difference that matters
+        saved, today = _state_count(expected), _state_count(actual)
+        return [
+            f"state saved for {saved}, today for {today} (an optimizer before its first "
+            "step, or one that keeps none, has none)"
+        ]
     same_vocabulary = uses_names(expected) == uses_names(actual)
     state_old = {_member(s.param, expected, same_vocabulary): s for s in expected.state}
     state_new = {_member(s.param, actual, same_vocabulary): s for s in actual.state}
@@ -99,6 +108,15 @@ def _state_lines(expected: OptimizerSchema, actual: OptimizerSchema) -> list[str
                     f"{after.describe() if after else 'absent'}"
                 )
     return lines
+
+
+def _state_count(opt: OptimizerSchema) -> str:
+    """``"none"``, or ``"4 parameters (exp_avg, exp_avg_sq, step)"``."""
+    if not opt.state:
+        return "none"
+    entries = sorted({name for s in opt.state for name in s.entries})
+    many = "s" * (len(opt.state) > 1)
+    return f"{len(opt.state)} parameter{many} ({', '.join(entries)})"
 
 
 def _group_permutation(
@@ -394,6 +412,21 @@ def _hyper_note(
         if before.get(k) != after.get(k)
     ]
     return f" ({', '.join(changed)})" if changed else ""
+
+
+def without_hyperparams(
+    opt: OptimizerSchema | None, names: Iterable[str]
+) -> OptimizerSchema | None:
+    """``opt`` with the hyperparameters ``names`` left out of every param_group: values a
+    schedule moves every step (``lr``, ``initial_lr``), not the layout a snapshot guards."""
+    names = frozenset(names)
+    if opt is None or not names:
+        return opt
+    groups = tuple(
+        replace(g, hyperparams={k: v for k, v in g.hyperparams.items() if k not in names})
+        for g in opt.param_groups
+    )
+    return replace(opt, param_groups=groups)
 
 
 def uses_names(opt: OptimizerSchema) -> bool:

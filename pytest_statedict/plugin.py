@@ -65,6 +65,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
     )
     parser.addini(
+        "statedict_ignore_hyperparams",
+        "optimizer hyperparameters (e.g. lr initial_lr, set by a schedule) that snapshots "
+        "and assert_state_dict_matches leave out, in every test",
+        type="args",
+        default=[],
+    )
+    parser.addini(
         "statedict_snapshot_dir",
         "folder (relative to the rootdir) for statedict snapshots instead of __statedict__/ "
         "beside each test file",

@@ -30,12 +30,10 @@ def render_diff(
         out.extend(_section(heading, lines, limit))
     out.extend(f"  note: {note}" for note in diff.notes)
     if diff.renames:
-        purpose = (
-            "to compare under the old names"
-            if rename_direction == "actual->expected"
-            else "to map the old keys to the new"
+        out.append(
+            f"  suggested: {suggest_rename(diff.renames, rename_direction)} "
+            f"({RENAME_DIRECTION[rename_direction]})"
         )
-        out.append(f"  suggested, {purpose}: " + suggest_rename(diff.renames, rename_direction))
     out.append("  " + load_verdict(diff))
     if diff.optimizer_verdict is not None:
         out.append("  " + optimizer_load_verdict(diff.optimizer_verdict))
@@ -47,6 +45,18 @@ def render_diff(
     return "\n".join(out)
 
 
+# What a suggested ``rename=`` maps, said beside it: the snapshot check's and
+# ``assert_state_dict_matches``' rename= applies to today's keys (compared under the old
+# names), ``assert_checkpoint_loads``' to the checkpoint's (loaded under today's), so the
+# same change is suggested in opposite directions and each says which.
+RENAME_DIRECTION = {
+    "actual->expected": "rename= here maps today's keys to the old names; "
+    "assert_checkpoint_loads' rename= maps the other way",
+    "expected->actual": "for assert_checkpoint_loads, whose rename= maps the checkpoint's "
+    "keys to today's",
+}
+
+
 def _prefix_line(prefix: tuple[str, str], rename_direction: str) -> str:
     how, added = prefix
     fix = (
@@ -56,7 +66,7 @@ def _prefix_line(prefix: tuple[str, str], rename_direction: str) -> str:
     )
     return (
         f"  every key has the prefix {added!r} {how} (a wrapper: DataParallel/DDP "
-        f"'module.', torch.compile '_orig_mod.'); {fix}"
+        f"'module.', torch.compile '_orig_mod.'); {fix} ({RENAME_DIRECTION[rename_direction]})"
     )
 
 
@@ -213,7 +223,11 @@ def model_verdict_line(check: ModelVerdict, diff: SchemaDiff | None = None) -> s
             return f"{head}: yes, {through} ({why})"
         note = _layout_note(diff) if diff is not None else ""
         return f"{head}: yes{note}" + "".join(f"; {n}" for n in check.notes)
-    if layouts is True or check.reason.startswith("it raises"):
+    # torch's head names load_state_dict, not whose: its counts are the model's own load's
+    # (what a hook converts or fills in is not missing), so the line says so, on every
+    # surface alike; transformers' and PEFT's heads name their loader already
+    own_load = not (check.by_transformers or check.by_peft)
+    if own_load or layouts is True or check.reason.startswith("it raises"):
         return f"{head}: NO, {through} ({check.reason})"
     return f"{head}: NO ({check.reason})"
 

@@ -81,7 +81,10 @@ def test_rename_fails_with_keys_and_a_ready_rename(v1_checkpoint: Path) -> None:
     assert "missing (in the model, not in the checkpoint) (2):" in message
     assert "unexpected (in the checkpoint, not in the model) (2):" in message
     assert "fc.weight -> head.weight" in message
-    assert "pass the checkpoint's keys through rename=[(r'^fc\\.', 'head.')]" in message
+    assert (
+        "to load it as it is: rename=[(r'^fc\\.', 'head.')] (rename= maps the checkpoint's keys "
+        "to today's)"
+    ) in message
     assert "with strict=False it would load, silently dropping 2 checkpoint key(s)" in message
     # the suggestion works
     assert_checkpoint_loads(V2Renamed(), v1_checkpoint, rename=[(r"^fc\.", "head.")])

@@ -78,8 +78,8 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
             "*~ conv1.weight: shape [6, 3, 5, 5] -> [8, 3, 5, 5]",
             "*optimizer (1):",
             "*param_groups*weight_decay* changed from 0.01 to 0.1",
-            "*an old checkpoint still loads with load_state_dict(strict=True): NO "
-            "(7 shape mismatches)",
+            "*an old checkpoint still loads with load_state_dict(strict=True): NO, through Net's "
+            "own load_state_dict (7 shape mismatches)",
             "*to accept this change: pytest --statedict-update 'test_model.py::test_net'",
         ],
     )
@@ -115,14 +115,18 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
             [
                 "*likely renamed (same shape and dtype) (2):",
                 "*fc3.weight -> head.weight*",
-                "*suggested, to compare under the old names: rename=[(r'^head\\.', 'fc3.')]",
-                "*NO (2 unexpected keys, 2 missing keys)",
+                "*suggested: rename=[(r'^head\\.', 'fc3.')] (rename= here maps today's keys*",
+                "*NO, through Net's own load_state_dict (2 unexpected keys, 2 missing keys)",
             ],
             id="rename",
         ),
         pytest.param(
             "model.register_buffer('scale', torch.ones(3))",
-            ["*added (1):", "*+ scale  buffer float32[3]", "*NO (1 missing key)"],
+            [
+                "*added (1):",
+                "*+ scale  buffer float32[3]",
+                "*NO, through Net's own load_state_dict (1 missing key)",
+            ],
             id="added-buffer",
         ),
         pytest.param(

@@ -247,7 +247,7 @@ def test_a_release_that_no_longer_loads_fails_with_the_gate_report(
             "*checkpoint *v1.0.json does not load into Net with load_state_dict(strict=True):",
             "*likely renamed*",
             "*fc.weight -> head.weight",
-            "*rename=[(r'^fc\\.', 'head.')]",
+            "*rename=[(r'^fc\\.', 'head.')] (rename= maps the checkpoint's keys to today's)",
             "*release v1.0 no longer loads. If the break is deliberate, record it: "
             "statedict_releases(..., expected_to_fail={'v1.0': 'why'})*",
             "statedict: releases: 1 failed",

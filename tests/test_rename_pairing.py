@@ -221,7 +221,7 @@ def test_the_gate_suggests_a_rename_that_loads(tmp_path) -> None:
     with pytest.raises(StateDictMismatch) as failure:
         assert_checkpoint_loads(new, path)
     message = str(failure.value)
-    suggestion = re.search(r"pass the checkpoint's keys through rename=(\{.*\})", message)
+    suggestion = re.search(r"to load it as it is: rename=(\{.*\}) \(rename= maps", message)
     assert suggestion, message
     mapping = eval(suggestion.group(1))  # the literal the message prints for users to paste
     assert_checkpoint_loads(new, path, rename=mapping)

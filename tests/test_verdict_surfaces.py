@@ -281,7 +281,8 @@ def test_statedict_diff_loads_through_todays_model(
     assert main(["diff", "old.pt", "new.pt", "--model", "today:build"]) == 1
     out = capsys.readouterr().out
     assert (
-        "an old checkpoint still loads with load_state_dict(strict=True): NO (2 shape mismatches)"
+        "an old checkpoint still loads with load_state_dict(strict=True): NO, through "
+        "Versioned's own load_state_dict (2 shape mismatches)"
     ) in out
 
 
