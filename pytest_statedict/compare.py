@@ -91,6 +91,8 @@ class SchemaDiff:
     added: list[TensorEntry] = field(default_factory=list)
     changed: list[Change] = field(default_factory=list)
     renames: list[tuple[str, str]] = field(default_factory=list)  # (expected key, actual key)
+    # the keys both sides hold (a suggested rename= must leave them as they are)
+    common: list[str] = field(default_factory=list)
     # removed modules or keys that may have become one of several added ones: never suggested
     ambiguous_renames: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     prefix: tuple[str, str] | None = None  # ("added" | "dropped", prefix)
@@ -181,6 +183,7 @@ def diff_schemas(
     tolerances.refuse_unmatched(*wrapped, exp, act)
     diff.removed = [t for k, t in exp.items() if k not in act]
     diff.added = [t for k, t in act.items() if k not in exp]
+    diff.common = [k for k in exp if k in act]
     pairing = likely_renames(diff.removed, diff.added, ordered=expected.ordered and actual.ordered)
     diff.renames, diff.ambiguous_renames = pairing.pairs, pairing.ambiguous
     _compare_entries(diff, exp, act, tolerances, compare)

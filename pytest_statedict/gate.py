@@ -369,7 +369,7 @@ def _rename_hint(
         "  likely renamed (same shape and dtype):",
         *(f"    {old} -> {new}" for old, new in renames[:SECTION_LIMIT]),
         "  to load it as it is: "
-        + suggest_rename(renames, "expected->actual")
+        + suggest_rename(renames, "expected->actual", diff)
         + " (rename= maps the checkpoint's keys to today's)",
         *lines,
     ]

@@ -31,7 +31,7 @@ def render_diff(
     out.extend(f"  note: {note}" for note in diff.notes)
     if diff.renames:
         out.append(
-            f"  suggested: {suggest_rename(diff.renames, rename_direction)} "
+            f"  suggested: {suggest_rename(diff.renames, rename_direction, diff)} "
             f"({RENAME_DIRECTION[rename_direction]})"
         )
     out.append("  " + load_verdict(diff))
@@ -144,15 +144,37 @@ def ambiguous_rename_lines(diff: SchemaDiff) -> list[str]:
     return [f"{old} -> one of {', '.join(alts)}" for old, alts in diff.ambiguous_renames]
 
 
-def suggest_rename(renames: Sequence[tuple[str, str]], direction: str) -> str:
-    """A ``rename=`` for the renames found: one regex when they share a prefix change."""
+def suggest_rename(
+    renames: Sequence[tuple[str, str]], direction: str, diff: SchemaDiff | None = None
+) -> str:
+    """A ``rename=`` for the renames found: one regex when they share a prefix change that
+    touches no other key of the side it maps (``diff``'s: its common keys, and the removed
+    or added ones not renamed), else a mapping of each key."""
     pairs = [(new, old) if direction == "actual->expected" else (old, new) for old, new in renames]
     prefixes = {_prefix_change(src, dst) for src, dst in pairs}
     if len(prefixes) == 1 and None not in prefixes:
         (src_prefix, dst_prefix) = next(iter(prefixes))  # type: ignore[misc]
-        return f"rename=[(r'^{re.escape(src_prefix)}', {dst_prefix!r})]"
+        if diff is None or not _other_keys_under(src_prefix, pairs, diff, direction):
+            return f"rename=[({_regex_literal('^' + re.escape(src_prefix))}, {dst_prefix!r})]"
     mapping = ", ".join(f"{src!r}: {dst!r}" for src, dst in pairs)
     return f"rename={{{mapping}}}"
+
+
+def _other_keys_under(
+    prefix: str, pairs: list[tuple[str, str]], diff: SchemaDiff, direction: str
+) -> bool:
+    """Whether a key the rename should leave alone starts with ``prefix``."""
+    renamed = {src for src, _ in pairs}
+    own = diff.added if direction == "actual->expected" else diff.removed
+    keys = [*diff.common, *(t.key for t in own)]
+    return any(key.startswith(prefix) and key not in renamed for key in keys)
+
+
+def _regex_literal(pattern: str) -> str:
+    """``r'...'`` where that spells the pattern (readable), else its ``repr`` (a quote in it)."""
+    if "'" in pattern or pattern.endswith("\\"):
+        return repr(pattern)
+    return f"r'{pattern}'"
 
 
 def _prefix_change(src: str, dst: str) -> tuple[str, str] | None:

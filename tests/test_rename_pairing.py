@@ -350,3 +350,29 @@ def test_modules_paired_by_their_order_alone_are_marked() -> None:
     pairing = likely_renames(old, new)
     assert pairing.by_order == [("b.norm1 (weight)", "b.post (weight)"),
                                 ("b.norm2 (weight)", "b.pre (weight)")]  # fmt: skip
+
+
+def test_a_prefix_rename_is_suggested_only_where_it_moves_nothing_else() -> None:
+    """``enc.b`` -> ``encoder.b`` while ``enc.a`` stays: ``^enc\\.`` would move ``enc.a``
+    too, so the suggestion names the key instead."""
+    from pytest_statedict.report import suggest_rename
+    from pytest_statedict.schema import Schema
+
+    old = Schema(tuple(entries([("enc.a.weight", (2,)), ("enc.b.weight", (3,))])))
+    new = Schema(tuple(entries([("enc.a.weight", (2,)), ("encoder.b.weight", (3,))])))
+    diff = diff_schemas(old, new)
+    assert suggest_rename(diff.renames, "expected->actual", diff) == (
+        "rename={'enc.b.weight': 'encoder.b.weight'}"
+    )
+    alone = diff_schemas(Schema(old.tensors[1:]), Schema(new.tensors[1:]))
+    assert suggest_rename(alone.renames, "expected->actual", alone) == (
+        "rename=[(r'^enc\\.', 'encoder.')]"
+    )
+
+
+def test_a_suggestion_is_valid_python_whatever_the_names() -> None:
+    from pytest_statedict.report import suggest_rename
+
+    suggestion = suggest_rename([("it's.w", "new.w")], "expected->actual")
+    pattern, replacement = eval(suggestion.removeprefix("rename="))[0]
+    assert re.sub(pattern, replacement, "it's.w") == "new.w"
