@@ -202,3 +202,32 @@ def test_through_pytest(pytester: pytest.Pytester) -> None:
 def test_a_model_is_asked_for_by_name(v1_checkpoint: Path, call: Any, expected: str) -> None:
     with pytest.raises(UnsupportedObjectError, match=expected):
         call(v1_checkpoint)
+
+
+def test_a_shape_change_on_a_key_a_load_hook_renames_is_a_shape_mismatch(tmp_path: Path) -> None:
+    """The hook renames ``classifier.*`` to ``head.*``, whose width also changed: the
+    verdict counts the shape mismatches (the retry without them finds the old names, which
+    the hook renames and which mismatch again), not "it raises: size mismatch"."""
+
+    class Converting(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, width)
+
+        def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+            for name in ("weight", "bias"):
+                if f"{prefix}classifier.{name}" in state_dict:
+                    state_dict[f"{prefix}head.{name}"] = state_dict.pop(
+                        f"{prefix}classifier.{name}"
+                    )
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    old = nn.Module()
+    old.classifier = nn.Linear(4, 3)
+    torch.save(old.state_dict(), tmp_path / "old.pt")
+    with pytest.raises(StateDictMismatch) as failure:
+        assert_checkpoint_loads(Converting(5), tmp_path / "old.pt")
+    message = str(failure.value)
+    assert "NO, through Converting's own load_state_dict (2 shape mismatches)" in message
+    assert "head.weight: checkpoint [3, 4], model [5, 4]" in message
+    assert "it raises" not in message
