@@ -227,7 +227,9 @@ def _check(
         lines = ["  " + model_verdict_line(verdict, diff)]
     else:
         title = f"checkpoint {_shown(source)} does not load into {name} with {loaded.how}:"
-        lines = _load_failure(model, loaded, diff, recorded_only, ignore, strict)
+        lines = _load_failure(
+            model, loaded, diff, recorded_only, ignore, strict, given=mapping is not None
+        )
         if conversion is not None:
             lines += conversion.lines(SECTION_LIMIT)
     optimizer_lines = []
@@ -262,8 +264,11 @@ def _load_failure(
     recorded_only: set[str],
     ignore: tuple[str, ...],
     strict: bool,
+    *,
+    given: bool,
 ) -> list[str]:
-    """The model half of a failed gate: the verdict line, then every key and the way out."""
+    """The model half of a failed gate: the verdict line, then every key and the way out
+    (``given``: the caller passed a ``rename=``, which the suggestion comes after)."""
     assert diff.model_verdict is not None
 
     def kept(keys: list[str]) -> list[str]:
@@ -294,7 +299,7 @@ def _load_failure(
     )
     lines += _section(f"ignored by ignore={list(ignore)!r}", ignored)
     lines += _new_buffer_hint(model, missing, diff)
-    lines += _rename_hint(loaded, diff, missing, unexpected)
+    lines += _rename_hint(loaded, diff, missing, unexpected, given=given)
     if strict and unexpected and not shapes and not loaded.error:
         lines.append(
             "  with strict=False it would load, silently dropping "
@@ -332,7 +337,12 @@ def _new_buffer_hint(model: nn.Module, missing: list[str], diff: SchemaDiff) -> 
 
 
 def _rename_hint(
-    loaded: LoadVerdict, diff: SchemaDiff, missing: list[str], unexpected: list[str]
+    loaded: LoadVerdict,
+    diff: SchemaDiff,
+    missing: list[str],
+    unexpected: list[str],
+    *,
+    given: bool = False,
 ) -> list[str]:
     """A wrapper's prefix, or the likely renames as a ready ``rename=``: only for keys the
     load itself refused (``missing`` model keys, ``unexpected`` checkpoint keys), so a
@@ -370,7 +380,8 @@ def _rename_hint(
         *(f"    {old} -> {new}" for old, new in renames[:SECTION_LIMIT]),
         "  to load it as it is: "
         + suggest_rename(renames, "expected->actual", diff)
-        + " (rename= maps the checkpoint's keys to today's)",
+        + " (rename= maps the checkpoint's keys to today's"
+        + ("; these come after the rename= you passed: add them to it)" if given else ")"),
         *lines,
     ]
 

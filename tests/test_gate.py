@@ -231,3 +231,17 @@ def test_a_shape_change_on_a_key_a_load_hook_renames_is_a_shape_mismatch(tmp_pat
     assert "NO, through Converting's own load_state_dict (2 shape mismatches)" in message
     assert "head.weight: checkpoint [3, 4], model [5, 4]" in message
     assert "it raises" not in message
+
+
+def test_a_suggestion_after_a_rename_the_caller_passed_says_to_add_to_it(tmp_path: Path) -> None:
+    old = nn.Module()
+    old.a, old.b = nn.Linear(2, 2), nn.Linear(3, 3)
+    new = nn.Module()
+    new.x, new.y = nn.Linear(2, 2), nn.Linear(3, 3)
+    torch.save(old.state_dict(), tmp_path / "old.pt")
+    with pytest.raises(StateDictMismatch) as failure:
+        assert_checkpoint_loads(new, tmp_path / "old.pt", rename=[(r"^a\.", "x.")])
+    assert (
+        "to load it as it is: rename=[(r'^b\\.', 'y.')] (rename= maps the checkpoint's keys to "
+        "today's; these come after the rename= you passed: add them to it)"
+    ) in str(failure.value)
