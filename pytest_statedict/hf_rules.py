@@ -61,19 +61,26 @@ class LoadVerdict:
 
 
 def is_transformers_model(model: object) -> bool:
-    """Is ``model`` a transformers ``PreTrainedModel``? Imports transformers only if so likely.
+    """Is ``model`` a transformers ``PreTrainedModel``? Imports transformers only if so likely."""
+    return library_instance(model, "transformers", "PreTrainedModel")
 
-    A class from transformers (or from a ``trust_remote_code`` module built on it) has a
-    class from a ``transformers.`` module in its MRO; anything else is decided without
-    importing transformers, which takes seconds.
+
+def library_instance(obj: object, package: str, class_name: str) -> bool:
+    """Is ``obj`` an instance of ``package.class_name``, importing ``package`` only if so likely.
+
+    An instance of a library's class (or of a ``trust_remote_code`` class built on it) has
+    a class from a ``<package>.`` module in its MRO; anything else is decided without
+    importing the library, which takes seconds. A library that does not import is not one
+    whose rules apply.
     """
-    if not any((cls.__module__ or "").startswith("transformers.") for cls in type(model).__mro__):
+    prefix = f"{package}."
+    if not any((cls.__module__ or "").startswith(prefix) for cls in type(obj).__mro__):
         return False
     try:
-        from transformers import PreTrainedModel
-    except Exception:  # a transformers that does not import is not one to apply
+        cls = getattr(__import__(package), class_name)  # a top-level package
+    except Exception:
         return False
-    return isinstance(model, PreTrainedModel)
+    return isinstance(obj, cls)
 
 
 def transformers_version() -> tuple[int, ...]:

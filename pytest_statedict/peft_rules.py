@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from .errors import first_line
-from .hf_rules import RULES, LoadOutcome, LoadVerdict
+from .hf_rules import RULES, LoadOutcome, LoadVerdict, library_instance
 
 __all__ = [
     "ALL_RULES",
@@ -56,13 +56,7 @@ _NothingLoaded = namedtuple("_NothingLoaded", ["missing_keys", "unexpected_keys"
 
 def is_peft_model(model: object) -> bool:
     """Is ``model`` a ``peft.PeftModel``? Imports peft only if its class comes from peft."""
-    if not any((cls.__module__ or "").startswith("peft.") for cls in type(model).__mro__):
-        return False
-    try:
-        from peft import PeftModel
-    except Exception:  # a peft that does not import is not one to apply
-        return False
-    return isinstance(model, PeftModel)
+    return library_instance(model, "peft", "PeftModel")
 
 
 def holds_an_adapter(model: Any, state: Mapping[str, Any]) -> bool:
