@@ -212,22 +212,13 @@ def lightning_net() -> type[nn.Module]:
     """The LightningModule (its class needs lightning, imported here)."""
     import lightning as L
 
-    class LitNet(L.LightningModule):  # type: ignore[misc]
+    class LitNet(Net, L.LightningModule):  # type: ignore[misc]
+        """``Net`` (its layers and forward), trained by Lightning: Net's ``super().__init__()``
+        is LightningModule's in this order."""
+
         def __init__(self, variant: str = "unchanged") -> None:
-            super().__init__()
+            super().__init__(RENAMED_HEAD if variant == "renamed" else HEAD)
             self.variant = variant
-            self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
-            self.head_name = RENAMED_HEAD if variant == "renamed" else HEAD
-            setattr(self, self.head_name, nn.Linear(32, 8))
-
-        @property
-        def head_module(self) -> nn.Module:
-            module: nn.Module = getattr(self, self.head_name)
-            return module
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.head_module(self.body(x))
-            return out
 
         def training_step(self, batch: Any, index: int) -> torch.Tensor:
             x, y = batch
