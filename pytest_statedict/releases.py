@@ -450,9 +450,10 @@ class ReleaseGate:
         """
         from .rename import compile_rename, matches_any
 
-        layout = self._model_layout(model)
-        if layout is None or self.convert is not None:
+        known = self._model_layout(model)
+        if known is None or self.convert is not None:
             return False  # code runs on load, or before it
+        layout, tied = known
         mapping = compile_rename(self.rename)
         loaded: dict[str, tuple[int, ...]] = {}
         for entry in schema.tensors:
@@ -468,23 +469,25 @@ class ReleaseGate:
             return False
         if self.strict and loaded.keys() != layout.keys():
             return False
-        from .tie_verdict import tied_groups
-
-        tied = tied_groups(model.state_dict(keep_vars=True))
         return not any(sum(k in loaded for k in keys) > 1 for keys in tied)
 
-    def _model_layout(self, model: nn.Module) -> dict[str, tuple[int, ...]] | None:
-        """Key -> shape of what ``load_state_dict`` expects, or None when the model has load
-        code of its own (a ``load_state_dict`` or ``_load_from_state_dict`` override, extra
-        state, a load hook). Kept for the model built once."""
+    def _model_layout(
+        self, model: nn.Module
+    ) -> tuple[dict[str, tuple[int, ...]], list[tuple[str, ...]]] | None:
+        """Key -> shape of what ``load_state_dict`` expects, and the keys that share one
+        tied parameter; None when the model has load code of its own (a ``load_state_dict``
+        or ``_load_from_state_dict`` override, extra state, a load hook). Kept for the model
+        built once, as its every release asks."""
         if model is self._model and self._layout is not NOT_GIVEN:
             return self._layout  # type: ignore[no-any-return]
+        from .tie_verdict import tied_groups
         from .verdict import plain_layout
 
         layout = plain_layout(model)
+        known = None if layout is None else (layout, tied_groups(model.state_dict(keep_vars=True)))
         if model is self._model:
-            self._layout = layout
-        return layout
+            self._layout = known
+        return known
 
     def _optimizer_problem(self, model: nn.Module, release: Release, schema: Schema) -> str:
         """Why the release's optimizer state would not load (or resume) today, or ''."""

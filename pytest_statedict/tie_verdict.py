@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import StateDictError
 from .schema import Schema
@@ -70,19 +69,19 @@ class TieOnLoad:
 
 
 def ties_on_load(
-    model: nn.Module,
+    own: Mapping[str, Any],
     state: Mapping[str, Any],
     recorded: Schema | None = None,
     values: CheckpointValues | None = None,
 ) -> list[TieOnLoad]:
     """How the model's tied parameters and the checkpoint's tied tensors meet on load.
 
-    ``state`` is what is loaded (real tensors, memory-mapped, or meta tensors rebuilt from a
-    schema); ``recorded``, the schema it was rebuilt from, gives the value fingerprints of a
-    snapshot with values; ``values`` reads a meta state's tensors from the checkpoint file
-    where it has them (a :class:`~.errors.StateDictError` from it: not known).
+    ``own`` is the model's ``state_dict(keep_vars=True)``; ``state`` is what is loaded
+    (real tensors, memory-mapped, or meta tensors rebuilt from a schema); ``recorded``, the
+    schema it was rebuilt from, gives the value fingerprints of a snapshot with values;
+    ``values`` reads a meta state's tensors from the checkpoint file where it has them (a
+    :class:`~.errors.StateDictError` from it: not known).
     """
-    own = model.state_dict(keep_vars=True)
     if values is not None:
         values = functools.cache(values)  # one read for every tie
     found = [

@@ -130,7 +130,8 @@ def summarised(
     was rebuilt from, and ``values``, the checkpoint's own tensors, compare the two)."""
     name = type(model).__name__
     loader = verdict.how
-    layouts = _layouts_load(state, model, strict=strict, ignore=ignore, present=present)
+    own = model.state_dict(keep_vars=True)  # for the layouts and the ties alike
+    layouts = _layouts_load(state, own, strict=strict, ignore=ignore, present=present)
     if verdict.error:
         return ModelVerdict(name, False, f"it raises: {verdict.error}", loader, layouts)
 
@@ -146,7 +147,7 @@ def summarised(
     if reasons:
         return ModelVerdict(name, False, ", ".join(reasons), loader, layouts)
     # an ignored key is still loaded (ignore= only stops counting it): its tie still counts
-    ties = ties_on_load(model, state, recorded, values)
+    ties = ties_on_load(own, state, recorded, values)
     if "from_pretrained" in loader:  # transformers unties keys saved apart with other values
         notes = tuple(_untied_by_transformers(t) for t in ties)
         return ModelVerdict(name, True, "", loader, layouts, notes=notes)
@@ -169,7 +170,7 @@ def _untied_by_transformers(tie: TieOnLoad) -> str:
 
 def _layouts_load(
     state: Mapping[str, Any],
-    model: nn.Module,
+    model_state: Mapping[str, Any],
     *,
     strict: bool,
     ignore: tuple[str, ...],
@@ -177,7 +178,7 @@ def _layouts_load(
 ) -> bool:
     """Whether keys and shapes alone say "loads": what a report compares the real load with
     (a hook that converts, or refuses, is where the two part)."""
-    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not matches_any(k, ignore)}
+    own = {k: v for k, v in model_state.items() if not matches_any(k, ignore)}
     saved = {k: v for k, v in state.items() if not matches_any(k, ignore)}
     if strict and set(own) != set(saved) | (set(present) & set(own)):
         return False
