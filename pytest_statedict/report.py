@@ -138,10 +138,17 @@ def describe(entry: TensorEntry) -> str:
     text = entry.describe()
     if text.isprintable() and "\\" not in text:  # nothing to escape: most entries
         return text
-    names = ("tied_to", "type", "dtype", "layout", "qscheme")
-    shown = {name: getattr(entry, name) for name in names}
+
+    def shown(name: str | None) -> str | None:
+        return None if name is None else printable(name)
+
     return replace(
-        entry, **{name: printable(value) for name, value in shown.items() if value is not None}
+        entry,
+        tied_to=shown(entry.tied_to),
+        type=shown(entry.type),
+        dtype=shown(entry.dtype),
+        layout=shown(entry.layout),
+        qscheme=shown(entry.qscheme),
     ).describe()
 
 
