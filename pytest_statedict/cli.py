@@ -112,14 +112,14 @@ def _show(
     if as_json:
         sys.stdout.write(schema.to_json())
         return 0
-    _say(render_tree(schema) if tree else render_table(schema))
+    print(render_tree(schema) if tree else render_table(schema))  # every field escaped
     return 0
 
 
 def _say(text: str) -> None:
-    """Print a table or report: each name in it is escaped already (:func:`printable`);
-    what it quotes whole (a reader's note, a load error, a custom comparison's words) is
-    escaped here, so that no character from a file reaches the terminal raw."""
+    """Print a report: each name in it is escaped already (:func:`printable`); what it
+    quotes whole (a load error, a load hook's or a custom comparison's words) is escaped
+    here, so that no character from a file reaches the terminal raw."""
     print(printable_message(text, lines=True))
 
 

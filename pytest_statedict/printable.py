@@ -47,7 +47,7 @@ def printable_message(text: str, *, lines: bool = False) -> str:
     terminal whole: torch's and a load hook's errors quote key names raw, as may a custom
     comparison's words and a reader's problem.
     """
-    if all(line.isprintable() for line in (text.split("\n") if lines else (text,))):
+    if (text.replace("\n", "") if lines else text).isprintable():
         return text
     return "".join(
         char if lines and char == "\n" else _escaped(char, backslash=False) for char in text
