@@ -256,6 +256,15 @@ def test_user_gate():
 
 
 test_user_releases = statedict_releases(lambda: Hostile("n", widen=1), optimizer=None)
+
+
+class Refusing(nn.Module):
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        raise ValueError("cannot convert " + ", ".join(state_dict))
+
+
+def test_user_hook():
+    assert_checkpoint_loads(Refusing(), "old.pt")
 """
 
 
@@ -271,7 +280,7 @@ def test_failure_messages_print_no_character_from_a_file_raw(
     pytester.runpytest("-k", "snapshot", "--statedict-update").assert_outcomes(passed=1)
     monkeypatch.setenv("HOSTILE_RENAMED", "1")
     result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=3)
+    result.assert_outcomes(failed=4)
     text = result.stdout.str()
     for name in HOSTILE:
         assert name not in text
@@ -284,3 +293,5 @@ def test_failure_messages_print_no_character_from_a_file_raw(
         assert text.count(f"m{i}{shown} -> n{i}{shown}") == 3
     assert r"~ w\x1b]0;pwned\x07: shape [2] -> [3]" in text  # the snapshot check's change
     assert r"w\x1b]0;pwned\x07: checkpoint [2], model [3]" in text  # the gate's, twice
+    # a load hook's error quotes the keys raw: escaped, on one line
+    assert r"its load_state_dict raised: ValueError: cannot convert m0\x1b]0;pwned\x07" in text
