@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 
 from pytest_statedict import CheckpointError, schema_of
 from pytest_statedict.cli import main
+from pytest_statedict.compare import diff_schemas
 from pytest_statedict.printable import printable, printable_message
+from pytest_statedict.report import render_diff
 
 OSC = "\x1b]0;pwned\x07"  # retitles the terminal
 CLEAR = "\x1b[2J"  # clears it
@@ -106,6 +108,18 @@ def test_a_checkpoint_error_is_one_paragraph_whatever_the_file_names(tmp_path: P
     assert error.problem == f"its shard {FORGED}{OSC} is missing"  # kept as it was
 
 
+def test_a_suggested_rename_for_a_hostile_prefix_is_escaped_and_still_pastes() -> None:
+    old = {f"layers.{i}.w": torch.zeros(i + 1) for i in range(2)}
+    new = {f"blocks{CLEAR}.{i}.w": torch.zeros(i + 1) for i in range(2)}
+    report = render_diff(diff_schemas(schema_of(old), schema_of(new)), title="differs:")
+    assert report.replace("\n", "").isprintable()
+    assert r"layers.0.w -> blocks\x1b[2J.0.w  tensor float32[1]" in report
+    suggested = re.search(r"rename=(\[.*\]) \(", report)
+    assert suggested is not None
+    ((pattern, replacement),) = ast.literal_eval(suggested.group(1))  # as a user pastes it
+    assert [re.sub(pattern, replacement, key) for key in new] == list(old)
+
+
 # ---- the command line --------------------------------------------------------------------
 
 
@@ -179,6 +193,7 @@ def test_show_diff_and_history_print_no_character_from_a_file_raw(
         """
         import json, sys
         from pytest_statedict.cli import main
+from pytest_statedict.compare import diff_schemas
         for args in json.loads(sys.argv[1]):
             print("=== " + " ".join(args), flush=True)
             print(f"rc {main(args)}", flush=True)
