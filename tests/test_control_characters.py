@@ -193,7 +193,6 @@ def test_show_diff_and_history_print_no_character_from_a_file_raw(
         """
         import json, sys
         from pytest_statedict.cli import main
-from pytest_statedict.compare import diff_schemas
         for args in json.loads(sys.argv[1]):
             print("=== " + " ".join(args), flush=True)
             print(f"rc {main(args)}", flush=True)
