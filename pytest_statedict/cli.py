@@ -98,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"statedict: {args.command} failed unexpectedly ({type(exc).__name__}: "
             f"{printable_message(str(exc).strip()[:300])}); this is a bug in pytest-statedict "
-            "or in what it "
-            "calls, please report it with the file that caused it",
+            "or in what it calls, please report it with the file that caused it",
             file=sys.stderr,
         )
         return 2
