@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateDictError
+from .printable import printable, printable_message
 from .schema import Schema
 from .schema_entries import TensorEntry
 
@@ -89,15 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=args.model,
             unsafe=unsafe,
         )
-    except StateDictError as exc:
+    except StateDictError as exc:  # its message escapes what it quotes of the input
         text = str(exc).replace(API_OPT_IN, f"pass {UNSAFE_UNPICKLE} (it runs code from the file)")
         print(f"statedict: {text}", file=sys.stderr)
         return 2
     except Exception as exc:  # never exit 1 ("different") nor with a traceback on a crash
         print(
             f"statedict: {args.command} failed unexpectedly ({type(exc).__name__}: "
-            f"{str(exc).strip()[:300]}); this is a bug in pytest-statedict or in what it "
-            "calls, please report it with the file that caused it",
+            f"{printable_message(str(exc).strip()[:300])}); this is a bug in pytest-statedict "
+            "or in what it calls, please report it with the file that caused it",
             file=sys.stderr,
         )
         return 2
@@ -110,8 +111,15 @@ def _show(
     if as_json:
         sys.stdout.write(schema.to_json())
         return 0
-    print(render_tree(schema) if tree else render_table(schema))
+    print(render_tree(schema) if tree else render_table(schema))  # every field escaped
     return 0
+
+
+def _say(text: str) -> None:
+    """Print a report: each name in it is escaped already (:func:`printable`); what it
+    quotes whole (a load error, a load hook's or a custom comparison's words) is escaped
+    here, so that no character from a file reaches the terminal raw."""
+    print(printable_message(text, lines=True))
 
 
 def _schema_of_file(path: str, *, part: str | None, unsafe: bool) -> Schema:
@@ -130,10 +138,11 @@ def render_table(schema: Schema) -> str:
     """Name, shape, dtype, kind and element count per key, aligned, then the totals."""
     rows = [("name", "shape", "dtype", "kind", "elements")]
     for t in schema.tensors:
+        key, dtype = printable(t.key), printable(t.dtype or "")
         if t.kind == "object":
-            rows.append((t.key, "", t.type or "", "object", ""))
+            rows.append((key, "", printable(t.type or ""), "object", ""))
             continue
-        rows.append((t.key, "x".join(map(str, t.shape or ())) or "()", t.dtype or "", _kind(t),
+        rows.append((key, "x".join(map(str, t.shape or ())) or "()", dtype, _kind(t),
                      f"{t.numel:,}"))  # fmt: skip
     lines = _aligned(rows, numeric={4})
     totals = schema.totals
@@ -156,16 +165,18 @@ def _footer(schema: Schema) -> list[str]:
     """Where it was saved, its optimizer, its other entries and the warnings."""
     lines = []
     if schema.framework:
-        lines.append(f"framework: {schema.framework}")
+        lines.append(f"framework: {printable(schema.framework)}")
     if schema.read_as:
-        lines.append(f"read as: {schema.read_as}")
+        lines.append(f"read as: {printable_message(schema.read_as)}")
     if schema.saved_on:
-        lines.append(f"saved on: {', '.join(schema.saved_on)}")
+        lines.append(f"saved on: {', '.join(map(printable, schema.saved_on))}")
     if schema.optimizer is not None:
         from .schema_entries import UNKNOWN_CLASS
 
         opt = schema.optimizer
-        cls = "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else opt.cls
+        cls = (
+            "class unknown (a bare state_dict)" if opt.cls == UNKNOWN_CLASS else printable(opt.cls)
+        )
         lines.append(
             f"optimizer: {cls}, {len(opt.param_groups)} param_group(s), state for "
             f"{len(opt.state)} parameter(s)"
@@ -175,8 +186,8 @@ def _footer(schema: Schema) -> list[str]:
             lines.append(f"  group {i}: {len(group.params)} params {hyper}")
     if schema.extras:  # one a line: a scheduler's or a framework file's description is long
         lines.append("other entries:")
-        lines.extend(f"  {k}: {v}" for k, v in schema.extras.items())
-    lines.extend(f"warning: {note}" for note in schema.notes)
+        lines.extend(f"  {printable(k)}: {printable(v)}" for k, v in schema.extras.items())
+    lines.extend(f"warning: {printable_message(note)}" for note in schema.notes)
     return lines
 
 
@@ -216,14 +227,15 @@ def render_tree(schema: Schema) -> str:
         indent = "  " * depth
         for name, t in node.entries:
             if t.kind == "object":
-                rows.append((indent + name, "", t.type or "", "object", "", ""))
+                rows.append((indent + printable(name), "", printable(t.type or ""), "object", "",
+                             ""))  # fmt: skip
                 continue
             kind = _kind(t)
             shape = "x".join(map(str, t.shape or ())) or "()"
-            rows.append((indent + name, shape, t.dtype or "", kind, f"{t.numel:,}",
-                         _human_bytes(t.nbytes)))  # fmt: skip
+            rows.append((indent + printable(name), shape, printable(t.dtype or ""), kind,
+                         f"{t.numel:,}", _human_bytes(t.nbytes)))  # fmt: skip
         for name, child in node.children.items():
-            rows.append((indent + name, "", "", "module", f"{child.elements:,}",
+            rows.append((indent + printable(name), "", "", "module", f"{child.elements:,}",
                          _human_bytes(child.nbytes)))  # fmt: skip
             walk(child, depth + 1)
 
@@ -242,7 +254,7 @@ def render_tree(schema: Schema) -> str:
 
 def _kind(t: TensorEntry) -> str:
     kind = t.kind + (" (frozen)" if t.kind == "parameter" and t.requires_grad is False else "")
-    return kind + (f" = {t.tied_to}" if t.tied_to else "")
+    return kind + (f" = {printable(t.tied_to)}" if t.tied_to else "")
 
 
 def _roles(schema: Schema) -> str:
@@ -312,10 +324,10 @@ def _diff(
         found.model_verdict = model_verdict(today, old)  # asked for: decided even if equal
     refused = found.model_verdict is not None and found.model_verdict.loads is False
     if not found and not refused:
-        print(f"no difference: {expected} and {actual} have the same schema")
+        print(f"no difference: {printable(expected)} and {printable(actual)} have the same schema")
         return 0
-    print(render_diff(found, title=f"{actual} differs from {expected}:", verbose=verbose,
-                      rename_direction="expected->actual"))  # fmt: skip
+    title = f"{printable(actual)} differs from {printable(expected)}:"
+    _say(render_diff(found, title=title, verbose=verbose, rename_direction="expected->actual"))
     return 1
 
 
@@ -412,7 +424,7 @@ def _record(args: argparse.Namespace) -> int:
         names_from=model,
         names_optimizer=optimizer,
     )
-    print(f"recorded release {args.release} in {os.path.relpath(path)}: commit it")
+    print(f"recorded release {args.release} in {printable(os.path.relpath(path))}: commit it")
     return 0
 
 
@@ -422,7 +434,7 @@ def _history(args: argparse.Namespace) -> int:
     from .releases import history, project_dir
 
     folder = Path(args.dir) if args.dir else project_dir()[1]
-    print(history(folder))
+    _say(history(folder))
     return 0
 
 

@@ -18,6 +18,7 @@ from .comparison import CustomComparison, Tolerance, Tolerances
 from .errors import hide_from_bad_input
 from .layout import ENTRY_DETAIL, entry_type
 from .optimizer_diff import OptimizerVerdict, diff_optimizers, optimizer_verdict, uses_names
+from .printable import printable
 from .rename import (
     detect_prefix,
     normalise,
@@ -233,7 +234,7 @@ def _compare_entries(
             diff.accepted.append(key)
     if diff.accepted:
         diff.notes.append(
-            f"a custom comparison accepted {', '.join(diff.accepted)}, "
+            f"a custom comparison accepted {', '.join(map(printable, diff.accepted))}, "
             "which the built-in comparison finds changed"
         )
     if tolerances.tolerant and sum(c.excess is not None for c in diff.changed) > 1:
@@ -260,7 +261,8 @@ def _compare_modules(diff: SchemaDiff, expected: Schema, actual: Schema) -> None
     for name in sorted(set(expected.extras) | set(actual.extras)):
         old_t, new_t = expected.extras.get(name), actual.extras.get(name)
         if not _same_entry(old_t, new_t):
-            diff.extras.append(f"{name}: {old_t or 'absent'} -> {new_t or 'absent'}")
+            old_shown, new_shown = (printable(t) if t else "absent" for t in (old_t, new_t))
+            diff.extras.append(f"{printable(name)}: {old_shown} -> {new_shown}")
 
 
 def _same_entry(old: str | None, new: str | None) -> bool:

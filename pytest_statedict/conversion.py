@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import StateDictError, first_line
+from .printable import printable
 
 __all__ = ["Conversion", "Converter", "run_conversion"]
 
@@ -42,11 +43,17 @@ class Conversion:
     def lines(self, limit: int) -> list[str]:
         """One short section: each change on a line, renames first."""
         items = [
-            *(f"renamed {old} -> {new}" for old, new in self.renamed),
-            *(f"split {old} -> {', '.join(new)}" for old, new in self.split),
-            *(f"reshaped {key}: {before} -> {after}" for key, before, after in self.reshaped),
-            *(f"dropped {key}" for key in self.dropped),
-            *(f"added {key}" for key in self.added),
+            *(f"renamed {printable(old)} -> {printable(new)}" for old, new in self.renamed),
+            *(
+                f"split {printable(old)} -> {', '.join(map(printable, new))}"
+                for old, new in self.split
+            ),
+            *(
+                f"reshaped {printable(key)}: {before} -> {after}"
+                for key, before, after in self.reshaped
+            ),
+            *(f"dropped {printable(key)}" for key in self.dropped),
+            *(f"added {printable(key)}" for key in self.added),
         ]
         out = []
         if self.needed_values:

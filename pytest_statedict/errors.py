@@ -11,16 +11,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .printable import printable, printable_message
+
 
 class StateDictMismatch(AssertionError):
     """A state_dict, checkpoint or round-trip differs from what was expected.
 
     The message is the full report; ``diff`` (when set) is the structured
-    :class:`~pytest_statedict.compare.SchemaDiff` behind it.
+    :class:`~pytest_statedict.compare.SchemaDiff` behind it. The report names each key
+    escaped (:func:`~.printable.printable`); what it quotes of others (torch's load error,
+    a custom comparison's words) is escaped here, its lines kept.
     """
 
     def __init__(self, message: str, diff: object = None) -> None:
-        super().__init__(message)
+        super().__init__(printable_message(message, lines=True))
         self.diff = diff
 
 
@@ -29,7 +33,16 @@ class StateDictWarning(UserWarning):
 
 
 class StateDictError(Exception):
-    """Bad input: the message names the file or object and what is wrong with it."""
+    """Bad input: the message names the file or object and what is wrong with it.
+
+    Whatever of the input it quotes reaches the terminal escaped (its lines kept), as a
+    failure report does (see :class:`StateDictMismatch`).
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (printable_message(args[0], lines=True),)
+        super().__init__(*args)
 
 
 class SnapshotError(StateDictError):
@@ -47,9 +60,11 @@ class SnapshotError(StateDictError):
         self.path = os.fspath(path)
         self.line = line
         self.problem = problem
-        where = f"{self.path}:{line}" if line else self.path
+        shown = printable(self.path)
+        where = f"{shown}:{line}" if line else shown
         super().__init__(
-            f"statedict snapshot {where}: {problem}. The file was left untouched; "
+            f"statedict snapshot {where}: {printable_message(problem)}. The file was left "
+            "untouched; "
             f"{remedy or self.REMEDY}."
         )
 
@@ -59,12 +74,17 @@ class StaleSnapshotError(SnapshotError):
 
 
 class CheckpointError(StateDictError):
-    """A checkpoint file that is missing, truncated, foreign, or unsafe to unpickle."""
+    """A checkpoint file that is missing, truncated, foreign, or unsafe to unpickle.
+
+    One paragraph whatever the file holds: the path, and each name the problem quotes (a
+    shard's, a key's), escaped, a newline in a name included (no forged traceback).
+    ``path`` and ``problem`` keep them as they are.
+    """
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = os.fspath(path)
         self.problem = problem
-        super().__init__(f"checkpoint {self.path}: {problem}")
+        super().__init__(f"checkpoint {printable(self.path)}: {printable_message(problem)}")
 
 
 class UnsupportedFormatError(StateDictError):
@@ -100,4 +120,4 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
     except Exception:
         text = repr(exc.args)
     lines = text.strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit]
+    return printable_message(f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit])

@@ -38,6 +38,7 @@ from .formats.reading import from_hook
 from .formats.snapshot import SNAPSHOT
 from .hf_rules import LoadVerdict
 from .meta_state import state_from_snapshot
+from .printable import printable, printable_message
 from .rename import (
     Rename,
     compile_rename,
@@ -52,6 +53,7 @@ from .report import (
     ambiguous_rename_lines,
     model_verdict_line,
     optimizer_load_verdict,
+    regex_literal,
     suggest_rename,
 )
 from .runtime import begin_check, checkpoint_loader, end_check
@@ -238,7 +240,8 @@ def _check(
     if not verdict.loads or optimizer_lines:
         lines += optimizer_lines
         if any(loc != "cpu" for loc in saved_on):
-            lines.append(f"  the checkpoint was saved on {', '.join(sorted(saved_on))}")
+            where = ", ".join(printable(loc) for loc in sorted(saved_on))
+            lines.append(f"  the checkpoint was saved on {where}")
         raise StateDictMismatch("\n".join([title, *lines]), diff)
 
 
@@ -279,23 +282,30 @@ def _load_failure(
     unexpected = kept(loaded.unexpected)
     shapes = [s for s in loaded.shapes if not matches_any(s[0], ignore)]
     ignored = [
-        *(f"{k} (missing)" for k in all_missing if k not in missing),
-        *(f"{k} (unexpected)" for k in loaded.unexpected if k not in unexpected),
+        *(f"{printable(k)} (missing)" for k in all_missing if k not in missing),
+        *(f"{printable(k)} (unexpected)" for k in loaded.unexpected if k not in unexpected),
         *(
-            f"{k}: checkpoint {c}, model {m}"
+            f"{printable(k)}: checkpoint {c}, model {m}"
             for k, c, m in loaded.shapes
             if (k, c, m) not in shapes
         ),
     ]
     lines = ["  " + model_verdict_line(diff.model_verdict, diff)]
-    lines.extend(f"  {note}" for note in loaded.notes)
+    lines.extend(f"  {printable_message(note)}" for note in loaded.notes)
     if loaded.error:
-        lines.append(f"  its load_state_dict raised: {loaded.error}")
-    lines += _section("missing (in the model, not in the checkpoint)", missing)
-    lines += _section("unexpected (in the checkpoint, not in the model)", unexpected)
-    lines += _section("shape mismatches", [f"{k}: checkpoint {c}, model {m}" for k, c, m in shapes])
+        lines.append(f"  its load_state_dict raised: {printable_message(loaded.error)}")
     lines += _section(
-        "accepted by transformers' rules (strict load_state_dict refuses)", loaded.accepted
+        "missing (in the model, not in the checkpoint)", list(map(printable, missing))
+    )
+    lines += _section(
+        "unexpected (in the checkpoint, not in the model)", list(map(printable, unexpected))
+    )
+    lines += _section(
+        "shape mismatches", [f"{printable(k)}: checkpoint {c}, model {m}" for k, c, m in shapes]
+    )
+    lines += _section(
+        "accepted by transformers' rules (strict load_state_dict refuses)",
+        [printable(k) for k in loaded.accepted],
     )
     lines += _section(f"ignored by ignore={list(ignore)!r}", ignored)
     lines += _new_buffer_hint(model, missing, diff)
@@ -303,7 +313,7 @@ def _load_failure(
     if strict and unexpected and not shapes and not loaded.error:
         lines.append(
             "  with strict=False it would load, silently dropping "
-            f"{len(unexpected)} checkpoint key(s) ({', '.join(unexpected[:5])}"
+            f"{len(unexpected)} checkpoint key(s) ({', '.join(map(printable, unexpected[:5]))}"
             + (", ..." if len(unexpected) > 5 else "")
             + ")"
             + (f" and leaving {len(missing)} model key(s) uninitialised" if missing else "")
@@ -329,7 +339,7 @@ def _new_buffer_hint(model: nn.Module, missing: list[str], diff: SchemaDiff) -> 
     if not new_buffers:
         return []
     return [
-        f"  missing buffer(s) {', '.join(new_buffers[:5])}"
+        f"  missing buffer(s) {', '.join(map(printable, new_buffers[:5]))}"
         + (", ..." if len(new_buffers) > 5 else "")
         + ": if not needed in checkpoints, register with "
         "self.register_buffer(name, tensor, persistent=False) and old checkpoints load"
@@ -359,7 +369,7 @@ def _rename_hint(
         fix = (
             f"rename=[(r'^', {prefix!r})]"
             if how == "added"
-            else f"rename=[(r'^{re.escape(prefix)}', '')]"
+            else f"rename=[({regex_literal('^' + re.escape(prefix))}, '')]"
         )
         return [
             f"  the model's keys have the prefix {prefix!r} {how} relative to the checkpoint "
@@ -377,7 +387,7 @@ def _rename_hint(
         return lines
     return [
         "  likely renamed (same shape and dtype):",
-        *(f"    {old} -> {new}" for old, new in renames[:SECTION_LIMIT]),
+        *(f"    {printable(old)} -> {printable(new)}" for old, new in renames[:SECTION_LIMIT]),
         "  to load it as it is: "
         + suggest_rename(renames, "expected->actual", diff)
         + " (rename= maps the checkpoint's keys to today's"
@@ -501,6 +511,7 @@ def checkpoint_state(
 def _shown(path: Path) -> str:
     """The path relative to the working directory when it is below it."""
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        shown = str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
-        return str(path)
+        shown = str(path)
+    return printable(shown)

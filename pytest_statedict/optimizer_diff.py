@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .printable import printable
 from .schema_entries import UNKNOWN_CLASS, OptimizerSchema, StateSpec, elementwise_shapes
 
 __all__ = [
@@ -53,10 +54,10 @@ def diff_optimizers(expected: OptimizerSchema | None, actual: OptimizerSchema | 
         have = expected or actual
         assert have is not None
         side = "expected" if expected is not None else "actual"
-        return [f"an optimizer ({have.cls}) on the {side} side only"]
+        return [f"an optimizer ({printable(have.cls)}) on the {side} side only"]
     lines = []
     if expected.cls != actual.cls and UNKNOWN_CLASS not in (expected.cls, actual.cls):
-        lines.append(f"class: {expected.cls} -> {actual.cls}")
+        lines.append(f"class: {printable(expected.cls)} -> {printable(actual.cls)}")
     exp_groups, act_groups = _comparable_members(expected, actual)
     if len(exp_groups) != len(act_groups):
         lines.append(f"param_groups: {len(exp_groups)} -> {len(act_groups)}")
@@ -96,7 +97,9 @@ def _state_lines(expected: OptimizerSchema, actual: OptimizerSchema) -> list[str
         if old_state is None or new_state is None:
             kept = old_state or new_state
             assert kept is not None
-            what = ", ".join(f"{n} {v.describe()}" for n, v in kept.entries.items())
+            what = ", ".join(
+                f"{printable(n)} {printable(v.describe())}" for n, v in kept.entries.items()
+            )
             lines.append(f"state of {p!r}: {'removed' if new_state is None else 'added'} ({what})")
             continue
         old, new = old_state.entries, new_state.entries
@@ -104,8 +107,9 @@ def _state_lines(expected: OptimizerSchema, actual: OptimizerSchema) -> list[str
             before, after = old.get(name), new.get(name)
             if before != after:
                 lines.append(
-                    f"state of {p!r}: {name} {before.describe() if before else 'absent'} -> "
-                    f"{after.describe() if after else 'absent'}"
+                    f"state of {p!r}: {printable(name)} "
+                    f"{printable(before.describe()) if before else 'absent'} -> "
+                    f"{printable(after.describe()) if after else 'absent'}"
                 )
     return lines
 
@@ -116,7 +120,7 @@ def _state_count(opt: OptimizerSchema) -> str:
         return "none"
     entries = sorted({name for s in opt.state for name in s.entries})
     many = "s" * (len(opt.state) > 1)
-    return f"{len(opt.state)} parameter{many} ({', '.join(entries)})"
+    return f"{len(opt.state)} parameter{many} ({', '.join(map(printable, entries))})"
 
 
 def _group_permutation(
@@ -207,7 +211,7 @@ def optimizer_verdict(
         p for o, p in zip(old, new, strict=True) if o == p and p in reshaped and p in with_state
     ]
     if stale:
-        names = ", ".join(map(str, stale[:3])) + (
+        names = ", ".join(map(printable, stale[:3])) + (
             f" and {len(stale) - 3} more" if len(stale) > 3 else ""
         )
         reasons.append(

@@ -33,6 +33,7 @@ import pytest
 
 from . import storage
 from .errors import StateDictError, StateDictMismatch, hide_from_bad_input
+from .printable import printable
 from .runtime import active_session, begin_check, end_check
 
 if TYPE_CHECKING:
@@ -496,7 +497,8 @@ class ReleaseGate:
         assert schema.optimizer is not None
         if self.optimizer is NOT_GIVEN:
             return (
-                f"  release {release.name} recorded an optimizer ({schema.optimizer.cls}): pass "
+                f"  release {release.name} recorded an optimizer "
+                f"({printable(schema.optimizer.cls)}): pass "
                 "statedict_releases(..., optimizer=lambda model: ...) to check that its state "
                 "still loads, or optimizer=None to leave it unchecked"
             )
@@ -642,22 +644,21 @@ def _change_sections(
 ) -> list[tuple[str, list[str]]]:
     """A release's changes since the one before, each heading with its lines (none empty);
     a key renamed is listed as renamed, not as removed and added."""
-    from .report import ambiguous_rename_lines
+    from .report import ambiguous_rename_lines, entry_line
 
     renamed_old = {old for old, _ in diff.renames}
     renamed_new = {new for _, new in diff.renames}
     sections = [
-        ("added", [f"+ {t.key}  {t.describe()}" for t in diff.added
-                   if t.key not in renamed_new]),
-        ("removed", [f"- {t.key}  {t.describe()}" for t in diff.removed
-                     if t.key not in renamed_old]),
-        ("renamed", [f"{old} -> {new}" for old, new in diff.renames]),
+        ("added", [f"+ {entry_line(t)}" for t in diff.added if t.key not in renamed_new]),
+        ("removed", [f"- {entry_line(t)}" for t in diff.removed if t.key not in renamed_old]),
+        ("renamed", [f"{printable(old)} -> {printable(new)}" for old, new in diff.renames]),
         ("renamed, ambiguously", ambiguous_rename_lines(diff)),
-        ("reshaped", [f"{c.key}: {list(c.expected or ())} -> {list(c.actual or ())}"
+        ("reshaped", [f"{printable(c.key)}: {list(c.expected or ())} -> {list(c.actual or ())}"
                       for c in diff.changed if c.attribute == "shape"]),
-        ("dtype changed", [f"{c.key}: {c.expected} -> {c.actual}"
+        ("dtype changed", [f"{printable(c.key)}: {printable(c.expected)} -> {printable(c.actual)}"
                            for c in diff.changed if c.attribute == "dtype"]),
-        ("module versions", [f"{m or '<root>'}: {a} -> {b}" for m, a, b in diff.versions]),
+        ("module versions", [f"{printable(m) or '<root>'}: {printable(a)} -> {printable(b)}"
+                             for m, a, b in diff.versions]),
         ("optimizer", _optimizer_changes(before, after, diff.optimizer)),
     ]  # fmt: skip
     if diff.prefix:
@@ -686,7 +687,7 @@ def _optimizer_changes(before: Schema, after: Schema, lines: list[str]) -> list[
     and state entries that changed shape or dtype. Whether a parameter has state at all
     says whether the recorded optimizer had stepped, not what the release changed."""
     if before.optimizer is None and after.optimizer is not None:
-        cls = after.optimizer.cls
+        cls = printable(after.optimizer.cls)
         return [f"recorded from this release on ({'class unknown' if cls == 'unknown' else cls})"]
     if before.optimizer is not None and after.optimizer is None:
         return ["not recorded in this release"]

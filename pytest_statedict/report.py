@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from .compare import ModelVerdict, SchemaDiff
 from .optimizer_diff import OptimizerVerdict
+from .printable import printable
+from .schema_entries import TensorEntry
 
 # Lines shown per section before "... and N more" (all of them under ``-vv``).
 SECTION_LIMIT = 12
@@ -39,7 +42,7 @@ def render_diff(
         out.append("  " + optimizer_load_verdict(diff.optimizer_verdict))
     for side, where in (("expected", diff.expected_saved_on), ("actual", diff.actual_saved_on)):
         if any(loc != "cpu" for loc in where):
-            out.append(f"  the {side} checkpoint was saved on {', '.join(where)}")
+            out.append(f"  the {side} checkpoint was saved on {', '.join(map(printable, where))}")
     if accept_hint:
         out.append(f"  to accept this change: {accept_hint}")
     return "\n".join(out)
@@ -60,7 +63,7 @@ RENAME_DIRECTION = {
 def _prefix_line(prefix: tuple[str, str], rename_direction: str) -> str:
     how, added = prefix
     fix = (
-        f"strip it with rename=[(r'^{re.escape(added)}', '')]"
+        f"strip it with rename=[({regex_literal('^' + re.escape(added))}, '')]"
         if (how == "added") == (rename_direction == "actual->expected")
         else f"add it with rename=[(r'^', {added!r})]"
     )
@@ -79,26 +82,32 @@ def _sections(diff: SchemaDiff) -> list[tuple[str, list[str]]]:
     return [
         (
             "removed",
-            [f"- {t.key}  {t.describe()}" for t in diff.removed if t.key not in renamed_old],
+            [f"- {entry_line(t)}" for t in diff.removed if t.key not in renamed_old],
         ),
-        ("added", [f"+ {t.key}  {t.describe()}" for t in diff.added if t.key not in renamed_new]),
+        ("added", [f"+ {entry_line(t)}" for t in diff.added if t.key not in renamed_new]),
         (
             "likely renamed (same shape and dtype)",
-            [f"{old} -> {new}  {by_key[old].describe()}" for old, new in diff.renames],
+            [
+                f"{printable(old)} -> {entry_line(by_key[old], key=new)}"
+                for old, new in diff.renames
+            ],
         ),
         (AMBIGUOUS_RENAMES, ambiguous_rename_lines(diff)),
         ("changed", [_change_line(c) for c in diff.changed]),
         (
             "moved (state_dict order; optimizer state follows parameter order)",
-            [f"{key}: position {old} -> {new}" for key, old, new in diff.moved],
+            [f"{printable(key)}: position {old} -> {new}" for key, old, new in diff.moved],
         ),
         (
             "module versions (_metadata; a _load_from_state_dict may convert old checkpoints)",
-            [f"{prefix or '<root>'}: version {old} -> {new}" for prefix, old, new in diff.versions],
+            [
+                f"{printable(prefix) or '<root>'}: version {printable(old)} -> {printable(new)}"
+                for prefix, old, new in diff.versions
+            ],
         ),
         (
             "non-persistent buffers (not in the state_dict)",
-            [f"- {k}" for k in gone] + [f"+ {k}" for k in new_npb],
+            [f"- {printable(k)}" for k in gone] + [f"+ {printable(k)}" for k in new_npb],
         ),
         ("checkpoint entries", list(diff.extras)),
         ("optimizer", list(diff.optimizer)),
@@ -117,8 +126,34 @@ def _section(heading: str, lines: Sequence[str], limit: int | None) -> list[str]
     return out
 
 
+def entry_line(entry: TensorEntry, key: str | None = None) -> str:
+    """``key  parameter float32[6, 3]``: a key (``entry``'s own unless given) and what it
+    holds, each name in it escaped (:func:`~.printable.printable`)."""
+    return f"{printable(entry.key if key is None else key)}  {describe(entry)}"
+
+
+def describe(entry: TensorEntry) -> str:
+    """``entry.describe()`` with the names a file gave it escaped: the key it is tied to,
+    an object's type, a dtype, layout or qscheme a file wrote as it pleased."""
+    text = entry.describe()
+    if text.isprintable() and "\\" not in text:  # nothing to escape: most entries
+        return text
+
+    def shown(name: str | None) -> str | None:
+        return None if name is None else printable(name)
+
+    return replace(
+        entry,
+        tied_to=shown(entry.tied_to),
+        type=shown(entry.type),
+        dtype=shown(entry.dtype),
+        layout=shown(entry.layout),
+        qscheme=shown(entry.qscheme),
+    ).describe()
+
+
 def _change_line(change: object) -> str:
-    key, attribute = change.key, change.attribute  # type: ignore[attr-defined]
+    key, attribute = printable(change.key), change.attribute  # type: ignore[attr-defined]
     old, new = change.expected, change.actual  # type: ignore[attr-defined]
     if attribute == "values":
         if new is None:
@@ -130,8 +165,10 @@ def _change_line(change: object) -> str:
         old, new = list(old or ()), list(new or ())
     if attribute == "tied_to":
         attribute = "tying"
-        old = f"tied to {old}" if old else "untied"
-        new = f"tied to {new}" if new else "untied"
+        old = f"tied to {printable(old)}" if old else "untied"
+        new = f"tied to {printable(new)}" if new else "untied"
+    elif isinstance(old, str) or isinstance(new, str):  # a type, dtype... a file wrote
+        old, new = (None if v is None else printable(v) for v in (old, new))
     return f"~ {key}: {attribute} {old} -> {new}"
 
 
@@ -141,7 +178,10 @@ AMBIGUOUS_RENAMES = "renamed, but to which is ambiguous (not in the suggested re
 
 def ambiguous_rename_lines(diff: SchemaDiff) -> list[str]:
     """``old -> one of a, b``: a module or key that may have become several others."""
-    return [f"{old} -> one of {', '.join(alts)}" for old, alts in diff.ambiguous_renames]
+    return [
+        f"{printable(old)} -> one of {', '.join(map(printable, alts))}"
+        for old, alts in diff.ambiguous_renames
+    ]
 
 
 def suggest_rename(
@@ -155,7 +195,7 @@ def suggest_rename(
     if len(prefixes) == 1 and None not in prefixes:
         (src_prefix, dst_prefix) = next(iter(prefixes))  # type: ignore[misc]
         if diff is None or not _other_keys_under(src_prefix, pairs, diff, direction):
-            return f"rename=[({_regex_literal('^' + re.escape(src_prefix))}, {dst_prefix!r})]"
+            return f"rename=[({regex_literal('^' + re.escape(src_prefix))}, {dst_prefix!r})]"
     mapping = ", ".join(f"{src!r}: {dst!r}" for src, dst in pairs)
     return f"rename={{{mapping}}}"
 
@@ -170,9 +210,10 @@ def _other_keys_under(
     return any(key.startswith(prefix) and key not in renamed for key in keys)
 
 
-def _regex_literal(pattern: str) -> str:
-    """``r'...'`` where that spells the pattern (readable), else its ``repr`` (a quote in it)."""
-    if "'" in pattern or pattern.endswith("\\"):
+def regex_literal(pattern: str) -> str:
+    """``r'...'`` where that spells the pattern (readable), else its ``repr`` (a quote in
+    it, or a character that does not print as itself: the ``repr`` escapes it)."""
+    if "'" in pattern or pattern.endswith("\\") or not pattern.isprintable():
         return repr(pattern)
     return f"r'{pattern}'"
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import StateDictError
+from .printable import printable
 from .schema import Schema
 
 __all__ = ["CheckpointValues", "TieOnLoad", "tied_groups", "ties_on_load"]
@@ -51,10 +52,11 @@ class TieOnLoad:
 
     def describe(self) -> str:
         """One clause for a verdict line."""
-        last, others = self.keys[-1], ", ".join(self.keys[:-1])
+        keys = [printable(key) for key in self.keys]  # names from the checkpoint
+        last, others = keys[-1], ", ".join(keys[:-1])
         if self.split:
             return (
-                f"{', '.join(self.keys)} were one tensor in the checkpoint and now load as "
+                f"{', '.join(keys)} were one tensor in the checkpoint and now load as "
                 "independent parameters, each from it"
             )
         if self.equal is None:

@@ -28,6 +28,7 @@ from .hf_rules import LoadOutcome, LoadVerdict, decide_load
 from .meta_state import state_from_snapshot
 from .model_copy import meta_copy
 from .peft_rules import peft_load, uses_peft_rules
+from .printable import printable, printable_message
 from .rename import matches_any
 from .report import load_refusals
 from .schema import Schema
@@ -133,7 +134,9 @@ def summarised(
     own = model.state_dict(keep_vars=True)  # for the layouts and the ties alike
     layouts = _layouts_load(state, own, strict=strict, ignore=ignore, present=present)
     if verdict.error:
-        return ModelVerdict(name, False, f"it raises: {verdict.error}", loader, layouts)
+        # one clause of a verdict line: a key a message quotes may hold a newline
+        error = printable_message(verdict.error)
+        return ModelVerdict(name, False, f"it raises: {error}", loader, layouts)
 
     def kept(keys: list[str]) -> int:
         return sum(not matches_any(k, ignore) for k in keys)
@@ -163,7 +166,8 @@ def _untied_by_transformers(tie: TieOnLoad) -> str:
     if not tie.may_drop_a_tensor:
         return tie.describe()
     return (
-        f"{', '.join(tie.keys)} are separate tensors in the checkpoint: from_pretrained "
+        f"{', '.join(map(printable, tie.keys))} are separate tensors in the checkpoint: "
+        "from_pretrained "
         "keeps them apart (it unties them) where their values differ"
     )
 
