@@ -2,12 +2,13 @@
 
 A snapshot committed under one torch must compare equal under every other supported one for
 the same model and optimizer, and a file saved by one must read the same in another: that
-is what a team upgrading torch relies on. CI runs this module in several tox envs, one
-torch each, sharing the folder named by ``STATEDICT_CROSS_VERSION_DIR``: every env writes
-its artifacts into ``torch-<release>/`` there and checks those of every other release it
-finds; ``STATEDICT_CROSS_VERSION_READS`` lists the releases an env must find, so that a
-writer env that wrote nothing fails the run instead of shrinking it. Without the variable
-the module writes and checks in a temporary folder, under the one torch it runs on.
+is what a team upgrading torch relies on. Each torch that CI runs (``CI_RELEASES``: the
+``oldest``, ``py`` and ``newest`` tox envs) has its artifacts committed in
+``tests/cross_version/torch-<release>/``; every env reads all of them, and writes and reads
+its own torch's afresh, so that no env waits for another to write (the envs run in
+parallel) and a release whose artifacts are missing fails the run instead of shrinking it.
+To add a release's artifacts, run this file under that torch: ``python
+tests/test_cross_version.py`` writes ``tests/cross_version/torch-<its release>/``.
 
 The rest pins the tables in :mod:`pytest_statedict.compare` that make this hold: against
 the torch running (a default in the table is that torch's default), and against a
@@ -17,7 +18,6 @@ snapshot as an older torch wrote it (equal), or with a real change (still report
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +44,9 @@ from pytest_statedict.schema import Schema
 from pytest_statedict.schema_entries import StateSpec
 
 RELEASE = torch.__version__.split("+")[0]
-SHARED = os.environ.get("STATEDICT_CROSS_VERSION_DIR")
-REQUIRED = [r for r in os.environ.get("STATEDICT_CROSS_VERSION_READS", "").split(",") if r]
+COMMITTED = Path(__file__).parent / "cross_version"
+# the torch of each tox env that runs this module: oldest, py, newest (tox.ini)
+CI_RELEASES = ("2.3.1", "2.13.0", "2.14.1")
 
 
 class Net(nn.Module):
@@ -139,41 +140,36 @@ def write(folder: Path) -> None:
         dcp.save({"model": state}, storage_writer=dcp.FileSystemWriter(folder / "dcp"))
 
 
-def written_by_others(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("torch-*") if p.name != f"torch-{RELEASE}")
-
-
 @pytest.fixture(scope="module")
-def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared folder with this torch's artifacts in it (a temporary one without CI's)."""
-    root = Path(SHARED) if SHARED else tmp_path_factory.mktemp("cross-version")
-    write(root / f"torch-{RELEASE}")
-    return root
+def folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Every CI release's committed artifacts, and this torch's written now."""
+    fresh = tmp_path_factory.mktemp("cross-version") / f"torch-{RELEASE}"
+    write(fresh)
+    return [*sorted(COMMITTED.glob("torch-*")), fresh]
 
 
-def test_the_releases_ci_asks_for_were_written(shared_root: Path) -> None:
-    found = {p.name.removeprefix("torch-") for p in written_by_others(shared_root)}
-    assert set(REQUIRED) <= found, f"no artifacts of torch {set(REQUIRED) - found} in {SHARED}"
-
-
-def folders(shared_root: Path) -> list[Path]:
-    """Other releases' folders, or this torch's own when it is the only one."""
-    return written_by_others(shared_root) or [shared_root / f"torch-{RELEASE}"]
+def test_every_release_ci_runs_has_committed_artifacts() -> None:
+    committed = {p.name.removeprefix("torch-") for p in COMMITTED.glob("torch-*")}
+    assert set(CI_RELEASES) <= committed, f"no artifacts of torch {set(CI_RELEASES) - committed}"
+    for release in CI_RELEASES:
+        folder = COMMITTED / f"torch-{release}"
+        expected = {f"{name}.json" for name in OPTIMIZERS} | {"values.json", *FILES}
+        assert expected <= {p.name for p in folder.iterdir()}, folder
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_snapshots_of_other_releases_compare_equal(shared_root: Path, name: str) -> None:
+def test_snapshots_of_every_release_compare_equal(folders: list[Path], name: str) -> None:
     net, optimizer = trained(name)
-    for folder in folders(shared_root):
+    for folder in folders:
         assert_state_dict_matches(net, folder / f"{name}.json", optimizer=optimizer)
 
 
 @pytest.mark.parametrize("file", FILES)
-def test_files_of_other_releases_read_the_same(
-    shared_root: Path, file: str, capsys: pytest.CaptureFixture[str]
+def test_files_of_every_release_read_the_same(
+    folders: list[Path], file: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     net = model()
-    for folder in folders(shared_root):
+    for folder in folders:
         path = folder / file
         part = {"general.pt": "model", "dcp": "model"}.get(file)
         assert_state_dict_matches(net, schema_of(path, part=part))
@@ -188,11 +184,11 @@ def test_files_of_other_releases_read_the_same(
 
 
 def test_general_checkpoint_reads_whole_under_either_weights_only_default(
-    shared_root: Path, capsys: pytest.CaptureFixture[str]
+    folders: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """torch 2.6 turned ``weights_only`` on by default; the plugin asks for it either way,
     and a general checkpoint's plain values (an int, a float) pass its allowlist."""
-    for folder in folders(shared_root):
+    for folder in folders:
         assert statedict_main(["show", "--json", str(folder / "general.pt")]) == 0
         extras = json.loads(capsys.readouterr().out)["extras"]
         assert extras == {"epoch": "int", "loss": "float"}
@@ -300,3 +296,7 @@ def test_retyped_state_entries_are_this_torchs_old_or_new_form() -> None:
         assert state is not None
         for entry, (old_type, new) in entries.items():
             assert {s.entries[entry] for s in state.state} <= {StateSpec(type=old_type), new}
+
+
+if __name__ == "__main__":
+    write(COMMITTED / f"torch-{RELEASE}")
