@@ -23,6 +23,7 @@ library is imported (``tensor_libraries``): :func:`load` imports it first, and
 from __future__ import annotations
 
 import importlib.util
+import re
 import struct
 import sys
 import zipfile
@@ -52,6 +53,9 @@ _END = b"PK\x05\x06"  # end of central directory record
 _END64_LOCATOR = b"PK\x06\x07"
 _END64 = b"PK\x06\x06"
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # ends with the name and extra field lengths
+# General purpose flags miniz (torch's zip reader) refuses a record for: encrypted, patched
+# data, strong encryption, a masked local header.
+_UNREADABLE_FLAGS = 0x1 | 0x20 | 0x40 | 0x2000
 
 
 def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
@@ -110,6 +114,10 @@ def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | No
     memory-mapped tensor read past the end of the file would crash the process)."""
     if record.compress_type != zipfile.ZIP_STORED:
         return "is compressed (torch.save stores records uncompressed)"
+    if record.flag_bits & _UNREADABLE_FLAGS:
+        return "is encrypted or patched (torch's zip reader reads neither)"
+    if record.volume not in (0, 1):  # miniz takes either for the one disk
+        return "lies on another disk of a multi-disk archive (torch's zip reader reads one)"
     if record.file_size != record.compress_size:
         return f"declares {record.file_size:,} bytes but stores {record.compress_size:,}"
     data_start = _data_start(f, record, size)
@@ -220,11 +228,15 @@ def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
     prefix = infos[0].filename.partition("/")[0] + "/"
     if data_pkl.filename != f"{prefix}data.pkl":
         raise records.NeedsTorch(f"an archive whose data.pkl is not under {prefix}")
-    by_name = {info.filename: info for info in infos}
+    # torch's zip reader (miniz) finds a record by its name in any case
+    by_name = {info.filename.lower(): info for info in infos}
+    if len(by_name) != len(infos):
+        raise records.NeedsTorch("an archive with two records of one name")
     storages: dict[Any, records.Storage] = {}
     locations: set[str] = set()
 
     with open_regular(path) as f:
+        _check_torch_records(path, f, by_name, prefix.lower(), size)
         f.seek(_data_start(f, data_pkl, size) or 0)
         data = f.read(data_pkl.file_size)  # bounded by _checked_records, stored uncompressed
         libraries = named_libraries(data)
@@ -241,22 +253,81 @@ def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
             location = location.decode("ascii") if isinstance(location, bytes) else location
             if not isinstance(storage_type, records.StorageType):
                 raise records.CorruptRecord(f"a storage of type {type(storage_type).__name__}")
-            if not (isinstance(numel, int) and numel >= 0 and isinstance(location, str)):
-                raise records.CorruptRecord("a storage's size or location is invalid")
-            info = by_name.get(f"{prefix}data/{key}")
+            if not isinstance(numel, int):
+                raise records.CorruptRecord("a storage's size is no int")
+            info = by_name.get(f"{prefix}data/{key}".lower())
             if info is None:
                 raise records.CorruptRecord(f"no record data/{key} for a storage")
-            nbytes = numel * DTYPE_ITEMSIZE[storage_type.dtype]
-            if nbytes > info.file_size:
-                raise records.CorruptRecord(
-                    f"storage {key} claims {nbytes:,} bytes, its record holds {info.file_size:,}"
-                )
             start = _data_start(f, info, size) or 0
+            # torch maps the whole file and slices it: the storage is the bytes its size
+            # claims from the record's start (a slice, so cut at the end of the file), its
+            # record's or not (mmap=False refuses a size other than the record's)
+            nbytes = len(range(size)[start : start + numel * DTYPE_ITEMSIZE[storage_type.dtype]])
+            # the plugin's map_location takes every saved location to the CPU
+            location = str(location)
             storages[key] = records.Storage(str(key), storage_type.dtype, nbytes, location, start)
             locations.add(location)
             return storages[key]
 
         return unpickle_torch_records(data, path, storage), locations
+
+
+# A version, byte order or alignment record is a few bytes: a longer one is torch's to read.
+_SMALL_RECORD = 4096
+# What std::stoull reads of torch's version record: C whitespace, a sign, decimal digits.
+_STOULL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
+# The archive versions every torch from 2.3 on reads (torch.save writes 3).
+_VERSIONS = range(1, 11)
+
+
+def _check_torch_records(
+    path: Path, f: BinaryIO, by_name: dict[str, zipfile.ZipInfo], prefix: str, size: int
+) -> None:
+    """Refuse what torch's archive reader refuses before it reads the pickle: no version
+    record, a version it cannot parse or read, a byte order other than ``little`` or
+    ``big``, a serialization id that is not UTF-8, an alignment that is no int."""
+
+    def content(name: str) -> bytes | None:
+        info = by_name.get(prefix + name)
+        if info is None:
+            return None
+        if info.file_size > _SMALL_RECORD:
+            raise records.NeedsTorch(f"a {info.file_size:,}-byte {name} record")
+        f.seek(_data_start(f, info, size) or 0)
+        return f.read(info.file_size)
+
+    version = content(".data/version")
+    if version is None:
+        version = content("version")
+    if version is None:
+        raise CheckpointError(
+            path, "its zip archive has no version record: not written by torch.save"
+        )
+    parsed = _STOULL.match(version)
+    if parsed is None:
+        raise CheckpointError(path, f"its archive version {version[:20]!r} is not a number")
+    number = int(parsed[2]) * (-1 if parsed[1] == b"-" else 1) % (1 << 64)
+    if number < _VERSIONS.start:
+        raise CheckpointError(path, f"its archive version {number} is older than torch reads")
+    if number not in _VERSIONS:
+        raise records.NeedsTorch(f"archive version {number}")  # the installed torch decides
+    byteorder = content("byteorder")
+    if byteorder not in (None, b"little", b"big"):
+        raise CheckpointError(path, f"its archive has an unknown byte order {byteorder[:20]!r}")
+    serialization_id = content(".data/serialization_id")
+    if serialization_id is not None:
+        try:
+            serialization_id.decode()  # torch.load logs it as a str
+        except UnicodeDecodeError:
+            raise CheckpointError(path, "its archive's serialization id is not UTF-8") from None
+    alignment = content(".storage_alignment")
+    if alignment is not None:
+        try:
+            int(alignment)  # as torch.load reads it
+        except ValueError:
+            raise CheckpointError(
+                path, f"its archive's storage alignment {alignment[:20]!r} is not a number"
+            ) from None
 
 
 def tensor_values(path: Path, tensor: records.Tensor) -> Any:

@@ -399,9 +399,7 @@ def _torch_reduce(unpickler: Any) -> None:
         if isinstance(func, (records.dtype, records.StorageType)):
             raise records.CorruptRecord(f"{func!r} is not callable")
         raise _refused(f"Trying to call reduce for unrecognized function {func}")
-    if not isinstance(args, tuple):
-        raise records.CorruptRecord("REDUCE arguments are not a tuple")
-    unpickler.stack[-1] = func(*args)
+    unpickler.stack[-1] = func(*args)  # as torch calls it: any iterable of arguments
 
 
 def _torch_build(unpickler: Any) -> None:
