@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pytest_statedict import CheckpointError
+from pytest_statedict.cli import main
 from pytest_statedict.extract import schema_of
 from pytest_statedict.readers import records
 from pytest_statedict.schema import Schema
@@ -364,6 +365,27 @@ def test_the_records_reader_agrees_with_torch(files: dict[str, Path], name: str)
     raw = _raw(path, mmap=name != LEGACY)  # torch memory-maps zip archives only
     assert raw == ("refused" if name in RAW_TORCH_DIFFERS else by_torch)
     assert _raw(path, mmap=False) == ("refused" if name in MMAP_DIFFERS else raw)
+
+
+# Issue 22's rows: `statedict show` of each exits as torch.load reads the file (2: refused).
+SHOWN = {
+    "device_bogus": 2, "device_negative_index": 2, "numel_overflow": 2, "only_data_pkl": 2,
+    "reduce_arguments_a_list": 0, "size_and_stride_lists": 0, "65_dims": 0,
+    "storage_claims_more_than_its_record": 0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SHOWN)
+def test_statedict_show_exits_as_torch_loads(
+    files: dict[str, Path], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = files[name]
+    assert main(["show", str(path)]) == SHOWN[name]
+    out, err = capsys.readouterr()
+    if SHOWN[name]:
+        assert err.startswith(f"statedict: checkpoint {path}: ") and "bug" not in err
+    else:
+        assert out.startswith("name ") and "w " in out
 
 
 def test_byte_flips_and_truncations(files: dict[str, Path], tmp_path: Path) -> None:

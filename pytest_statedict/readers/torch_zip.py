@@ -6,14 +6,20 @@ Before torch reads a byte, the archive's central directory is checked: ``torch.s
 compresses, so a compressed record (a zip bomb: 2 MB expanding to gigabytes), a record
 whose declared size differs from its stored size or runs past the end of the file, a
 ``data.pkl`` above :data:`~.limits.MAX_PICKLE_BYTES` or more than
-:data:`~.limits.MAX_RECORDS` records are refused. The tensor bytes then stay on disk (memory
-mapped): time and memory grow with the number of tensors, not their bytes. A TorchScript
-archive (``torch.jit.save``) is recognised and refused with what to use instead.
+:data:`~.limits.MAX_RECORDS` records are refused, and so is what torch's zip reader (miniz,
+stricter than Python's ``zipfile``) refuses: end records that disagree on the disks or the
+number of records, a directory its records overrun, an encrypted record. The tensor bytes
+then stay on disk (memory mapped): time and memory grow with the number of tensors, not
+their bytes. A TorchScript archive (``torch.jit.save``) is recognised and refused with what
+to use instead.
 
-:func:`read_records` reads a checked archive without torch (the command line): its
-``data.pkl`` unpickled by ``unpickling.unpickle_torch_records``, each storage's persistent
-id resolved to a :class:`records.Storage` of its record (whose size it must fit), no tensor
-byte read.
+:func:`read_records` reads a checked archive without torch (the command line) as
+``torch.load`` reads it: the records torch checks first (version, byte order, alignment,
+serialization id) checked alike, its ``data.pkl`` unpickled by
+``unpickling.unpickle_torch_records``, each storage's persistent id resolved to a
+:class:`records.Storage` sliced from the file as a memory-mapped load slices it, no tensor
+byte read. Where the two zip readers could list different records, it hands the archive to
+torch (``tests/test_differential.py`` holds the two readers side by side).
 
 A tensor subclass of a library (torchao's quantized weights) is rebuilt by torch once that
 library is imported (``tensor_libraries``): :func:`load` imports it first, and
