@@ -204,6 +204,11 @@ def _dropped(keep: Callable[[str], bool]) -> Callable[[Path, Path], None]:
     return write
 
 
+def _saved(path: Path, obj: Any) -> Path:
+    torch.save(obj, path)
+    return path
+
+
 def _central(field: int, value: int, fmt: str = "<H") -> Callable[[Path, Path], None]:
     """A copy whose first central directory entry has ``field`` (its offset) set to ``value``."""
 
@@ -238,6 +243,9 @@ MUTATED: dict[str, Callable[[Path, Path], None]] = {
     "storage_claims_less_than_the_tensor": _patched(_NUMEL, b"K\x05tq"),
     "storage_size_a_float": _patched(_NUMEL, b"G@\x18\x00\x00\x00\x00\x00\x00tq"),
     "only_data_pkl": _dropped(lambda name: name == "data.pkl"),
+    "only_data_pkl_of_no_tensor": lambda _, path: _dropped(lambda name: name == "data.pkl")(
+        _saved(path.with_suffix(".src"), {"model_state_dict": {}, "epoch": 3}), path
+    ),
     "no_version": _dropped(lambda name: name != "version"),
     "version_0": _patched(b"3\n", b"0\n", record="version"),
     "version_10": _patched(b"3\n", b"10\n", record="version"),
@@ -278,8 +286,8 @@ REFUSED = {
     "metadata_int_keys", "metadata_list", "five_arguments", "size_of_floats", "device_bogus",
     "device_negative_index", "device_leading_zero", "device_two_indices", "device_empty",
     "device_index_past_stoi", "device_accelerator", "storage_claims_less_than_the_tensor",
-    "storage_size_a_float", "only_data_pkl", "no_version", "version_0", "version_11",
-    "version_not_a_number", "byteorder_middle", "alignment_not_a_number",
+    "storage_size_a_float", "only_data_pkl", "only_data_pkl_of_no_tensor", "no_version",
+    "version_0", "version_11", "version_not_a_number", "byteorder_middle", "alignment_not_a_number",
     "serialization_id_not_utf8", "encrypted_record", "patched_record", "record_on_another_disk",
     "truncated_in_the_data", "truncated_in_the_directory", "truncated_by_one",
 }  # fmt: skip
@@ -369,7 +377,8 @@ def test_the_records_reader_agrees_with_torch(files: dict[str, Path], name: str)
 
 # Issue 22's rows: `statedict show` of each exits as torch.load reads the file (2: refused).
 SHOWN = {
-    "device_bogus": 2, "device_negative_index": 2, "numel_overflow": 2, "only_data_pkl": 2,
+    "device_bogus": 2, "device_negative_index": 2, "numel_overflow": 2,
+    "only_data_pkl_of_no_tensor": 2,
     "reduce_arguments_a_list": 0, "size_and_stride_lists": 0, "65_dims": 0,
     "storage_claims_more_than_its_record": 0,
 }  # fmt: skip
