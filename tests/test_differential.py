@@ -1,13 +1,15 @@
-"""The torch-free reader (``statedict show``) against torch: real ``torch.save`` files and
-mutations of them, each read by ``torch.load(weights_only=True)`` (through ``schema_of``, as the
-plugin loads: memory-mapped, every saved location mapped to the CPU) and by the records
-reader. Same verdict (both read it, or both refuse it, the records reader with a
-``CheckpointError`` naming the file), and where both read it, the same schema. What the
-records cannot stand for is handed to torch (``NeedsTorch``): then ``schema_of_file``, the
-command line's path, gives torch's verdict, and the file is listed in ``HANDED``.
+"""The torch-free reader (``statedict show``) against torch (issue 22, "Agreeing with torch"):
+real ``torch.save`` files and mutations of them, each read by ``torch.load(weights_only=True)``
+(through ``schema_of``, as the plugin loads: memory-mapped, every saved location mapped to
+the CPU) and by the records reader. Same verdict (both read it, or both refuse it, the
+records reader with a ``CheckpointError`` naming the file), and where both read it, the same
+schema. What the records cannot stand for is handed to torch (``NeedsTorch``): then
+``schema_of_file``, the command line's path, gives torch's verdict; such files are listed in
+``HANDED``. A sweep of byte flips and truncations covers the zip structure, where Python's
+``zipfile`` (the records reader's) is laxer than torch's miniz.
 
-Where torch disagrees with itself, the plugin's way of loading decides (``RAW_TORCH_DIFFERS``).
-"""
+Where plain ``torch.load`` disagrees with the plugin's load or with itself, the plugin's way of
+loading decides (``RAW_TORCH_DIFFERS``, ``MMAP_DIFFERS``)."""
 
 from __future__ import annotations
 
@@ -295,12 +297,9 @@ REFUSED = {
 # Where a plain torch.load(path, weights_only=True) differs from the plugin's: torch refuses a
 # storage location it cannot restore by default, which the plugin's map_location sends to
 # the CPU (a checkpoint saved on a GPU reads on any machine); with mmap=False, torch.load
-# refuses a storage whose size differs from its record's, which a memory-mapped load slices
-# from the file (the plugin loads memory-mapped, and so reads the records reader).
-RAW_TORCH_DIFFERS = {
-    "storage_location_bogus": "map_location",
-    "storage_location_an_int": "map_location",
-}
+# refuses a storage whose size differs from its record's, which a memory-mapped load (the
+# plugin's, and so the records reader's) slices from the file.
+RAW_TORCH_DIFFERS = {"storage_location_bogus", "storage_location_an_int"}
 MMAP_DIFFERS = {"storage_claims_more_than_its_record", "storage_claims_past_the_file"}
 
 
