@@ -276,6 +276,7 @@ HANDED = {
     "device_bogus",  # a device type torch's list may hold (it grows; privateuse1 renames)
     "device_accelerator",  # torch.device(0): the machine's accelerator, if it has one
     "stride_none",  # torch makes the tensor contiguous
+    "65_dims", "300_dims",  # over 64: a memo'd size named by every tensor would cost each
     "version_11",  # each torch release reads archive versions up to its own maximum
     "storage_location_an_int",  # the plugin's map_location records any location by str()
 }  # fmt: skip

@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from ..schema_entries import DTYPE_ITEMSIZE
+from .limits import MAX_DIMS
 
 
 class NeedsTorch(Exception):
@@ -168,9 +169,11 @@ class device:  # named as torch names it
     __slots__ = ("index", "type")
 
     def __init__(self, type: Any, index: Any = None) -> None:
-        if not isinstance(type, str):
-            # torch.device(0) is the machine's accelerator: a CPU-only torch refuses it
-            raise NeedsTorch(f"torch.device({type!r})")
+        if not isinstance(type, str) or len(type) > _LONGEST_DEVICE:
+            # torch.device(0) is the machine's accelerator: a CPU-only torch refuses it; a
+            # string longer than any known type and index is torch's to parse (not here
+            # again for every tensor that names it)
+            raise NeedsTorch("a torch.device of no known type")
         parsed = _DEVICE_STRING.fullmatch(type)
         if parsed is None:
             raise CorruptRecord(f"invalid device string: {type[:50]!r}")
@@ -200,6 +203,8 @@ DEVICE_TYPES = frozenset(
      "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia", "privateuseone"}
 )  # fmt: skip
 
+_LONGEST_DEVICE = max(map(len, DEVICE_TYPES)) + len(":2147483647")
+
 _INT64_MAX = (1 << 63) - 1
 _INT64_MIN = -(1 << 63)
 _U64 = 1 << 64
@@ -210,10 +215,13 @@ def _is_int(x: Any) -> bool:
 
 
 def _dims(value: Any, what: str) -> tuple[int, ...]:
-    """A size or stride as torch's argument parser takes it: a tuple or list of int64s (any
-    number of them: torch sets no limit, and each costs the pickle bytes that name it)."""
+    """A size or stride as torch's argument parser takes it: a tuple or list of int64s. torch
+    sets no limit on their number; more than :data:`~.limits.MAX_DIMS` are torch's to read
+    (a memo'd list of millions, named by every tensor, would cost millions each here)."""
     if not isinstance(value, (tuple, list)):
         raise CorruptRecord(f"the tensor's {what} is a {type(value).__name__}, not a tuple")
+    if len(value) > MAX_DIMS:
+        raise NeedsTorch(f"a tensor of {len(value):,} dimensions")
     if not all(_is_int(d) and _INT64_MIN <= d <= _INT64_MAX for d in value):
         raise CorruptRecord(f"the tensor's {what} holds a value that is no int64")
     return tuple(value)
@@ -301,6 +309,11 @@ def _shown(dims: tuple[int, ...]) -> str:
     return str(list(dims[:8]))[:-1] + (", ...]" if len(dims) > 8 else "]")
 
 
+# torch's tensor metadata: a few flags (conj, neg...); more are torch's to read (a memo'd
+# dict named by every tensor would be walked again for each here).
+_METADATA_FLAGS = 16
+
+
 def _check_metadata(metadata: Any) -> None:
     """torch sets a tensor's metadata only where it is truthy, and then only a dict of names
     to values pybind reads as bools."""
@@ -308,6 +321,8 @@ def _check_metadata(metadata: Any) -> None:
         return
     if not isinstance(metadata, dict):
         raise CorruptRecord("the tensor's metadata is not a dict")
+    if len(metadata) > _METADATA_FLAGS:
+        raise NeedsTorch(f"tensor metadata of {len(metadata):,} entries")
     if not all(isinstance(k, str) for k in metadata):
         raise CorruptRecord("the tensor's metadata is not a dict of names")
     if not all(v is None or type(v) in (bool, int, float) for v in metadata.values()):
