@@ -9,18 +9,23 @@ Each class is named as torch names the type it stands for (``torch.Tensor``,
 type (an ``extras`` entry, an optimizer state that is no tensor) names it as torch would.
 
 What these records cannot stand for (quantized, sparse, nested or meta tensors, tensor
-subclasses, a storage of a dtype this module does not know) raises :class:`NeedsTorch`:
-``torch.load`` reads that file. Invalid arguments (a stride past the storage's end, a
-negative offset) raise :class:`CorruptRecord`, as torch would fail on them.
+subclasses, a storage of a dtype this module does not know, arguments whose meaning depends
+on the torch release or the machine: a device type outside the common ones, a tensor
+rebuilt without strides) raises :class:`NeedsTorch`: ``torch.load`` reads that file.
+Invalid arguments raise :class:`CorruptRecord` exactly where torch would fail on them: its
+checks are re-done in its own arithmetic (``c10``'s unsigned 64-bit overflow checks of a
+tensor's element count and storage size), so a file is refused or read as ``torch.load``
+refuses or reads it (``tests/test_differential.py`` holds the two side by side).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from ..schema_entries import DTYPE_ITEMSIZE
-from .limits import MAX_DIM, MAX_DIMS
+from .limits import MAX_DIMS
 
 
 class NeedsTorch(Exception):
@@ -143,13 +148,13 @@ Parameter.__module__ = "torch.nn.parameter"
 
 
 class Size(tuple):  # type: ignore[type-arg]
-    """``torch.Size``: a tuple of non-negative dimensions."""
+    """``torch.Size``: a tuple of ints (torch takes bools and negative ones here too)."""
 
     __slots__ = ()
 
     def __new__(cls, dims: Any = ()) -> Size:
         dims = tuple(dims)
-        if not all(_is_int(d) for d in dims):
+        if not all(isinstance(d, int) for d in dims):
             raise CorruptRecord("torch.Size() takes an iterable of ints")
         return super().__new__(cls, dims)
 
@@ -158,18 +163,51 @@ Size.__module__ = "torch"
 
 
 class device:  # named as torch names it
-    """``torch.device``: a device type and index, as saved (never checked against this machine)."""
+    """``torch.device``: a device type and index, parsed as torch parses them (never checked
+    against this machine, as torch does not)."""
 
     __slots__ = ("index", "type")
 
     def __init__(self, type: Any, index: Any = None) -> None:
-        if not (isinstance(type, str) or _is_int(type)) or not (index is None or _is_int(index)):
-            raise CorruptRecord("torch.device() takes a device string and an optional index")
-        self.type = type
-        self.index = index
+        if not isinstance(type, str) or len(type) > _LONGEST_DEVICE:
+            # torch.device(0) is the machine's accelerator: a CPU-only torch refuses it; a
+            # string longer than any known type and index is torch's to parse (not here
+            # again for every tensor that names it)
+            raise NeedsTorch("a torch.device of no known type")
+        parsed = _DEVICE_STRING.fullmatch(type)
+        if parsed is None:
+            raise CorruptRecord(f"invalid device string: {type[:50]!r}")
+        name, number = parsed.groups()
+        if number is not None and int(number) > _STOI_MAX:
+            raise CorruptRecord(f"could not parse the device index in {type[:50]!r}")
+        if name not in DEVICE_TYPES:
+            # torch's list grows with its releases, and a backend may rename privateuse1
+            raise NeedsTorch(f"the device type {name[:50]!r}")
+        if index is not None:
+            if not _is_int(index) or not 0 <= index <= _INT64_MAX:
+                raise CorruptRecord("a device index must be a non-negative int")
+            if number is not None:
+                raise CorruptRecord("a device string must not include an index passed explicitly")
+        self.type = name
+        self.index = int(number) if index is None and number is not None else index
 
 
 device.__module__ = "torch"
+
+# c10::Device's parser: a type of letters and underscores, then ``:N`` without leading zeros
+# (an index std::stoi reads: at most 2**31 - 1); its types that torch 2.3 to 2.13 all know.
+_DEVICE_STRING = re.compile(r"([A-Za-z_]+)(?::(0|[1-9][0-9]*))?")
+_STOI_MAX = (1 << 31) - 1
+DEVICE_TYPES = frozenset(
+    {"cpu", "cuda", "ipu", "xpu", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve", "fpga",
+     "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia", "privateuseone"}
+)  # fmt: skip
+
+_LONGEST_DEVICE = max(map(len, DEVICE_TYPES)) + len(":2147483647")
+
+_INT64_MAX = (1 << 63) - 1
+_INT64_MIN = -(1 << 63)
+_U64 = 1 << 64
 
 
 def _is_int(x: Any) -> bool:
@@ -177,11 +215,50 @@ def _is_int(x: Any) -> bool:
 
 
 def _dims(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or len(value) > MAX_DIMS:
-        raise CorruptRecord(f"the tensor's {what} is not a tuple of at most {MAX_DIMS} ints")
-    if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in value):
-        raise CorruptRecord(f"the tensor's {what} holds a negative or non-integer dimension")
+    """A size or stride as torch's argument parser takes it: a tuple or list of int64s. torch
+    sets no limit on their number; more than :data:`~.limits.MAX_DIMS` are torch's to read
+    (a memo'd list of millions, named by every tensor, would cost millions each here)."""
+    if not isinstance(value, (tuple, list)):
+        raise CorruptRecord(f"the tensor's {what} is a {type(value).__name__}, not a tuple")
+    if len(value) > MAX_DIMS:
+        raise NeedsTorch(f"a tensor of {len(value):,} dimensions")
+    if not all(_is_int(d) and _INT64_MIN <= d <= _INT64_MAX for d in value):
+        raise CorruptRecord(f"the tensor's {what} holds a value that is no int64")
     return tuple(value)
+
+
+def _numel_overflows(shape: tuple[int, ...]) -> bool:
+    """c10's ``safe_compute_numel``: the product of the sizes, each read as an unsigned 64-bit
+    int (a negative size is huge), overflows 64 bits or int64 (``numel: integer
+    multiplication overflow``), whatever zero comes later."""
+    product, overflowed = 1, False
+    for n in shape:
+        product *= n % _U64
+        overflowed |= product >= _U64
+        product %= _U64
+    return overflowed or product > _INT64_MAX
+
+
+def _storage_bytes(
+    shape: tuple[int, ...], strides: tuple[int, ...], offset: int, itemsize: int
+) -> int | None:
+    """ATen's ``computeStorageNbytes``: the bytes a strided tensor reaches, offset included,
+    in unsigned 64-bit arithmetic (a negative stride wraps); 0 as soon as a size is 0 (the
+    overflows before it are forgotten); None where it overflows (``Storage size calculation
+    overflowed``)."""
+    total, overflowed = offset + 1, False
+    for n, s in zip(shape, strides, strict=True):
+        if n == 0:
+            return 0
+        strided = (s % _U64) * ((n - 1) % _U64)
+        overflowed |= strided >= _U64
+        total += strided % _U64
+        overflowed |= total >= _U64
+        total %= _U64
+    total *= itemsize
+    overflowed |= total >= _U64
+    total %= _U64
+    return None if overflowed or total > _INT64_MAX else total
 
 
 def _tensor(
@@ -196,31 +273,60 @@ def _tensor(
     """A tensor over ``storage``, checked as ``Tensor.set_`` checks it."""
     if not isinstance(storage, Storage):
         raise CorruptRecord(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
+    if stride is None or (stride in ((), []) and size not in ((), [])):
+        raise NeedsTorch("a tensor rebuilt without strides")  # torch makes it contiguous
     shape, strides = _dims(size, "size"), _dims(stride, "stride")
     if len(shape) != len(strides):
         raise CorruptRecord("mismatch in length of strides and shape")
-    if not _is_int(offset) or offset < 0:
+    if not _is_int(offset) or not 0 <= offset <= _INT64_MAX:
         raise CorruptRecord(f"invalid storage offset {offset!r}")
     if not isinstance(requires_grad, bool):
         raise CorruptRecord("requires_grad is not a bool")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise CorruptRecord("the tensor's metadata is not a dict")
+    _check_metadata(metadata)
     if requires_grad and dtype_name not in GRAD_DTYPES:
         if dtype_name in NO_GRAD_DTYPES:
             raise CorruptRecord("only Tensors of floating point and complex dtype can require "
                                 "gradients")  # fmt: skip
         raise NeedsTorch(f"requires_grad on a {dtype_name} tensor")
-    itemsize = DTYPE_ITEMSIZE[dtype_name]
-    if all(shape):
-        needed = (
-            1 + offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
-        ) * itemsize
-        if needed > storage.nbytes:
-            raise CorruptRecord(
-                f"sizes {list(shape)}, strides {list(strides)} and storage offset {offset} "
-                f"need {needed:,} bytes, out of bounds for a storage of {storage.nbytes:,}"
-            )
+    if _numel_overflows(shape):
+        raise CorruptRecord(f"numel: integer multiplication overflow (sizes {_shown(shape)})")
+    needed = _storage_bytes(shape, strides, offset, DTYPE_ITEMSIZE[dtype_name])
+    if needed is None:
+        raise CorruptRecord(
+            f"storage size calculation overflowed with sizes {_shown(shape)} and strides "
+            f"{_shown(strides)}"
+        )
+    if needed > storage.nbytes:
+        raise CorruptRecord(
+            f"sizes {_shown(shape)}, strides {_shown(strides)} and storage offset {offset} "
+            f"need {needed:,} bytes, out of bounds for a storage of {storage.nbytes:,}"
+        )
     return Tensor(storage, offset, shape, strides, dtype_name, requires_grad)
+
+
+def _shown(dims: tuple[int, ...]) -> str:
+    """Dimensions in an error, the first few of them (a pickle may hold thousands)."""
+    return str(list(dims[:8]))[:-1] + (", ...]" if len(dims) > 8 else "]")
+
+
+# torch's tensor metadata: a few flags (conj, neg...); more are torch's to read (a memo'd
+# dict named by every tensor would be walked again for each here).
+_METADATA_FLAGS = 16
+
+
+def _check_metadata(metadata: Any) -> None:
+    """torch sets a tensor's metadata only where it is truthy, and then only a dict of names
+    to values pybind reads as bools."""
+    if not metadata:
+        return
+    if not isinstance(metadata, dict):
+        raise CorruptRecord("the tensor's metadata is not a dict")
+    if len(metadata) > _METADATA_FLAGS:
+        raise NeedsTorch(f"tensor metadata of {len(metadata):,} entries")
+    if not all(isinstance(k, str) for k in metadata):
+        raise CorruptRecord("the tensor's metadata is not a dict of names")
+    if not all(v is None or type(v) in (bool, int, float) for v in metadata.values()):
+        raise NeedsTorch("tensor metadata that is not a dict of names to flags")
 
 
 def rebuild_tensor_v2(
@@ -255,6 +361,8 @@ def rebuild_tensor_v3(
 
 def rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Parameter:
     """``torch._utils._rebuild_parameter``: ``nn.Parameter(data, requires_grad)``."""
+    if data is None:
+        raise NeedsTorch("a parameter of no tensor")  # nn.Parameter(None): an empty one
     if not isinstance(data, Tensor) or not isinstance(requires_grad, bool):
         raise CorruptRecord("_rebuild_parameter takes a tensor and a bool")
     if requires_grad and data.dtype not in GRAD_DTYPES:

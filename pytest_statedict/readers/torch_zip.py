@@ -6,14 +6,20 @@ Before torch reads a byte, the archive's central directory is checked: ``torch.s
 compresses, so a compressed record (a zip bomb: 2 MB expanding to gigabytes), a record
 whose declared size differs from its stored size or runs past the end of the file, a
 ``data.pkl`` above :data:`~.limits.MAX_PICKLE_BYTES` or more than
-:data:`~.limits.MAX_RECORDS` records are refused. The tensor bytes then stay on disk (memory
-mapped): time and memory grow with the number of tensors, not their bytes. A TorchScript
-archive (``torch.jit.save``) is recognised and refused with what to use instead.
+:data:`~.limits.MAX_RECORDS` records are refused, and so is what torch's zip reader (miniz,
+stricter than Python's ``zipfile``) refuses: end records that disagree on the disks or the
+number of records, a directory its records overrun, an encrypted record. The tensor bytes
+then stay on disk (memory mapped): time and memory grow with the number of tensors, not
+their bytes. A TorchScript archive (``torch.jit.save``) is recognised and refused with what
+to use instead.
 
-:func:`read_records` reads a checked archive without torch (the command line): its
-``data.pkl`` unpickled by ``unpickling.unpickle_torch_records``, each storage's persistent
-id resolved to a :class:`records.Storage` of its record (whose size it must fit), no tensor
-byte read.
+:func:`read_records` reads a checked archive without torch (the command line) as
+``torch.load`` reads it: the records torch checks first (version, byte order, alignment,
+serialization id) checked alike, its ``data.pkl`` unpickled by
+``unpickling.unpickle_torch_records``, each storage's persistent id resolved to a
+:class:`records.Storage` sliced from the file as a memory-mapped load slices it, no tensor
+byte read. Where the two zip readers could list different records, it hands the archive to
+torch (``tests/test_differential.py`` holds the two readers side by side).
 
 A tensor subclass of a library (torchao's quantized weights) is rebuilt by torch once that
 library is imported (``tensor_libraries``): :func:`load` imports it first, and
@@ -23,6 +29,7 @@ library is imported (``tensor_libraries``): :func:`load` imports it first, and
 from __future__ import annotations
 
 import importlib.util
+import re
 import struct
 import sys
 import zipfile
@@ -52,6 +59,15 @@ _END = b"PK\x05\x06"  # end of central directory record
 _END64_LOCATOR = b"PK\x06\x07"
 _END64 = b"PK\x06\x06"
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # ends with the name and extra field lengths
+# General purpose flags miniz (torch's zip reader) refuses a record for: encrypted, patched
+# data, strong encryption, a masked local header.
+_UNREADABLE_FLAGS = 0x1 | 0x20 | 0x40 | 0x2000
+# The records torch reads whole (the others it maps): one marked a DOS directory, miniz
+# extracts nothing of.
+_READ_WHOLE = frozenset(
+    {"data.pkl", "version", ".data/version", "byteorder", ".storage_alignment",
+     ".data/serialization_id", ".format_version"}
+)  # fmt: skip
 
 
 def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
@@ -59,12 +75,14 @@ def check_archive(path: Path, size: int) -> zipfile.ZipInfo:
     return _checked_records(path, size)[0]
 
 
-def _checked_records(path: Path, size: int) -> tuple[zipfile.ZipInfo, list[zipfile.ZipInfo]]:
-    """The archive's ``data.pkl`` record and all its records, once checked."""
-    _check_central_directory_size(path, size)
+def _checked_records(path: Path, size: int) -> tuple[zipfile.ZipInfo, list[zipfile.ZipInfo], bool]:
+    """The archive's ``data.pkl`` record and all its records, once checked; and whether they
+    are the records torch's zip reader lists."""
+    end = _end_of_directory(path, size)
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
+            as_miniz = end is not None and _as_miniz_lists(path, archive, records, end)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
             struct.error, UnicodeDecodeError, NotImplementedError):  # fmt: skip
         raise CheckpointError(
@@ -102,7 +120,7 @@ def _checked_records(path: Path, size: int) -> tuple[zipfile.ZipInfo, list[zipfi
             f"checkpoint with {len(records):,} records may have ({allowed:,}): it holds far "
             "more than tensors",
         )
-    return data_pkl, records
+    return data_pkl, records, as_miniz
 
 
 def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | None:
@@ -110,6 +128,12 @@ def _record_problem(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> str | No
     memory-mapped tensor read past the end of the file would crash the process)."""
     if record.compress_type != zipfile.ZIP_STORED:
         return "is compressed (torch.save stores records uncompressed)"
+    if record.flag_bits & _UNREADABLE_FLAGS:
+        return "is encrypted or patched (torch's zip reader reads neither)"
+    if record.volume not in (0, 1):  # miniz takes either for the one disk
+        return "lies on another disk of a multi-disk archive (torch's zip reader reads one)"
+    if record.external_attr & 0x10 and record.filename.partition("/")[2].lower() in _READ_WHOLE:
+        return "is marked a directory (torch's zip reader would read none of its bytes)"
     if record.file_size != record.compress_size:
         return f"declares {record.file_size:,} bytes but stores {record.compress_size:,}"
     data_start = _data_start(f, record, size)
@@ -132,34 +156,72 @@ def _data_start(f: BinaryIO, record: zipfile.ZipInfo, size: int) -> int | None:
     return int(record.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
 
 
-def _check_central_directory_size(path: Path, size: int) -> None:
-    """Refuse a central directory larger than the limit before zipfile reads it whole."""
+def _end_of_directory(path: Path, size: int) -> tuple[int, int, int] | None:
+    """Where the central directory starts, its bytes and its number of records, read from
+    the end records as torch's zip reader (miniz) reads them (the zip64 one where its locator
+    points to one), refusing what miniz refuses and a directory over the limit. None: no end
+    record (zipfile says what is wrong)."""
     with open_regular(path) as f:
-        tail_start = max(0, size - (1 << 16) - 22)
-        f.seek(tail_start)
+        f.seek(max(0, size - (1 << 16) - 22))
         tail = f.read()
         end = tail.rfind(_END)
         if end < 0 or len(tail) - end < 22:
-            return  # zipfile reports it (no end record)
-        directory_bytes = struct.unpack_from("<L", tail, end + 12)[0]
+            return None
+        this_disk, directory_disk, on_this_disk, entries, directory_bytes, offset = (
+            struct.unpack_from("<4H2L", tail, end + 4)
+        )
         locator = end - 20
-        if (
-            directory_bytes == 0xFFFFFFFF
-            and locator >= 0
-            and tail[locator:].startswith(_END64_LOCATOR)
-        ):
-            offset = struct.unpack_from("<Q", tail, locator + 8)[0]
-            if offset + 56 <= size:
-                f.seek(offset)
-                record = f.read(56)
-                if record.startswith(_END64):
-                    directory_bytes = struct.unpack_from("<Q", record, 40)[0]
+        if locator >= 0 and tail[locator:].startswith(_END64_LOCATOR):
+            end64, disks = struct.unpack_from("<QL", tail, locator + 8)
+            if end64 > size - 56:
+                raise CheckpointError(path, "its zip64 end record lies past the end: corrupt")
+            f.seek(end64)
+            record = f.read(56)
+            if record.startswith(_END64):
+                (record_bytes,) = struct.unpack_from("<Q", record, 4)
+                this_disk, directory_disk, on_this_disk, entries, directory_bytes, offset = (
+                    struct.unpack_from("<2L4Q", record, 16)
+                )
+                if record_bytes < 44 or disks != 1 or max(entries, on_this_disk) > 0xFFFFFFFF:
+                    raise CheckpointError(path, "its zip64 end record is corrupt")
     if directory_bytes > min(size, MAX_CENTRAL_DIRECTORY_BYTES):
         raise CheckpointError(
             path,
             f"its zip central directory claims {directory_bytes:,} bytes, more than the file "
             f"or the limit ({MAX_CENTRAL_DIRECTORY_BYTES:,}) allows: corrupt",
         )
+    if entries != on_this_disk or (this_disk, directory_disk) not in ((0, 0), (1, 1)):
+        raise CheckpointError(path, "a multi-disk zip archive: torch reads one file")
+    if directory_bytes < entries * 46 or offset + directory_bytes > size:
+        raise CheckpointError(
+            path, "its zip central directory does not fit its records or the file: corrupt"
+        )
+    return offset, directory_bytes, entries
+
+
+def _as_miniz_lists(
+    path: Path, archive: zipfile.ZipFile, records: list[zipfile.ZipInfo], end: tuple[int, int, int]
+) -> bool:
+    """Whether zipfile listed the records miniz lists (the ones in the directory the end
+    record places); refuses a directory miniz finds short of records or overrun by one."""
+    offset, directory_bytes, entries = end
+    sizes = [
+        46 + len(r.orig_filename.encode("utf-8" if r.flag_bits & 0x800 else "cp437"))
+        + len(r.extra) + len(r.comment)
+        for r in records
+    ]  # fmt: skip
+    if records:
+        # zipfile reads the directory into a buffer of its declared size, so the last
+        # record's name, extra field and comment may have been cut: their declared lengths
+        with open_regular(path) as f:
+            f.seek(archive.start_dir + sum(sizes[:-1]) + 28)  # type: ignore[attr-defined]
+            sizes[-1] = 46 + sum(struct.unpack("<3H", f.read(6)))
+    listed = sum(sizes[:entries])
+    if len(records) < entries or listed > directory_bytes:
+        raise CheckpointError(
+            path, "its zip central directory holds fewer records than its end record counts"
+        )
+    return len(records) == entries and archive.start_dir == offset  # type: ignore[attr-defined]
 
 
 def load(
@@ -214,17 +276,26 @@ def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
     :mod:`.records` for its tensors, and its storages' saved locations: no torch, no
     tensor byte read. Raises :class:`records.NeedsTorch` for what records cannot stand for.
     """
-    data_pkl, infos = _checked_records(path, size)
+    data_pkl, infos, as_miniz = _checked_records(path, size)
+    if not as_miniz:
+        raise records.NeedsTorch("an archive whose directory zipfile and miniz read apart")
     # torch reads the records under the first one's folder (``archive/``): an archive whose
     # first data.pkl lies elsewhere is torch's to make sense of
     prefix = infos[0].filename.partition("/")[0] + "/"
     if data_pkl.filename != f"{prefix}data.pkl":
         raise records.NeedsTorch(f"an archive whose data.pkl is not under {prefix}")
-    by_name = {info.filename: info for info in infos}
+    if not all(info.filename.startswith(prefix) for info in infos):
+        # torch 2.13 refuses a record outside the archive's folder; older releases may not
+        raise records.NeedsTorch(f"an archive with records outside {prefix}")
+    # torch's zip reader (miniz) finds a record by its name in any case
+    by_name = {info.filename.lower(): info for info in infos}
+    if len(by_name) != len(infos):
+        raise records.NeedsTorch("an archive with two records of one name")
     storages: dict[Any, records.Storage] = {}
     locations: set[str] = set()
 
     with open_regular(path) as f:
+        _check_torch_records(path, f, by_name, prefix.lower(), size)
         f.seek(_data_start(f, data_pkl, size) or 0)
         data = f.read(data_pkl.file_size)  # bounded by _checked_records, stored uncompressed
         libraries = named_libraries(data)
@@ -241,22 +312,83 @@ def read_records(path: Path, size: int) -> tuple[Any, set[str]]:
             location = location.decode("ascii") if isinstance(location, bytes) else location
             if not isinstance(storage_type, records.StorageType):
                 raise records.CorruptRecord(f"a storage of type {type(storage_type).__name__}")
-            if not (isinstance(numel, int) and numel >= 0 and isinstance(location, str)):
-                raise records.CorruptRecord("a storage's size or location is invalid")
-            info = by_name.get(f"{prefix}data/{key}")
+            if not isinstance(numel, int):
+                raise records.CorruptRecord("a storage's size is no int")
+            info = by_name.get(f"{prefix}data/{key}".lower())
             if info is None:
                 raise records.CorruptRecord(f"no record data/{key} for a storage")
-            nbytes = numel * DTYPE_ITEMSIZE[storage_type.dtype]
-            if nbytes > info.file_size:
-                raise records.CorruptRecord(
-                    f"storage {key} claims {nbytes:,} bytes, its record holds {info.file_size:,}"
-                )
             start = _data_start(f, info, size) or 0
+            # torch maps the whole file and slices it: the storage is the bytes its size
+            # claims from the record's start (a slice, so cut at the end of the file), its
+            # record's or not (mmap=False refuses a size other than the record's)
+            nbytes = len(range(size)[start : start + numel * DTYPE_ITEMSIZE[storage_type.dtype]])
+            if not isinstance(location, str):
+                # the plugin's map_location takes any location to the CPU, and records it as
+                # str() writes it: torch's objects are torch's to write
+                raise records.NeedsTorch(f"a storage location of type {type(location).__name__}")
             storages[key] = records.Storage(str(key), storage_type.dtype, nbytes, location, start)
             locations.add(location)
             return storages[key]
 
         return unpickle_torch_records(data, path, storage), locations
+
+
+# A version, byte order or alignment record is a few bytes: a longer one is torch's to read.
+_SMALL_RECORD = 4096
+# What std::stoull reads of torch's version record: C whitespace, a sign, decimal digits.
+_STOULL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
+# The archive versions every torch from 2.3 on reads (torch.save writes 3).
+_VERSIONS = range(1, 11)
+
+
+def _check_torch_records(
+    path: Path, f: BinaryIO, by_name: dict[str, zipfile.ZipInfo], prefix: str, size: int
+) -> None:
+    """Refuse what torch's archive reader refuses before it reads the pickle: no version
+    record, a version it cannot parse or read, a byte order other than ``little`` or
+    ``big``, a serialization id that is not UTF-8, an alignment that is no int."""
+
+    def content(name: str) -> bytes | None:
+        info = by_name.get(prefix + name)
+        if info is None:
+            return None
+        if info.file_size > _SMALL_RECORD:
+            raise records.NeedsTorch(f"a {info.file_size:,}-byte {name} record")
+        f.seek(_data_start(f, info, size) or 0)
+        return f.read(info.file_size)
+
+    version = content(".data/version")
+    if version is None:
+        version = content("version")
+    if version is None:
+        raise CheckpointError(
+            path, "its zip archive has no version record: not written by torch.save"
+        )
+    parsed = _STOULL.match(version)
+    if parsed is None:
+        raise CheckpointError(path, f"its archive version {version[:20]!r} is not a number")
+    number = int(parsed[2]) * (-1 if parsed[1] == b"-" else 1) % (1 << 64)
+    if number < _VERSIONS.start:
+        raise CheckpointError(path, f"its archive version {number} is older than torch reads")
+    if number not in _VERSIONS:
+        raise records.NeedsTorch(f"archive version {number}")  # the installed torch decides
+    byteorder = content("byteorder")
+    if byteorder not in (None, b"little", b"big"):
+        raise CheckpointError(path, f"its archive has an unknown byte order {byteorder[:20]!r}")
+    serialization_id = content(".data/serialization_id")
+    if serialization_id is not None:
+        try:
+            serialization_id.decode()  # torch.load logs it as a str
+        except UnicodeDecodeError:
+            raise CheckpointError(path, "its archive's serialization id is not UTF-8") from None
+    alignment = content(".storage_alignment")
+    if alignment is not None:
+        try:
+            int(alignment)  # as torch.load reads it
+        except ValueError:
+            raise CheckpointError(
+                path, f"its archive's storage alignment {alignment[:20]!r} is not a number"
+            ) from None
 
 
 def tensor_values(path: Path, tensor: records.Tensor) -> Any:

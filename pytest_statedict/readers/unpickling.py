@@ -399,8 +399,10 @@ def _torch_reduce(unpickler: Any) -> None:
         if isinstance(func, (records.dtype, records.StorageType)):
             raise records.CorruptRecord(f"{func!r} is not callable")
         raise _refused(f"Trying to call reduce for unrecognized function {func}")
-    if not isinstance(args, tuple):
-        raise records.CorruptRecord("REDUCE arguments are not a tuple")
+    if not isinstance(args, tuple):  # torch calls func(*args) with any iterable, but no
+        if len(args) > 8:  # allowed callable takes more than 8 (nor copies a memo'd list)
+            raise records.CorruptRecord(f"REDUCE of {len(args):,} arguments")
+        args = tuple(args)
     unpickler.stack[-1] = func(*args)
 
 
