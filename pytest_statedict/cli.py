@@ -31,11 +31,31 @@ UNSAFE_HELP = (
 API_OPT_IN = "pass weights_only=False by name"
 
 
+class PrintVersion(argparse.Action):
+    """``--version``, looked up only when asked for: argparse's own version action wants the
+    string when the parser is built, which would read the package metadata on every command
+    (see :mod:`.distribution`)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from .distribution import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="statedict",
         description="Show and diff PyTorch checkpoints and statedict snapshots without "
         "loading their tensor data.",
+    )
+    parser.add_argument(
+        "--version", action=PrintVersion, help="print the version of pytest-statedict and exit"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="the layer table of a checkpoint or snapshot")
