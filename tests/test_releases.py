@@ -416,7 +416,7 @@ def test_release_files_are_never_unused_snapshots(pytester: pytest.Pytester) -> 
     )
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=2)
-    match_lines(result, ["statedict: 1 written; releases: 1 passed"])
+    match_lines(result, ["statedict: 1 written in __statedict__/; releases: 1 passed"])
     assert (pytester.path / RELEASES / "v1.0.json").exists()
 
 
