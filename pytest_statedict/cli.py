@@ -416,9 +416,10 @@ def _add_release_commands(commands: argparse._SubParsersAction) -> None:  # type
 def _record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .releases import project_dir, record_into
+    from .releases import project_dir, record_into, refuse_recorded
 
     base, folder = (Path.cwd(), Path(args.dir)) if args.dir else project_dir()
+    refuse_recorded(folder, args.release)  # before torch loads the model or the checkpoint
     model, optimizer = build_model(args.model) if args.model else (None, None)
     checkpoint: Any = args.checkpoint
     if args.unsafe_unpickle:
