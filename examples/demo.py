@@ -6,11 +6,12 @@ Run it from anywhere, in an environment where pytest-statedict is installed:
 
 It copies examples/cnn to a temporary folder (the committed example is never touched),
 deletes the copy's snapshots, and runs pytest there step by step: the missing snapshots,
-writing them, a refactor caught with its diff, accepting it, the release gate that
-``--statedict-update`` does not waive, cutting a release with ``statedict record`` and
+writing them (byte for byte the committed ones), a refactor caught with its diff,
+accepting it, the release gate that ``--statedict-update`` does not waive, the gate
+judging the optimizer state too, cutting a release with ``statedict record`` and
 ``statedict history``, and a deliberate break recorded as expected to fail. Each step
 checks its exit code and output, and the demo exits non-zero if one doesn't behave as
-expected, so it doubles as an end-to-end test.
+expected, so it doubles as an end-to-end test of the example.
 """
 
 from __future__ import annotations
@@ -34,13 +35,25 @@ WIDTH = 88
 
 MAIN_SNAPSHOT = "tests/__statedict__/test_cnn/test_model_and_optimizer_layout/0.json"
 GATE_TEST = "tests/test_cnn.py::test_releases[cnn-v1]"
+GATE_NAME = GATE_TEST.split("::")[1]
 RETIRED = "cnn-v1: fc3 renamed to head in cnn-v2, v1 checkpoints retired"
 
-# Step 8 saves the release checkpoint as a training script would.
+# Step 9 saves the release checkpoint as a training script would, after a training step
+# (so the optimizer holds its state), and records it with the model and optimizer that name
+# that state's parameters.
 SAVE_V2 = (
-    "import torch; from cnn_model import build, make_optimizer; model = build(); "
+    "import torch; from cnn_model import model_and_optimizer, train_step; "
+    "model, optimizer = model_and_optimizer(); train_step(model, optimizer); "
     "torch.save({'model_state_dict': model.state_dict(), "
-    "'optimizer_state_dict': make_optimizer(model).state_dict()}, 'cnn-v2.pt')"
+    "'optimizer_state_dict': optimizer.state_dict(), 'epoch': 1}, 'cnn-v2.pt')"
+)
+RECORD_V2 = (
+    "record",
+    "cnn-v2.pt",
+    "--release",
+    "cnn-v2",
+    "--model",
+    "cnn_model:model_and_optimizer",
 )
 
 # The refactor of step 5: the classifier `fc3` becomes `head`, conv1 gets 8 channels.
@@ -48,6 +61,16 @@ REFACTOR = [
     ("self.fc3 = nn.Linear(84, num_classes)", "self.head = nn.Linear(84, num_classes)"),
     ("return self.fc3(x)", "return self.head(x)"),
     ("width: int = 6,", "width: int = 8,"),
+]
+
+# The change of step 8: the norm weights get weight decay too (then reverted).
+DECAY_NORMS = [
+    (
+        '        is_norm = isinstance(model.get_submodule(name.rpartition(".")[0]), '
+        "nn.BatchNorm2d)\n",
+        "",
+    ),
+    ('name.endswith("bias") or is_norm else', 'name.endswith("bias") else'),
 ]
 
 # The fix of step 7: checkpoints saved before the rename still load, into `head`.
@@ -144,6 +167,9 @@ class Demo:
     def snapshot_files(self) -> list[Path]:
         return sorted((self.project / "tests" / "__statedict__").rglob("*.json"))
 
+    def snapshot_texts(self) -> dict[str, str]:
+        return {self.rel(p): p.read_text(encoding="utf-8") for p in self.snapshot_files()}
+
     def rel(self, path: Path) -> str:
         return path.relative_to(self.project).as_posix()
 
@@ -215,6 +241,7 @@ def unified(before: str, after: str, name: str, context: int = 0) -> list[str]:
 
 def run_demo(project: Path) -> None:
     demo = Demo(project)
+    committed = demo.snapshot_texts()  # examples/cnn's, to hold what the demo writes against
     shutil.rmtree(project / "tests" / "__statedict__")
     print("pytest-statedict demo".center(WIDTH))
     print("=" * WIDTH)
@@ -246,11 +273,19 @@ def run_demo(project: Path) -> None:
     demo.heading("pytest --statedict-update: write the snapshots")
     run = demo.pytest("--statedict-update")
     demo.show(digest(run.output))
-    demo.expect(run, 0, pattern=r"^statedict: .*\b6 written\b")
+    demo.expect(run, 0, pattern=r"^statedict: .*\b6 written in tests/__statedict__/")
     files = demo.snapshot_files()
     if len(files) != 6:
         raise DemoFailure(f"step 2: expected 6 snapshot files, found {len(files)}")
-    print("\nwritten (commit these with the code):")
+    written = demo.snapshot_texts()
+    if written != committed:
+        differ = sorted(k for k in {*written, *committed} if written.get(k) != committed.get(k))
+        raise DemoFailure(
+            f"step 2: the snapshots written differ from those committed in examples/cnn "
+            f"({', '.join(differ)}): regenerate them with `pytest --statedict-update` in "
+            "examples/cnn after deleting its tests/__statedict__"
+        )
+    print("\nwritten (commit these with the code; byte for byte those committed in examples/cnn):")
     demo.show([demo.rel(f) for f in files])
     main = project / MAIN_SNAPSHOT
     print(f"\nthe first lines of {MAIN_SNAPSHOT} (one line per tensor):")
@@ -269,7 +304,9 @@ def run_demo(project: Path) -> None:
     run = demo.pytest()
     demo.show(digest(run.output))
     demo.expect(run, 0, pattern=r"^statedict: 6 passed\b")
-    demo.ok("every snapshot matches")
+    if demo.snapshot_texts() != committed:
+        raise DemoFailure("step 4: a plain pytest run changed a snapshot")
+    demo.ok("every snapshot matches; nothing written")
 
     # 5 --------------------------------------------------------------------------------------
     demo.heading("A refactor: rename fc3 to head, widen conv1 from 6 to 8 channels")
@@ -280,7 +317,7 @@ def run_demo(project: Path) -> None:
         digest(
             run.output,
             max_lines=24,
-            names=["test_model_and_optimizer_layout", GATE_TEST.split("::")[1]],
+            names=["test_model_and_optimizer_layout", GATE_NAME],
         )
     )
     demo.expect(
@@ -331,10 +368,37 @@ def run_demo(project: Path) -> None:
     demo.ok("the snapshots match and v1 checkpoints load into the refactored model")
 
     # 8 --------------------------------------------------------------------------------------
+    demo.heading("The gate checks the optimizer too: weight decay on the norm weights")
+    model_file = project / "cnn_model.py"
+    kept = model_file.read_text(encoding="utf-8")
+    demo.show(edit(model_file, DECAY_NORMS))
+    run = demo.pytest()
+    demo.show(digest(run.output, names=["test_model_and_optimizer_layout", GATE_NAME]))
+    demo.expect(
+        run,
+        1,
+        "'bn1.weight': param_group 1 -> 0 (weight_decay 0.0 -> 0.0005)",
+        "release cnn-v1's optimizer state: an old optimizer state still loads with "
+        "optimizer.load_state_dict: NO, it raises ValueError",
+        f"FAILED {GATE_TEST}",
+    )
+    model_file.write_text(kept, encoding="utf-8")
+    demo.say(
+        """
+        A v1 checkpoint's weights would still load, its optimizer state would not: resuming
+        a v1 training run would raise. The gate builds the optimizer as training does
+        (statedict_releases(..., optimizer=make_optimizer) in tests/test_cnn.py; the same
+        optimizer= for assert_checkpoint_loads) and judges each release's saved state
+        against it. The change is reverted.
+        """
+    )
+    demo.ok("the moved parameter is in the snapshot diff; the gate says v1's optimizer breaks")
+
+    # 9 --------------------------------------------------------------------------------------
     demo.heading("Cut release cnn-v2: record its layout, read the changelog")
     run = demo.python(SAVE_V2)
     demo.expect(run, 0)
-    run = demo.statedict("record", "cnn-v2.pt", "--release", "cnn-v2")
+    run = demo.statedict(*RECORD_V2)
     demo.show(run.output)
     demo.expect(run, 0, "recorded release cnn-v2 in releases/cnn-v2.json")
     run = demo.statedict("history")
@@ -347,6 +411,9 @@ def run_demo(project: Path) -> None:
         "conv1.weight: [6, 3, 5, 5] -> [8, 3, 5, 5]",
         "cnn-v1: the first release",
     )
+    flags = [flag for flag in ("differentiable", "foreach", "fused") if flag in run.output]
+    if flags:
+        raise DemoFailure(f"step 9: the history names implementation flags ({flags})")
     run = demo.pytest("-vv", "-k", "test_releases")
     demo.show([line for line in run.output.splitlines() if "test_releases[" in line])
     demo.show(digest(run.output))
@@ -355,7 +422,7 @@ def run_demo(project: Path) -> None:
         0,
         pattern=r"test_releases\[cnn-v2\] PASSED.*\n.*test_releases\[cnn-v1\] PASSED",
     )
-    run = demo.statedict("record", "cnn-v2.pt", "--release", "cnn-v2")
+    run = demo.statedict(*RECORD_V2)
     demo.show(run.output)
     demo.expect(run, 2, "release cnn-v2 is already recorded in releases/cnn-v2.json")
     demo.ok(
@@ -363,11 +430,11 @@ def run_demo(project: Path) -> None:
         "overwritten, and the changelog to write release notes from"
     )
 
-    # 9 --------------------------------------------------------------------------------------
+    # 10 -------------------------------------------------------------------------------------
     demo.heading("A deliberate break: retire v1 checkpoints, and say so")
     demo.show(edit(project / "cnn_model.py", [(COMPAT_HOOK, "")]))
     run = demo.pytest("--statedict-report=statedict.md")
-    demo.show(digest(run.output, max_lines=6, names=[GATE_TEST.split("::")[1]]))
+    demo.show(digest(run.output, max_lines=6, names=[GATE_NAME]))
     demo.expect(run, 1, f"FAILED {GATE_TEST}", "release cnn-v1 no longer loads")
     report = (project / "statedict.md").read_text(encoding="utf-8").splitlines()
     print("\nstatedict.md, for the pull request or $GITHUB_STEP_SUMMARY (its first lines):")

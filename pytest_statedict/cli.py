@@ -32,11 +32,31 @@ UNSAFE_HELP = (
 API_OPT_IN = "pass weights_only=False by name"
 
 
+class PrintVersion(argparse.Action):
+    """``--version``, looked up only when asked for: argparse's own version action wants the
+    string when the parser is built, which would read the package metadata on every command
+    (see :mod:`.distribution`)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from .distribution import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="statedict",
         description="Show and diff PyTorch checkpoints and statedict snapshots without "
         "loading their tensor data.",
+    )
+    parser.add_argument(
+        "--version", action=PrintVersion, help="print the version of pytest-statedict and exit"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="the layer table of a checkpoint or snapshot")
@@ -408,9 +428,10 @@ def _add_release_commands(commands: argparse._SubParsersAction) -> None:  # type
 def _record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .releases import project_dir, record_into
+    from .releases import project_dir, record_into, refuse_recorded
 
     base, folder = (Path.cwd(), Path(args.dir)) if args.dir else project_dir()
+    refuse_recorded(folder, args.release)  # before torch loads the model or the checkpoint
     model, optimizer = build_model(args.model) if args.model else (None, None)
     checkpoint: Any = args.checkpoint
     if args.unsafe_unpickle:

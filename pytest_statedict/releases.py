@@ -240,9 +240,9 @@ def record_into(
     release's model (with ``names_optimizer``, its optimizer), names the positions of a
     checkpoint's optimizer state (see :mod:`.param_names`)."""
     __tracebackhide__ = True
+    refuse_recorded(folder, name)  # before reading the checkpoint, which may be large
     from .extract import schema_of
 
-    check_name(name)
     schema = schema_of(obj, optimizer=optimizer, part=part)
     if names_from is not None:
         from .param_names import positions_named
@@ -260,14 +260,23 @@ def write_release(folder: Path, name: str, text: str, *, base: Path) -> Path:
     ``v1`` and ``V1`` on a case-insensitive file system count as one)."""
     path = folder / f"{name}{storage.SUFFIX}"
     shown = _shown(path)
-    existing = [p for p in list_releases(folder) if p.name.lower() == name.lower()]
-    if existing or os.path.lexists(path):
-        raise _already_recorded(name, _shown(existing[0].path) if existing else shown)
+    refuse_recorded(folder, name)
     try:  # exclusive: of two processes recording one release at once, one wins
         storage.write_snapshot(path, text, folder, base=base, display=shown, exclusive=True)
     except FileExistsError:
         raise _already_recorded(name, shown) from None
     return path
+
+
+def refuse_recorded(folder: Path, name: str) -> None:
+    """A :class:`StateDictError` unless ``name`` is a valid release name not yet recorded
+    in ``folder`` (by name, so that ``v1`` and ``V1`` on a case-insensitive file system
+    count as one)."""
+    check_name(name)
+    path = folder / f"{name}{storage.SUFFIX}"
+    existing = [p for p in list_releases(folder) if p.name.lower() == name.lower()]
+    if existing or os.path.lexists(path):
+        raise _already_recorded(name, _shown(existing[0].path) if existing else _shown(path))
 
 
 def _already_recorded(name: str, where: str) -> StateDictError:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import storage
+from .distribution import installed_version
 from .runtime import CHECK_KINDS, OUTCOMES
 
 REPORT_FORMAT = "pytest-statedict-report"
@@ -99,7 +100,7 @@ def build_report(state: RunState, exit_status: int) -> dict[str, Any]:
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
-        "plugin_version": _plugin_version(),
+        "plugin_version": installed_version() or "unknown",
         "summary": state.summary_line() or "",
         "exit_status": exit_status,
         "counts": counts,
@@ -124,15 +125,6 @@ def _check(record: dict[str, Any]) -> dict[str, Any]:
         if record.get(optional) is not None:
             check[optional] = record[optional]
     return check
-
-
-def _plugin_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pytest-statedict")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def render_markdown(report: dict[str, Any]) -> str:

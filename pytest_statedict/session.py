@@ -39,6 +39,9 @@ __tracebackhide__ = hide_from_bad_input
 REPORT_KEY = "statedict"  # the attribute of a TestReport that carries a phase's record
 # exit codes of a run that went to its end: only then can a file be judged unused
 FINISHED_EXIT_CODES = (0, 1, 5)  # OK, TESTS_FAILED, NO_TESTS_COLLECTED
+WRITTEN = ("written", "updated")  # the outcomes of a check that wrote its snapshot file
+# the snapshot folders the summary line names where files were written; more are counted
+MAX_FOLDERS_SHOWN = 3
 
 
 class Owner(NamedTuple):
@@ -73,6 +76,12 @@ class Attempt:
 
     def counts(self) -> Counter[str]:
         return Counter(self.settled(outcome, path) for path, outcome in self.checks.items())
+
+    def files_written(self) -> list[str]:
+        """The snapshot files this attempt (or an earlier, discarded one) wrote or updated."""
+        return [
+            path for path, outcome in self.checks.items() if self.settled(outcome, path) in WRITTEN
+        ]
 
     def add_results(self, results: Iterable[dict[str, Any]]) -> None:
         for record in results:
@@ -130,6 +139,7 @@ class StateDictSession:
         self.linked_roots: dict[Path, Path] = {}  # snapshot root -> the symlink to it
         self.unused: list[Path] = []
         self.deleted: list[Path] = []
+        self.written_files: set[Path] = set()  # snapshot files written or updated
         self.problems: list[str] = []
 
     # ---- collection ------------------------------------------------------------------
@@ -314,7 +324,7 @@ class StateDictSession:
             earlier = self.attempts.get(nodeid)
             written = None
             if earlier is not None and earlier.discarded:
-                written = {p: o for p, o in earlier.checks.items() if o in ("written", "updated")}
+                written = {p: o for p, o in earlier.checks.items() if o in WRITTEN}
                 written.update(earlier.written)
             self.attempts[nodeid] = Attempt(written)
             self.outcomes.pop(nodeid, None)
@@ -342,6 +352,7 @@ class StateDictSession:
             return  # a discarded attempt stays until the next one takes its writes over
         del self.attempts[nodeid]
         self.counts.update(attempt.counts())
+        self.written_files.update(Path(path) for path in attempt.files_written())
         roundtrips = attempt.roundtrips
         if not attempt.failed:
             roundtrips["passed"] += roundtrips.pop("failed", 0)
@@ -640,6 +651,8 @@ class StateDictSession:
             for k in ("passed", "failed", "written", "updated")
             if self.counts[k]
         ]
+        if self.written_files:
+            parts[-1] += f" in {self.written_folders()}"
         if self.deleted:
             parts.append(f"{len(self.deleted)} deleted")
         if self.unused:
@@ -647,6 +660,16 @@ class StateDictSession:
         if self.problems:
             parts.append(f"{len(self.problems)} error{'s' if len(self.problems) > 1 else ''}")
         return [", ".join(parts)] if parts else []
+
+    def written_folders(self) -> str:
+        """Where the run wrote snapshots: their roots, relative to the rootdir (the folder
+        a user commits), e.g. ``tests/__statedict__/``."""
+        folders = sorted({self.from_root(self._root_of(path)) + "/" for path in self.written_files})
+        shown = folders[:MAX_FOLDERS_SHOWN]
+        more = len(folders) - len(shown)
+        if more:
+            shown.append(f"{more} more folder{'s' if more > 1 else ''}")
+        return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
 
     def _roundtrip_section(self) -> list[str]:
         trips = [

@@ -338,4 +338,4 @@ def test_snapshot():
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=1)
     assert snapshots(pytester) != written
-    match_lines(result, ["statedict: 1 updated"])
+    match_lines(result, ["statedict: 1 updated in __statedict__/"])

@@ -153,7 +153,7 @@ def test_xdist_update_then_check_then_unused(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_wide=XDIST_SUITE)
     result = pytester.runpytest_subprocess("-n", "2", "--statedict-update")
     result.assert_outcomes(passed=6)
-    match_lines(result, ["statedict: 6 written"])
+    match_lines(result, ["statedict: 6 written in __statedict__/"])
     files = sorted((pytester.path / "__statedict__" / "test_wide").rglob("*.json"))
     assert len(files) == 6
 

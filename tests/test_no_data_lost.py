@@ -125,7 +125,7 @@ def test_a_flaky_test_passes_on_rerun_and_counts_once(
     pytester.makepyfile(test_a=FLAKY.format(name=name))
     result = pytester.runpytest("--reruns", "2", "--statedict-update")
     assert result.parseoutcomes() == {"passed": 1, "rerun": 1}
-    match_lines(result, ["statedict: 1 written"])
+    match_lines(result, ["statedict: 1 written in __statedict__/"])
     leaf = f"{name or 0}.json"
     assert json_files(pytester.path / "__statedict__") == [f"test_a/test_flaky/{leaf}"]
 
@@ -149,7 +149,7 @@ def test_repetitions_share_the_snapshot_of_the_test(pytester: pytest.Pytester) -
     pytester.makepyfile(test_a=checks(n=2))
     result = pytester.runpytest("--count", "3", "--statedict-update")
     result.assert_outcomes(passed=6)
-    match_lines(result, ["statedict: 4 passed, 2 written"])
+    match_lines(result, ["statedict: 4 passed, 2 written in __statedict__/"])
     expected = ["test_a/test_width[0]/0.json", "test_a/test_width[1]/0.json"]
     assert json_files(pytester.path / "__statedict__") == expected
 
@@ -179,7 +179,7 @@ def test_doctest_files_own_their_snapshots(pytester: pytest.Pytester, suffix: st
     result.assert_outcomes(passed=2)
     snapshot = pytester.path / f"__statedict__/test_doc/test_doc{suffix}/0.json"
     assert snapshot.is_file()
-    match_lines(result, ["statedict: 2 written"])
+    match_lines(result, ["statedict: 2 written in __statedict__/"])
 
     result = pytester.runpytest(glob)
     result.assert_outcomes(passed=2)
@@ -262,7 +262,7 @@ def test_checks_in_wider_fixtures_are_filed_under_the_fixture(pytester: pytest.P
     pytester.makepyfile(test_fix=FIXTURES)
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=5)
-    match_lines(result, ["statedict: 7 written"])
+    match_lines(result, ["statedict: 7 written in __statedict__/"])
     head = storage.fixture_dirname(["TestGroup", "head"], None)
     assert json_files(pytester.path / "__statedict__") == [
         "conftest/fixture-session_model/0.json",
@@ -387,7 +387,7 @@ def test_a_snapshot_under_its_0_1_0_name_is_read_then_moved(pytester: pytest.Pyt
 
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=1)
-    match_lines(result, ["statedict: 1 updated"])
+    match_lines(result, ["statedict: 1 updated in __statedict__/"])
     assert new.is_file() and not old.exists() and not old.parent.exists()
     pytester.runpytest().assert_outcomes(passed=1)
 
@@ -567,7 +567,7 @@ def test_a_snapshot_that_is_not_a_text_file(pytester: pytest.Pytester, kind: str
         match_lines(result, ["E *cannot be written (Is a directory*", "statedict: 1 failed"])
         return
     result.assert_outcomes(passed=1)
-    match_lines(result, ["statedict: 1 updated"])
+    match_lines(result, ["statedict: 1 updated in __statedict__/"])
     assert snapshot.is_file() and not snapshot.is_symlink()
     pytester.runpytest().assert_outcomes(passed=1)
 

@@ -48,7 +48,7 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
     # 2. --statedict-update writes it; the test passes and is counted as written
     result = net_project.runpytest("--statedict-update")
     assert result.ret == pytest.ExitCode.OK
-    match_lines(result, ["statedict: 1 written"])
+    match_lines(result, ["statedict: 1 written in __statedict__/"])
     text = snapshot(net_project).read_text()
     assert text.startswith('{\n"format": "pytest-statedict", "version": 1,')
     assert '"key": "conv1.weight", "kind": "parameter", "shape": [6, 3, 5, 5]' in text
@@ -88,7 +88,7 @@ def test_create_fail_update_pass(net_project: pytest.Pytester) -> None:
     # 5. accept it, then it passes
     result = net_project.runpytest("--statedict-update")
     assert result.ret == pytest.ExitCode.OK
-    match_lines(result, ["statedict: 1 updated"])
+    match_lines(result, ["statedict: 1 updated in __statedict__/"])
     assert "[8, 3, 5, 5]" in snapshot(net_project).read_text()
     net_project.runpytest().assert_outcomes(passed=1)
 
@@ -219,7 +219,7 @@ def test_fixture_named_snapshots_and_parametrize_ids(net_project: pytest.Pyteste
     )
     result = net_project.runpytest("--statedict-update")
     result.assert_outcomes(passed=2)
-    match_lines(result, ["statedict: 6 written"])
+    match_lines(result, ["statedict: 6 written in __statedict__/"])
     folder = net_project.path / "__statedict__" / "test_model"
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json"))
     assert len(files) == 6
@@ -257,7 +257,7 @@ def test_accept_command_survives_a_shell(net_project: pytest.Pytester) -> None:
     ]
     result = net_project.runpytest(*shlex.split(command)[1:])
     assert result.ret == pytest.ExitCode.OK
-    match_lines(result, ["statedict: 1 written"])
+    match_lines(result, ["statedict: 1 written in __statedict__/"])
 
 
 def test_same_snapshot_asked_twice_in_one_test(net_project: pytest.Pytester) -> None:
@@ -500,7 +500,7 @@ def test_corrupt_and_stale_snapshots(net_project: pytest.Pytester) -> None:
 
     result = net_project.runpytest("--statedict-update")
     result.assert_outcomes(passed=1)
-    match_lines(result, ["statedict: 1 updated"])
+    match_lines(result, ["statedict: 1 updated in __statedict__/"])
     assert path.read_text() == good
 
 
@@ -593,7 +593,7 @@ def test_update_refreshes_a_snapshot_whose_text_is_outdated(net_project: pytest.
     match_lines(result, ["statedict: 1 passed"])
     assert path.read_text() == older, "nothing is written without --statedict-update"
     result = net_project.runpytest("--statedict-update")
-    match_lines(result, ["statedict: 1 updated"])
+    match_lines(result, ["statedict: 1 updated in __statedict__/"])
     assert path.read_text() == current
 
 

@@ -119,6 +119,9 @@ def test_record_refuses_to_overwrite_a_release(
     assert f"release v1.0 is already recorded in {RELEASES / 'v1.0.json'}" in err
     assert "never overwritten" in err
     assert path.read_text() == before
+    # refused before the model is built or the checkpoint read (a release's can be large)
+    assert main(["record", "absent.pt", "--release", "v1.0", "--model", "absent:build"]) == 2
+    assert "release v1.0 is already recorded" in capsys.readouterr().err
 
 
 def test_a_release_recorded_by_another_process_meanwhile_is_never_replaced(
@@ -416,7 +419,7 @@ def test_release_files_are_never_unused_snapshots(pytester: pytest.Pytester) -> 
     )
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=2)
-    match_lines(result, ["statedict: 1 written; releases: 1 passed"])
+    match_lines(result, ["statedict: 1 written in __statedict__/; releases: 1 passed"])
     assert (pytester.path / RELEASES / "v1.0.json").exists()
 
 

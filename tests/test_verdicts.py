@@ -284,7 +284,7 @@ def test_a_flag_alone_passes_a_snapshot_and_update_refreshes_it(
     assert snapshot.read_text() == before  # nothing is written without the flag
     result = pytester.runpytest("--statedict-update")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["statedict: 1 updated"])
+    result.stdout.fnmatch_lines(["statedict: 1 updated in __statedict__/"])
     assert '"foreach": true' in snapshot.read_text()
 
 

@@ -64,6 +64,14 @@ def make_optimizer(
     )
 
 
+def model_and_optimizer(**config: int) -> tuple[Net, torch.optim.SGD]:
+    """The model and its optimizer as training makes them. ``statedict record CKPT
+    --release NAME --model cnn_model:model_and_optimizer`` builds them to name the
+    parameter each saved optimizer state belongs to (a checkpoint holds only positions)."""
+    model = build(**config)
+    return model, make_optimizer(model)
+
+
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch: int = 4, num_classes: int = 10
 ) -> float:

@@ -57,7 +57,8 @@ def build_as_released(release: str) -> Net:
 
 # The release gate: one test per release snapshot in releases/ (pytest.ini's
 # statedict_releases_dir), newest first: today's model must still load each release's
-# layout through its own load_state_dict, and its optimizer state. A release snapshot is
-# a few kB of JSON written at release time with `statedict record CKPT --release NAME`;
-# `pytest --statedict-update` never changes it.
+# layout through its own load_state_dict, and today's optimizer its optimizer state. A
+# release snapshot is a few kB of JSON written at release time with `statedict record
+# CKPT --release NAME --model cnn_model:model_and_optimizer`; `pytest --statedict-update`
+# never changes it.
 test_releases = statedict_releases(build_as_released, optimizer=make_optimizer)
