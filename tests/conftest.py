@@ -66,6 +66,10 @@ NET_SOURCE = textwrap.dedent(
 )
 
 
+# What every inner pytest run of these tests leaves out (see _inner_runs_keep_file_order).
+INNER_RUN_OPTIONS = "-p no:randomly -p no:hypothesispytest"
+
+
 @pytest.fixture(autouse=True)
 def _inner_runs_keep_file_order(request: pytest.FixtureRequest) -> None:
     """pytest-randomly shuffles every run it is loaded into, pytester's inner runs too.
@@ -74,11 +78,15 @@ def _inner_runs_keep_file_order(request: pytest.FixtureRequest) -> None:
     read ``PYTEST_ADDOPTS``) leave it out; a test about random order passes ``-p randomly``,
     which comes later on the command line and so enables it again. Set once pytester has
     cleared ``PYTEST_ADDOPTS`` (it does so when it is created).
+
+    Inner runs leave out hypothesis's plugin too: no inner project uses it, and importing
+    hypothesis costs each subprocess (an xdist run's controller and every worker) about a
+    second of CPU.
     """
     if "pytester" in request.fixturenames:
         request.getfixturevalue("pytester")
         monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
-        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+        monkeypatch.setenv("PYTEST_ADDOPTS", INNER_RUN_OPTIONS)
 
 
 @pytest.fixture

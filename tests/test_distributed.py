@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from test_roundtrip import LossyLoad, trained
 from torch import nn
 
 from pytest_statedict import StateDictError, roundtrip, schema_of
+from pytest_statedict.bitwise import difference
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed"),
@@ -56,14 +59,16 @@ def test_dcp_refuses_an_optimizer_without_state() -> None:
         roundtrip(model, torch.optim.Adam(model.parameters()), format="dcp")
 
 
+# One rank of a two-process save: each writes its half of every tensor (Shard(0)).
 SHARDED_SAVE = textwrap.dedent(
     """
-    import inspect, os, sys, warnings
+    import os, sys, warnings
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    import torch.multiprocessing as mp
     from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     warnings.simplefilter("ignore")
 
@@ -73,10 +78,9 @@ SHARDED_SAVE = textwrap.dedent(
         return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
 
 
-    def save_shard(rank, world, folder, init):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
-
+    if __name__ == "__main__":
+        rank, world, folder = int(sys.argv[1]), 2, sys.argv[2]
+        init = "file://" + os.path.join(folder, "rendezvous")
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         try:
             mesh = init_device_mesh("cpu", (world,))
@@ -86,50 +90,60 @@ SHARDED_SAVE = textwrap.dedent(
             }
             local = sharded["0.weight"].to_local().shape
             print(f"rank {rank} holds 0.weight rows {tuple(local)}", flush=True)
-            dcp.save({"model": sharded}, checkpoint_id=folder)
+            dcp.save({"model": sharded}, checkpoint_id=os.path.join(folder, "ckpt"))
         finally:
             dist.destroy_process_group()
-
-
-    if __name__ == "__main__":
-        folder = sys.argv[1]
-        init = "file://" + os.path.join(folder, "rendezvous")
-        mp.spawn(save_shard, args=(2, os.path.join(folder, "ckpt"), init), nprocs=2, join=True)
-
-        # one process, no process group: load the whole and compare with the unsharded model
-        from pytest_statedict.bitwise import difference
-        expected = model().state_dict()
-        whole = {"model": {k: torch.empty_like(v) for k, v in expected.items()}}
-        single = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
-        dcp.load(whole, checkpoint_id=os.path.join(folder, "ckpt"), **single)
-        problems = [f"{k}: {difference(v, whole['model'][k])}" for k, v in expected.items()
-                    if difference(v, whole["model"][k])]
-        print("\\n".join(problems) or "exact")
     """
 )
 
 
 def test_two_process_sharded_save_loads_whole_bit_for_bit(tmp_path: Path) -> None:
+    """Two processes, one per rank, save; this one (no process group) loads the whole."""
+    import torch.distributed.checkpoint as dcp
+
     script = tmp_path / "sharded_save.py"
     script.write_text(SHARDED_SAVE)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: a timeout kills every worker
-    )
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    ranks = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as out:
+            ranks.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(rank), str(tmp_path)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: a timeout kills it all
+                )
+            )
     try:
-        output, _ = proc.communicate(timeout=240)
+        for proc in ranks:
+            proc.wait(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for proc in ranks:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         pytest.fail("the two-process DCP save did not finish in 240 s; its processes were killed")
-    assert proc.returncode == 0, output
-    lines = output.strip().splitlines()
+    output = "".join(log.read_text() for log in logs)
+    assert [proc.returncode for proc in ranks] == [0, 0], output
     for rank in (0, 1):
         assert f"rank {rank} holds 0.weight rows (8, 8)" in output  # half the rows each
-    assert lines[-1] == "exact", output
+
+    saved = importlib.util.spec_from_file_location("sharded_save", script)
+    assert saved is not None and saved.loader is not None
+    module = importlib.util.module_from_spec(saved)
+    saved.loader.exec_module(module)  # its model(), not its __main__
+    with torch.random.fork_rng(devices=[]):
+        expected = module.model().state_dict()
+    whole = {"model": {k: torch.empty_like(v) for k, v in expected.items()}}
+    single = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
+    dcp.load(whole, checkpoint_id=tmp_path / "ckpt", **single)
+    problems = [
+        f"{k}: {difference(v, whole['model'][k])}"
+        for k, v in expected.items()
+        if difference(v, whole["model"][k])
+    ]
+    assert not problems, problems
     # the DCP folder's schema, from its .metadata alone, is the unsharded model's
     from_dcp = schema_of(tmp_path / "ckpt", part="model")
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))

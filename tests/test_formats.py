@@ -2,13 +2,14 @@
 
 The third-party format is the example of ``docs/extending.md`` (``examples/toy_format``),
 installed as a user's pip would leave it: its module and a ``*.dist-info`` folder whose
-``entry_points.txt`` declares it, in a folder on ``PYTHONPATH``. Everything that uses it
+``entry_points.txt`` declares it, in a folder on ``PYTHONPATH``. Everything that reads it
 runs in a subprocess (the command line, ``schema_of`` outside pytest, a user's pytest run),
-as the registry reads entry points once per process.
+as the registry reads entry points once per process; the file itself is written here.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import pickle
@@ -89,22 +90,23 @@ class Renamed(nn.Module):
 
 @pytest.fixture
 def toy_file(site: Path, tmp_path: Path) -> Path:
-    """A toyckpt file of MODEL, written by the format's own ``save`` found by its name."""
+    """A toyckpt file of MODEL, written by the format's own ``save`` found by its name.
+
+    Written here: the registry is read afresh with ``site`` on ``sys.path``, then forgotten
+    with it, so what reads the file later finds the format as a fresh process does.
+    """
     path = tmp_path / "model.toyckpt"
-    written = python(
-        site,
-        f"""
-        import sys
-        from pathlib import Path
-        import torch
-        from torch import nn
-        from pytest_statedict.formats.registry import format_named
-        torch.manual_seed(0)
-        format_named("toyckpt").save({MODEL}.state_dict(), Path(sys.argv[1]))
-        """,
-        str(path),
-    )
-    assert written.returncode == 0, written.stderr
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    registered_formats.cache_clear()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            format_named("toyckpt").save(eval(MODEL).state_dict(), path)
+    finally:
+        sys.path.remove(str(site))
+        registered_formats.cache_clear()
+        sys.modules.pop("toyckpt", None)
     return path
 
 

@@ -4,8 +4,6 @@ its shape and ``nested`` as its layout, in a file, a state_dict and a live modul
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from torch import nn
 
 from pytest_statedict import Schema, StateDictMismatch, assert_state_dict_matches, schema_of
+from pytest_statedict.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 
@@ -24,15 +23,15 @@ def nested(*lengths: int) -> torch.Tensor:
         return torch.nested.nested_tensor([torch.arange(n, dtype=torch.float32) for n in lengths])
 
 
-def test_a_file_is_shown_with_its_nested_tensor(tmp_path: Path) -> None:
+def test_a_file_is_shown_with_its_nested_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "nested.pt"
     torch.save({"nt": nested(2, 3), "w": torch.zeros(1)}, path)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest_statedict", "show", str(path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("name") and "\nnt " in result.stdout
+    code = main(["show", str(path)])
+    shown = capsys.readouterr()
+    assert code == 0, shown.err
+    assert shown.out.startswith("name") and "\nnt " in shown.out
 
 
 def test_a_module_buffer_and_a_state_dict_read_alike() -> None:

@@ -94,7 +94,10 @@ def test_ctrl_c_deletes_no_snapshot(
     # the last test of a file is interrupted before its check: every test has reported
     pytester.makepyfile(test_b=checks(breaks="raise KeyboardInterrupt"))
     monkeypatch.setenv("STATEDICT_BREAK", "3")
-    result = pytester.runpytest_subprocess(*args, "--statedict-update")
+    if xdist:
+        result = pytester.runpytest_subprocess(*args, "--statedict-update")
+    else:  # in-process, pytester re-raises the run's KeyboardInterrupt unless told not to
+        result = pytester.runpytest_inprocess("--statedict-update", no_reraise_ctrlc=True)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert json_files(pytester.path / "__statedict__") == before
     match_lines(result, ["statedict: * passed; unused snapshots not checked: *interrupt*"])
@@ -397,16 +400,25 @@ def test_a_snapshot_under_its_0_1_0_name_is_read_then_moved(pytester: pytest.Pyt
 FAILING_OS = """
     import errno, os, pathlib
 
+    # the run's own process: patched for this run only, as each test's in-process run is
+    RESTORE = []
+
     def pytest_configure(config):
         what = os.environ.get("STATEDICT_OS_FAILS")
         if what == "unlink":
             def unlink(self, missing_ok=False):
                 raise OSError(errno.EROFS, "Read-only file system", str(self))
+            RESTORE.append((pathlib.Path, "unlink", pathlib.Path.unlink))
             pathlib.Path.unlink = unlink
         elif what == "fsync":
             def fsync(fd):
                 raise OSError(errno.ENOSPC, "No space left on device")
+            RESTORE.append((os, "fsync", os.fsync))
             os.fsync = fsync
+
+    def pytest_unconfigure(config):
+        for owner, name, original in RESTORE:
+            setattr(owner, name, original)
 """
 
 
@@ -418,7 +430,7 @@ def test_a_read_only_folder_fails_the_run_by_name(
     pytester.runpytest("--statedict-update").assert_outcomes(passed=2)
     pytester.makepyfile(test_a=checks(n=1))
     monkeypatch.setenv("STATEDICT_OS_FAILS", "unlink")
-    result = pytester.runpytest_subprocess("--statedict-update")
+    result = pytester.runpytest("--statedict-update")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     match_lines(
         result,
@@ -461,7 +473,7 @@ def test_a_full_disk_fails_the_test_by_name_and_keeps_the_old_file(
     before = old.read_text()
     pytester.makepyfile(test_a=checks(n=2).replace("n + 1", "n + 5"))
     monkeypatch.setenv("STATEDICT_OS_FAILS", "fsync")
-    result = pytester.runpytest_subprocess("--statedict-update")
+    result = pytester.runpytest("--statedict-update")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(failed=2)
     match_lines(

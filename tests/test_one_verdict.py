@@ -14,9 +14,7 @@ optimizer state resumes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -40,7 +38,6 @@ from pytest_statedict.releases import record_into
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-HERE = Path(__file__).parent
 MODEL_LINE = re.compile(r"an old checkpoint still loads with .*")
 OPTIMIZER_LINE = re.compile(r"an old optimizer state still loads with .*")
 
@@ -140,7 +137,8 @@ TABLE_TESTS = textwrap.dedent(
 @pytest.fixture(scope="module")
 def table(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The old and new artifacts of every row, and what the pytest surfaces said of them:
-    one run records the snapshots from the old files, one checks today's models."""
+    one run records the snapshots from the old files, one checks today's models (both in
+    this process: ``verdict_pairs`` is importable here, and their output is not judged)."""
     project = tmp_path_factory.mktemp("table")
     (project / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     (project / "test_table.py").write_text(TABLE_TESTS, encoding="utf-8")
@@ -151,24 +149,24 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         files[row] = (_save(row, "v1", folder), _save(row, "v2", folder))
         releases = project / "releases" / row
         record_into(releases, "v1", files[row][0], base=project, part=None)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    common = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "-q"]
-    record = subprocess.run(
-        [*common, "--statedict-update", "-k", "test_snapshot"],
-        cwd=project, env={**env, "TABLE_PHASE": "record"}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert record.returncode == 0, record.stdout + record.stderr
-    check = subprocess.run(
-        [*common, "--statedict-report=report.json", "-W", "error::UserWarning"],
-        cwd=project, env={**env, "TABLE_PHASE": "check"}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as inner:
+        inner.chdir(project)
+        inner.setattr(sys, "path", list(sys.path))
+        for phase, args, outcome in (
+            ("record", ["--statedict-update", "-k", "test_snapshot"], pytest.ExitCode.OK),
+            (
+                "check",
+                ["--statedict-report=report.json", "-W", "error::UserWarning"],
+                pytest.ExitCode.TESTS_FAILED,  # the rows that do not load
+            ),
+        ):
+            inner.setenv("TABLE_PHASE", phase)
+            inner.delitem(sys.modules, "test_table", raising=False)  # imported afresh
+            code = pytest.main(["-p", "no:randomly", "-p", "no:cacheprovider", "-q", *args])
+            assert code == outcome, phase
+    sys.modules.pop("test_table", None)
     report = json.loads((project / "report.json").read_text(encoding="utf-8"))
-    return {"files": files, "checks": report["checks"], "output": check.stdout}
+    return {"files": files, "checks": report["checks"]}
 
 
 def _lines(text: str) -> tuple[str | None, str | None]:

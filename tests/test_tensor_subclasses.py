@@ -4,16 +4,19 @@
 (``__tensor_flatten__``/``__tensor_unflatten__``) that implements almost no operator, so
 ``torch.empty_like`` fails on it and ``torch.load`` rebuilds it only through
 ``_rebuild_wrapper_subclass`` (which refuses a callable ``map_location``). The library
-case runs it as a package named ``torchao`` in a subprocess: importing it puts its class
-on torch's allowlist, as torchao does.
+case writes it as a package named ``torchao``: importing it puts its class on torch's
+allowlist, as torchao does.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import importlib
+import importlib.util
+import pathlib
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from pytest_statedict import assert_checkpoint_loads, schema_of
+from pytest_statedict.cli import main
 from pytest_statedict.errors import CheckpointError, StateDictMismatch
 
 SUBCLASS = textwrap.dedent(
@@ -127,76 +131,108 @@ def test_an_unknown_subclass_is_refused_by_name(checkpoint: Path) -> None:
 
 
 @pytest.fixture
-def library(tmp_path: Path) -> Path:
-    """A package named ``torchao`` holding the subclass, which allowlists it on import."""
+def library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A package named ``torchao`` holding the subclass, which allowlists it on import.
+
+    Each step below runs as in a fresh process (see :func:`as_if_fresh`): the package is
+    importable only inside :func:`installed`, and what importing it did is undone after.
+    """
     package = tmp_path / "site" / "torchao"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(
         SUBCLASS + "\ntorch.serialization.add_safe_globals([ScaledInt8])\n", encoding="utf-8"
     )
-    return package.parent
+    monkeypatch.delitem(sys.modules, "torchao", raising=False)
+    allowed = torch.serialization.get_safe_globals()
+    yield package.parent
+    as_if_fresh(allowed)
 
 
-def run(code: str, *paths: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), os.getcwd()])}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+def as_if_fresh(allowed: list[Any]) -> None:
+    """Undo what importing the package did: its module, and its class on the allowlist."""
+    sys.modules.pop("torchao", None)
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(allowed)
 
 
-SAVE = """
-import torch
-from torch import nn
-from torchao import quantize
-model = nn.Sequential(quantize(nn.Linear(6, 4)), nn.Linear(4, 2))
-torch.save(model.state_dict(), {path!r})
-"""
+@contextmanager
+def installed(site: Path) -> Iterator[None]:
+    """The package importable, as where the library is installed; then a fresh process."""
+    allowed = torch.serialization.get_safe_globals()
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path.remove(str(site))
+        as_if_fresh(allowed)
+
+
+def save_quantized(path: Path, site: Path) -> None:
+    with installed(site):
+        from torchao import quantize as library_quantize  # type: ignore[import-not-found]
+
+        model = nn.Sequential(library_quantize(nn.Linear(6, 4)), nn.Linear(4, 2))
+        torch.save(model.state_dict(), path)
+
+
+def show(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["show", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def test_a_library_subclass_is_read_when_the_library_is_importable(
-    tmp_path: Path, library: Path
+    tmp_path: Path, library: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "ao.pt"
-    saved = run(SAVE.format(path=str(path)), library)
-    assert saved.returncode == 0, saved.stderr
-    show = "from pytest_statedict.cli import main; raise SystemExit(main(['show', {!r}]))"
-    shown = run(show.format(str(path)), library)  # nothing imports torchao but the reader
-    assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.splitlines()[2].split() == ["0.weight", "4x6", "float32", "tensor", "24"]
-    gate = (
-        "import torch; from torch import nn; from torchao import quantize\n"
-        "from pytest_statedict import assert_checkpoint_loads\n"
-        "model = nn.Sequential(quantize(nn.Linear(6, 4)), nn.Linear(4, 2))\n"
-        f"assert_checkpoint_loads(model, {str(path)!r})\n"
-    )
-    gated = run(gate, library)
-    assert gated.returncode == 0, gated.stderr
+    save_quantized(path, library)
+    with installed(library):
+        assert "torchao" not in sys.modules  # nothing imports torchao but the reader
+        code, out, err = show(path, capsys)
+        assert "torchao" in sys.modules
+    assert code == 0, err
+    assert out.splitlines()[2].split() == ["0.weight", "4x6", "float32", "tensor", "24"]
+    with installed(library):
+        from torchao import quantize as library_quantize
 
-    missing = run(show.format(str(path)))  # the library is not installed here
-    assert missing.returncode == 2
+        model = nn.Sequential(library_quantize(nn.Linear(6, 4)), nn.Linear(4, 2))
+        assert_checkpoint_loads(model, path)
+
+    assert importlib.util.find_spec("torchao") is None  # the library is not installed here
+    code, _, err = show(path, capsys)
+    assert code == 2
     assert (
         "it holds tensors of torchao (torchao.ScaledInt8), which is not installed here: it "
         "needs torchao to be read (`pip install torchao`)"
-    ) in missing.stderr
+    ) in err
 
 
-def test_a_library_is_named_without_running_the_pickle(tmp_path: Path, library: Path) -> None:
+class Payload:
+    """Touches a file when unpickled: the pickle holds ``pathlib.Path.touch(marker)``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (pathlib.Path.touch, (str(self.marker),))
+
+
+def test_a_library_is_named_without_running_the_pickle(
+    tmp_path: Path, library: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The file is never unpickled to find its library: a payload beside it stays unrun."""
     path = tmp_path / "ao.pt"
-    assert run(SAVE.format(path=str(path)), library).returncode == 0
+    save_quantized(path, library)
     marker = tmp_path / "ran"
-    hostile = (
-        "import torch, pathlib\n"
-        "class Payload:\n"
-        f"    def __reduce__(self): return (pathlib.Path.touch, ({str(marker)!r},))\n"
-        f"state = torch.load({str(path)!r}, weights_only=False)\n"
-        "state['payload'] = Payload()\n"
-        f"torch.save(state, {str(path)!r})\n"
-    )
-    assert run(hostile, library).returncode == 0
-    show = f"from pytest_statedict.cli import main; raise SystemExit(main(['show', {str(path)!r}]))"
-    refused = run(show)
-    assert refused.returncode == 2 and "needs torchao" in refused.stderr
-    refused = run(show, library)
-    assert refused.returncode == 2 and "arbitrary code to unpickle" in refused.stderr
+    with installed(library):
+        state = torch.load(path, weights_only=False)
+        state["payload"] = Payload(marker)
+        torch.save(state, path)
+    code, _, err = show(path, capsys)
+    assert code == 2 and "needs torchao" in err
+    with installed(library):
+        code, _, err = show(path, capsys)
+    assert code == 2 and "arbitrary code to unpickle" in err
     assert not marker.exists()
