@@ -100,16 +100,13 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_shape(shape: Any) -> bool:
-    """A list of at most :data:`MAX_DIMS` ints (not bools) in ``[0, MAX_DIM]``: checked by
-    builtins, not an element at a time (a snapshot has a shape a line)."""
-    return type(shape) is list and len(shape) <= MAX_DIMS and (not shape or _all_dims(shape))
-
-
-def _all_dims(shape: list[Any]) -> bool:
-    return {*map(type, shape)} == _INT and 0 <= min(shape) <= max(shape) <= MAX_DIM
-
-
-_INT = {int}
+    """A list of at most :data:`MAX_DIMS` ints (``type(d) is int``: no bools) in
+    ``[0, MAX_DIM]``."""
+    return (
+        type(shape) is list
+        and len(shape) <= MAX_DIMS
+        and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+    )
 
 
 _shape_texts: dict[tuple[int, ...], str] = {}
