@@ -148,7 +148,7 @@ REFUSALS = {
     "empty-records.pt": "a checkpoint with 3 records that hold data",
     "refused-early.pt": "Unsupported operand 140",
     "sizes-dcp": "its .metadata: unpickling it would cost more than its budget",
-    "many-tensors.json": "300,000 tensor entries, more than 262,144",
+    "many-tensors.json": "300,000 tensor entries, more than 131,072",
     "expanded.pt": "would copy 1,073,741,824 bytes out of the 4 it holds",
 }
 

@@ -35,9 +35,11 @@ DCP_METADATA_COST = 256 << 20
 # refused pickle names are near its start (where torch stopped), and reading them all would
 # take ~0.2 s a million opcodes of a pickle of up to MAX_PICKLE_BYTES.
 MAX_SCANNED_OPS = 1 << 20
-# Tensors in a statedict snapshot: each costs ~1 kB parsed and validated (~20 us), so
-# 256k is ~0.3 GB and ~6 s; a model with its optimizer state has far fewer lines.
-MAX_SNAPSHOT_TENSORS = 1 << 18
+# Tensor entries in a statedict snapshot, counted before it is parsed: each costs ~1.3 kB
+# and ~15 us to parse and validate, and a failing gate's verdict ~0.15 ms (rename pairing
+# most of it), so 128k are ~0.2 GB and ~2 s to `show`, ~20 s to a gate. Real models have
+# far fewer (the largest mixture-of-experts checkpoints: ~90k).
+MAX_SNAPSHOT_TENSORS = 1 << 17
 # Records in a torch.save zip archive (one per storage, plus a few), and the bytes of its
 # central directory (read whole by zipfile).
 MAX_RECORDS = 1 << 20

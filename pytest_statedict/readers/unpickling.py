@@ -242,9 +242,9 @@ class _AllowlistUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         for code, handler in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
     }
 
-    def __init__(self, file: Any) -> None:
+    def __init__(self, file: Any, budget: Budget | None = None) -> None:
         super().__init__(file)
-        self.budget = Budget(DCP_METADATA_COST)
+        self.budget = Budget(DCP_METADATA_COST) if budget is None else budget
 
     def find_class(self, module: str, name: str) -> Any:
         found = _dcp_objects().get((module, name)) if "." not in name else None
@@ -262,10 +262,11 @@ def _instance_types() -> frozenset[type]:
     return frozenset(found for found in _dcp_objects().values() if isinstance(found, type))
 
 
-def unpickle_dcp_metadata(data: bytes, path: Path) -> Any:
-    """A DCP ``.metadata`` pickle, unpickled with the allowlist (a bounded byte string)."""
+def unpickle_dcp_metadata(data: bytes, path: Path, budget: Budget | None = None) -> Any:
+    """A DCP ``.metadata`` pickle, unpickled with the allowlist (a bounded byte string),
+    within ``budget`` (by default, one of :data:`~.limits.DCP_METADATA_COST`)."""
     try:
-        return _AllowlistUnpickler(io.BytesIO(data)).load()
+        return _AllowlistUnpickler(io.BytesIO(data), budget).load()
     except OverBudget as exc:
         raise CheckpointError(path, f"its .metadata: {exc.problem()}") from None
     except Exception as exc:  # a hostile stream may fail in any way the unpickler can
@@ -624,10 +625,12 @@ class _WeightsOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined,mis
     _file_read: Callable[[int], bytes]
     _file_readline: Callable[[], bytes]
 
-    def __init__(self, file: Any, persistent_load: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, file: Any, persistent_load: Callable[[Any], Any], budget: Budget | None = None
+    ) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage = persistent_load
-        self.budget = Budget(PICKLE_COST_BASE)
+        self.budget = Budget(PICKLE_COST_BASE) if budget is None else budget
         self.keys: set[str] = set()  # of the storages that raised the budget
 
     def load(self) -> Any:
@@ -665,15 +668,19 @@ class _WeightsOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined,mis
         return self._storage(pid)
 
 
-def unpickle_torch_records(data: bytes, path: Path, persistent_load: Callable[[Any], Any]) -> Any:
+def unpickle_torch_records(
+    data: bytes, path: Path, persistent_load: Callable[[Any], Any], budget: Budget | None = None
+) -> Any:
     """A ``torch.save`` pickle (a bounded byte string), read as torch's weights-only
     loader would read it, with ``records`` for tensors, storages and torch values.
 
     ``persistent_load`` makes a :class:`records.Storage` of a storage's persistent id.
+    ``budget``: what it may cost, where several pickles share one (a DCP folder's non-tensor
+    entries); a budget of :data:`~.limits.PICKLE_COST_BASE` of its own by default.
     Raises :class:`records.NeedsTorch` where the records cannot stand for what torch makes.
     """
     try:
-        return _WeightsOnlyUnpickler(io.BytesIO(data), persistent_load).load()
+        return _WeightsOnlyUnpickler(io.BytesIO(data), persistent_load, budget).load()
     except (records.NeedsTorch, StateDictError):
         raise
     except OverBudget as exc:
