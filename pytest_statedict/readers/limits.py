@@ -24,13 +24,15 @@ PICKLE_BYTES_PER_RECORD = 16 << 10
 # ``Counter(s)``, ``torch.Size(b)``, a rebuild function...) and each BUILD what it allocates
 # and iterates, charged *before* it runs, and a memo'd argument at every use. One budget a
 # pickle: a torch.save ``data.pkl`` gets a fixed allowance plus one per storage of at least
-# one byte it refers to (an empty record raises nothing); a real one spends ~2-3 kB a
-# tensor. A DCP .metadata gets one fixed allowance (a real one spends ~5 kB a tensor).
-# Spent, the pickle is refused: at most ~0.4 GB and ~3 s (measured by
-# tests/test_hostile_cost.py) beside what its storages' allowances add.
+# one byte it refers to (an empty record raises nothing); a real one spends ~2.3 kB a
+# tensor. A DCP .metadata gets one fixed allowance (a real one spends ~11 kB an entry, so
+# ~48k entries fit); a DCP folder's non-tensor entries share one base allowance.
+# Spent, the pickle is refused: each hostile file of tests/test_hostile_cost.py adds at most
+# ~60 MiB to the peak memory of the process and ~0.3 s of CPU (asserted under 160 MiB and
+# 3 s), beside what its storages' allowances add (16 kB each).
 PICKLE_COST_BASE = 64 << 20
 PICKLE_COST_PER_STORAGE = 16 << 10
-DCP_METADATA_COST = 256 << 20
+DCP_METADATA_COST = 512 << 20
 # Opcodes the refusal explainer and the library scan read of a pickle: the globals a
 # refused pickle names are near its start (where torch stopped), and reading them all would
 # take ~0.2 s a million opcodes of a pickle of up to MAX_PICKLE_BYTES.
