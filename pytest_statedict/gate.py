@@ -281,11 +281,7 @@ def _load_failure(
     ignored = [  # by matches_any again: `k not in missing` was quadratic (20k keys, 14 s)
         *(f"{k} (missing)" for k in all_missing if matches_any(k, ignore)),
         *(f"{k} (unexpected)" for k in loaded.unexpected if matches_any(k, ignore)),
-        *(
-            f"{k}: checkpoint {c}, model {m}"
-            for k, c, m in loaded.shapes
-            if matches_any(k, ignore)
-        ),
+        *(f"{k}: checkpoint {c}, model {m}" for k, c, m in loaded.shapes if matches_any(k, ignore)),
     ]
     lines = ["  " + model_verdict_line(diff.model_verdict, diff)]
     lines.extend(f"  {note}" for note in loaded.notes)
