@@ -189,3 +189,18 @@ def test_a_hostile_file_costs_at_most_the_promised_memory_and_time(
     assert result["mib"] < MAX_MIB, result
     assert result["cpu"] < MAX_SECONDS, result
     assert result["s"] < 4 * MAX_SECONDS, result
+
+
+def test_the_check_before_torch_load_goes_past_what_records_cannot_stand_for(
+    tmp_path: Path,
+) -> None:
+    """torch's unpickler charges nothing: the check before it must see every call, also
+    after a name only torch can build (here a Parameter made by NEWOBJ)."""
+    from pytest_statedict import schema_of
+    from pytest_statedict.errors import CheckpointError
+
+    bomb = b"cbuiltins\nbytearray\nJ" + struct.pack("<i", 100 << 20) + b"\x85R"
+    data_pkl = b"\x80\x02]q\x00(ctorch.nn.parameter\nParameter\n)\x81" + bomb + b"e."
+    path = torch_archive(tmp_path / "after-a-parameter.pt", data_pkl)
+    with pytest.raises(CheckpointError, match="more than its budget of 67,108,864 bytes"):
+        schema_of(path)

@@ -713,6 +713,10 @@ def _check_global(unpickler: Any) -> None:
 
 
 def _check_newobj(unpickler: Any) -> None:
+    stack = unpickler.stack
+    if stack[-2] is _OPAQUE:  # a class torch may allow: its instance stands where it stood
+        _charge_call(unpickler, _OPAQUE, stack.pop())
+        return
     try:
         _torch_newobj(unpickler)
     except records.NeedsTorch:  # NEWOBJ of a name torch may allow (or of a stand-in)
