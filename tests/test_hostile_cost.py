@@ -39,13 +39,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torch_archive(path: Path, data_pkl: bytes, records: int = 0) -> Path:
-    """A torch.save-shaped archive around ``data_pkl``, with ``records`` empty storages."""
+def torch_archive(path: Path, data_pkl: bytes, records: int = 0, fill: bytes = b"") -> Path:
+    """A torch.save-shaped archive around ``data_pkl``, with ``records`` storages of
+    ``fill`` each."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", data_pkl)
         z.writestr("archive/byteorder", "little")
         for i in range(records):
-            z.writestr(f"archive/data/{i}", b"")
+            z.writestr(f"archive/data/{i}", fill)
         z.writestr("archive/version", "3\n")
     return path
 
@@ -65,20 +66,21 @@ def hostile_files(folder: Path) -> dict[str, Path]:
             folder / "bytearrays.pt",
             calls(b"builtins\nbytearray", b"J" + struct.pack("<i", 48 << 20), 8),
         ),
-        # 1 MiB of string counted 40 times (~0.1 s each)
+        # 1 MiB of string counted 150 times (~0.03 s each)
         "counters.pt": torch_archive(
             folder / "counters.pt",
-            calls(b"collections\nCounter", b"X" + struct.pack("<I", MIB) + b"a" * MIB, 40),
+            calls(b"collections\nCounter", b"X" + struct.pack("<I", MIB) + b"a" * MIB, 150),
         ),
         # 8 MiB of empty lists (1 byte each, ~64 bytes of memory), in the base allowance
         "empty-lists.pt": torch_archive(folder / "empty-lists.pt", b"\x80\x02" + b"]" * (8 << 20)),
-        # 3 MiB of empty lists that 16,384 empty records used to make room for
+        # 24 MiB of empty lists that 16,384 empty records used to make room for
         "empty-records.pt": torch_archive(
             folder / "empty-records.pt", b"\x80\x02" + b"]" * (24 << 20) + b".", 16384
         ),
-        # refused at its third byte (an opcode torch does not run), then 8M opcodes
+        # refused at its third byte (an opcode torch does not run), then 32M opcodes that
+        # 2,000 one-byte records make room for
         "refused-early.pt": torch_archive(
-            folder / "refused-early.pt", b"\x80\x02\x8c\x01a" + b"N" * (8 << 20) + b"."
+            folder / "refused-early.pt", b"\x80\x02\x8c\x01a" + b"N" * (32 << 20) + b".", 2000, b"x"
         ),
         # 300,000 one-line tensors: past the limit of a snapshot
         "many-tensors.json": folder / "many-tensors.json",
