@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedObjectError
+from .readers.limits import MAX_VIEW_COPY_BYTES
 from .schema_entries import Fingerprint
 
 __all__ = [
@@ -273,6 +274,26 @@ def _require_values(tensor: torch.Tensor, key: str) -> None:
         raise UnsupportedObjectError(
             f"{key!r} is on the meta device and has no values: values=True needs real tensors"
         )
+    copied = tensor.numel() * tensor.element_size()
+    if copied > MAX_VIEW_COPY_BYTES and _is_plain_view(tensor):
+        held = tensor.untyped_storage().nbytes()
+        if copied > held:
+            raise UnsupportedObjectError(
+                f"{key!r} is a view that repeats its storage (a stride of 0, as "
+                f"`expand` makes): hashing its values would copy {copied:,} bytes out of the "
+                f"{held:,} it holds, more than the {MAX_VIEW_COPY_BYTES:,} a fingerprint "
+                "copies; store the tensor it expands, or take this schema without values"
+            )
+
+
+def _is_plain_view(t: torch.Tensor) -> bool:
+    """A dense CPU or GPU tensor of torch's own, whose elements lie in one storage."""
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.layout == torch.strided
+        and not t.is_nested
+        and not t.is_quantized
+    )
 
 
 def _hashable_in_place(t: torch.Tensor) -> bool:

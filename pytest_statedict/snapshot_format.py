@@ -16,7 +16,13 @@ from json.encoder import encode_basestring_ascii
 from typing import Any, Protocol
 
 from .errors import SnapshotError, StaleSnapshotError, hide_from_bad_input
-from .readers.limits import MAX_DIM, MAX_DIMS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
+from .readers.limits import (
+    MAX_DIM,
+    MAX_DIMS,
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    MAX_SNAPSHOT_TENSORS,
+)
 from .schema_entries import (
     DTYPE_ITEMSIZE,
     KINDS,
@@ -64,20 +70,23 @@ def json_containers(raw: bytes | str) -> int:
 
 
 def json_depth(data: Any) -> int:
-    """How deep lists and dicts nest in parsed JSON (counted without recursion, and only
-    to just past :data:`MAX_JSON_DEPTH`, beyond which nothing is accepted anyway)."""
-    deepest = 0
-    stack = [(data, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, depth)
-        if depth <= MAX_JSON_DEPTH:
-            stack.extend((child, depth + 1) for child in item)
-    return deepest
+    """How deep lists and dicts nest in parsed JSON (counted level by level without
+    recursion, only the containers of each level kept, and only to just past
+    :data:`MAX_JSON_DEPTH`, beyond which nothing is accepted anyway)."""
+    depth = 0
+    level = [data] if type(data) in _CONTAINERS else []
+    while level and depth <= MAX_JSON_DEPTH:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if type(item) is dict else item)
+            if type(child) in _CONTAINERS
+        ]
+    return depth
+
+
+_CONTAINERS = (list, dict)  # what json.loads builds that holds more
 
 
 def _is_module_version(x: Any) -> bool:
@@ -91,10 +100,12 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_shape(shape: Any) -> bool:
+    """A list of at most :data:`MAX_DIMS` ints (``type(d) is int``: no bools) in
+    ``[0, MAX_DIM]``."""
     return (
-        isinstance(shape, list)
+        type(shape) is list
         and len(shape) <= MAX_DIMS
-        and all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
+        and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
     )
 
 
@@ -332,14 +343,14 @@ class _SnapshotParser:
     def __init__(self, text: str, path: str) -> None:
         self.text = text
         self.path = path
-        self.lines = text.splitlines()
 
     def fail(self, problem: str, needle: str | None = None) -> SnapshotError:
         return SnapshotError(self.path, problem, self.line_of(needle) if needle else None)
 
     def line_of(self, needle: str) -> int | None:
         quoted = json.dumps(needle, ensure_ascii=True)
-        for number, line in enumerate(self.lines, 1):
+        # split only to name a problem's line: a string a line is ~60 bytes more a tensor
+        for number, line in enumerate(self.text.splitlines(), 1):
             if quoted in line:
                 return number
         return None
@@ -375,11 +386,11 @@ class _SnapshotParser:
 
     def _no_duplicates(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         """``json.loads``'s object hook: a field twice in one object is an error, not the last."""
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise self.fail(f"duplicated field {key!r} in one object", key)
-            seen[key] = value
+        seen = dict(pairs)
+        if len(seen) < len(pairs):
+            names = [key for key, _ in pairs]
+            twice = next(key for i, key in enumerate(names) if key in names[:i])
+            raise self.fail(f"duplicated field {twice!r} in one object", twice)
         return seen
 
     def _load_json(self) -> Any:
@@ -391,6 +402,13 @@ class _SnapshotParser:
         if containers > MAX_JSON_CONTAINERS:
             raise self.fail(
                 f"{containers:,} JSON arrays and objects, more than {MAX_JSON_CONTAINERS:,}"
+            )
+        # each tensor's line has one "key" (a "key" inside a string is escaped: \"key\")
+        entries = self.text.count('"key"')
+        if entries > MAX_SNAPSHOT_TENSORS:
+            raise self.fail(
+                f"{entries:,} tensor entries, more than {MAX_SNAPSHOT_TENSORS:,} (a snapshot of "
+                "a model and its optimizer state has far fewer)"
             )
         try:
             data = json.loads(self.text, object_pairs_hook=self._no_duplicates)
@@ -461,9 +479,9 @@ class _SnapshotParser:
             )
         if kind == "object":
             return self._object_entry(item, key)
-        unknown = set(item) - _TENSOR_FIELDS
-        if unknown:
-            raise self.fail(f"{key!r}: unknown field {sorted(unknown)[0]!r}", key)
+        if not item.keys() <= _TENSOR_FIELDS:
+            unknown = sorted(set(item) - _TENSOR_FIELDS)[0]
+            raise self.fail(f"{key!r}: unknown field {unknown!r}", key)
         for name in ("shape", "dtype"):
             if name not in item:
                 raise self.fail(f'{key!r}: no "{name}" field', key)

@@ -14,9 +14,11 @@ import contextlib
 import functools
 import json
 import pickle
+import re
 import resource
 import struct
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -25,13 +27,18 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 from torch import nn
 
 from pytest_statedict import StateDictError, schema_of
 from pytest_statedict.readers import dcp_folder, hf_index, safetensors_file, snapshot_file
-from pytest_statedict.readers.unpickling import unpickle_dcp_metadata
+from pytest_statedict.readers.records import NeedsTorch
+from pytest_statedict.readers.unpickling import (
+    Budget,
+    unpickle_dcp_metadata,
+    unpickle_torch_records,
+)
 
 MAX_GROWTH = 300 << 20  # bytes of peak RSS a fuzz test may add
 
@@ -325,6 +332,97 @@ def test_snapshot_json_mutations(data: st.DataObject) -> None:
 def test_snapshot_text_mutations(edits: list[tuple[str, float, bytes]]) -> None:
     path = write("fuzz-text.json", mutate(real("snapshot.json"), edits))
     read_only_ours(lambda: schema_of(path))
+
+
+# ---- what a pickle costs -------------------------------------------------------------------
+
+# The budget each example gets (a quarter of a real pickle's base, so examples stay fast),
+# and what one may add to the peak resident set and take of CPU time: the budget's worth of
+# objects and Python's own; ~0.1 s of work, with the margin of a shared runner whose CPU
+# time stretches 10x (unbounded, 300 Counters of 1 MiB took 20 s).
+EXAMPLE_BUDGET = 16 << 20
+EXAMPLE_MAX_MIB = 64
+EXAMPLE_MAX_SECONDS = 5.0
+
+# Allowed callables that allocate or iterate by their argument, and arguments that ask much
+# of them for few bytes.
+AMPLIFYING = [
+    b"builtins\nbytearray", b"collections\nCounter", b"builtins\nset", b"torch\nSize",
+    b"collections\nOrderedDict", b"_codecs\nencode", b"builtins\ncomplex",
+    b"torch.distributed.checkpoint.metadata\nChunkStorageMetadata",
+]  # fmt: skip
+# ... those of them DCP metadata may hold
+DCP_AMPLIFYING = [b"torch\nSize", b"collections\nOrderedDict"]
+ARGUMENTS = st.one_of(
+    st.integers(0, 2**31 - 1).map(lambda n: b"J" + struct.pack("<i", n)),  # BININT
+    st.integers(0, 1 << 20).map(lambda n: b"X" + struct.pack("<I", n) + b"a" * n),  # str
+    st.integers(0, 1 << 20).map(lambda n: b"B" + struct.pack("<I", n) + b"\x01" * n),  # bytes
+    st.integers(0, 1 << 16).map(lambda n: b"(" + b"K\x01" * n + b"l"),  # a list of ints
+)
+
+
+@st.composite
+def amplifying_pickles(draw: st.DrawFn, callables: list[bytes] = AMPLIFYING) -> bytes:
+    """A list of calls of amplifying callables, each argument memo'd once and passed again
+    (``h`` BINGET) up to hundreds of times, between runs of empty containers."""
+    out = b"\x80\x03]q\x00("
+    for i in range(draw(st.integers(1, 3))):
+        memo = bytes([2 * i + 1]), bytes([2 * i + 2])
+        out += b"c" + draw(st.sampled_from(callables)) + b"\nq" + memo[0]
+        out += draw(ARGUMENTS) + b"\x85q" + memo[1] + b"R"
+        out += (b"h" + memo[0] + b"h" + memo[1] + b"R") * draw(st.integers(0, 300))
+        out += draw(st.sampled_from([b"]", b"}", b"\x8f", b"(t"])) * draw(st.integers(0, 1 << 16))
+    return out + b"e."
+
+
+@contextlib.contextmanager
+def peak_and_time(spent: Callable[[], int]) -> Iterator[None]:
+    """Assert what the body added to the peak resident set (reset first, through
+    /proc/self/clear_refs) and its CPU time, and steer hypothesis towards the costliest."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before, start = resident_mib("VmRSS"), time.process_time()
+    yield
+    grown, seconds = resident_mib("VmHWM") - before, time.process_time() - start
+    target(float(spent()), label="budget spent")
+    target(grown, label="peak MiB added")
+    target(seconds, label="CPU seconds")
+    assert grown < EXAMPLE_MAX_MIB, f"{grown:.0f} MiB"
+    assert seconds < EXAMPLE_MAX_SECONDS, f"{seconds:.2f} s"
+
+
+def resident_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) / 1024  # type: ignore[union-attr]
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through /proc"
+)
+
+
+@needs_proc
+@fuzz(40)
+@given(amplifying_pickles() | PICKLE_OPCODES)
+def test_a_pickle_costs_at_most_its_budget(data: bytes) -> None:
+    """The records reader (``statedict show``, and the check before torch.load): the file
+    refused, or handed to torch (NeedsTorch), within the budget."""
+    budget = Budget(EXAMPLE_BUDGET)
+    with peak_and_time(lambda: budget.allowed - budget.left), contextlib.suppress(NeedsTorch):
+        read_only_ours(lambda: unpickle_torch_records(data, folder() / "x.pt", no_storage, budget))
+
+
+@needs_proc
+@fuzz(40)
+@given(amplifying_pickles(DCP_AMPLIFYING) | PICKLE_OPCODES)
+def test_dcp_metadata_costs_at_most_its_budget(data: bytes) -> None:
+    budget = Budget(EXAMPLE_BUDGET)
+    with peak_and_time(lambda: budget.allowed - budget.left):
+        read_only_ours(lambda: unpickle_dcp_metadata(data, folder() / "dcp", budget))
+
+
+def no_storage(pid: object) -> object:
+    raise StateDictError("no storages here")
 
 
 def test_the_fuzz_corpus_is_real() -> None:

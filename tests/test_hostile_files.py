@@ -789,9 +789,9 @@ def test_a_metadata_pickle_has_an_operation_budget(
 ) -> None:
     from pytest_statedict.readers import unpickling
 
-    monkeypatch.setattr(unpickling, "MAX_PICKLE_OPS", 1000)
+    monkeypatch.setattr(unpickling, "DCP_METADATA_COST", 100_000)
     folder = dcp_folder(tmp_path, "lists", b"\x80\x02(" + b"]" * 2000 + b".")
-    with pytest.raises(CheckpointError, match="more than 1,000 pickle operations"):
+    with pytest.raises(CheckpointError, match="more than its budget of 100,000 bytes"):
         schema_of(folder)
 
 

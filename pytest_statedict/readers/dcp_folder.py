@@ -32,8 +32,15 @@ from typing import Any, NamedTuple, TypeGuard
 from ..errors import CheckpointError, hide_from_bad_input
 from . import records
 from .files import open_regular, read_bounded, require_regular_file
-from .limits import MAX_DIM, MAX_DIMS, MAX_PICKLE_BYTES, PICKLE_BYTES_BASE, PICKLE_BYTES_PER_RECORD
-from .unpickling import unpickle_dcp_metadata, unpickle_torch_records
+from .limits import (
+    MAX_DIM,
+    MAX_DIMS,
+    MAX_PICKLE_BYTES,
+    PICKLE_BYTES_BASE,
+    PICKLE_BYTES_PER_RECORD,
+    PICKLE_COST_BASE,
+)
+from .unpickling import Budget, unpickle_dcp_metadata, unpickle_torch_records
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -151,6 +158,7 @@ def _pickled_values(folder: Path, metadata: Any, keys: list[str], entries: int) 
         if isinstance(fqn, str) and fqn in wanted:
             where[fqn] = info
     budget = min(MAX_PICKLE_BYTES, PICKLE_BYTES_BASE + PICKLE_BYTES_PER_RECORD * entries)
+    cost = Budget(PICKLE_COST_BASE)  # all of them together: each kept, none may spend it all
     values = {}
     for key in keys:
         info = where.get(key)
@@ -171,7 +179,7 @@ def _pickled_values(folder: Path, metadata: Any, keys: list[str], entries: int) 
             raise CheckpointError(
                 folder, "its non-tensor entries claim more bytes than a checkpoint's values need"
             )
-        values[key] = _value(folder / file, key, offset, length, info)
+        values[key] = _value(folder / file, key, offset, length, info, cost)
     return values
 
 
@@ -179,7 +187,7 @@ def _pickled_values(folder: Path, metadata: Any, keys: list[str], entries: int) 
 _WHERE = ("relative_path", "offset", "length")
 
 
-def _value(path: Path, key: str, offset: int, length: int, info: Any) -> Any:
+def _value(path: Path, key: str, offset: int, length: int, info: Any, cost: Budget) -> Any:
     """One non-tensor entry: what its ``torch.save`` archive holds, or its raw bytes where
     torch's weights-only rules refuse it or only torch can read it."""
     size = require_regular_file(path, what="DCP data file").st_size
@@ -207,7 +215,7 @@ def _value(path: Path, key: str, offset: int, length: int, info: Any) -> Any:
         raise records.NeedsTorch("a tensor inside a non-tensor entry")
 
     try:
-        return unpickle_torch_records(data, path, no_storage)
+        return unpickle_torch_records(data, path, no_storage, cost)
     except (records.NeedsTorch, CheckpointError):
         return blob
 

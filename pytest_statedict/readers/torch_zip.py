@@ -49,7 +49,7 @@ from .limits import (
     PICKLE_BYTES_PER_RECORD,
 )
 from .tensor_libraries import import_named_libraries, named_libraries
-from .unpickling import pickle_globals, torch_load, unpickle_torch_records
+from .unpickling import check_cost, pickle_globals, torch_load, unpickle_torch_records
 
 # pytest leaves this module's frames out of bad-input errors (see hide_from_bad_input)
 __tracebackhide__ = hide_from_bad_input
@@ -112,13 +112,16 @@ def _checked_records(path: Path, size: int) -> tuple[zipfile.ZipInfo, list[zipfi
                 raise CheckpointError(
                     path, f"record {record.filename[:100]!r} {problem}: not written by torch.save"
                 )
-    allowed = min(MAX_PICKLE_BYTES, PICKLE_BYTES_BASE + PICKLE_BYTES_PER_RECORD * len(records))
+    # an empty record (an empty tensor's storage) raises nothing: 16k of them cost 2 MB of
+    # file and would allow 256 MB of pickle
+    holding = sum(1 for r in records if r.file_size)
+    allowed = min(MAX_PICKLE_BYTES, PICKLE_BYTES_BASE + PICKLE_BYTES_PER_RECORD * holding)
     if data_pkl.file_size > allowed:
         raise CheckpointError(
             path,
             f"its data.pkl claims {data_pkl.file_size:,} bytes, more than the pickle of a "
-            f"checkpoint with {len(records):,} records may have ({allowed:,}): it holds far "
-            "more than tensors",
+            f"checkpoint with {holding:,} records that hold data may have ({allowed:,}): it "
+            "holds far more than tensors",
         )
     return data_pkl, records, as_miniz
 
@@ -228,7 +231,7 @@ def load(
     path: Path, size: int, *, map_location: Any, weights_only: bool, mmap: bool
 ) -> tuple[Any, set[str]]:
     """The object a checked archive holds, memory-mapped; and its storages' saved locations."""
-    data_pkl = check_archive(path, size)
+    data_pkl, infos, _ = _checked_records(path, size)
 
     try:
         with zipfile.ZipFile(path) as archive:
@@ -237,7 +240,11 @@ def load(
         pickled = b""  # torch.load says what is wrong with it
     # its tensor subclasses' library (torchao), which torch needs imported to rebuild them
     import_named_libraries(path, pickled)
-    if not weights_only:
+    if weights_only:  # torch's unpickler has no budget: the pickle is charged here first
+        folder = data_pkl.filename.removesuffix("data.pkl") + "data/"
+        sizes = {info.filename.removeprefix(folder): info.file_size for info in infos}
+        check_cost(pickled, path, lambda key: sizes.get(key, 0))
+    else:
         _require_importable(path, pickled)
     return torch_load(
         path,
