@@ -4,7 +4,7 @@ One row per (framework, operation), parametrized as ``framework_row`` so that co
 prints the table (``--frameworks-table=PATH`` writes it as Markdown, with what each
 framework's own resume did). Each framework (``frameworks.py``) trains a tiny model for a
 few steps on the CPU and writes its real artifact, once per worker; its rows then go
-through ``statedict show`` (the command, in a subprocess), ``statedict record``,
+through ``statedict show`` (the command, in a fresh process), ``statedict record``,
 ``assert_checkpoint_loads`` and the release gate (``statedict_releases``' ReleaseGate, fed
 the release that ``statedict record`` wrote):
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import os
 import re
 import subprocess
@@ -119,19 +120,43 @@ def subject_of(name: str, tmp_path_factory: pytest.TempPathFactory) -> Subject:
     return SUBJECTS[name]
 
 
-def statedict(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The ``statedict`` command as a user runs it (this folder importable: the whole
-    pickled model's class is ``frameworks.Net``)."""
+# Runs each command line through the command's ``main`` in turn, each with its own output
+# and exit code: one process, one interpreter start and one import of what the file needs
+# (torchao's import alone is 6 s of CPU), however many commands a row runs.
+COMMANDS = """
+import contextlib, io, json, sys
+from pytest_statedict.cli import main
+runs = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exit:
+            code = exit.code
+    runs.append([code, out.getvalue(), err.getvalue()])
+sys.stdout.write(json.dumps(runs))
+"""
+
+
+def statedict(*commands: list[str], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """The ``statedict`` command lines as a user runs them, in one fresh process (this
+    folder importable: the whole pickled model's class is ``frameworks.Net``)."""
     paths = [str(HERE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_statedict", *args],
+    done = subprocess.run(
+        [sys.executable, "-c", COMMANDS, json.dumps(commands)],
         capture_output=True,
         text=True,
         cwd=cwd,
         env=env,
         timeout=300,
     )
+    assert done.returncode == 0, done.stderr
+    return [
+        subprocess.CompletedProcess(["statedict", *args], code, out, err)
+        for args, (code, out, err) in zip(commands, json.loads(done.stdout), strict=True)
+    ]
 
 
 def test_framework(
@@ -219,11 +244,14 @@ def requires_optimizer(s: Subject) -> None:
 def op_show(s: Subject) -> None:
     """``statedict show``: the framework named, its parts listed, the model's keys only."""
     flags = s.framework.cli_flags
-    if flags:
-        refused = statedict("show", str(s.path), cwd=s.artifact.work)
-        assert refused.returncode == 2, f"show without {flags[0]}: exit {refused.returncode}"
-        assert flags[0] in refused.stderr, f"the refusal names no {flags[0]}: {refused.stderr}"
-    shown = statedict("show", str(s.path), *flags, cwd=s.artifact.work)
+    path = str(s.path)
+    refusal = [["show", path]] if flags else []
+    *refused, shown, as_json = statedict(
+        *refusal, ["show", path, *flags], ["show", "--json", path, *flags], cwd=s.artifact.work
+    )
+    for run in refused:
+        assert run.returncode == 2, f"show without {flags[0]}: exit {run.returncode}"
+        assert flags[0] in run.stderr, f"the refusal names no {flags[0]}: {run.stderr}"
     assert shown.returncode == 0, shown.stderr
     if flags:
         assert "warning" in shown.stderr.lower(), f"{flags[0]} warns of nothing: {shown.stderr}"
@@ -236,7 +264,6 @@ def op_show(s: Subject) -> None:
         part for part in s.framework.parts if not any(p in text.lower() for p in part.split("|"))
     ]
     assert not missing, f"statedict show does not mention {missing}:\n{text}"
-    as_json = statedict("show", "--json", str(s.path), *flags, cwd=s.artifact.work)
     assert as_json.returncode == 0, as_json.stderr
     schema = Schema.from_json(as_json.stdout)
     expect_keys(s, schema, "statedict show")

@@ -119,14 +119,45 @@ class Subject:
     folder: Path
     _torch_file: Path | None = None
     _snapshot: Path | None = None
+    _schema: Schema | None = None
+    _twin: tuple[nn.Module, Any] | None = None
     unsafe_file: str | None = None  # why torch.load(weights_only=True) refuses torch_file
+
+    @property
+    def schema(self) -> Schema:
+        """``schema_of(model, optimizer=...)``, read once: the operations compare it, the
+        snapshot is its text, and none of them changes the model."""
+        if self._schema is None:
+            self._schema = schema_of(self.model, optimizer=self.optimizer)
+        return self._schema
+
+    @property
+    def twin(self) -> tuple[nn.Module, Any]:
+        """A second build of the architecture, seeded and stepped as the first (twin's)."""
+        if self._twin is None:
+            model, optimizer, _ = build(self.arch)
+            self._twin = (model, optimizer)
+        return self._twin
+
+    def take_twin(self) -> nn.Module:
+        """The twin's model for a refactor to rename in place (built here if twin did not
+        run): refactor's check is by key and shape, which the stepped twin shares with a
+        fresh build, so the architecture is built twice in all, not three times."""
+        model, _ = self.twin
+        self._twin = None
+        return model
 
     @property
     def torch_file(self) -> Path:
         """``torch.save(model.state_dict())``: what a plain training script writes."""
         if self._torch_file is None:
             self._torch_file = self.folder / "model.pt"
-            torch.save(self.model.state_dict(), self._torch_file)
+            state = self.model.state_dict()
+            torch.save(state, self._torch_file)
+            if all(type(value) is torch.Tensor for value in state.values()):
+                # plain tensors (quantized ones too) are what weights_only=True always
+                # loads; a wrong guess here fails the file rows loudly, it hides nothing
+                return self._torch_file
             try:
                 torch.load(self._torch_file, weights_only=True)
             except Exception as exc:  # a dynamic-quantized LSTM pickles torch.ScriptObject
@@ -155,8 +186,7 @@ class Subject:
         """The snapshot the plugin writes for ``assert_match(model, optimizer=...)``."""
         if self._snapshot is None:
             self._snapshot = self.folder / "snapshot.json"
-            text = schema_of(self.model, optimizer=self.optimizer).to_json()
-            self._snapshot.write_text(text, encoding="utf-8")
+            self._snapshot.write_text(self.schema.to_json(), encoding="utf-8")
         return self._snapshot
 
 
@@ -166,9 +196,37 @@ def parameter_count(arch: Architecture) -> int:
     A quantized architecture is counted by its float model (``size_model``): the quantized
     one has no parameters (its weights are packed), so it passed the cap at any size, and
     its builder calibrates on real data (torchvision's quantized ResNeXt-101s, 87M and 81M
-    float parameters, took a quarter of the sweep's time, built four times each).
+    float parameters, took a quarter of the sweep's time, built four times each). Counted
+    once per worker.
     """
-    return sum(p.numel() for p in built_cheaply(arch.size_model or arch.build).parameters())
+    return cheap_build(arch).parameters
+
+
+@dataclass(frozen=True)
+class CheapBuild:
+    """What the meta build tells: the parameter count, the module classes, and the
+    state_dict keys with every number as ``#`` (depth adds numbered layers:
+    ``denselayer18``, ``block3-5``, ``features.12``)."""
+
+    parameters: int
+    classes: frozenset[str]
+    keys: frozenset[str]
+
+
+_CHEAP: dict[str, CheapBuild] = {}
+
+
+def cheap_build(arch: Architecture) -> CheapBuild:
+    """``arch`` built once per worker on meta (its float model if quantized): the subject's
+    size cap and the family check ask the same build (they built it three times)."""
+    if arch.name not in _CHEAP:
+        model = built_cheaply(arch.size_model or arch.build)
+        _CHEAP[arch.name] = CheapBuild(
+            sum(p.numel() for p in model.parameters()),
+            frozenset(f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()),
+            frozenset(re.sub(r"\d+", "#", k) for k in model.state_dict()),
+        )
+    return _CHEAP[arch.name]
 
 
 def built_cheaply(build: Callable[[], nn.Module]) -> nn.Module:
@@ -292,14 +350,12 @@ def subject(row: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> S
 # ------------------------------------------------------------------------- families
 
 
-def layout(arch: Architecture) -> tuple[set[str], set[str]]:
-    """The module classes, and the state_dict keys with every number as ``#`` (depth adds
-    numbered layers: ``denselayer18``, ``block3-5``, ``features.12``); of a quantized
-    model, those of the float model it converts module by module (built on meta, where the
+def layout(arch: Architecture) -> tuple[frozenset[str], frozenset[str]]:
+    """The module classes and the numberless keys (``CheapBuild``); of a quantized model,
+    those of the float model it converts module by module (built on meta, where the
     quantized one calibrates on data)."""
-    model = built_cheaply(arch.size_model or arch.build)
-    classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
-    return classes, {re.sub(r"\d+", "#", k) for k in model.state_dict()}
+    found = cheap_build(arch)
+    return found.classes, found.keys
 
 
 @pytest.mark.parametrize(
@@ -335,7 +391,7 @@ def test_conformance(row: tuple[str, str], subject: Subject) -> None:
 
 def op_schema(s: Subject) -> None:
     """schema_of(model, optimizer=) after one step records every key, shape and state."""
-    schema = schema_of(s.model, optimizer=s.optimizer)
+    schema = s.schema
     state = s.model.state_dict()
     assert [t.key for t in schema] == list(state)
     for entry in schema:
@@ -353,8 +409,8 @@ def op_schema(s: Subject) -> None:
 
 def op_json(s: Subject) -> None:
     """Snapshot text -> parse -> text is the identity (plain and with values)."""
-    for values in (False, True):
-        text = schema_of(s.model, optimizer=s.optimizer, values=values).to_json()
+    for schema in (s.schema, schema_of(s.model, optimizer=s.optimizer, values=True)):
+        text = schema.to_json()
         assert Schema.from_json(text).to_json() == text
     path = s.snapshot
     assert schema_of(path).to_json() == path.read_text(encoding="utf-8")
@@ -362,12 +418,11 @@ def op_json(s: Subject) -> None:
 
 def op_twin(s: Subject) -> None:
     """A twin rebuilt with the same seed and step matches, values and optimizer included."""
-    twin, twin_optimizer, _ = build(s.arch)
+    twin, twin_optimizer = s.twin
     # values: module against module (a Schema or snapshot path as expected= takes no
     # values=: see sweep-findings); the optimizer against the original's schema
     assert_state_dict_matches(twin, s.model, values=True)
-    expected = schema_of(s.model, optimizer=s.optimizer)
-    assert_state_dict_matches(twin, expected, optimizer=twin_optimizer)
+    assert_state_dict_matches(twin, s.schema, optimizer=twin_optimizer)
 
 
 def renamed_module(model: nn.Module) -> tuple[str, str, list[str]]:
@@ -398,8 +453,7 @@ def renamed_module(model: nn.Module) -> tuple[str, str, list[str]]:
 
 def op_refactor(s: Subject) -> None:
     """A renamed submodule is caught by key: by the snapshot check and by the file gate."""
-    torch.manual_seed(0)
-    refactored = s.arch.build()
+    refactored = s.take_twin()
     old, _, moved = renamed_module(refactored)
     assert moved, old
     with pytest.raises(StateDictMismatch) as caught:
@@ -413,8 +467,20 @@ def op_refactor(s: Subject) -> None:
 
 
 def _roundtrip(s: Subject, format: str) -> None:
+    """The round-trip through ``format``; the resume check (one more optimizer step on a
+    deep copy and on the reloaded model) in the torch format only: the optimizer's state
+    reloads through torch.save in both formats, and the safetensors round-trip still
+    compares every weight bit for bit, the ties and the optimizer's state, so a step from
+    them is the torch round-trip's step (the check was 40% of a safetensors round-trip's
+    CPU time on timm's mobileone_s0)."""
     try:
-        result = roundtrip(s.model, s.optimizer, format=format, scheduler=s.scheduler)
+        result = roundtrip(
+            s.model,
+            s.optimizer,
+            format=format,
+            scheduler=s.scheduler,
+            check_resume=format == "torch",
+        )
     except UnsupportedFormatError as exc:
         # a named refusal of what the format cannot hold (safetensors: quantized tensors and
         # objects; torch with weights_only=True: TorchScript objects) is an answer, as the

@@ -10,11 +10,13 @@ assign=True)``. The plugin must say "loads" exactly where that load succeeds, wi
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,22 +71,53 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def statedict(*args: str, blocked: bool = False) -> subprocess.CompletedProcess[str]:
-    """The command line in a fresh process (torchao not imported by anything but the
-    reader), or with torchao blocked from importing, as on a machine without it."""
-    block = "import sys; sys.modules['torchao'] = None\n" if blocked else ""
-    code = f"{block}from pytest_statedict.cli import main; raise SystemExit(main({list(args)!r}))"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+def statedict(*commands: list[str], blocked: bool = False) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each command line, run through the command's ``main``
+    in one fresh process (torchao not imported by anything but the reader: its import is
+    6 s of CPU, paid once), or with torchao blocked from importing, as on a machine
+    without it."""
+    block = "sys.modules['torchao'] = None\n" if blocked else ""
+    code = (
+        "import ast, contextlib, io, sys\n" + block + "from pytest_statedict.cli import main\n"
+        "for args in ast.literal_eval(sys.argv[1]):\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        code = main(args)\n"
+        "    print(repr((code, out.getvalue(), err.getvalue())))\n"
     )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, repr(commands)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return [ast.literal_eval(line) for line in done.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shown_and_recorded(
+    checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[tuple[int, str, str], tuple[int, str, str], Path]:
+    """``statedict show`` and ``statedict record`` of the checkpoint, in one process; and
+    the release folder."""
+    releases = tmp_path_factory.mktemp("releases")
+    show, record = statedict(
+        ["show", str(checkpoint)],
+        ["record", str(checkpoint), "--release", "v1", "--dir", str(releases)],
+    )
+    return show, record, releases
 
 
 @row("show")
-def test_show(row: tuple[str, str], checkpoint: Path) -> None:
-    done = statedict("show", str(checkpoint))
-    assert done.returncode == 0, done.stderr
-    rows = [line.split()[:3] for line in done.stdout.splitlines()[2:6]]
+def test_show(
+    row: tuple[str, str], shown_and_recorded: tuple[tuple[int, str, str], Any, Path]
+) -> None:
+    code, out, err = shown_and_recorded[0]
+    assert code == 0, err
+    rows = [line.split()[:3] for line in out.splitlines()[2:6]]
     assert rows == [
         ["embed.weight", "64x32", "float32"],
         ["embed.bias", "64", "float32"],
@@ -95,10 +128,10 @@ def test_show(row: tuple[str, str], checkpoint: Path) -> None:
 
 @row("needs torchao")
 def test_missing_library(row: tuple[str, str], checkpoint: Path) -> None:
-    done = statedict("show", str(checkpoint), blocked=True)
-    assert done.returncode == 2
-    assert "it holds tensors of torchao (torchao.quantization" in done.stderr
-    assert "it needs torchao to be read (`pip install torchao`)" in done.stderr
+    ((code, _, err),) = statedict(["show", str(checkpoint)], blocked=True)
+    assert code == 2
+    assert "it holds tensors of torchao (torchao.quantization" in err
+    assert "it needs torchao to be read (`pip install torchao`)" in err
 
 
 @row("schema_of / snapshot check")
@@ -111,12 +144,12 @@ def test_schema(row: tuple[str, str], checkpoint: Path) -> None:
 
 
 @row("record + gate from the release")
-def test_record(row: tuple[str, str], checkpoint: Path, tmp_path: Path) -> None:
-    done = statedict(
-        "record", str(checkpoint), "--release", "v1", "--dir", str(tmp_path / "releases")
-    )
-    assert done.returncode == 0, done.stderr
-    (snapshot,) = (tmp_path / "releases").glob("v1*")
+def test_record(
+    row: tuple[str, str], shown_and_recorded: tuple[Any, tuple[int, str, str], Path]
+) -> None:
+    code, _, err = shown_and_recorded[1]
+    assert code == 0, err
+    (snapshot,) = shown_and_recorded[2].glob("v1*")
     assert len(Schema.from_json(snapshot.read_text(encoding="utf-8"))) == 4
     assert_checkpoint_loads(quantized(), snapshot)
     with pytest.raises(StateDictMismatch, match=r"head\.weight -> classifier\.weight"):
