@@ -388,14 +388,24 @@ def trainer_optimizer(variant: str) -> Callable[[nn.Module], Any]:
     return build
 
 
-def trainer_write(folder: Path) -> Artifact:
-    model = trainer_model("unchanged")
-    trainer_for(model, "unchanged", folder / "run").train()
-    path = folder / "run" / f"checkpoint-{STEPS}"
+def safetensors_keys(path: Path) -> list[str]:
+    """The keys a framework wrote to a ``.safetensors`` file, in the file's order."""
     from safetensors import safe_open
 
-    with safe_open(path / "model.safetensors", "pt") as f:
-        keys = list(f.keys())
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
+
+
+def trained_by_trainer(model: nn.Module, folder: Path) -> Path:
+    """Trainer's ``checkpoint-N/`` after training ``model`` for ``STEPS`` steps."""
+    trainer_for(model, "unchanged", folder / "run").train()
+    return folder / "run" / f"checkpoint-{STEPS}"
+
+
+def trainer_write(folder: Path) -> Artifact:
+    model = trainer_model("unchanged")
+    path = trained_by_trainer(model, folder)
+    keys = safetensors_keys(path / "model.safetensors")
     return Artifact(path, keys, parameters(model), folder)
 
 
@@ -437,12 +447,8 @@ def trainer_peft_model(variant: str) -> nn.Module:
 
 def trainer_peft_write(folder: Path) -> Artifact:
     model = trainer_peft_model("unchanged")
-    trainer_for(model, "unchanged", folder / "run").train()
-    path = folder / "run" / f"checkpoint-{STEPS}"
-    from safetensors import safe_open
-
-    with safe_open(path / "adapter_model.safetensors", "pt") as f:
-        keys = list(f.keys())
+    path = trained_by_trainer(model, folder)
+    keys = safetensors_keys(path / "adapter_model.safetensors")
     return Artifact(path, keys, parameters(model, trainable=True), folder)
 
 
@@ -556,10 +562,7 @@ def peft_write(folder: Path) -> Artifact:
         optimizer.zero_grad()
     path = folder / "adapter"
     model.save_pretrained(str(path))
-    from safetensors import safe_open
-
-    with safe_open(path / "adapter_model.safetensors", "pt") as f:
-        keys = list(f.keys())
+    keys = safetensors_keys(path / "adapter_model.safetensors")
     return Artifact(path, keys, parameters(model, trainable=True), folder)
 
 
